@@ -1,0 +1,126 @@
+/* Plain C reference kernels (fp32). Matmuls go to OpenBLAS's cblas_sgemm: on the CPU that is
+ * where nearly all the time goes; everything else here is a single pass over memory. */
+#include "../ops.h"
+
+#include <cblas.h>
+#include <float.h>
+#include <math.h>
+
+void blip2_matmul(float *out, const float *inp, const float *weight, const float *bias, int T, int C, int OC) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);
+    if (!bias) return;
+    for (int t = 0; t < T; t++) {
+        float *row = out + (size_t)t * OC;
+        for (int o = 0; o < OC; o++) row[o] += bias[o];
+    }
+}
+
+void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *x = inp + (size_t)t * C;
+        float *y = out + (size_t)t * C;
+        /* Two-pass in double: the fixtures' 2e-6 bound leaves no room for a sloppy variance. */
+        double sum = 0;
+        for (int i = 0; i < C; i++) sum += x[i];
+        float mean = (float)(sum / C);
+        double var = 0;
+        for (int i = 0; i < C; i++) {
+            float d = x[i] - mean;
+            var += (double)d * d;
+        }
+        float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+        for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+void blip2_residual_add(float *x, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+void blip2_gelu(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+}
+
+void blip2_relu(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+void blip2_softmax(float *x, int T, int n) {
+    for (int t = 0; t < T; t++) {
+        float *row = x + (size_t)t * n;
+        float mx = -INFINITY;
+        for (int i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
+        double sum = 0;
+        for (int i = 0; i < n; i++) {
+            row[i] = expf(row[i] - mx);
+            sum += row[i];
+        }
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < n; i++) row[i] *= inv;
+    }
+}
+
+/* One head of one query row: scores over the visible keys, softmax, weighted sum of values. */
+static void attend_row(float *out, const float *q, const float *k, const float *v, int n_keys, int HS, int kv_stride,
+                       float scale, float *scores) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n_keys; j++) {
+        const float *kj = k + (size_t)j * kv_stride;
+        float s = 0;
+        for (int d = 0; d < HS; d++) s += q[d] * kj[d];
+        scores[j] = s * scale;
+        mx = scores[j] > mx ? scores[j] : mx;
+    }
+    double sum = 0;
+    for (int j = 0; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int d = 0; d < HS; d++) out[d] = 0;
+    for (int j = 0; j < n_keys; j++) {
+        float p = scores[j] * inv;
+        const float *vj = v + (size_t)j * kv_stride;
+        for (int d = 0; d < HS; d++) out[d] += p * vj[d];
+    }
+}
+
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+    for (int i = 0; i < Tq; i++) {
+        int n_keys = causal ? i + (Tk - Tq) + 1 : Tk;
+        for (int h = 0; h < NH; h++)
+            attend_row(out + (size_t)i * NH * HS + h * HS, q + (size_t)i * q_stride + h * HS, k + h * HS, v + h * HS,
+                       n_keys, HS, kv_stride, scale, scratch);
+    }
+}
+
+void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {
+    int PW = W / PS, PH = H / PS, K = CH * PS * PS;
+    for (int py = 0; py < PH; py++)
+        for (int px = 0; px < PW; px++) {
+            float *row = out + (size_t)(py * PW + px) * K;
+            for (int c = 0; c < CH; c++)
+                for (int i = 0; i < PS; i++)
+                    for (int j = 0; j < PS; j++)
+                        row[c * PS * PS + i * PS + j] = img[((size_t)c * H + py * PS + i) * W + px * PS + j];
+        }
+}
+
+void blip2_embedding(float *out, const int32_t *ids, const float *table, int T, int C) {
+    for (int t = 0; t < T; t++) {
+        const float *src = table + (size_t)ids[t] * C;
+        for (int i = 0; i < C; i++) out[(size_t)t * C + i] = src[i];
+    }
+}
+
+void blip2_add_rows(float *x, const float *table, int row0, int T, int C) {
+    blip2_residual_add(x, table + (size_t)row0 * C, (size_t)T * C);
+}
+
+int blip2_argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best] || (isnan(x[best]) && !isnan(x[i]))) best = i;
+    return best;
+}

@@ -1,0 +1,120 @@
+/* BLIP-2 OPT weights: one struct per sub-model and per layer, fp32 on the CPU. Every pointer
+ * either points into the memory-mapped checkpoint (F32 tensors) or into a buffer the loader
+ * converted from F16/BF16. Shapes use the config's letters: Cv/Cq/Ct vision/Q-Former/OPT
+ * channels, T vision tokens, P patches, Q queries, V vocab. */
+#ifndef BLIP2_MODEL_H
+#define BLIP2_MODEL_H
+
+#include "config.h"
+#include "safetensors.h"
+#include "status.h"
+
+typedef struct {
+    float *ln1_w, *ln1_b; /* [Cv] layer_norm1 */
+    float *qkv_w;         /* [3Cv, Cv] fused q,k,v (each third h-major) */
+    float *qkv_b;         /* [3Cv] fused bias as stored: [q_bias, k_bias, v_bias] */
+    float *proj_w;        /* [Cv, Cv] */
+    float *proj_b;        /* [Cv] */
+    float *ln2_w, *ln2_b; /* [Cv] layer_norm2 */
+    float *fc1_w;         /* [mlp, Cv] */
+    float *fc1_b;         /* [mlp] */
+    float *fc2_w;         /* [Cv, mlp] */
+    float *fc2_b;         /* [Cv] */
+} blip2_vision_layer;
+
+typedef struct {
+    float *patch_w;           /* [Cv, 3, PS, PS] = [Cv, 3·PS·PS] as a matmul */
+    float *patch_b;           /* [Cv] */
+    float *class_emb;         /* [Cv] (stored [1, 1, Cv]) */
+    float *pos_emb;           /* [T, Cv] (stored [1, T, Cv]) */
+    blip2_vision_layer *layers; /* [layers] */
+    float *post_ln_w, *post_ln_b; /* [Cv] */
+} blip2_vision_weights;
+
+/* One attention block of the Q-Former: BERT-style, post-LN. For cross-attention k/v read the
+ * image embeddings, so their weights are [Cq, Cv]. */
+typedef struct {
+    float *q_w, *q_b;   /* [Cq, Cq], [Cq] */
+    float *k_w, *k_b;   /* [Cq, Ckv], [Cq] (Ckv = Cq for self, Cv for cross) */
+    float *v_w, *v_b;   /* [Cq, Ckv], [Cq] */
+    float *o_w, *o_b;   /* [Cq, Cq], [Cq] attention.output.dense */
+    float *ln_w, *ln_b; /* [Cq] attention.output.LayerNorm */
+} blip2_qformer_attn;
+
+typedef struct {
+    blip2_qformer_attn self;
+    blip2_qformer_attn cross; /* all NULL unless has_cross */
+    int has_cross;            /* layer % cross_freq == 0 */
+    float *fc1_w, *fc1_b;     /* [mlp, Cq], [mlp] intermediate_query.dense */
+    float *fc2_w, *fc2_b;     /* [Cq, mlp], [Cq] output_query.dense */
+    float *ln_w, *ln_b;       /* [Cq] output_query.LayerNorm */
+} blip2_qformer_layer;
+
+typedef struct {
+    float *query_tokens;       /* [Q, Cq] (stored [1, Q, Cq]) */
+    float *ln_w, *ln_b;        /* [Cq] qformer.layernorm, applied to the query tokens */
+    blip2_qformer_layer *layers; /* [layers] */
+    float *proj_w;             /* [Ct, Cq] language_projection */
+    float *proj_b;             /* [Ct] */
+} blip2_qformer_weights;
+
+typedef struct {
+    float *ln1_w, *ln1_b; /* [Ct] self_attn_layer_norm */
+    float *q_w, *q_b;     /* [Ct, Ct], [Ct] */
+    float *k_w, *k_b;     /* [Ct, Ct], [Ct] */
+    float *v_w, *v_b;     /* [Ct, Ct], [Ct] */
+    float *o_w, *o_b;     /* [Ct, Ct], [Ct] out_proj */
+    float *ln2_w, *ln2_b; /* [Ct] final_layer_norm (the per-layer FFN pre-LN) */
+    float *fc1_w, *fc1_b; /* [ffn, Ct], [ffn] */
+    float *fc2_w, *fc2_b; /* [Ct, ffn], [Ct] */
+} blip2_opt_layer;
+
+typedef struct {
+    float *wte;                /* [V, Ct] embed_tokens */
+    float *wpe;                /* [max_pos + 2, Ct] embed_positions (offset 2) */
+    blip2_opt_layer *layers;   /* [layers] */
+    float *ln_f_w, *ln_f_b;    /* [Ct] decoder final_layer_norm */
+    float *lm_head;            /* [V, Ct]: = wte unless the checkpoint stores lm_head.weight */
+} blip2_opt_weights;
+
+/* The checkpoint: one or more memory-mapped safetensors files, searched by tensor name. */
+typedef struct {
+    blip2_st_file *files;
+    int nfiles;
+} blip2_checkpoint;
+
+typedef struct {
+    blip2_config cfg;
+    blip2_vision_weights vision;
+    blip2_qformer_weights qformer;
+    blip2_opt_weights opt;
+    blip2_checkpoint ckpt;
+    blip2_dtype dtype;  /* dtype of the checkpoint's weights (all the same) */
+    void **owned;       /* buffers converted from F16/BF16, freed with the model */
+    int n_owned;
+} blip2_model;
+
+/* Opens DIR/model.safetensors or the shards listed in DIR/model.safetensors.index.json. */
+blip2_code blip2_checkpoint_open(const char *dir, blip2_checkpoint *ck, blip2_status *st);
+const blip2_st_tensor *blip2_checkpoint_find(const blip2_checkpoint *ck, const char *name);
+void blip2_checkpoint_close(blip2_checkpoint *ck);
+
+/* One entry of the name table resolved for a config: checkpoint name, expected shape, and the
+ * struct field it fills. */
+typedef struct {
+    char name[128];
+    int ndim;
+    int64_t shape[4];
+    float **field;
+    int optional; /* lm_head.weight: absent means tied to embed_tokens */
+} blip2_weight_entry;
+
+/* Builds the table for m->cfg (fields point into m's structs, whose layer arrays it allocates). */
+blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int *n, blip2_status *st);
+
+/* Config + checkpoint + weights; every missing, unexpected or mis-shaped tensor is an error that
+ * names the file and the tensor. */
+blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st);
+void blip2_model_free(blip2_model *m);
+
+#endif
