@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../parallel/comm.h"
 #include "../runtime/forward.h"
 #include "../runtime/safetensors.h"
 #include "cli.h"
@@ -127,7 +128,44 @@ static void free_trace(blip2_trace *tr) {
     free(tr->prefill_logits);
 }
 
-static blip2_code run_generate(const gen_args *a, blip2_model *m, blip2_status *st) {
+/* Rank 0 reads the image (or pixel tensor) and the ids and broadcasts the ids; every rank learns
+ * whether that worked. */
+static blip2_code prepare_inputs(const gen_args *a, const blip2_model *m, const blip2_tp *tp, float **pixels, int32_t **ids,
+                                 int *n, blip2_status *st) {
+    blip2_code rc = BLIP2_OK;
+    if (tp->rank == 0 && a->image) {
+        rc = blip2_cli_image_inputs(a->model, a->image, a->prompt, &m->cfg, pixels, ids, n, st);
+    } else if (tp->rank == 0) {
+        rc = blip2_cli_parse_ids(a->input_ids, ids, n, st);
+        if (!rc) rc = load_pixel_values(a->pixel_values, &m->cfg, pixels, st);
+    }
+    rc = blip2_tp_agree(tp, rc, st);
+    if (rc || tp->world == 1) return rc;
+    blip2_comm *c = tp->comm;
+    rc = c->ops->broadcast(c, n, sizeof *n, 0, st);
+    if (!rc && tp->rank != 0 && !(*ids = blip2_malloc(sizeof(int32_t) * (size_t)*n, st))) rc = BLIP2_ENOMEM;
+    rc = blip2_tp_agree(tp, rc, st);
+    return rc ? rc : c->ops->broadcast(c, *ids, sizeof(int32_t) * (size_t)*n, 0, st);
+}
+
+static blip2_code print_result(const gen_args *a, const int32_t *ids, int n, const int32_t *out, int n_out,
+                               blip2_finish finish, blip2_status *st) {
+    if (!a->json) {
+        print_ids(stdout, out, n_out);
+        printf("\n");
+        return BLIP2_OK;
+    }
+    printf("{\"input_ids\": ");
+    print_ids(stdout, ids, n);
+    printf(", \"output_ids\": ");
+    print_ids(stdout, out, n_out);
+    printf(", \"finish_reason\": \"%s\"", blip2_finish_name(finish));
+    blip2_code rc = blip2_cli_print_text(a->model, out, n_out, st);
+    printf("}\n");
+    return rc;
+}
+
+static blip2_code run_generate(const gen_args *a, blip2_model *m, const blip2_tp *tp, blip2_status *st) {
     const blip2_config *c = &m->cfg;
     float *pixels = NULL;
     int32_t *ids = NULL, *out = NULL;
@@ -135,33 +173,38 @@ static blip2_code run_generate(const gen_args *a, blip2_model *m, blip2_status *
     blip2_trace tr = {0};
     blip2_finish finish;
     int max_new = a->max_new > 0 ? a->max_new : c->max_new_tokens;
-    blip2_code rc;
-    if (a->image) {
-        rc = blip2_cli_image_inputs(a->model, a->image, a->prompt, c, &pixels, &ids, &n, st);
-    } else {
-        rc = blip2_cli_parse_ids(a->input_ids, &ids, &n, st);
-        if (!rc) rc = load_pixel_values(a->pixel_values, c, &pixels, st);
-    }
+    blip2_code rc = prepare_inputs(a, m, tp, &pixels, &ids, &n, st);
     if (!rc && a->dump) rc = alloc_trace(c, &tr, st);
     if (!rc && !(out = blip2_malloc(sizeof(int32_t) * (size_t)max_new, st))) rc = BLIP2_ENOMEM;
-    if (!rc) rc = blip2_generate_greedy(m, pixels, ids, n, max_new, out, &n_out, &finish, a->dump ? &tr : NULL, st);
-    if (!rc && a->dump) rc = write_dump(a->dump, c, &tr, pixels, st);
-    if (!rc && a->json) {
-        printf("{\"input_ids\": ");
-        print_ids(stdout, ids, n);
-        printf(", \"output_ids\": ");
-        print_ids(stdout, out, n_out);
-        printf(", \"finish_reason\": \"%s\"", blip2_finish_name(finish));
-        rc = blip2_cli_print_text(a->model, out, n_out, st);
-        printf("}\n");
-    } else if (!rc) {
-        print_ids(stdout, out, n_out);
-        printf("\n");
-    }
+    rc = blip2_tp_agree(tp, rc, st);
+    if (!rc) rc = blip2_generate_greedy(m, tp, pixels, ids, n, max_new, out, &n_out, &finish, a->dump ? &tr : NULL, st);
+    if (!rc && tp->rank == 0 && a->dump) rc = write_dump(a->dump, c, &tr, pixels, st);
+    if (!rc && tp->rank == 0) rc = print_result(a, ids, n, out, n_out, finish, st);
     free_trace(&tr);
     free(pixels);
     free(ids);
     free(out);
+    return rc;
+}
+
+/* Resident memory now (VmRSS), in MiB, for the per-rank load report. */
+static double rss_mib(void) {
+    FILE *fp = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (fp && fgets(line, sizeof line, fp))
+        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
+    if (fp) fclose(fp);
+    return kb / 1024.0;
+}
+
+static blip2_code load_on_every_rank(const char *dir, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
+    blip2_code rc = blip2_model_load_shard(dir, tp->rank, tp->world, m, st);
+    rc = blip2_tp_agree(tp, rc, st);
+    if (!rc && tp->world > 1)
+        fprintf(stderr, "blip2: rank %d/%d: OPT shard %.1f MiB (heads %d, ffn %d, vocab [%d, %d)), resident %.1f MiB\n",
+                tp->rank, tp->world, m->opt_bytes / 1048576.0, m->shard.NH, m->shard.ffn, m->shard.v0,
+                m->shard.v0 + m->shard.V, rss_mib());
     return rc;
 }
 
@@ -170,12 +213,18 @@ int blip2_cli_generate(int argc, char **argv) {
     int bad = parse_gen_args(argc, argv, &a);
     if (bad) return bad;
     blip2_status st = {0};
+    blip2_comm *world = blip2_comm_world(&st);
+    if (!world) return blip2_cli_error("%s", st.msg);
+    blip2_tp tp = blip2_tp_from_comm(world);
     blip2_model m;
-    blip2_code rc = blip2_model_load(a.model, &m, &st);
+    blip2_code rc = load_on_every_rank(a.model, &tp, &m, &st);
     if (!rc) {
-        rc = run_generate(&a, &m, &st);
+        rc = run_generate(&a, &m, &tp, &st);
         blip2_model_free(&m);
+    } else {
+        memset(&m, 0, sizeof m);
     }
-    if (rc) return blip2_cli_error("%s", st.msg);
-    return 0;
+    blip2_comm_world_finalize();
+    if (rc && tp.rank == 0) return blip2_cli_error("%s", st.msg);
+    return rc ? 1 : 0;
 }

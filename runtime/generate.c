@@ -1,5 +1,6 @@
 /* Greedy generation for one image and one prompt, as transformers' generate() does it with the
- * checkpoint's generation config: argmax over all V logits, stop after eos (kept). */
+ * checkpoint's generation config: argmax over all V logits, stop after eos (kept). Under tensor
+ * parallelism every rank runs this in lock-step; rank 0 decides and broadcasts. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,20 +10,23 @@
 const char *blip2_finish_name(blip2_finish f) { return f == BLIP2_FINISH_EOS ? "eos" : "length"; }
 
 typedef struct {
-    float *image;     /* [T, Cv] */
-    float *query_out; /* [Q, Cq] */
+    float *image;     /* [T, Cv] (rank 0) */
+    float *query_out; /* [Q, Cq] (rank 0) */
     float *projected; /* [Q, Ct] */
     float *emb;       /* [n, Ct] */
-    float *logits;    /* [V] */
+    float *logits;    /* [V_local] */
 } gen_bufs;
 
-static blip2_code gen_bufs_alloc(const blip2_config *c, int n, gen_bufs *b, blip2_status *st) {
-    b->image = malloc(sizeof(float) * c->vision.T * c->vision.C);
-    b->query_out = malloc(sizeof(float) * c->Q * c->qformer.C);
+static blip2_code gen_bufs_alloc(const blip2_model *m, int rank, int n, gen_bufs *b, blip2_status *st) {
+    const blip2_config *c = &m->cfg;
+    if (rank == 0) {
+        b->image = malloc(sizeof(float) * c->vision.T * c->vision.C);
+        b->query_out = malloc(sizeof(float) * c->Q * c->qformer.C);
+    }
     b->projected = malloc(sizeof(float) * c->Q * c->opt.C);
     b->emb = malloc(sizeof(float) * (size_t)n * c->opt.C);
-    b->logits = malloc(sizeof(float) * c->opt.V);
-    if (!b->image || !b->query_out || !b->projected || !b->emb || !b->logits)
+    b->logits = malloc(sizeof(float) * m->shard.V);
+    if ((rank == 0 && (!b->image || !b->query_out)) || !b->projected || !b->emb || !b->logits)
         return blip2_fail(st, BLIP2_ENOMEM, "generate: out of memory");
     return BLIP2_OK;
 }
@@ -39,7 +43,7 @@ static void trace_copy(float *dst, const float *src, size_t n) {
     if (dst) memcpy(dst, src, sizeof(float) * n);
 }
 
-/* Image → projected query embeddings, recording the intermediates the caller asked for. */
+/* Image → projected query embeddings on rank 0, recording the intermediates asked for. */
 static blip2_code encode_image(const blip2_model *m, const float *pixels, gen_bufs *b, blip2_trace *tr, blip2_status *st) {
     const blip2_config *c = &m->cfg;
     blip2_code rc = blip2_vision_forward(m, pixels, 1, b->image, st);
@@ -53,44 +57,68 @@ static blip2_code encode_image(const blip2_model *m, const float *pixels, gen_bu
     return rc;
 }
 
-static blip2_code decode_loop(const blip2_model *m, blip2_kv_cache *kv, gen_bufs *b, int max_new, int32_t *out_ids,
-                              int *n_out, blip2_finish *finish, blip2_status *st) {
-    const blip2_config *c = &m->cfg;
-    *n_out = 0;
-    *finish = BLIP2_FINISH_LENGTH;
-    while (*n_out < max_new) {
-        int32_t next = blip2_argmax(b->logits, c->opt.V);
-        out_ids[(*n_out)++] = next;
-        if (next == c->eos_id) {
-            *finish = BLIP2_FINISH_EOS;
-            break;
-        }
-        if (*n_out == max_new || kv->T >= kv->max_T) break;
-        blip2_embedding(b->emb, &next, m->opt.wte, 1, c->opt.C);
-        blip2_code rc = blip2_opt_forward(m, kv, b->emb, 1, b->logits, st);
-        if (rc) return rc;
-    }
-    return BLIP2_OK;
+/* Rank 0 runs vision + Q-Former; every rank learns the outcome and receives the projection. */
+static blip2_code share_image(const blip2_model *m, const blip2_tp *tp, const float *pixels, gen_bufs *b, blip2_trace *tr,
+                              blip2_status *st) {
+    blip2_code rc = tp->rank == 0 ? encode_image(m, pixels, b, tr, st) : BLIP2_OK;
+    rc = blip2_tp_agree(tp, rc, st);
+    if (!rc && tp->world > 1)
+        rc = tp->comm->ops->broadcast(tp->comm, b->projected, sizeof(float) * m->cfg.Q * m->cfg.opt.C, 0, st);
+    return rc;
 }
 
-blip2_code blip2_generate_greedy(const blip2_model *m, const float *pixels, const int32_t *ids, int n, int max_new,
-                                 int32_t *out_ids, int *n_out, blip2_finish *finish, blip2_trace *trace,
+/* The step command rank 0 broadcasts: the chosen id and whether generation goes on. */
+typedef struct {
+    int32_t id;
+    int32_t go_on;
+} step_cmd;
+
+static blip2_code decide_step(const blip2_model *m, const blip2_tp *tp, const blip2_kv_cache *kv, const float *logits,
+                              int n_out, int max_new, step_cmd *cmd, blip2_status *st) {
+    blip2_code rc = blip2_tp_argmax(m, tp, logits, &cmd->id, st);
+    if (rc) return rc;
+    cmd->go_on = cmd->id != m->cfg.eos_id && n_out + 1 < max_new && kv->T < kv->max_T;
+    return tp->world > 1 ? tp->comm->ops->broadcast(tp->comm, cmd, sizeof *cmd, 0, st) : BLIP2_OK;
+}
+
+static blip2_code decode_loop(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, gen_bufs *b, int max_new,
+                              int32_t *out_ids, int *n_out, blip2_finish *finish, blip2_status *st) {
+    *n_out = 0;
+    *finish = BLIP2_FINISH_LENGTH;
+    for (;;) {
+        step_cmd cmd;
+        blip2_code rc = decide_step(m, tp, kv, b->logits, *n_out, max_new, &cmd, st);
+        if (rc) return rc;
+        out_ids[(*n_out)++] = cmd.id;
+        if (cmd.id == m->cfg.eos_id) *finish = BLIP2_FINISH_EOS;
+        if (!cmd.go_on) return BLIP2_OK;
+        rc = blip2_opt_embed_tokens(m, tp, &cmd.id, 1, NULL, b->emb, st);
+        if (!rc) rc = blip2_opt_forward(m, tp, kv, b->emb, 1, b->logits, st);
+        if (rc) return rc;
+    }
+}
+
+blip2_code blip2_generate_greedy(const blip2_model *m, const blip2_tp *tp, const float *pixels, const int32_t *ids, int n,
+                                 int max_new, int32_t *out_ids, int *n_out, blip2_finish *finish, blip2_trace *trace,
                                  blip2_status *st) {
     const blip2_config *c = &m->cfg;
     *n_out = 0;
     if (n < 1 || n > c->opt.max_pos)
         return blip2_fail(st, BLIP2_ERANGE, "prompt of %d tokens: must be 1..%d", n, c->opt.max_pos);
     if (max_new < 1) return blip2_fail(st, BLIP2_EINVAL, "max_new_tokens must be at least 1");
+    blip2_code rc = blip2_opt_check_ids(c, ids, n, st);
+    if (rc) return rc;
     int max_T = n + max_new - 1 < c->opt.max_pos ? n + max_new - 1 : c->opt.max_pos; /* last token needs no KV */
     gen_bufs b = {0};
     blip2_kv_cache kv = {0};
-    blip2_code rc = gen_bufs_alloc(c, n, &b, st);
-    if (!rc) rc = blip2_kv_cache_init(&kv, c, max_T, st);
-    if (!rc) rc = encode_image(m, pixels, &b, trace, st);
-    if (!rc) rc = blip2_opt_embed_inputs(m, ids, n, b.projected, b.emb, st);
-    if (!rc) rc = blip2_opt_forward(m, &kv, b.emb, n, b.logits, st);
-    if (!rc && trace) trace_copy(trace->prefill_logits, b.logits, (size_t)c->opt.V);
-    if (!rc) rc = decode_loop(m, &kv, &b, max_new, out_ids, n_out, finish, st);
+    rc = gen_bufs_alloc(m, tp->rank, n, &b, st);
+    if (!rc) rc = blip2_kv_cache_init(&kv, m, max_T, st);
+    rc = blip2_tp_agree(tp, rc, st);
+    if (!rc) rc = share_image(m, tp, pixels, &b, trace, st);
+    if (!rc) rc = blip2_opt_embed_inputs(m, tp, ids, n, b.projected, b.emb, st);
+    if (!rc) rc = blip2_opt_forward(m, tp, &kv, b.emb, n, b.logits, st);
+    if (!rc && trace && trace->prefill_logits) rc = blip2_tp_gather_logits(m, tp, b.logits, trace->prefill_logits, st);
+    if (!rc) rc = decode_loop(m, tp, &kv, &b, max_new, out_ids, n_out, finish, st);
     blip2_kv_cache_free(&kv);
     gen_bufs_free(&b);
     return rc;

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../parallel/comm.h"
 #include "model.h"
 
 /* Symbolic dimensions, resolved by dim_value(). */
@@ -37,115 +38,120 @@ typedef struct {
     const char *name; /* printf pattern; %d is the layer index where the group is per-layer */
     size_t offset;    /* of the float * field within the group's struct */
     int dims[4];
+    int split;        /* tensor-parallel slicing: BLIP2_SPLIT_* */
 } tmpl;
 
 #define F(type, field) offsetof(type, field)
 #define VEC(d) {d}
 #define MAT(a, b) {a, b}
+#define NONE BLIP2_SPLIT_NONE /* whole on every rank that holds it */
+#define ROWS BLIP2_SPLIT_ROWS /* column-parallel: this rank's output features */
+#define COLS BLIP2_SPLIT_COLS /* row-parallel: this rank's input features */
 
 static const tmpl vision_top[] = {
-    {"vision_model.embeddings.patch_embedding.weight", F(blip2_vision_weights, patch_w), {D_VC, D_VCH, D_VPS, D_VPS}},
-    {"vision_model.embeddings.patch_embedding.bias", F(blip2_vision_weights, patch_b), VEC(D_VC)},
-    {"vision_model.embeddings.class_embedding", F(blip2_vision_weights, class_emb), {D_1, D_1, D_VC}},
-    {"vision_model.embeddings.position_embedding", F(blip2_vision_weights, pos_emb), {D_1, D_VT, D_VC}},
-    {"vision_model.post_layernorm.weight", F(blip2_vision_weights, post_ln_w), VEC(D_VC)},
-    {"vision_model.post_layernorm.bias", F(blip2_vision_weights, post_ln_b), VEC(D_VC)},
+    {"vision_model.embeddings.patch_embedding.weight", F(blip2_vision_weights, patch_w), {D_VC, D_VCH, D_VPS, D_VPS}, NONE},
+    {"vision_model.embeddings.patch_embedding.bias", F(blip2_vision_weights, patch_b), VEC(D_VC), NONE},
+    {"vision_model.embeddings.class_embedding", F(blip2_vision_weights, class_emb), {D_1, D_1, D_VC}, NONE},
+    {"vision_model.embeddings.position_embedding", F(blip2_vision_weights, pos_emb), {D_1, D_VT, D_VC}, NONE},
+    {"vision_model.post_layernorm.weight", F(blip2_vision_weights, post_ln_w), VEC(D_VC), NONE},
+    {"vision_model.post_layernorm.bias", F(blip2_vision_weights, post_ln_b), VEC(D_VC), NONE},
 };
 
 static const tmpl vision_layer[] = {
-    {"vision_model.encoder.layers.%d.layer_norm1.weight", F(blip2_vision_layer, ln1_w), VEC(D_VC)},
-    {"vision_model.encoder.layers.%d.layer_norm1.bias", F(blip2_vision_layer, ln1_b), VEC(D_VC)},
-    {"vision_model.encoder.layers.%d.self_attn.qkv.weight", F(blip2_vision_layer, qkv_w), MAT(D_V3C, D_VC)},
-    {"vision_model.encoder.layers.%d.self_attn.qkv.bias", F(blip2_vision_layer, qkv_b), VEC(D_V3C)},
-    {"vision_model.encoder.layers.%d.self_attn.projection.weight", F(blip2_vision_layer, proj_w), MAT(D_VC, D_VC)},
-    {"vision_model.encoder.layers.%d.self_attn.projection.bias", F(blip2_vision_layer, proj_b), VEC(D_VC)},
-    {"vision_model.encoder.layers.%d.layer_norm2.weight", F(blip2_vision_layer, ln2_w), VEC(D_VC)},
-    {"vision_model.encoder.layers.%d.layer_norm2.bias", F(blip2_vision_layer, ln2_b), VEC(D_VC)},
-    {"vision_model.encoder.layers.%d.mlp.fc1.weight", F(blip2_vision_layer, fc1_w), MAT(D_VMLP, D_VC)},
-    {"vision_model.encoder.layers.%d.mlp.fc1.bias", F(blip2_vision_layer, fc1_b), VEC(D_VMLP)},
-    {"vision_model.encoder.layers.%d.mlp.fc2.weight", F(blip2_vision_layer, fc2_w), MAT(D_VC, D_VMLP)},
-    {"vision_model.encoder.layers.%d.mlp.fc2.bias", F(blip2_vision_layer, fc2_b), VEC(D_VC)},
+    {"vision_model.encoder.layers.%d.layer_norm1.weight", F(blip2_vision_layer, ln1_w), VEC(D_VC), NONE},
+    {"vision_model.encoder.layers.%d.layer_norm1.bias", F(blip2_vision_layer, ln1_b), VEC(D_VC), NONE},
+    {"vision_model.encoder.layers.%d.self_attn.qkv.weight", F(blip2_vision_layer, qkv_w), MAT(D_V3C, D_VC), NONE},
+    {"vision_model.encoder.layers.%d.self_attn.qkv.bias", F(blip2_vision_layer, qkv_b), VEC(D_V3C), NONE},
+    {"vision_model.encoder.layers.%d.self_attn.projection.weight", F(blip2_vision_layer, proj_w), MAT(D_VC, D_VC), NONE},
+    {"vision_model.encoder.layers.%d.self_attn.projection.bias", F(blip2_vision_layer, proj_b), VEC(D_VC), NONE},
+    {"vision_model.encoder.layers.%d.layer_norm2.weight", F(blip2_vision_layer, ln2_w), VEC(D_VC), NONE},
+    {"vision_model.encoder.layers.%d.layer_norm2.bias", F(blip2_vision_layer, ln2_b), VEC(D_VC), NONE},
+    {"vision_model.encoder.layers.%d.mlp.fc1.weight", F(blip2_vision_layer, fc1_w), MAT(D_VMLP, D_VC), NONE},
+    {"vision_model.encoder.layers.%d.mlp.fc1.bias", F(blip2_vision_layer, fc1_b), VEC(D_VMLP), NONE},
+    {"vision_model.encoder.layers.%d.mlp.fc2.weight", F(blip2_vision_layer, fc2_w), MAT(D_VC, D_VMLP), NONE},
+    {"vision_model.encoder.layers.%d.mlp.fc2.bias", F(blip2_vision_layer, fc2_b), VEC(D_VC), NONE},
 };
 
 static const tmpl qformer_top[] = {
-    {"query_tokens", F(blip2_qformer_weights, query_tokens), {D_1, D_Q, D_QC}},
-    {"qformer.layernorm.weight", F(blip2_qformer_weights, ln_w), VEC(D_QC)},
-    {"qformer.layernorm.bias", F(blip2_qformer_weights, ln_b), VEC(D_QC)},
-    {"language_projection.weight", F(blip2_qformer_weights, proj_w), MAT(D_TC, D_QC)},
-    {"language_projection.bias", F(blip2_qformer_weights, proj_b), VEC(D_TC)},
+    {"query_tokens", F(blip2_qformer_weights, query_tokens), {D_1, D_Q, D_QC}, NONE},
+    {"qformer.layernorm.weight", F(blip2_qformer_weights, ln_w), VEC(D_QC), NONE},
+    {"qformer.layernorm.bias", F(blip2_qformer_weights, ln_b), VEC(D_QC), NONE},
+    {"language_projection.weight", F(blip2_qformer_weights, proj_w), MAT(D_TC, D_QC), NONE},
+    {"language_projection.bias", F(blip2_qformer_weights, proj_b), VEC(D_TC), NONE},
 };
 
 #define QL(field) F(blip2_qformer_layer, field)
 static const tmpl qformer_layer[] = {
-    {"qformer.encoder.layer.%d.attention.attention.query.weight", QL(self.q_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.attention.attention.query.bias", QL(self.q_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.attention.attention.key.weight", QL(self.k_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.attention.attention.key.bias", QL(self.k_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.attention.attention.value.weight", QL(self.v_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.attention.attention.value.bias", QL(self.v_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.attention.output.dense.weight", QL(self.o_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.attention.output.dense.bias", QL(self.o_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.attention.output.LayerNorm.weight", QL(self.ln_w), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.attention.output.LayerNorm.bias", QL(self.ln_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.intermediate_query.dense.weight", QL(fc1_w), MAT(D_QMLP, D_QC)},
-    {"qformer.encoder.layer.%d.intermediate_query.dense.bias", QL(fc1_b), VEC(D_QMLP)},
-    {"qformer.encoder.layer.%d.output_query.dense.weight", QL(fc2_w), MAT(D_QC, D_QMLP)},
-    {"qformer.encoder.layer.%d.output_query.dense.bias", QL(fc2_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.output_query.LayerNorm.weight", QL(ln_w), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.output_query.LayerNorm.bias", QL(ln_b), VEC(D_QC)},
+    {"qformer.encoder.layer.%d.attention.attention.query.weight", QL(self.q_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.attention.query.bias", QL(self.q_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.attention.key.weight", QL(self.k_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.attention.key.bias", QL(self.k_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.attention.value.weight", QL(self.v_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.attention.value.bias", QL(self.v_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.output.dense.weight", QL(self.o_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.output.dense.bias", QL(self.o_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.output.LayerNorm.weight", QL(self.ln_w), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.attention.output.LayerNorm.bias", QL(self.ln_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.intermediate_query.dense.weight", QL(fc1_w), MAT(D_QMLP, D_QC), NONE},
+    {"qformer.encoder.layer.%d.intermediate_query.dense.bias", QL(fc1_b), VEC(D_QMLP), NONE},
+    {"qformer.encoder.layer.%d.output_query.dense.weight", QL(fc2_w), MAT(D_QC, D_QMLP), NONE},
+    {"qformer.encoder.layer.%d.output_query.dense.bias", QL(fc2_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.output_query.LayerNorm.weight", QL(ln_w), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.output_query.LayerNorm.bias", QL(ln_b), VEC(D_QC), NONE},
 };
 
 /* Only on layers with i % cross_attention_frequency == 0. */
 static const tmpl qformer_cross[] = {
-    {"qformer.encoder.layer.%d.crossattention.attention.query.weight", QL(cross.q_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.attention.query.bias", QL(cross.q_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.attention.key.weight", QL(cross.k_w), MAT(D_QC, D_VC)},
-    {"qformer.encoder.layer.%d.crossattention.attention.key.bias", QL(cross.k_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.attention.value.weight", QL(cross.v_w), MAT(D_QC, D_VC)},
-    {"qformer.encoder.layer.%d.crossattention.attention.value.bias", QL(cross.v_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.output.dense.weight", QL(cross.o_w), MAT(D_QC, D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.output.dense.bias", QL(cross.o_b), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.output.LayerNorm.weight", QL(cross.ln_w), VEC(D_QC)},
-    {"qformer.encoder.layer.%d.crossattention.output.LayerNorm.bias", QL(cross.ln_b), VEC(D_QC)},
+    {"qformer.encoder.layer.%d.crossattention.attention.query.weight", QL(cross.q_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.attention.query.bias", QL(cross.q_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.attention.key.weight", QL(cross.k_w), MAT(D_QC, D_VC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.attention.key.bias", QL(cross.k_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.attention.value.weight", QL(cross.v_w), MAT(D_QC, D_VC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.attention.value.bias", QL(cross.v_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.output.dense.weight", QL(cross.o_w), MAT(D_QC, D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.output.dense.bias", QL(cross.o_b), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.output.LayerNorm.weight", QL(cross.ln_w), VEC(D_QC), NONE},
+    {"qformer.encoder.layer.%d.crossattention.output.LayerNorm.bias", QL(cross.ln_b), VEC(D_QC), NONE},
 };
 
 #define OD "language_model.model.decoder."
 static const tmpl opt_top[] = {
-    {OD "embed_tokens.weight", F(blip2_opt_weights, wte), MAT(D_TV, D_TC)},
-    {OD "embed_positions.weight", F(blip2_opt_weights, wpe), MAT(D_TPOS, D_TC)},
-    {OD "final_layer_norm.weight", F(blip2_opt_weights, ln_f_w), VEC(D_TC)},
-    {OD "final_layer_norm.bias", F(blip2_opt_weights, ln_f_b), VEC(D_TC)},
+    {OD "embed_tokens.weight", F(blip2_opt_weights, wte), MAT(D_TV, D_TC), ROWS}, /* vocab-parallel */
+    {OD "embed_positions.weight", F(blip2_opt_weights, wpe), MAT(D_TPOS, D_TC), NONE},
+    {OD "final_layer_norm.weight", F(blip2_opt_weights, ln_f_w), VEC(D_TC), NONE},
+    {OD "final_layer_norm.bias", F(blip2_opt_weights, ln_f_b), VEC(D_TC), NONE},
 };
-static const tmpl opt_lm_head = {"language_model.lm_head.weight", F(blip2_opt_weights, lm_head), MAT(D_TV, D_TC)};
+static const tmpl opt_lm_head = {"language_model.lm_head.weight", F(blip2_opt_weights, lm_head), MAT(D_TV, D_TC), ROWS};
 
 #define OL(field) F(blip2_opt_layer, field)
 static const tmpl opt_layer[] = {
-    {OD "layers.%d.self_attn_layer_norm.weight", OL(ln1_w), VEC(D_TC)},
-    {OD "layers.%d.self_attn_layer_norm.bias", OL(ln1_b), VEC(D_TC)},
-    {OD "layers.%d.self_attn.q_proj.weight", OL(q_w), MAT(D_TC, D_TC)},
-    {OD "layers.%d.self_attn.q_proj.bias", OL(q_b), VEC(D_TC)},
-    {OD "layers.%d.self_attn.k_proj.weight", OL(k_w), MAT(D_TC, D_TC)},
-    {OD "layers.%d.self_attn.k_proj.bias", OL(k_b), VEC(D_TC)},
-    {OD "layers.%d.self_attn.v_proj.weight", OL(v_w), MAT(D_TC, D_TC)},
-    {OD "layers.%d.self_attn.v_proj.bias", OL(v_b), VEC(D_TC)},
-    {OD "layers.%d.self_attn.out_proj.weight", OL(o_w), MAT(D_TC, D_TC)},
-    {OD "layers.%d.self_attn.out_proj.bias", OL(o_b), VEC(D_TC)},
-    {OD "layers.%d.final_layer_norm.weight", OL(ln2_w), VEC(D_TC)},
-    {OD "layers.%d.final_layer_norm.bias", OL(ln2_b), VEC(D_TC)},
-    {OD "layers.%d.fc1.weight", OL(fc1_w), MAT(D_TFFN, D_TC)},
-    {OD "layers.%d.fc1.bias", OL(fc1_b), VEC(D_TFFN)},
-    {OD "layers.%d.fc2.weight", OL(fc2_w), MAT(D_TC, D_TFFN)},
-    {OD "layers.%d.fc2.bias", OL(fc2_b), VEC(D_TC)},
+    {OD "layers.%d.self_attn_layer_norm.weight", OL(ln1_w), VEC(D_TC), NONE},
+    {OD "layers.%d.self_attn_layer_norm.bias", OL(ln1_b), VEC(D_TC), NONE},
+    {OD "layers.%d.self_attn.q_proj.weight", OL(q_w), MAT(D_TC, D_TC), ROWS},
+    {OD "layers.%d.self_attn.q_proj.bias", OL(q_b), VEC(D_TC), ROWS},
+    {OD "layers.%d.self_attn.k_proj.weight", OL(k_w), MAT(D_TC, D_TC), ROWS},
+    {OD "layers.%d.self_attn.k_proj.bias", OL(k_b), VEC(D_TC), ROWS},
+    {OD "layers.%d.self_attn.v_proj.weight", OL(v_w), MAT(D_TC, D_TC), ROWS},
+    {OD "layers.%d.self_attn.v_proj.bias", OL(v_b), VEC(D_TC), ROWS},
+    {OD "layers.%d.self_attn.out_proj.weight", OL(o_w), MAT(D_TC, D_TC), COLS},
+    {OD "layers.%d.self_attn.out_proj.bias", OL(o_b), VEC(D_TC), NONE},
+    {OD "layers.%d.final_layer_norm.weight", OL(ln2_w), VEC(D_TC), NONE},
+    {OD "layers.%d.final_layer_norm.bias", OL(ln2_b), VEC(D_TC), NONE},
+    {OD "layers.%d.fc1.weight", OL(fc1_w), MAT(D_TFFN, D_TC), ROWS},
+    {OD "layers.%d.fc1.bias", OL(fc1_b), VEC(D_TFFN), ROWS},
+    {OD "layers.%d.fc2.weight", OL(fc2_w), MAT(D_TC, D_TFFN), COLS},
+    {OD "layers.%d.fc2.bias", OL(fc2_b), VEC(D_TC), NONE},
 };
 
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+enum { OPTIONAL = 1, RANK0 = 2 }; /* add_group flags */
 
 typedef struct {
     blip2_weight_entry *e;
     int n, cap;
 } table_builder;
 
-static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, int nt, void *base, int layer, int optional) {
+static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, int nt, void *base, int layer, int flags) {
     for (int i = 0; i < nt; i++) {
         if (tb->n == tb->cap) {
             int cap = tb->cap ? 2 * tb->cap : 256;
@@ -159,7 +165,9 @@ static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, 
         snprintf(e->name, sizeof e->name, t[i].name, layer);
         for (e->ndim = 0; e->ndim < 4 && t[i].dims[e->ndim]; e->ndim++) e->shape[e->ndim] = dim_value(cfg, t[i].dims[e->ndim]);
         e->field = (float **)((char *)base + t[i].offset);
-        e->optional = optional;
+        e->optional = (flags & OPTIONAL) != 0;
+        e->rank0_only = (flags & RANK0) != 0;
+        e->split = t[i].split;
     }
     return 1;
 }
@@ -171,18 +179,19 @@ blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int 
     m->opt.layers = blip2_calloc((size_t)c->opt.layers, sizeof *m->opt.layers, st);
     if (!m->vision.layers || !m->qformer.layers || !m->opt.layers) return BLIP2_ENOMEM;
     table_builder tb = {0};
-    int ok = add_group(&tb, c, vision_top, COUNT(vision_top), &m->vision, 0, 0);
+    /* vision, Q-Former and projection run on rank 0 alone */
+    int ok = add_group(&tb, c, vision_top, COUNT(vision_top), &m->vision, 0, RANK0);
     for (int l = 0; ok && l < c->vision.layers; l++)
-        ok = add_group(&tb, c, vision_layer, COUNT(vision_layer), &m->vision.layers[l], l, 0);
-    ok = ok && add_group(&tb, c, qformer_top, COUNT(qformer_top), &m->qformer, 0, 0);
+        ok = add_group(&tb, c, vision_layer, COUNT(vision_layer), &m->vision.layers[l], l, RANK0);
+    ok = ok && add_group(&tb, c, qformer_top, COUNT(qformer_top), &m->qformer, 0, RANK0);
     for (int l = 0; ok && l < c->qformer.layers; l++) {
         blip2_qformer_layer *L = &m->qformer.layers[l];
         L->has_cross = l % c->qformer.cross_freq == 0;
-        ok = add_group(&tb, c, qformer_layer, COUNT(qformer_layer), L, l, 0);
-        if (ok && L->has_cross) ok = add_group(&tb, c, qformer_cross, COUNT(qformer_cross), L, l, 0);
+        ok = add_group(&tb, c, qformer_layer, COUNT(qformer_layer), L, l, RANK0);
+        if (ok && L->has_cross) ok = add_group(&tb, c, qformer_cross, COUNT(qformer_cross), L, l, RANK0);
     }
     ok = ok && add_group(&tb, c, opt_top, COUNT(opt_top), &m->opt, 0, 0);
-    ok = ok && add_group(&tb, c, &opt_lm_head, 1, &m->opt, 0, 1);
+    ok = ok && add_group(&tb, c, &opt_lm_head, 1, &m->opt, 0, OPTIONAL);
     for (int l = 0; ok && l < c->opt.layers; l++) ok = add_group(&tb, c, opt_layer, COUNT(opt_layer), &m->opt.layers[l], l, 0);
     if (!ok) {
         free(tb.e);
@@ -288,21 +297,59 @@ static blip2_code check_shape(const blip2_weight_entry *e, const blip2_st_tensor
     return blip2_fail(st, BLIP2_EFORMAT, "%s: tensor '%s': expected shape %s, found %s", t->file, e->name, want, got);
 }
 
-/* F32 tensors aligned for float access are used in place (zero copy); others are converted. */
+static float *own_buffer(blip2_model *m, size_t n, blip2_status *st) {
+    float *buf = blip2_malloc(n * sizeof(float), st);
+    if (buf) m->owned[m->n_owned++] = buf;
+    return buf;
+}
+
+/* This rank's rows [r0, r0 + nr) of a [rows, cols] tensor (a vector is [rows, 1]): contiguous,
+ * so F32 tensors aligned for float access are used in place (zero copy); others are converted. */
+static blip2_code bind_rows(blip2_model *m, const blip2_weight_entry *e, const blip2_st_tensor *t, size_t r0, size_t nr,
+                            size_t cols, blip2_status *st) {
+    const float *p = (const float *)t->data + r0 * cols;
+    if (t->dtype == BLIP2_DT_F32 && ((uintptr_t)p % sizeof(float)) == 0) {
+        *e->field = (float *)p;
+        return BLIP2_OK;
+    }
+    float *buf = own_buffer(m, nr * cols, st);
+    if (!buf) return BLIP2_ENOMEM;
+    *e->field = buf;
+    return blip2_st_read_f32(t, r0 * cols, nr * cols, buf, st);
+}
+
+/* This rank's columns [c0, c0 + nc) of every row: gathered into a buffer. */
+static blip2_code bind_cols(blip2_model *m, const blip2_weight_entry *e, const blip2_st_tensor *t, size_t c0, size_t nc,
+                            blip2_status *st) {
+    size_t rows = (size_t)t->shape[0], cols = (size_t)t->shape[1];
+    float *buf = own_buffer(m, rows * nc, st);
+    if (!buf) return BLIP2_ENOMEM;
+    *e->field = buf;
+    for (size_t r = 0; r < rows; r++) {
+        blip2_code rc = blip2_st_read_f32(t, r * cols + c0, nc, buf + r * nc, st);
+        if (rc) return rc;
+    }
+    return BLIP2_OK;
+}
+
 static blip2_code bind_tensor(blip2_model *m, const blip2_weight_entry *e, const blip2_st_tensor *t, blip2_status *st) {
     if (t->dtype != BLIP2_DT_F32 && t->dtype != BLIP2_DT_F16 && t->dtype != BLIP2_DT_BF16)
         return blip2_fail(st, BLIP2_EFORMAT, "%s: tensor '%s': dtype %s is not a weight dtype (F32, F16, BF16)", t->file,
                           e->name, blip2_dtype_name(t->dtype));
-    if (t->dtype == BLIP2_DT_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
-        *e->field = (float *)t->data;
-        return BLIP2_OK;
+    size_t numel = (size_t)blip2_st_numel(t), rows = (size_t)t->shape[0], cols = numel / (rows ? rows : 1);
+    int r = m->shard.rank, w = m->shard.world;
+    blip2_code rc;
+    if (e->split == BLIP2_SPLIT_COLS) {
+        rc = bind_cols(m, e, t, blip2_part_begin(cols, r, w), blip2_part_size(cols, r, w), st);
+        cols = blip2_part_size(cols, r, w);
+    } else if (e->split == BLIP2_SPLIT_ROWS) {
+        rc = bind_rows(m, e, t, blip2_part_begin(rows, r, w), blip2_part_size(rows, r, w), cols, st);
+        rows = blip2_part_size(rows, r, w);
+    } else {
+        rc = bind_rows(m, e, t, 0, rows, cols, st);
     }
-    size_t n = (size_t)blip2_st_numel(t);
-    float *buf = blip2_malloc(n * sizeof(float), st);
-    if (!buf) return BLIP2_ENOMEM;
-    m->owned[m->n_owned++] = buf;
-    *e->field = buf;
-    return blip2_st_read_f32(t, 0, n, buf, st);
+    if (!e->rank0_only) m->opt_bytes += rows * cols * sizeof(float);
+    return rc;
 }
 
 /* Every tensor in the checkpoint must be claimed by the table. */
@@ -332,7 +379,7 @@ static blip2_code bind_all(blip2_model *m, const char *dir, blip2_weight_entry *
             return blip2_fail(st, BLIP2_EFORMAT, "%s: tensor '%s' %s is missing from the checkpoint", dir, e[i].name, want);
         }
         blip2_code rc = check_shape(&e[i], t, st);
-        if (!rc) rc = bind_tensor(m, &e[i], t, st);
+        if (!rc && !(e[i].rank0_only && m->shard.rank != 0)) rc = bind_tensor(m, &e[i], t, st);
         if (rc) return rc;
         if (i == 0) m->dtype = t->dtype;
     }
@@ -340,9 +387,34 @@ static blip2_code bind_all(blip2_model *m, const char *dir, blip2_weight_entry *
     return check_unexpected(m, e, n, st);
 }
 
+/* Local sizes, computed once: heads split evenly (a clear error otherwise), ffn and vocab split
+ * into near-equal parts. */
+static blip2_code plan_shard(blip2_model *m, int rank, int world, blip2_status *st) {
+    const blip2_opt_config *o = &m->cfg.opt;
+    if (world < 1 || rank < 0 || rank >= world) return blip2_fail(st, BLIP2_EINTERNAL, "bad rank %d of %d", rank, world);
+    if (o->NH % world != 0)
+        return blip2_fail(st, BLIP2_EINVAL,
+                          "tensor-parallel degree %d does not divide the OPT head count %d: run with a divisor of %d ranks",
+                          world, o->NH, o->NH);
+    blip2_opt_shard *s = &m->shard;
+    s->rank = rank;
+    s->world = world;
+    s->NH = o->NH / world;
+    s->C = s->NH * o->HS;
+    s->ffn = (int)blip2_part_size((size_t)o->ffn, rank, world);
+    s->V = (int)blip2_part_size((size_t)o->V, rank, world);
+    s->v0 = (int)blip2_part_begin((size_t)o->V, rank, world);
+    return BLIP2_OK;
+}
+
 blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st) {
+    return blip2_model_load_shard(dir, 0, 1, m, st);
+}
+
+blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_model *m, blip2_status *st) {
     memset(m, 0, sizeof *m);
     blip2_code rc = blip2_config_load(dir, &m->cfg, st);
+    if (!rc) rc = plan_shard(m, rank, world, st);
     if (!rc) rc = blip2_checkpoint_open(dir, &m->ckpt, st);
     blip2_weight_entry *e = NULL;
     int n = 0;

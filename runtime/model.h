@@ -58,19 +58,20 @@ typedef struct {
     float *proj_b;             /* [Ct] */
 } blip2_qformer_weights;
 
+/* Shapes are global; under TP "Cl" is the rank's attention width and ffn its fc1 part. */
 typedef struct {
     float *ln1_w, *ln1_b; /* [Ct] self_attn_layer_norm */
-    float *q_w, *q_b;     /* [Ct, Ct], [Ct] */
-    float *k_w, *k_b;     /* [Ct, Ct], [Ct] */
-    float *v_w, *v_b;     /* [Ct, Ct], [Ct] */
-    float *o_w, *o_b;     /* [Ct, Ct], [Ct] out_proj */
+    float *q_w, *q_b;     /* [Cl, Ct], [Cl] */
+    float *k_w, *k_b;     /* [Cl, Ct], [Cl] */
+    float *v_w, *v_b;     /* [Cl, Ct], [Cl] */
+    float *o_w, *o_b;     /* [Ct, Cl], [Ct] out_proj (bias whole) */
     float *ln2_w, *ln2_b; /* [Ct] final_layer_norm (the per-layer FFN pre-LN) */
     float *fc1_w, *fc1_b; /* [ffn, Ct], [ffn] */
-    float *fc2_w, *fc2_b; /* [Ct, ffn], [Ct] */
+    float *fc2_w, *fc2_b; /* [Ct, ffn], [Ct] (bias whole) */
 } blip2_opt_layer;
 
 typedef struct {
-    float *wte;                /* [V, Ct] embed_tokens */
+    float *wte;                /* [V, Ct] embed_tokens (this rank's vocab rows under TP) */
     float *wpe;                /* [max_pos + 2, Ct] embed_positions (offset 2) */
     blip2_opt_layer *layers;   /* [layers] */
     float *ln_f_w, *ln_f_b;    /* [Ct] decoder final_layer_norm */
@@ -83,8 +84,23 @@ typedef struct {
     int nfiles;
 } blip2_checkpoint;
 
+/* This rank's part of OPT (Megatron split), sizes computed once at load. q/k/v and fc1 are
+ * column-parallel (the rank's output features), out_proj and fc2 row-parallel (its input
+ * features; their biases are whole and added once, after the all-reduce), embed_tokens and the
+ * tied lm_head vocab-parallel. */
+typedef struct {
+    int rank, world;
+    int NH;  /* local heads = NH / world */
+    int C;   /* local attention width = NH_local · HS */
+    int ffn; /* local fc1 outputs */
+    int V;   /* local vocab rows [v0, v0 + V) */
+    int v0;
+} blip2_opt_shard;
+
 typedef struct {
     blip2_config cfg;
+    blip2_opt_shard shard;
+    size_t opt_bytes; /* bytes of this rank's OPT weights (fp32) */
     blip2_vision_weights vision;
     blip2_qformer_weights qformer;
     blip2_opt_weights opt;
@@ -101,12 +117,16 @@ void blip2_checkpoint_close(blip2_checkpoint *ck);
 
 /* One entry of the name table resolved for a config: checkpoint name, expected shape, and the
  * struct field it fills. */
+enum { BLIP2_SPLIT_NONE = 0, BLIP2_SPLIT_ROWS, BLIP2_SPLIT_COLS };
+
 typedef struct {
     char name[128];
     int ndim;
-    int64_t shape[4];
+    int64_t shape[4]; /* global shape, as in the checkpoint */
     float **field;
-    int optional; /* lm_head.weight: absent means tied to embed_tokens */
+    int optional;   /* lm_head.weight: absent means tied to embed_tokens */
+    int rank0_only; /* vision, Q-Former, projection */
+    int split;      /* BLIP2_SPLIT_*: which slice a tensor-parallel rank holds */
 } blip2_weight_entry;
 
 /* Builds the table for m->cfg (fields point into m's structs, whose layer arrays it allocates). */
@@ -115,6 +135,9 @@ blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int 
 /* Config + checkpoint + weights; every missing, unexpected or mis-shaped tensor is an error that
  * names the file and the tensor. */
 blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st);
+/* Rank `rank` of a `world`-way tensor-parallel group: only this rank's OPT slices (and, on rank 0,
+ * vision + Q-Former + projection) are read from the memory-mapped checkpoint. */
+blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_model *m, blip2_status *st);
 void blip2_model_free(blip2_model *m);
 
 #endif

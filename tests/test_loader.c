@@ -287,6 +287,30 @@ static void test_half_conversions(void) {
     CHECK(blip2_f32_to_bf16(1.00390625f) == 0x3f80 && blip2_f32_to_bf16(1.01171875f) == 0x3f82, "bf16 ties to even");
 }
 
+/* Each of N = 2 ranks holds about half of the OPT weight bytes (only LayerNorms, row-parallel
+ * biases and positions are whole on both), and only rank 0 holds the vision side. */
+static void test_shard_memory(void) {
+    const char *dir = BLIP2_SHARED_DIR "/fixtures/tiny-f16";
+    blip2_model full, r0, r1;
+    blip2_status st = {0};
+    CHECK(blip2_model_load(dir, &full, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_model_load_shard(dir, 0, 2, &r0, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_model_load_shard(dir, 1, 2, &r1, &st) == BLIP2_OK, "%s", st.msg);
+    double f0 = (double)r0.opt_bytes / full.opt_bytes, f1 = (double)r1.opt_bytes / full.opt_bytes;
+    printf("  OPT bytes: full %zu, rank 0 %zu (%.3f), rank 1 %zu (%.3f)\n", full.opt_bytes, r0.opt_bytes, f0, r1.opt_bytes, f1);
+    CHECK(f0 > 0.49 && f0 < 0.55 && f1 > 0.49 && f1 < 0.55, "rank shares %.3f %.3f", f0, f1);
+    CHECK(r0.shard.NH == 2 && r1.shard.v0 == 25152 && r1.shard.V == 25152, "shard plan");
+    CHECK(r0.vision.patch_w != NULL && r1.vision.patch_w == NULL && r1.qformer.query_tokens == NULL,
+          "vision/Q-Former only on rank 0");
+    blip2_model bad;
+    CHECK(blip2_model_load_shard(BLIP2_SHARED_DIR "/fixtures/tiny-f32-sharded", 0, 2, &bad, &st) == BLIP2_EINVAL,
+          "2 ranks over 3 heads must fail");
+    CHECK_MSG_HAS(st.msg, "does not divide the OPT head count 3");
+    blip2_model_free(&full);
+    blip2_model_free(&r0);
+    blip2_model_free(&r1);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/blip2-test-loader-XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
@@ -297,6 +321,7 @@ int main(void) {
     test_bad_files();
     test_bad_configs();
     test_half_conversions();
+    test_shard_memory();
     {
         char missing[300];
         snprintf(missing, sizeof missing, "%s/does-not-exist", tmpdir);

@@ -35,14 +35,15 @@ static void compare(const blip2_st_file *golden, int case_no, const char *what, 
 static void check_kv_cache(const blip2_model *m, const float *emb_all, int n, const char *model) {
     const blip2_config *c = &m->cfg;
     blip2_status st = {0};
+    blip2_tp tp = blip2_tp_from_comm(blip2_comm_self());
     blip2_kv_cache kv;
     float *a = malloc(sizeof(float) * c->opt.V), *b = malloc(sizeof(float) * c->opt.V);
-    CHECK(blip2_kv_cache_init(&kv, c, n + 1, &st) == BLIP2_OK, "%s", st.msg);
-    CHECK(blip2_opt_forward(m, &kv, emb_all, n, a, &st) == BLIP2_OK, "%s", st.msg);
-    CHECK(blip2_opt_forward(m, &kv, emb_all + (size_t)n * c->opt.C, 1, a, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_kv_cache_init(&kv, m, n + 1, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_opt_forward(m, &tp, &kv, emb_all, n, a, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_opt_forward(m, &tp, &kv, emb_all + (size_t)n * c->opt.C, 1, a, &st) == BLIP2_OK, "%s", st.msg);
     blip2_kv_cache_free(&kv);
-    CHECK(blip2_kv_cache_init(&kv, c, n + 1, &st) == BLIP2_OK, "%s", st.msg);
-    CHECK(blip2_opt_forward(m, &kv, emb_all, n + 1, b, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_kv_cache_init(&kv, m, n + 1, &st) == BLIP2_OK, "%s", st.msg);
+    CHECK(blip2_opt_forward(m, &tp, &kv, emb_all, n + 1, b, &st) == BLIP2_OK, "%s", st.msg);
     blip2_kv_cache_free(&kv);
     double err = check_rel_l2(a, b, (size_t)c->opt.V);
     CHECK(err <= 1e-6, "%s: cached decode vs full re-forward logits rel L2 %.3g", model, err);
@@ -74,7 +75,8 @@ static void run_case(const blip2_model *m, const blip2_st_file *golden, const bl
     blip2_finish fin;
     blip2_status st = {0};
     printf("%s case %d (%s, %d input ids)\n", model, case_no, key, n);
-    blip2_code rc = blip2_generate_greedy(m, pv->data, ids, n, N_GREEDY, out, &n_out, &fin, &tr, &st);
+    blip2_tp tp = blip2_tp_from_comm(blip2_comm_self());
+    blip2_code rc = blip2_generate_greedy(m, &tp, pv->data, ids, n, N_GREEDY, out, &n_out, &fin, &tr, &st);
     CHECK(rc == BLIP2_OK, "%s case %d: %s", model, case_no, st.msg);
     compare(golden, case_no, "vision_out", tr.vision_out, (size_t)c->vision.T * c->vision.C, model);
     compare(golden, case_no, "qformer_out", tr.qformer_out, (size_t)c->Q * c->qformer.C, model);
@@ -83,7 +85,7 @@ static void run_case(const blip2_model *m, const blip2_st_file *golden, const bl
     CHECK(n_out == n_want && memcmp(out, want, sizeof(int32_t) * n_want) == 0, "%s case %d: greedy ids differ", model, case_no);
     if (kv_check) {
         float *emb = malloc(sizeof(float) * (size_t)(n + 1) * c->opt.C);
-        CHECK(blip2_opt_embed_inputs(m, ids, n, tr.projected, emb, &st) == BLIP2_OK, "%s", st.msg);
+        CHECK(blip2_opt_embed_inputs(m, &tp, ids, n, tr.projected, emb, &st) == BLIP2_OK, "%s", st.msg);
         blip2_embedding(emb + (size_t)n * c->opt.C, &out[0], m->opt.wte, 1, c->opt.C);
         check_kv_cache(m, emb, n, model);
         free(emb);
