@@ -27,6 +27,14 @@ void blip2_relu(float *x, size_t n);
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 
+/* Causal attention of Tq new query rows over a sequence of Tk keys (the last Tq are the new ones)
+ * whose keys and values live in a paged pool: k_pool and v_pool [n_blocks, BS, kv_stride]; key j
+ * is row j % BS of block block_table[j / BS]. q [Tq, q_stride] → out [Tq, NH·HS]; query i sees
+ * keys j <= i + (Tk − Tq). scratch holds Tk floats. */
+void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
+                           const int32_t *block_table, int block_size, float *scratch, int Tq, int Tk, int NH, int HS,
+                           int q_stride, int kv_stride, float scale);
+
 /* In place softmax over each of T rows of n values (max-subtracted). */
 void blip2_softmax(float *x, int T, int n);
 

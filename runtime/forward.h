@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "../parallel/comm.h"
+#include "kv_cache.h"
 #include "model.h"
 
 /* pixels [B, 3, H, W] → image embeddings after post_layernorm [B, T, Cv]. */
@@ -17,11 +18,11 @@ blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B
 /* query outputs [B, Q, Cq] → language_projection [B, Q, Ct]. */
 blip2_code blip2_project(const blip2_model *m, const float *query_out, int B, float *out, blip2_status *st);
 
-/* Contiguous KV cache for one sequence: k and v [layers, max_T, Cl] (this rank's heads);
- * T positions filled. */
+/* The KV cache of a single sequence: a private paged pool holding max_T positions, T filled. */
 typedef struct {
-    int layers, C, max_T, T;
-    float *k, *v;
+    blip2_kv_pool pool;
+    int32_t *table; /* [blocks] */
+    int max_T, T;
 } blip2_kv_cache;
 
 blip2_code blip2_kv_cache_init(blip2_kv_cache *kv, const blip2_model *m, int max_T, blip2_status *st);
@@ -46,6 +47,34 @@ blip2_code blip2_opt_embed_inputs(const blip2_model *m, const blip2_tp *tp, cons
  * [shard.V] (ids shard.v0 ..). Collective. */
 blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const float *emb, int T,
                              float *logits, blip2_status *st);
+
+/* One sequence's part of a batched step: n_new positions after past ones, KV in `blocks`. */
+typedef struct {
+    const int32_t *blocks;
+    int past, n_new;
+} blip2_seq_step;
+
+/* OPT activations for steps of up to max_tokens rows over max_seqs sequences of up to max_ctx
+ * positions, allocated once so a step never allocates. */
+typedef struct {
+    int max_tokens, max_seqs, max_ctx;
+    float *x, *a;            /* [max_tokens, Ct] */
+    float *q, *k, *v, *ctx;  /* [max_tokens, Cl] */
+    float *mlp;              /* [max_tokens, ffn_local] */
+    float *scores;           /* [max_ctx] */
+    float *last;             /* [max_seqs, Ct] */
+} blip2_opt_ws;
+
+blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,
+                             blip2_status *st);
+void blip2_opt_ws_free(blip2_opt_ws *ws);
+
+/* A batched step (continuous batching): the new rows of every sequence, emb [Σ n_new, Ct] in
+ * sequence order, run through the decoder shard together; each sequence's keys/values go to its
+ * blocks; logits [n_seqs, V_local] of each sequence's last new row. Collective. */
+blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv,
+                                   const blip2_seq_step *seqs, int n_seqs, const float *emb, blip2_opt_ws *ws,
+                                   float *logits, blip2_status *st);
 
 /* Greedy pick over vocab-parallel logits without gathering them: the global argmax, the lowest
  * id on ties (as torch.argmax), the same on every rank. Collective. */

@@ -23,7 +23,7 @@ static blip2_code gen_bufs_alloc(const blip2_model *m, int rank, int n, gen_bufs
         b->image = malloc(sizeof(float) * c->vision.T * c->vision.C);
         b->query_out = malloc(sizeof(float) * c->Q * c->qformer.C);
     }
-    b->projected = malloc(sizeof(float) * c->Q * c->opt.C);
+    b->projected = malloc(sizeof(float) * c->Q * c->opt.C); /* read on rank 0 only */
     b->emb = malloc(sizeof(float) * (size_t)n * c->opt.C);
     b->logits = malloc(sizeof(float) * m->shard.V);
     if ((rank == 0 && (!b->image || !b->query_out)) || !b->projected || !b->emb || !b->logits)
@@ -57,14 +57,12 @@ static blip2_code encode_image(const blip2_model *m, const float *pixels, gen_bu
     return rc;
 }
 
-/* Rank 0 runs vision + Q-Former; every rank learns the outcome and receives the projection. */
+/* Rank 0 runs vision + Q-Former and every rank learns the outcome. The projected queries reach
+ * the other ranks through the embedding all-reduce (only rank 0 writes those rows). */
 static blip2_code share_image(const blip2_model *m, const blip2_tp *tp, const float *pixels, gen_bufs *b, blip2_trace *tr,
                               blip2_status *st) {
     blip2_code rc = tp->rank == 0 ? encode_image(m, pixels, b, tr, st) : BLIP2_OK;
-    rc = blip2_tp_agree(tp, rc, st);
-    if (!rc && tp->world > 1)
-        rc = tp->comm->ops->broadcast(tp->comm, b->projected, sizeof(float) * m->cfg.Q * m->cfg.opt.C, 0, st);
-    return rc;
+    return blip2_tp_agree(tp, rc, st);
 }
 
 /* The step command rank 0 broadcasts: the chosen id and whether generation goes on. */

@@ -60,12 +60,18 @@ void blip2_softmax(float *x, int T, int n) {
     }
 }
 
+/* Key/value row j of a paged pool: row j % bs of block table[j / bs]. A contiguous [Tk, stride]
+ * array is the one-block case (table {0}, bs = Tk). */
+static inline const float *kv_row(const float *pool, const int32_t *table, int bs, int j, int stride) {
+    return pool + ((size_t)table[j / bs] * bs + j % bs) * stride;
+}
+
 /* One head of one query row: scores over the visible keys, softmax, weighted sum of values. */
-static void attend_row(float *out, const float *q, const float *k, const float *v, int n_keys, int HS, int kv_stride,
-                       float scale, float *scores) {
+static void attend_row(float *out, const float *q, const float *k, const float *v, const int32_t *table, int bs,
+                       int n_keys, int HS, int kv_stride, float scale, float *scores) {
     float mx = -INFINITY;
     for (int j = 0; j < n_keys; j++) {
-        const float *kj = k + (size_t)j * kv_stride;
+        const float *kj = kv_row(k, table, bs, j, kv_stride);
         float s = 0;
         for (int d = 0; d < HS; d++) s += q[d] * kj[d];
         scores[j] = s * scale;
@@ -80,19 +86,31 @@ static void attend_row(float *out, const float *q, const float *k, const float *
     for (int d = 0; d < HS; d++) out[d] = 0;
     for (int j = 0; j < n_keys; j++) {
         float p = scores[j] * inv;
-        const float *vj = v + (size_t)j * kv_stride;
+        const float *vj = kv_row(v, table, bs, j, kv_stride);
         for (int d = 0; d < HS; d++) out[d] += p * vj[d];
+    }
+}
+
+static void attend(float *out, const float *q, const float *k, const float *v, const int32_t *table, int bs,
+                   float *scratch, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+    for (int i = 0; i < Tq; i++) {
+        int n_keys = causal ? i + (Tk - Tq) + 1 : Tk;
+        for (int h = 0; h < NH; h++)
+            attend_row(out + (size_t)i * NH * HS + h * HS, q + (size_t)i * q_stride + h * HS, k + h * HS, v + h * HS,
+                       table, bs, n_keys, HS, kv_stride, scale, scratch);
     }
 }
 
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
-    for (int i = 0; i < Tq; i++) {
-        int n_keys = causal ? i + (Tk - Tq) + 1 : Tk;
-        for (int h = 0; h < NH; h++)
-            attend_row(out + (size_t)i * NH * HS + h * HS, q + (size_t)i * q_stride + h * HS, k + h * HS, v + h * HS,
-                       n_keys, HS, kv_stride, scale, scratch);
-    }
+    static const int32_t one_block[1] = {0};
+    attend(out, q, k, v, one_block, Tk > 0 ? Tk : 1, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal);
+}
+
+void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
+                           const int32_t *block_table, int block_size, float *scratch, int Tq, int Tk, int NH, int HS,
+                           int q_stride, int kv_stride, float scale) {
+    attend(out, q, k_pool, v_pool, block_table, block_size, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale, 1);
 }
 
 void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {

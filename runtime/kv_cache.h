@@ -1,0 +1,36 @@
+/* Paged KV cache: fixed-size blocks of BS positions in one pool per rank; a sequence owns a
+ * block table. Nothing is copied when a sequence joins or leaves: its blocks go back to the free
+ * list. Rank 0 allocates; the other ranks mirror its tables through the step descriptors. */
+#ifndef BLIP2_KV_CACHE_H
+#define BLIP2_KV_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+typedef struct {
+    int layers, C;    /* C: this rank's attention width (its heads × HS) */
+    int block_size;   /* BS positions per block */
+    int n_blocks;
+    float *k, *v;     /* [layers, n_blocks, BS, C] */
+    int32_t *free_ids; /* stack of free block ids [n_blocks] */
+    int n_free;
+} blip2_kv_pool;
+
+/* Bytes one block takes on this rank (k and v, all layers). */
+size_t blip2_kv_block_bytes(const blip2_model *m, int block_size);
+blip2_code blip2_kv_pool_init(blip2_kv_pool *p, const blip2_model *m, int n_blocks, int block_size, blip2_status *st);
+void blip2_kv_pool_free(blip2_kv_pool *p);
+/* Takes n blocks (all or none): 0 on success, -1 when fewer are free. */
+int blip2_kv_pool_alloc(blip2_kv_pool *p, int n, int32_t *blocks);
+void blip2_kv_pool_release(blip2_kv_pool *p, const int32_t *blocks, int n);
+static inline int blip2_kv_blocks_for(int positions, int block_size) { return (positions + block_size - 1) / block_size; }
+
+/* Pointer to row `pos` of a sequence in layer l's K (or V) pool. */
+static inline float *blip2_kv_row(const blip2_kv_pool *p, float *base, int layer, const int32_t *table, int pos) {
+    size_t block = (size_t)layer * p->n_blocks + (size_t)table[pos / p->block_size];
+    return base + (block * p->block_size + (size_t)(pos % p->block_size)) * p->C;
+}
+
+#endif
