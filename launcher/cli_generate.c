@@ -224,7 +224,8 @@ int blip2_cli_generate(int argc, char **argv) {
     } else {
         memset(&m, 0, sizeof m);
     }
+    if (rc && tp.rank == 0) blip2_cli_error("%s", st.msg); /* before finalize: peers may exit first */
+    fflush(stderr);
     blip2_comm_world_finalize();
-    if (rc && tp.rank == 0) return blip2_cli_error("%s", st.msg);
     return rc ? 1 : 0;
 }
