@@ -31,10 +31,12 @@ void blip2_kv_cache_free(blip2_kv_cache *kv);
 /* Every id inside the vocabulary and exactly Q image tokens, else a clear EINVAL. */
 blip2_code blip2_opt_check_ids(const blip2_config *c, const int32_t *ids, int n, blip2_status *st);
 
-/* Embeddings of ids [n] → out [n, Ct] on every rank; with projected [Q, Ct] non-NULL, the image
- * token's rows take the projected queries in order (generated ids never do). Collective. */
+/* Embeddings of ids [n] → out [n, Ct] on every rank. Ids < 0 mark image rows: they take the rows
+ * of image_rows [count, Ct] in order (read on rank 0 only). Collective. */
 blip2_code blip2_opt_embed_tokens(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *projected, float *out, blip2_status *st);
+                                  const float *image_rows, float *out, blip2_status *st);
+/* marked[t] = -1 where ids[t] is the image token, else ids[t]. */
+void blip2_opt_mark_image_rows(const blip2_config *c, const int32_t *ids, int n, int32_t *marked);
 
 /* Checked input embeddings for the model's ids: rows whose id is the image token take the projected
  * query embeddings in order (there must be exactly Q of them), the rest embed_tokens.
@@ -76,14 +78,15 @@ blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, bli
                                    const blip2_seq_step *seqs, int n_seqs, const float *emb, blip2_opt_ws *ws,
                                    float *logits, blip2_status *st);
 
-/* Greedy pick over vocab-parallel logits without gathering them: the global argmax, the lowest
- * id on ties (as torch.argmax), the same on every rank. Collective. */
-blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int32_t *id, blip2_status *st);
+/* Greedy picks over vocab-parallel logits [n, V_local] without gathering them: each row's global
+ * argmax, the lowest id on ties (as torch.argmax), the same on every rank. One all-gather. */
+blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int n, int32_t *ids,
+                           blip2_status *st);
 /* Gathers the vocab slices into full logits [V] on every rank (for dumps and samplers). */
 blip2_code blip2_tp_gather_logits(const blip2_model *m, const blip2_tp *tp, const float *logits, float *full,
                                   blip2_status *st);
 
-typedef enum { BLIP2_FINISH_EOS, BLIP2_FINISH_LENGTH } blip2_finish;
+typedef enum { BLIP2_FINISH_EOS, BLIP2_FINISH_LENGTH, BLIP2_FINISH_STOP, BLIP2_FINISH_CANCELLED } blip2_finish;
 const char *blip2_finish_name(blip2_finish f);
 
 /* Intermediate tensors a caller may ask for (any pointer NULL = not wanted). */

@@ -7,7 +7,10 @@
 #include "../kernels/ops.h"
 #include "forward.h"
 
-const char *blip2_finish_name(blip2_finish f) { return f == BLIP2_FINISH_EOS ? "eos" : "length"; }
+const char *blip2_finish_name(blip2_finish f) {
+    static const char *names[] = {"eos", "length", "stop", "cancelled"};
+    return f >= 0 && f <= BLIP2_FINISH_CANCELLED ? names[f] : "?";
+}
 
 typedef struct {
     float *image;     /* [T, Cv] (rank 0) */
@@ -73,7 +76,7 @@ typedef struct {
 
 static blip2_code decide_step(const blip2_model *m, const blip2_tp *tp, const blip2_kv_cache *kv, const float *logits,
                               int n_out, int max_new, step_cmd *cmd, blip2_status *st) {
-    blip2_code rc = blip2_tp_argmax(m, tp, logits, &cmd->id, st);
+    blip2_code rc = blip2_tp_argmax(m, tp, logits, 1, &cmd->id, st);
     if (rc) return rc;
     cmd->go_on = cmd->id != m->cfg.eos_id && n_out + 1 < max_new && kv->T < kv->max_T;
     return tp->world > 1 ? tp->comm->ops->broadcast(tp->comm, cmd, sizeof *cmd, 0, st) : BLIP2_OK;

@@ -18,22 +18,25 @@ static int beats(scored_id a, scored_id b) {
     return a.value > b.value || (a.value == b.value && a.id < b.id);
 }
 
-blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int32_t *id, blip2_status *st) {
+blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int n, int32_t *ids,
+                           blip2_status *st) {
     const blip2_opt_shard *s = &m->shard;
-    int local = blip2_argmax(logits, s->V);
-    scored_id mine = {logits[local], s->v0 + local};
-    if (tp->world == 1) {
-        *id = mine.id;
-        return BLIP2_OK;
-    }
-    scored_id *all = blip2_malloc(sizeof *all * (size_t)tp->world, st);
+    scored_id *all = blip2_malloc(sizeof *all * (size_t)n * (tp->world + 1), st);
     if (!all) return BLIP2_ENOMEM;
-    blip2_code rc = tp->comm->ops->allgather(tp->comm, &mine, all, sizeof mine, st);
-    scored_id best = all[0];
-    for (int r = 1; !rc && r < tp->world; r++)
-        if (beats(all[r], best)) best = all[r];
+    scored_id *mine = all + (size_t)n * tp->world;
+    for (int i = 0; i < n; i++) {
+        const float *row = logits + (size_t)i * s->V;
+        int local = blip2_argmax(row, s->V);
+        mine[i] = (scored_id){row[local], s->v0 + local};
+    }
+    blip2_code rc = tp->comm->ops->allgather(tp->comm, mine, all, sizeof *mine * (size_t)n, st);
+    for (int i = 0; !rc && i < n; i++) {
+        scored_id best = all[i];
+        for (int r = 1; r < tp->world; r++)
+            if (beats(all[(size_t)r * n + i], best)) best = all[(size_t)r * n + i];
+        ids[i] = best.id;
+    }
     free(all);
-    *id = best.id;
     return rc;
 }
 

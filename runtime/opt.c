@@ -43,14 +43,14 @@ blip2_code blip2_opt_check_ids(const blip2_config *c, const int32_t *ids, int n,
 /* Vocab-parallel: each rank writes the rows it owns (its vocab slice; rank 0 the image rows) and
  * zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x). */
 blip2_code blip2_opt_embed_tokens(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *projected, float *out, blip2_status *st) {
+                                  const float *image_rows, float *out, blip2_status *st) {
     const blip2_opt_shard *s = &m->shard;
     int C = m->cfg.opt.C, q = 0;
     memset(out, 0, sizeof(float) * (size_t)n * C);
     for (int t = 0; t < n; t++) {
         float *row = out + (size_t)t * C;
-        if (projected && ids[t] == m->cfg.image_token_id) {
-            if (tp->rank == 0) memcpy(row, projected + (size_t)q * C, sizeof(float) * C);
+        if (ids[t] < 0) {
+            if (tp->rank == 0) memcpy(row, image_rows + (size_t)q * C, sizeof(float) * C);
             q++;
         } else if (ids[t] >= s->v0 && ids[t] < s->v0 + s->V) {
             int32_t local = ids[t] - s->v0;
@@ -60,10 +60,21 @@ blip2_code blip2_opt_embed_tokens(const blip2_model *m, const blip2_tp *tp, cons
     return tp->comm->ops->allreduce_sum(tp->comm, out, (size_t)n * C, st);
 }
 
+void blip2_opt_mark_image_rows(const blip2_config *c, const int32_t *ids, int n, int32_t *marked) {
+    for (int t = 0; t < n; t++) marked[t] = ids[t] == c->image_token_id ? -1 : ids[t];
+}
+
 blip2_code blip2_opt_embed_inputs(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
                                   const float *projected, float *out, blip2_status *st) {
     blip2_code rc = blip2_opt_check_ids(&m->cfg, ids, n, st);
-    return rc ? rc : blip2_opt_embed_tokens(m, tp, ids, n, projected, out, st);
+    int32_t *marked = rc ? NULL : blip2_malloc(sizeof(int32_t) * (size_t)n, st);
+    if (!rc && !marked) rc = BLIP2_ENOMEM;
+    if (!rc) {
+        blip2_opt_mark_image_rows(&m->cfg, ids, n, marked);
+        rc = blip2_opt_embed_tokens(m, tp, marked, n, projected, out, st);
+    }
+    free(marked);
+    return rc;
 }
 
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,

@@ -37,6 +37,10 @@ const char *blip2_code_name(blip2_code code) {
     case BLIP2_ERANGE: return "out of range";
     case BLIP2_ENOMEM: return "out of memory";
     case BLIP2_EINTERNAL: return "internal error";
+    case BLIP2_EBUSY: return "busy";
+    case BLIP2_EUNAVAILABLE: return "unavailable";
+    case BLIP2_ECANCELLED: return "cancelled";
+    case BLIP2_EDEADLINE: return "deadline exceeded";
     }
     return "unknown";
 }

@@ -14,6 +14,10 @@ typedef enum {
     BLIP2_ERANGE,    /* a limit was exceeded (size, length, pixel count) */
     BLIP2_ENOMEM,    /* allocation failed */
     BLIP2_EINTERNAL, /* a bug or a backend failure */
+    BLIP2_EBUSY,     /* the queue is full: try again later */
+    BLIP2_EUNAVAILABLE, /* loading or shutting down */
+    BLIP2_ECANCELLED,   /* the client went away */
+    BLIP2_EDEADLINE,    /* the request's deadline passed */
 } blip2_code;
 
 typedef struct {

@@ -1,0 +1,237 @@
+/* What each request does with its logits after a step: greedy / sampling (one sequence, with
+ * streaming and stop strings) or beam search (transformers' BeamSearchScorer semantics, with
+ * copy-on-write of the KV blocks beams share). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/ops.h"
+#include "engine_priv.h"
+
+static int act_index(const blip2_engine *e, const req_t *r) {
+    for (int i = 0; i < e->n_act; i++)
+        if (e->act[i] == r) return i;
+    return -1;
+}
+
+static void finish(blip2_engine *e, req_t *r, blip2_finish f) {
+    r->finish = f;
+    engine_retire(e, act_index(e, r), BLIP2_OK, NULL);
+}
+
+/* prompt + a sequence's generated ids: the history repetition_penalty looks at. */
+static int history(blip2_engine *e, const req_t *r, const seq_t *q) {
+    memcpy(e->hist, r->prompt, sizeof(int32_t) * (size_t)r->n_prompt);
+    memcpy(e->hist + r->n_prompt, q->gen, sizeof(int32_t) * (size_t)q->n_gen);
+    return r->n_prompt + q->n_gen;
+}
+
+static int append_text(req_t *r, const char *piece, size_t len) {
+    if (r->text_len + len + 1 > r->text_cap) {
+        size_t cap = (r->text_len + len + 1) * 2;
+        char *t = realloc(r->text, cap);
+        if (!t) return -1;
+        r->text = t;
+        r->text_cap = cap;
+    }
+    memcpy(r->text + r->text_len, piece, len);
+    r->text_len += len;
+    r->text[r->text_len] = 0;
+    return 0;
+}
+
+/* Streams the new text and reports whether a stop string now appears in it. */
+static int stream_token(req_t *r, int32_t id) {
+    if (!r->detok) return 0;
+    const char *piece = "";
+    size_t len = 0;
+    blip2_status st;
+    if (blip2_detok_push(r->detok, id, &piece, &len, &st)) len = 0;
+    size_t before = r->text_len;
+    if (r->n_stop && append_text(r, piece, len)) return 0;
+    if (r->cb.on_token) r->cb.on_token(r->cb.ctx, id, piece, len);
+    for (int i = 0; i < r->n_stop; i++) { /* only matches that end in the new piece are new */
+        size_t sl = strlen(r->stop[i]);
+        size_t from = before >= sl ? before - sl + 1 : 0;
+        if (r->text_len >= sl && memmem(r->text + from, r->text_len - from, r->stop[i], sl)) return 1;
+    }
+    return 0;
+}
+
+static int32_t choose(blip2_engine *e, req_t *r, float *logits, int32_t pick) {
+    if (r->mode == LOGITS_ARGMAX) return pick;
+    const blip2_config *c = &e->m->cfg;
+    seq_t *q = &r->seq[0];
+    blip2_logits_process(&r->dec, logits, c->opt.V, e->hist, history(e, r, q), q->n_gen, c->eos_id);
+    if (r->dec.do_sample) return blip2_sample(&r->dec, logits, c->opt.V, &r->rng, e->scratch);
+    return blip2_argmax(logits, c->opt.V);
+}
+
+static void decide_single(blip2_engine *e, req_t *r, float *logits, int32_t pick) {
+    const blip2_config *c = &e->m->cfg;
+    seq_t *q = &r->seq[0];
+    int32_t id = choose(e, r, logits, pick);
+    if (!r->t_first) r->t_first = blip2_now_ns();
+    q->gen[q->n_gen++] = id;
+    q->next = id;
+    int stopped = stream_token(r, id);
+    if (id == c->eos_id) finish(e, r, BLIP2_FINISH_EOS);
+    else if (stopped) finish(e, r, BLIP2_FINISH_STOP);
+    else if (q->n_gen >= r->max_new || q->len + 1 > c->opt.max_pos) finish(e, r, BLIP2_FINISH_LENGTH);
+}
+
+/* ---- beams ---- */
+
+typedef struct {
+    float score;
+    int beam;
+    int32_t id;
+} cand_t;
+
+/* The best k candidates over rows [n, V], sorted; ties keep the lower flat index first. */
+static int top_candidates(const float *rows, int n, int V, int k, cand_t *out) {
+    int m = 0;
+    for (int b = 0; b < n; b++)
+        for (int t = 0; t < V; t++) {
+            float s = rows[(size_t)b * V + t];
+            if (isnan(s) || (m == k && s <= out[m - 1].score)) continue;
+            int j = m < k ? m++ : k - 1;
+            while (j > 0 && out[j - 1].score < s) {
+                out[j] = out[j - 1];
+                j--;
+            }
+            out[j] = (cand_t){s, b, t};
+        }
+    return m;
+}
+
+static float beam_norm(const req_t *r, float sum_logprobs, int generated_len) {
+    return sum_logprobs / powf((float)generated_len, r->dec.length_penalty);
+}
+
+/* Keeps the num_beams best finished hypotheses (transformers' BeamHypotheses.add). */
+static void add_hyp(req_t *r, const int32_t *ids, int n, float score, blip2_finish f) {
+    int B = r->dec.num_beams;
+    if (r->n_hyps == B && score <= r->hyps[B - 1].score) return;
+    int32_t *copy = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+    if (!copy) return;
+    memcpy(copy, ids, sizeof(int32_t) * (size_t)n);
+    if (r->n_hyps == B) free(r->hyps[--r->n_hyps].ids);
+    int j = r->n_hyps++;
+    while (j > 0 && r->hyps[j - 1].score < score) {
+        r->hyps[j] = r->hyps[j - 1];
+        j--;
+    }
+    r->hyps[j] = (hyp_t){copy, n, score, f};
+}
+
+/* New beam k continues parent b: full blocks are shared, a partly filled last block is copied. */
+static int fork_table(blip2_engine *e, const seq_t *parent, seq_t *child) {
+    int bs = e->o.block_size, full = parent->len / bs, partial = parent->len % bs != 0;
+    if (engine_table_reserve(child, parent->n_blocks + 1)) return -1;
+    for (int i = 0; i < full; i++) e->refs[child->blocks[i] = parent->blocks[i]]++;
+    child->n_blocks = full;
+    if (partial) {
+        if (blip2_kv_pool_alloc(&e->x.kv, 1, &child->blocks[full])) return -1;
+        e->refs[child->blocks[full]] = 1;
+        e->copies[2 * e->n_copies] = parent->blocks[full];
+        e->copies[2 * e->n_copies + 1] = child->blocks[full];
+        e->n_copies++;
+        child->n_blocks++;
+    }
+    child->len = parent->len;
+    return 0;
+}
+
+static void finalize_beams(blip2_engine *e, req_t *r, int done) {
+    if (!done)
+        for (int k = 0; k < r->n_seq; k++)
+            add_hyp(r, r->seq[k].gen, r->seq[k].n_gen, beam_norm(r, r->seq[k].score, r->seq[k].n_gen), BLIP2_FINISH_LENGTH);
+    finish(e, r, r->n_hyps ? r->hyps[0].finish : BLIP2_FINISH_LENGTH);
+}
+
+/* Adopts the chosen candidates as the new beams (tables forked, generated ids extended). */
+static int reorder_beams(blip2_engine *e, req_t *r, const cand_t *next, int n_next) {
+    seq_t fresh[MAX_BEAMS];
+    memset(fresh, 0, sizeof fresh);
+    int rc = 0;
+    for (int k = 0; k < n_next && !rc; k++) {
+        const seq_t *p = &r->seq[next[k].beam];
+        fresh[k].gen = malloc(sizeof(int32_t) * (size_t)r->max_new);
+        rc = !fresh[k].gen || fork_table(e, p, &fresh[k]);
+        if (rc) break;
+        memcpy(fresh[k].gen, p->gen, sizeof(int32_t) * (size_t)p->n_gen);
+        fresh[k].n_gen = p->n_gen;
+        fresh[k].gen[fresh[k].n_gen++] = next[k].id;
+        fresh[k].score = next[k].score;
+        fresh[k].next = next[k].id;
+    }
+    for (int k = 0; k < MAX_BEAMS; k++) { /* old tables go only after every fork holds its blocks */
+        engine_table_release(e, &r->seq[k]);
+        free(r->seq[k].blocks);
+        free(r->seq[k].gen);
+        r->seq[k] = fresh[k];
+    }
+    r->n_seq = n_next;
+    return rc;
+}
+
+/* One beam-search step over rows [n_src, V] (processed in place). */
+static void decide_beams(blip2_engine *e, req_t *r, float *rows, int n_src) {
+    const blip2_config *c = &e->m->cfg;
+    int V = c->opt.V, B = r->dec.num_beams, cur = r->seq[0].n_gen;
+    for (int b = 0; b < n_src; b++) {
+        float *row = rows + (size_t)b * V;
+        blip2_log_softmax(row, V);
+        blip2_logits_process(&r->dec, row, V, e->hist, history(e, r, &r->seq[b]), cur, c->eos_id);
+        for (int t = 0; t < V; t++) row[t] += r->seq[b].score;
+    }
+    cand_t cand[2 * MAX_BEAMS], next[MAX_BEAMS];
+    int n_cand = top_candidates(rows, n_src, V, 2 * B, cand), n_next = 0;
+    if (!r->t_first) r->t_first = blip2_now_ns();
+    for (int j = 0; j < n_cand && n_next < B; j++) {
+        if (cand[j].id != c->eos_id) {
+            next[n_next++] = cand[j];
+        } else if (j < B) { /* a finished hypothesis: its ids end with eos */
+            seq_t *p = &r->seq[cand[j].beam];
+            p->gen[p->n_gen] = c->eos_id;
+            add_hyp(r, p->gen, p->n_gen + 1, beam_norm(r, cand[j].score, cur + 1), BLIP2_FINISH_EOS);
+        }
+    }
+    int done = r->n_hyps >= B && (r->dec.early_stopping || r->hyps[B - 1].score >= beam_norm(r, cand[0].score, cur + 1));
+    if (done || n_next == 0) {
+        finalize_beams(e, r, 1);
+        return;
+    }
+    if (reorder_beams(e, r, next, n_next)) {
+        engine_retire(e, act_index(e, r), BLIP2_ENOMEM, "out of KV blocks while reordering beams");
+        return;
+    }
+    if (r->seq[0].n_gen >= r->max_new || r->seq[0].len + 1 > c->opt.max_pos) finalize_beams(e, r, 0);
+}
+
+/* Rows of one request are contiguous in a step (a beam's rows follow each other). */
+void decide_all(blip2_engine *e, int n_rows) {
+    size_t V = (size_t)e->m->cfg.opt.V;
+    int k_arg = 0;
+    for (int i = 0; i < n_rows;) {
+        req_t *r = e->refs_step[i].r;
+        int seq = e->refs_step[i].seq, mode = e->refs_step[i].mode;
+        float *row = e->x.full + i * V;
+        if (seq < 0) { /* a prefill chunk of -seq - 1 positions */
+            int chunk = -seq - 1;
+            r->fed += chunk;
+            r->seq[0].len = r->fed;
+            i++;
+            if (mode == LOGITS_NONE) continue;
+            if (r->dec.num_beams > 1) decide_beams(e, r, row, 1);
+            else decide_single(e, r, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
+            continue;
+        }
+        int n = 0;
+        while (i + n < n_rows && e->refs_step[i + n].r == r) r->seq[e->refs_step[i + n++].seq].len++;
+        if (r->dec.num_beams > 1) decide_beams(e, r, row, n);
+        else decide_single(e, r, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
+        i += n;
+    }
+}

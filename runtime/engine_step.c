@@ -1,0 +1,172 @@
+#include "engine_step.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define HEADER 4 /* op, n_seqs, n_tokens, n_copies */
+
+blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, blip2_status *st) {
+    memset(d, 0, sizeof *d);
+    if (max_batch > 1024) return blip2_fail(st, BLIP2_EINVAL, "max batch %d > 1024", max_batch);
+    d->max_batch = max_batch;
+    d->max_tokens = max_tokens;
+    d->max_blocks_per_seq = max_blocks_per_seq;
+    d->max_copies = max_batch; /* at most one (the last, partly filled block) per sequence */
+    d->cap = HEADER + 2 * d->max_copies + max_batch * (4 + max_blocks_per_seq) + max_tokens;
+    d->buf = blip2_malloc(sizeof(int32_t) * (size_t)d->cap, st);
+    return d->buf ? BLIP2_OK : BLIP2_ENOMEM;
+}
+
+void step_desc_free(step_desc *d) {
+    free(d->buf);
+    memset(d, 0, sizeof *d);
+}
+
+void step_desc_begin(step_desc *d, int op) {
+    d->buf[0] = op;
+    d->buf[1] = d->buf[2] = d->buf[3] = 0;
+    d->len = HEADER;
+}
+
+void step_desc_add_copy(step_desc *d, int32_t src, int32_t dst) {
+    d->buf[d->len++] = src;
+    d->buf[d->len++] = dst;
+    d->buf[3]++;
+}
+
+void step_desc_add_seq(step_desc *d, int past, int n_new, int mode, const int32_t *blocks, int n_blocks) {
+    int32_t *p = d->buf + d->len;
+    p[0] = past, p[1] = n_new, p[2] = mode, p[3] = n_blocks;
+    memcpy(p + 4, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    d->len += 4 + n_blocks;
+    d->buf[1]++;
+}
+
+void step_desc_add_tokens(step_desc *d, const int32_t *tokens, int n) {
+    memcpy(d->buf + d->len, tokens, sizeof(int32_t) * (size_t)n);
+    d->len += n;
+    d->buf[2] += n;
+}
+
+blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st) {
+    if (tp->world == 1) return BLIP2_OK;
+    blip2_comm *c = tp->comm;
+    blip2_code rc = c->ops->broadcast(c, &d->len, sizeof d->len, 0, st);
+    if (!rc && (d->len < HEADER || d->len > d->cap))
+        return blip2_fail(st, BLIP2_EINTERNAL, "step descriptor of %d ints (capacity %d)", d->len, d->cap);
+    return rc ? rc : c->ops->broadcast(c, d->buf, sizeof(int32_t) * (size_t)d->len, 0, st);
+}
+
+/* Bounds-checked decode: a follower never trusts a length it did not check. */
+blip2_code step_desc_view(const step_desc *d, step_view *v, blip2_status *st) {
+    const int32_t *b = d->buf;
+    v->op = b[0], v->n_seqs = b[1], v->n_tokens = b[2], v->n_copies = b[3];
+    int pos = HEADER;
+    if (v->n_seqs < 0 || v->n_seqs > d->max_batch || v->n_tokens < 0 || v->n_tokens > d->max_tokens ||
+        v->n_copies < 0 || v->n_copies > d->max_copies)
+        return blip2_fail(st, BLIP2_EINTERNAL, "bad step descriptor header");
+    v->copies = b + pos;
+    pos += 2 * v->n_copies;
+    int tokens = 0;
+    for (int i = 0; i < v->n_seqs; i++) {
+        if (pos + 4 > d->len) return blip2_fail(st, BLIP2_EINTERNAL, "truncated step descriptor");
+        int nb = b[pos + 3];
+        if (nb < 0 || nb > d->max_blocks_per_seq || pos + 4 + nb > d->len)
+            return blip2_fail(st, BLIP2_EINTERNAL, "bad block table in step descriptor");
+        v->seqs[i] = (blip2_seq_step){b + pos + 4, b[pos], b[pos + 1]};
+        v->modes[i] = b[pos + 2];
+        tokens += b[pos + 1];
+        pos += 4 + nb;
+    }
+    if (tokens != v->n_tokens || pos + v->n_tokens != d->len)
+        return blip2_fail(st, BLIP2_EINTERNAL, "inconsistent step descriptor");
+    v->tokens = b + pos;
+    return BLIP2_OK;
+}
+
+blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp, int max_batch, int max_tokens,
+                          int n_blocks, int block_size, blip2_status *st) {
+    memset(x, 0, sizeof *x);
+    x->m = m;
+    x->tp = tp;
+    int max_pos = m->cfg.opt.max_pos, bps = blip2_kv_blocks_for(max_pos, block_size);
+    blip2_code rc = blip2_kv_pool_init(&x->kv, m, n_blocks, block_size, st);
+    if (!rc) rc = blip2_opt_ws_init(&x->ws, m, max_tokens, max_batch, max_pos, st);
+    if (!rc) rc = step_desc_init(&x->desc, max_batch, max_tokens, bps, st);
+    if (rc) {
+        step_exec_free(x);
+        return rc;
+    }
+    size_t C = (size_t)m->cfg.opt.C, Vl = (size_t)m->shard.V;
+    x->emb = malloc(sizeof(float) * max_tokens * C);
+    x->logits = malloc(sizeof(float) * max_batch * Vl);
+    x->argrows = malloc(sizeof(float) * max_batch * Vl);
+    x->full = malloc(sizeof(float) * max_batch * (size_t)m->cfg.opt.V);
+    x->picks = malloc(sizeof(int32_t) * max_batch);
+    if (!x->emb || !x->logits || !x->argrows || !x->full || !x->picks) {
+        step_exec_free(x);
+        return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for step buffers");
+    }
+    return BLIP2_OK;
+}
+
+void step_exec_free(step_exec *x) {
+    blip2_kv_pool_free(&x->kv);
+    blip2_opt_ws_free(&x->ws);
+    step_desc_free(&x->desc);
+    free(x->emb);
+    free(x->logits);
+    free(x->argrows);
+    free(x->full);
+    free(x->picks);
+    memset(x, 0, sizeof *x);
+}
+
+/* Whole-block copies (copy-on-write of a beam's partly filled last block). Destinations are
+ * fresh blocks, never a source of the same step. */
+static void copy_blocks(step_exec *x, const int32_t *pairs, int n) {
+    blip2_kv_pool *kv = &x->kv;
+    size_t bsz = (size_t)kv->block_size * kv->C;
+    float *pools[2] = {kv->k, kv->v};
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < kv->layers; l++) {
+            float *base = pools[p] + (size_t)l * kv->n_blocks * bsz;
+            for (int i = 0; i < n; i++) memcpy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, sizeof(float) * bsz);
+        }
+}
+
+static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_status *st) {
+    for (int i = 0; i < 2 * v->n_copies; i++)
+        if (v->copies[i] < 0 || v->copies[i] >= x->kv.n_blocks) return blip2_fail(st, BLIP2_EINTERNAL, "bad block id in copy");
+    for (int i = 0; i < v->n_seqs; i++) {
+        int need = blip2_kv_blocks_for(v->seqs[i].past + v->seqs[i].n_new, x->kv.block_size);
+        for (int j = 0; j < need; j++)
+            if (v->seqs[i].blocks[j] < 0 || v->seqs[i].blocks[j] >= x->kv.n_blocks)
+                return blip2_fail(st, BLIP2_EINTERNAL, "bad block id in table");
+    }
+    return BLIP2_OK;
+}
+
+/* Argmax rows packed together (one all-gather for all), full rows gathered one by one. */
+static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st) {
+    size_t Vl = (size_t)x->m->shard.V, V = (size_t)x->m->cfg.opt.V;
+    int n_arg = 0;
+    blip2_code rc = BLIP2_OK;
+    for (int i = 0; i < v->n_seqs; i++)
+        if (v->modes[i] == LOGITS_ARGMAX) memcpy(x->argrows + n_arg++ * Vl, x->logits + i * Vl, sizeof(float) * Vl);
+    if (n_arg) rc = blip2_tp_argmax(x->m, x->tp, x->argrows, n_arg, x->picks, st);
+    for (int i = 0; !rc && i < v->n_seqs; i++)
+        if (v->modes[i] == LOGITS_FULL) rc = blip2_tp_gather_logits(x->m, x->tp, x->logits + i * Vl, x->full + i * V, st);
+    return rc;
+}
+
+blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
+    blip2_code rc = check_blocks(x, v, st);
+    if (rc) return rc;
+    if (v->n_copies) copy_blocks(x, v->copies, v->n_copies);
+    if (v->n_seqs == 0) return BLIP2_OK;
+    rc = blip2_opt_embed_tokens(x->m, x->tp, v->tokens, v->n_tokens, image_rows, x->emb, st);
+    if (!rc) rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, x->emb, &x->ws, x->logits, st);
+    if (!rc) rc = pick_logits(x, v, st);
+    return rc;
+}

@@ -1,0 +1,62 @@
+/* A step of the engine, as every rank executes it. Rank 0 builds a descriptor (which sequences,
+ * their positions and block tables, the tokens, KV block copies for beams, which logits are
+ * wanted) and broadcasts it; every rank then runs exactly the same collective work. */
+#ifndef BLIP2_ENGINE_STEP_H
+#define BLIP2_ENGINE_STEP_H
+
+#include <stdint.h>
+
+#include "forward.h"
+#include "kv_cache.h"
+
+enum { STEP_OP_RUN = 1, STEP_OP_STOP = 2 };
+enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2 }; /* what a sequence's step needs */
+
+typedef struct {
+    int max_batch, max_tokens, max_blocks_per_seq, max_copies;
+    int32_t *buf; /* the encoded descriptor */
+    int len, cap;
+} step_desc;
+
+/* Decoded view of a descriptor (pointers into its buffer). */
+typedef struct {
+    int op, n_seqs, n_tokens, n_copies;
+    const int32_t *copies; /* [n_copies][2] (src block, dst block) */
+    blip2_seq_step seqs[1024];
+    int modes[1024];
+    const int32_t *tokens; /* [n_tokens]; -1 = image row */
+} step_view;
+
+blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, blip2_status *st);
+void step_desc_free(step_desc *d);
+void step_desc_begin(step_desc *d, int op);
+/* Appends; rank 0 must add copies first, then sequences, then tokens. */
+void step_desc_add_copy(step_desc *d, int32_t src, int32_t dst);
+void step_desc_add_seq(step_desc *d, int past, int n_new, int mode, const int32_t *blocks, int n_blocks);
+void step_desc_add_tokens(step_desc *d, const int32_t *tokens, int n);
+/* Rank 0 sends, the others receive (then d->buf holds the same bytes everywhere). */
+blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st);
+blip2_code step_desc_view(const step_desc *d, step_view *v, blip2_status *st);
+
+/* Everything a rank needs to execute steps, sized once. */
+typedef struct {
+    const blip2_model *m;
+    const blip2_tp *tp;
+    blip2_kv_pool kv;
+    blip2_opt_ws ws;
+    float *emb;      /* [max_tokens, Ct] */
+    float *logits;   /* [max_batch, V_local] */
+    float *full;     /* [max_batch, V]: gathered rows of LOGITS_FULL sequences */
+    float *argrows;  /* [max_batch, V_local]: the LOGITS_ARGMAX rows, packed */
+    int32_t *picks;  /* [max_batch]: argmax id of each LOGITS_ARGMAX sequence (in sequence order) */
+    step_desc desc;
+} step_exec;
+
+blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp, int max_batch, int max_tokens,
+                          int n_blocks, int block_size, blip2_status *st);
+void step_exec_free(step_exec *x);
+/* Runs the shared descriptor: block copies, embeddings (image_rows: rank 0's rows for the -1
+ * tokens), the batched forward, then argmax picks and gathered full rows (indexed by sequence). */
+blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st);
+
+#endif

@@ -1,0 +1,52 @@
+/* Per-request decoding as transformers' generate() does it: logits processors in its order
+ * (repetition penalty, min_new_tokens), then for sampling the warpers (temperature, top-k,
+ * top-p), softmax and a draw from the request's own seeded generator, so the same seed and inputs
+ * give the same tokens whatever else is in the batch. */
+#ifndef BLIP2_SAMPLING_H
+#define BLIP2_SAMPLING_H
+
+#include <stdint.h>
+
+#include "status.h"
+
+typedef struct {
+    int max_new_tokens;       /* 0: the model's default */
+    int min_new_tokens;       /* eos is masked until this many tokens exist */
+    int do_sample;            /* 0: greedy (or beam search) */
+    float temperature;        /* > 0 (sampling only) */
+    int top_k;                /* 0: off */
+    float top_p;              /* (0, 1]; 1: off */
+    uint64_t seed;            /* with has_seed; otherwise drawn per request */
+    int has_seed;
+    float repetition_penalty; /* 1: off; HF: over prompt and generated ids */
+    int num_beams;            /* 1: no beam search */
+    float length_penalty;     /* beam score = sum logprob / generated_len ** length_penalty */
+    int early_stopping;       /* beams: stop as soon as num_beams hypotheses are finished */
+    int num_return_sequences; /* beams: how many hypotheses to return (<= num_beams) */
+} blip2_decoding;
+
+/* transformers' defaults: greedy, temperature 1, top_k 50 when sampling, top_p 1, no penalty. */
+blip2_decoding blip2_decoding_default(void);
+/* Range checks with messages saying what is wrong (EINVAL). */
+blip2_code blip2_decoding_validate(const blip2_decoding *d, int max_new_limit, blip2_status *st);
+/* Whether decisions need the full distribution (anything but plain greedy argmax). */
+int blip2_decoding_needs_full_logits(const blip2_decoding *d);
+
+/* xoshiro256** seeded by splitmix64: a request's private random stream. */
+typedef struct {
+    uint64_t s[4];
+} blip2_rng;
+void blip2_rng_seed(blip2_rng *r, uint64_t seed);
+double blip2_rng_uniform(blip2_rng *r); /* [0, 1) with 53 bits */
+
+/* In place over logits [V]: repetition penalty over history [n_hist] (prompt + generated), then
+ * eos masked while n_generated < min_new_tokens. */
+void blip2_logits_process(const blip2_decoding *d, float *logits, int V, const int32_t *history, int n_hist,
+                          int n_generated, int eos_id);
+/* Sampling from processed logits [V] (modified: warpers applied): temperature, top-k, top-p,
+ * softmax, one draw. scratch holds 2·V floats. */
+int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch);
+/* In place log-softmax in float32 (beam search scores). */
+void blip2_log_softmax(float *logits, int V);
+
+#endif

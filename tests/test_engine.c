@@ -1,0 +1,354 @@
+/* The serving engine against the goldens and against itself: greedy and beam search reproduce
+ * transformers; 64 concurrent requests in random order and arrival times get exactly the ids
+ * each gets alone (greedy and seeded sampling); a KV cache too small for everyone still serves
+ * everyone and ends with no block in use, cancellations and deadlines included; a repeated image
+ * skips the vision encoder. */
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "engine.h"
+
+typedef struct {
+    int32_t ids[64];
+    int n;
+    blip2_code code;
+    int done, cached;
+    int cancel_after; /* tokens, then is_cancelled says yes (0: never) */
+    int tokens_seen;
+    char text[512];
+    size_t streamed;
+} outcome;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int n_done;
+
+static void on_token(void *ctx, int32_t id, const char *piece, size_t len) {
+    outcome *o = ctx;
+    (void)id;
+    o->tokens_seen++;
+    if (o->streamed + len < sizeof o->text) memcpy(o->text + o->streamed, piece, len), o->streamed += len;
+}
+
+static void on_done(void *ctx, const blip2_result *res) {
+    outcome *o = ctx;
+    o->code = res->code;
+    if (res->code == BLIP2_OK && res->n_seqs > 0) {
+        o->n = res->seqs[0].n_ids < 64 ? res->seqs[0].n_ids : 64;
+        memcpy(o->ids, res->seqs[0].ids, sizeof(int32_t) * o->n);
+        o->cached = res->timings.image_cached;
+    }
+    pthread_mutex_lock(&mu);
+    o->done = 1;
+    n_done++;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+static int is_cancelled(void *ctx) {
+    outcome *o = ctx;
+    return o->cancel_after && o->tokens_seen >= o->cancel_after;
+}
+
+static blip2_job_callbacks callbacks(outcome *o) {
+    return (blip2_job_callbacks){o, on_token, on_done, is_cancelled};
+}
+
+/* ---- fixture cases ---- */
+
+typedef struct {
+    int32_t *ids;
+    int n;
+    int32_t greedy[12], beam[12];
+    const float *pixels;
+    char image[128];
+} fcase;
+
+static int load_cases(json_t *manifest, const char *name, const blip2_st_file *px, fcase *cases) {
+    json_t *arr = json_object_get(json_object_get(json_object_get(manifest, "fixtures"), name), "cases");
+    int n = (int)json_array_size(arr);
+    for (int i = 0; i < n; i++) {
+        json_t *c = json_array_get(arr, i), *ids = json_object_get(c, "input_ids");
+        fcase *f = &cases[i];
+        f->n = (int)json_array_size(ids);
+        f->ids = malloc(sizeof(int32_t) * f->n);
+        for (int j = 0; j < f->n; j++) f->ids[j] = (int32_t)json_integer_value(json_array_get(ids, j));
+        json_t *g = json_object_get(c, "greedy_ids_no_eos_stop"), *b = json_object_get(c, "generate_beam3_raw");
+        for (int j = 0; j < 12; j++) {
+            f->greedy[j] = (int32_t)json_integer_value(json_array_get(g, j));
+            f->beam[j] = (int32_t)json_integer_value(json_array_get(b, f->n + j));
+        }
+        const char *img = json_string_value(json_object_get(c, "image"));
+        snprintf(f->image, sizeof f->image, "%s", strrchr(img, '/') + 1);
+        char key[128];
+        snprintf(key, sizeof key, "%s", f->image);
+        *strrchr(key, '.') = 0;
+        f->pixels = blip2_st_find(px, key)->data;
+    }
+    return n;
+}
+
+/* ---- a harness: a fresh engine on this thread, submissions from another ---- */
+
+typedef struct {
+    blip2_job *jobs;
+    outcome *out;
+    int n, shuffle; /* shuffle: random order and gaps; < 0: one at a time, each waits for the last */
+    blip2_engine *e;
+} run_arg;
+
+static void submit_one(blip2_engine *e, const blip2_job *job, outcome *o) {
+    blip2_status st = {0};
+    blip2_job_callbacks cb = callbacks(o);
+    blip2_code rc;
+    while ((rc = blip2_engine_submit(e, job, &cb, &st)) == BLIP2_EBUSY) usleep(1000);
+    CHECK(rc == BLIP2_OK, "submit: %s", st.msg);
+    if (rc) on_done(o, &(blip2_result){.code = rc});
+}
+
+/* Jobs in a random order with random gaps (when shuffle), then wait for all, then stop. */
+static void *submitter(void *p) {
+    run_arg *a = p;
+    for (int k = 0; k < a->n; k++) {
+        int i = a->shuffle > 0 ? (int)((k * 7919u + 13) % (unsigned)a->n) : k;
+        if (a->shuffle > 0 && rand() % 3 == 0) usleep((unsigned)(rand() % 3000));
+        submit_one(a->e, &a->jobs[i], &a->out[i]);
+        pthread_mutex_lock(&mu);
+        while (a->shuffle < 0 && n_done < k + 1) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+    }
+    pthread_mutex_lock(&mu);
+    while (n_done < a->n) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    blip2_engine_stop(a->e, 60000);
+    return NULL;
+}
+
+typedef struct {
+    const blip2_model *m;
+    const blip2_inputs *in;
+    blip2_tp tp;
+    blip2_engine_opts o;
+} env_t;
+
+static blip2_engine *make_engine(env_t *env) {
+    blip2_engine *e = NULL;
+    blip2_status st = {0};
+    CHECK(blip2_engine_create(env->m, &env->tp, env->in, &env->o, &e, &st) == BLIP2_OK, "create: %s", st.msg);
+    return e;
+}
+
+/* Runs jobs [n] on a fresh engine; returns the blocks still in use afterwards (must be 0). */
+static int run_jobs(env_t *env, blip2_job *jobs, outcome *out, int n, int shuffle, blip2_engine_stats *stats) {
+    blip2_engine *e = make_engine(env);
+    if (!e) return -1;
+    memset(out, 0, sizeof *out * (size_t)n);
+    n_done = 0;
+    run_arg a = {jobs, out, n, shuffle, e};
+    pthread_t t;
+    pthread_create(&t, NULL, submitter, &a);
+    blip2_status st = {0};
+    CHECK(blip2_engine_run(e, &st) == BLIP2_OK, "engine: %s", st.msg);
+    pthread_join(t, NULL);
+    blip2_engine_stats s;
+    blip2_engine_get_stats(e, &s);
+    if (stats) *stats = s;
+    blip2_engine_destroy(e);
+    return s.blocks_in_use;
+}
+
+static blip2_job case_job(const fcase *f, blip2_decoding dec) {
+    return (blip2_job){.pixels = f->pixels, .input_ids = f->ids, .n_input_ids = f->n, .dec = dec};
+}
+
+static int same_ids(const outcome *a, const outcome *b) {
+    return a->code == BLIP2_OK && b->code == BLIP2_OK && a->n == b->n && memcmp(a->ids, b->ids, sizeof(int32_t) * a->n) == 0;
+}
+
+static void test_goldens(env_t *env, const char *name, fcase *cases, int nc, outcome *solo) {
+    blip2_job jobs[64];
+    outcome out[64];
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 12;
+    for (int i = 0; i < nc; i++) { /* one request alone */
+        jobs[0] = case_job(&cases[i], greedy);
+        CHECK(run_jobs(env, jobs, &solo[i], 1, 0, NULL) == 0, "blocks left in use");
+        CHECK(solo[i].code == BLIP2_OK && solo[i].n == 12 && memcmp(solo[i].ids, cases[i].greedy, sizeof(int32_t) * 12) == 0,
+              "%s case %d: engine greedy differs from greedy_ids_no_eos_stop", name, i);
+    }
+    blip2_decoding beam = greedy;
+    beam.num_beams = 3;
+    for (int i = 0; i < nc; i++) jobs[i] = case_job(&cases[i], beam);
+    CHECK(run_jobs(env, jobs, out, nc, 0, NULL) == 0, "blocks left in use after beams");
+    for (int i = 0; i < nc; i++)
+        CHECK(out[i].code == BLIP2_OK && out[i].n == 12 && memcmp(out[i].ids, cases[i].beam, sizeof(int32_t) * 12) == 0,
+              "%s case %d: beam search differs from generate_beam3_raw", name, i);
+}
+
+static void test_batch_invariance(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+    blip2_job jobs[64];
+    outcome out[64], alone[8];
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 12;
+    for (int i = 0; i < 64; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+    CHECK(run_jobs(env, jobs, out, 64, 1, NULL) == 0, "blocks left in use");
+    int same = 0;
+    for (int i = 0; i < 64; i++) same += same_ids(&out[i], &solo[i % nc]);
+    CHECK(same == 64, "%s: %d of 64 concurrent greedy requests match their solo ids", name, same);
+
+    blip2_decoding samp = greedy;
+    samp.do_sample = 1, samp.temperature = 0.9f, samp.top_k = 40, samp.top_p = 0.95f, samp.has_seed = 1;
+    for (int i = 0; i < 64; i++) {
+        jobs[i] = case_job(&cases[i % nc], samp);
+        jobs[i].dec.seed = 1000 + (uint64_t)i;
+    }
+    for (int i = 0; i < 8; i++) run_jobs(env, &jobs[i], &alone[i], 1, 0, NULL);
+    CHECK(run_jobs(env, jobs, out, 64, 1, NULL) == 0, "blocks left in use");
+    int same_s = 0, off_greedy = 0;
+    for (int i = 0; i < 8; i++) {
+        same_s += same_ids(&out[i], &alone[i]);
+        off_greedy += !same_ids(&alone[i], &solo[i % nc]);
+    }
+    CHECK(same_s == 8, "%s: %d of 8 seeded samples match alone vs among 64", name, same_s);
+    CHECK(off_greedy > 0, "%s: sampling never left the greedy path", name);
+}
+
+/* A cache for 3 requests at a time serves 40, with cancellations and expired deadlines mixed in,
+ * and ends with every block free. */
+static void test_capacity(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+    const blip2_config *c = &env->m->cfg;
+    int per_req = blip2_kv_blocks_for(cases[0].n + 12, 16) + 1;
+    env_t small = *env;
+    small.o.kv_bytes = blip2_kv_block_bytes(env->m, 16) * (size_t)(3 * per_req);
+    blip2_job jobs[40];
+    outcome out[40];
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 12;
+    for (int i = 0; i < 40; i++) jobs[i] = case_job(&cases[0], greedy);
+    for (int i = 5; i < 40; i += 7) jobs[i].deadline_ns = blip2_now_ns() - 1; /* already expired */
+    memset(out, 0, sizeof out);
+    blip2_engine_stats s;
+    /* cancellations: is_cancelled fires after 3 tokens */
+    CHECK(run_jobs(&small, jobs, out, 40, 0, &s) == 0, "%s: %d KV blocks still in use", name, s.blocks_in_use);
+    int ok = 0, expired = 0;
+    for (int i = 0; i < 40; i++) {
+        if (jobs[i].deadline_ns) expired += out[i].code == BLIP2_EDEADLINE;
+        else ok += same_ids(&out[i], &solo[0]);
+    }
+    CHECK(expired == 5 && ok == 35, "%s: capacity: %d correct, %d expired (of 35, 5)", name, ok, expired);
+    (void)c;
+    (void)nc;
+
+    /* cancelled mid-generation: stops, frees its blocks, others unaffected */
+    outcome co[6];
+    for (int i = 0; i < 6; i++) jobs[i] = case_job(&cases[0], greedy);
+    blip2_engine *e = make_engine(&small);
+    memset(co, 0, sizeof co);
+    for (int i = 0; i < 6; i += 2) co[i].cancel_after = 3;
+    n_done = 0;
+    run_arg a = {jobs, co, 6, 0, e};
+    pthread_t t;
+    pthread_create(&t, NULL, submitter, &a);
+    blip2_status st = {0};
+    blip2_engine_run(e, &st);
+    pthread_join(t, NULL);
+    blip2_engine_get_stats(e, &s);
+    blip2_engine_destroy(e);
+    int cancelled = 0, fine = 0;
+    for (int i = 0; i < 6; i++) {
+        if (i % 2 == 0) cancelled += co[i].code == BLIP2_ECANCELLED && co[i].tokens_seen < 12;
+        else fine += same_ids(&co[i], &solo[0]);
+    }
+    CHECK(cancelled == 3 && fine == 3 && s.blocks_in_use == 0, "%s: cancel: %d cancelled, %d fine, %d blocks in use", name,
+          cancelled, fine, s.blocks_in_use);
+
+    /* a request that can never fit is refused at once; a full queue says busy */
+    blip2_engine *e2 = make_engine(&small);
+    blip2_job big = case_job(&cases[0], greedy);
+    big.dec.max_new_tokens = 1000;
+    outcome o;
+    blip2_job_callbacks cb = callbacks(&o);
+    CHECK(blip2_engine_submit(e2, &big, &cb, &st) == BLIP2_ERANGE, "never-fits: %s", st.msg);
+    CHECK_MSG_HAS(st.msg, "KV blocks");
+    blip2_engine_destroy(e2);
+}
+
+/* The same image bytes again: the vision encoder is skipped and the answer is the same; another
+ * prompt on the cached image answers as it does from a fresh encoding. */
+static void test_image_cache(env_t *env, const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/fixtures/images/chelsea.png", BLIP2_SHARED_DIR);
+    uint8_t *img;
+    size_t n;
+    blip2_status st = {0};
+    if (blip2_read_file(path, 1 << 24, &img, &n, &st)) {
+        CHECK(0, "%s", st.msg);
+        return;
+    }
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 8;
+    blip2_job jobs[3], fresh;
+    outcome out[3], fresh_out;
+    for (int i = 0; i < 3; i++)
+        jobs[i] = (blip2_job){.image = img, .image_len = n, .prompt = "Question: what? Answer:", .prompt_len = 23, .dec = greedy};
+    jobs[2].prompt = "a photo of", jobs[2].prompt_len = 10;
+    blip2_engine_stats s;
+    CHECK(run_jobs(env, jobs, out, 3, -1, &s) == 0, "blocks in use");
+    CHECK(!out[0].cached && out[1].cached && out[2].cached, "%s: cached flags %d %d %d", name, out[0].cached, out[1].cached,
+          out[2].cached);
+    CHECK(s.image_hits == 2 && s.image_misses == 1, "%s: cache hits %llu misses %llu", name, (unsigned long long)s.image_hits,
+          (unsigned long long)s.image_misses);
+    CHECK(same_ids(&out[0], &out[1]), "%s: the cached image answered differently", name);
+    fresh = jobs[2];
+    CHECK(run_jobs(env, &fresh, &fresh_out, 1, 0, NULL) == 0, "blocks in use");
+    CHECK(same_ids(&fresh_out, &out[2]), "%s: another prompt on the cached image differs from a fresh encoding", name);
+    CHECK(out[0].streamed > 0, "%s: nothing streamed", name);
+    free(img);
+}
+
+int main(void) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/fixtures/MANIFEST.json", BLIP2_SHARED_DIR);
+    json_error_t err;
+    json_t *manifest = json_load_file(path, 0, &err);
+    snprintf(path, sizeof path, "%s/fixtures/pixel_values.safetensors", BLIP2_SHARED_DIR);
+    blip2_st_file px;
+    blip2_status st = {0};
+    if (!manifest || blip2_st_open(path, &px, &st)) {
+        CHECK(0, "fixtures: %s", st.msg);
+        return check_summary();
+    }
+    srand(7);
+    const char *names[] = {"tiny-f32-sharded", "tiny-f16"};
+    for (int k = 0; k < 2; k++) {
+        char dir[512];
+        snprintf(dir, sizeof dir, "%s/fixtures/%s", BLIP2_SHARED_DIR, names[k]);
+        blip2_model m;
+        blip2_inputs in;
+        if (blip2_model_load(dir, &m, &st) || blip2_inputs_load(dir, &m.cfg, &in, &st)) {
+            CHECK(0, "%s: %s", names[k], st.msg);
+            continue;
+        }
+        env_t env = {&m, &in, blip2_tp_from_comm(blip2_comm_self()), blip2_engine_opts_default()};
+        env.o.kv_bytes = 64 << 20;
+        env.o.max_step_tokens = 96; /* forces chunked prefill of the 45-token prompts alongside decodes */
+        env.o.image_cache_bytes = 8 << 20;
+        fcase cases[8];
+        outcome solo[8];
+        int nc = load_cases(manifest, names[k], &px, cases);
+        test_goldens(&env, names[k], cases, nc, solo);
+        test_batch_invariance(&env, names[k], cases, nc, solo);
+        test_capacity(&env, names[k], cases, nc, solo);
+        test_image_cache(&env, names[k]);
+        for (int i = 0; i < nc; i++) free(cases[i].ids);
+        blip2_inputs_free(&in);
+        blip2_model_free(&m);
+    }
+    blip2_st_close(&px);
+    json_decref(manifest);
+    return check_summary();
+}
