@@ -23,7 +23,7 @@ void blip2_relu(float *x, size_t n);
 /* Multi-head attention for one sequence. q [Tq, q_stride], k and v [Tk, kv_stride]; head h reads
  * columns [h·HS, (h+1)·HS) of each. out [Tq, NH·HS] (heads concatenated h-major).
  * scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its own past).
- * scratch holds Tk floats (the scores of one row). */
+ * scratch holds Tq·Tk floats (the score matrix of one head). */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 

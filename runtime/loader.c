@@ -315,7 +315,10 @@ static blip2_code bind_rows(blip2_model *m, const blip2_weight_entry *e, const b
     float *buf = own_buffer(m, nr * cols, st);
     if (!buf) return BLIP2_ENOMEM;
     *e->field = buf;
-    return blip2_st_read_f32(t, r0 * cols, nr * cols, buf, st);
+    blip2_code rc = blip2_st_read_f32(t, r0 * cols, nr * cols, buf, st);
+    size_t es = blip2_dtype_size(t->dtype);
+    blip2_st_drop_pages((const char *)t->data + r0 * cols * es, nr * cols * es); /* the fp32 copy replaces them */
+    return rc;
 }
 
 /* This rank's columns [c0, c0 + nc) of every row: gathered into a buffer. */
@@ -329,6 +332,7 @@ static blip2_code bind_cols(blip2_model *m, const blip2_weight_entry *e, const b
         blip2_code rc = blip2_st_read_f32(t, r * cols + c0, nc, buf + r * nc, st);
         if (rc) return rc;
     }
+    blip2_st_drop_pages(t->data, t->nbytes); /* other ranks' columns are not needed here either */
     return BLIP2_OK;
 }
 

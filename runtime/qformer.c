@@ -11,7 +11,7 @@ typedef struct {
     float *q, *k, *v; /* [B·Q, Cq]; k and v [B·T, Cq] for cross-attention */
     float *ctx, *o;   /* [B·Q, Cq] */
     float *mlp;       /* [B·Q, mlp] */
-    float *scores;    /* [max(Q, T)] */
+    float *scores;    /* [Q, max(Q, T)] one head's attention scores */
 } qformer_ws;
 
 /* x = LN(x + dense(attention(x, kv_src))) for one attention block; kv_src [B·Tk, Ckv]. */
@@ -54,7 +54,7 @@ blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B
         .ctx = malloc(sizeof(float) * B * Q * C),
         .o = malloc(sizeof(float) * B * Q * C),
         .mlp = malloc(sizeof(float) * B * Q * c->mlp),
-        .scores = malloc(sizeof(float) * (Q > T ? Q : T)),
+        .scores = malloc(sizeof(float) * Q * (Q > T ? Q : T)),
     };
     blip2_code rc = BLIP2_OK;
     if (!ws.q || !ws.k || !ws.v || !ws.ctx || !ws.o || !ws.mlp || !ws.scores) {

@@ -257,6 +257,12 @@ blip2_code blip2_st_read_f32(const blip2_st_tensor *t, size_t offset, size_t n, 
     return BLIP2_OK;
 }
 
+void blip2_st_drop_pages(const void *p, size_t n) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), b = ((uintptr_t)p + page - 1) & ~(page - 1),
+              e = ((uintptr_t)p + n) & ~(page - 1);
+    if (e > b) madvise((void *)b, e - b, MADV_DONTNEED);
+}
+
 /* ---- writing ---- */
 
 struct blip2_st_writer {

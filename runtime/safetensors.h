@@ -47,6 +47,10 @@ void blip2_st_close(blip2_st_file *f);
 /* Decodes n elements starting at element `offset` of a F32/F16/BF16 tensor to float32. */
 blip2_code blip2_st_read_f32(const blip2_st_tensor *t, size_t offset, size_t n, float *out, blip2_status *st);
 
+/* Hints that the mapped pages fully inside [p, p + n) are no longer needed (after a tensor was
+ * converted to fp32): the page cache keeps the file, but they stop counting as resident. */
+void blip2_st_drop_pages(const void *p, size_t n);
+
 float blip2_f16_to_f32(uint16_t h);
 float blip2_bf16_to_f32(uint16_t b);
 uint16_t blip2_f32_to_f16(float f);  /* round to nearest even */

@@ -12,7 +12,7 @@ typedef struct {
     float *ctx;     /* [B·T, Cv] */
     float *mlp;     /* [B·T, mlp] */
     float *patches; /* [P, 3·PS·PS] */
-    float *scores;  /* [T] */
+    float *scores;  /* [T, T] one head's attention scores */
 } vision_ws;
 
 static void vision_embed(const blip2_model *m, const float *pixels, int B, float *x, float *patches) {
@@ -59,7 +59,7 @@ blip2_code blip2_vision_forward(const blip2_model *m, const float *pixels, int B
         .ctx = malloc(sizeof(float) * BT * c->C),
         .mlp = malloc(sizeof(float) * BT * c->mlp),
         .patches = malloc(sizeof(float) * c->P * c->channels * c->patch_size * c->patch_size),
-        .scores = malloc(sizeof(float) * c->T),
+        .scores = malloc(sizeof(float) * c->T * c->T),
     };
     blip2_code rc = BLIP2_OK;
     if (!x || !ws.a || !ws.qkv || !ws.ctx || !ws.mlp || !ws.patches || !ws.scores) {

@@ -479,7 +479,7 @@ static void setup_attention(op_ctx *x) {
             }
         }
     }
-    int sc = buf_new(x, B_SCRATCH, s.Tk);
+    int sc = buf_new(x, B_SCRATCH, (size_t)s.Tq * s.Tk);
     int out = buf_new(x, B_OUT, (size_t)s.Tq * s.C);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;

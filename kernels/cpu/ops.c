@@ -60,8 +60,7 @@ void blip2_softmax(float *x, int T, int n) {
     }
 }
 
-/* Key/value row j of a paged pool: row j % bs of block table[j / bs]. A contiguous [Tk, stride]
- * array is the one-block case (table {0}, bs = Tk). */
+/* Key/value row j of a paged pool: row j % bs of block table[j / bs]. */
 static inline const float *kv_row(const float *pool, const int32_t *table, int bs, int j, int stride) {
     return pool + ((size_t)table[j / bs] * bs + j % bs) * stride;
 }
@@ -91,26 +90,37 @@ static void attend_row(float *out, const float *q, const float *k, const float *
     }
 }
 
+/* Paged keys (decode and prefill over the KV blocks): one query row at a time, causal. */
 static void attend(float *out, const float *q, const float *k, const float *v, const int32_t *table, int bs,
-                   float *scratch, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+                   float *scratch, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale) {
     for (int i = 0; i < Tq; i++) {
-        int n_keys = causal ? i + (Tk - Tq) + 1 : Tk;
+        int n_keys = i + (Tk - Tq) + 1;
         for (int h = 0; h < NH; h++)
             attend_row(out + (size_t)i * NH * HS + h * HS, q + (size_t)i * q_stride + h * HS, k + h * HS, v + h * HS,
                        table, bs, n_keys, HS, kv_stride, scale, scratch);
     }
 }
 
+/* Contiguous keys: per head, S = scale·Q·Kᵀ and O = softmax(S)·V as two sgemms, so the vision
+ * encoder's 257×257 attention runs at matmul speed instead of a scalar loop. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
-    static const int32_t one_block[1] = {0};
-    attend(out, q, k, v, one_block, Tk > 0 ? Tk : 1, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal);
+    int ld_out = NH * HS;
+    for (int h = 0; h < NH; h++) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tq, Tk, HS, scale, q + h * HS, q_stride, k + h * HS,
+                    kv_stride, 0.0f, scratch, Tk);
+        for (int i = 0; causal && i < Tq; i++)
+            for (int j = i + (Tk - Tq) + 1; j < Tk; j++) scratch[(size_t)i * Tk + j] = -INFINITY;
+        blip2_softmax(scratch, Tq, Tk);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tq, HS, Tk, 1.0f, scratch, Tk, v + h * HS, kv_stride, 0.0f,
+                    out + h * HS, ld_out);
+    }
 }
 
 void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
                            const int32_t *block_table, int block_size, float *scratch, int Tq, int Tk, int NH, int HS,
                            int q_stride, int kv_stride, float scale) {
-    attend(out, q, k_pool, v_pool, block_table, block_size, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale, 1);
+    attend(out, q, k_pool, v_pool, block_table, block_size, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
 }
 
 void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {
