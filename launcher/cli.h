@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "../runtime/config.h"
+#include "../runtime/inputs.h"
 #include "../runtime/status.h"
 
 int blip2_cli_generate(int argc, char **argv);
@@ -16,10 +17,12 @@ int blip2_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int blip2_cli_parse_int(const char *s, long lo, long hi, int *out);
 /* "1,2,3" → ids. */
 blip2_code blip2_cli_parse_ids(const char *s, int32_t **ids, int *n, blip2_status *st);
+/* The model directory's preprocessing config and tokenizer; without need_tokenizer a directory
+ * lacking tokenizer files still loads (answers then come as ids only). */
+blip2_code blip2_cli_load_inputs(const char *model_dir, const blip2_config *cfg, int need_tokenizer, blip2_inputs *in,
+                                 blip2_status *st);
 /* Image file + prompt text → pixels [3, S, S] and the model's input ids ([image]*Q + [bos] + BPE). */
-blip2_code blip2_cli_image_inputs(const char *model_dir, const char *image, const char *prompt, const blip2_config *cfg,
-                                  float **pixels, int32_t **ids, int *n, blip2_status *st);
-/* Prints `, "text": "<decoded, stripped>"` for the JSON output when the model dir has a tokenizer. */
-blip2_code blip2_cli_print_text(const char *model_dir, const int32_t *ids, int n, blip2_status *st);
+blip2_code blip2_cli_image_inputs(const blip2_inputs *in, const char *image, const char *prompt, float **pixels,
+                                  int32_t **ids, int *n, blip2_status *st);
 
 #endif

@@ -145,7 +145,8 @@ static blip2_code prepare(blip2_engine *e, const blip2_job *job, req_t *r, blip2
     if (!rc) rc = prepare_image(e, job, r, st);
     for (int i = 0; !rc && i < r->dec.num_beams; i++)
         if (!(r->seq[i].gen = blip2_malloc(sizeof(int32_t) * (size_t)r->max_new, st))) rc = BLIP2_ENOMEM;
-    if (!rc && r->cb.on_token && r->dec.num_beams == 1) rc = blip2_detok_init(e->in->tok, &r->detok, st);
+    if (!rc && (r->cb.on_token || r->n_stop) && r->dec.num_beams == 1 && e->in->tok)
+        rc = blip2_detok_init(e->in->tok, &r->detok, st);
     blip2_rng_seed(&r->rng, r->dec.has_seed ? r->dec.seed : (uint64_t)blip2_now_ns() ^ (uint64_t)(uintptr_t)r);
     r->n_seq = 1;
     return rc;
@@ -215,7 +216,7 @@ static void result_seq_from(blip2_engine *e, blip2_sequence_out *o, const int32_
     o->score = score;
     o->finish = f;
     blip2_status st;
-    if (blip2_inputs_decode(e->in, ids, n, &o->text, &o->text_len, &st)) o->text = NULL, o->text_len = 0;
+    if (!e->in->tok || blip2_inputs_decode(e->in, ids, n, &o->text, &o->text_len, &st)) o->text = NULL, o->text_len = 0;
 }
 
 static void finish_req(blip2_engine *e, req_t *r, blip2_code code, const char *msg) {
@@ -564,6 +565,13 @@ void blip2_engine_get_stats(blip2_engine *e, blip2_engine_stats *s) {
 }
 
 /* ---------------------------------------------------------------- followers */
+
+void blip2_engine_follow_stop(const blip2_tp *tp) {
+    int32_t buf[4] = {STEP_OP_STOP, 0, 0, 0};
+    step_desc d = {.max_batch = 0, .buf = buf, .len = 4, .cap = 4};
+    blip2_status ignore;
+    step_desc_share(&d, tp, &ignore);
+}
 
 blip2_code blip2_engine_follow(const blip2_model *m, const blip2_tp *tp, const blip2_engine_opts *o, blip2_status *st) {
     step_exec x;

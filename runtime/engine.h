@@ -103,6 +103,9 @@ void blip2_engine_stop(blip2_engine *e, int grace_ms);
 /* Ranks 1..N-1: execute rank 0's steps until it says stop. */
 blip2_code blip2_engine_follow(const blip2_model *m, const blip2_tp *tp, const blip2_engine_opts *o, blip2_status *st);
 
+/* Rank 0 without an engine (it failed to start): releases the followers waiting for a step. */
+void blip2_engine_follow_stop(const blip2_tp *tp);
+
 void blip2_engine_get_stats(blip2_engine *e, blip2_engine_stats *s);
 
 int64_t blip2_now_ns(void); /* CLOCK_MONOTONIC */

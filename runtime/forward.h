@@ -97,13 +97,10 @@ typedef struct {
     float *prefill_logits; /* [V] at the last prompt position */
 } blip2_trace;
 
-/* Greedy decoding for one image: pixels [3, H, W] (rank 0), ids [n] (image tokens included; the
- * same on every rank); writes up to max_new ids to out_ids, stopping after eos (kept) or at
- * max_new / the position limit. Under TP every rank calls it: rank 0 runs vision + Q-Former and
- * broadcasts the projected queries, and decides each step (next id, stop) for all. The trace's
- * vision/Q-Former tensors are filled on rank 0 only. */
-blip2_code blip2_generate_greedy(const blip2_model *m, const blip2_tp *tp, const float *pixels, const int32_t *ids, int n,
-                                 int max_new, int32_t *out_ids, int *n_out, blip2_finish *finish, blip2_trace *trace,
-                                 blip2_status *st);
+/* The prefill of one image and prompt with every intermediate recorded: pixels [3, H, W] (rank
+ * 0), ids [n] (image tokens included; the same on every rank). The trace's vision/Q-Former
+ * tensors are filled on rank 0; prefill_logits [V] on every rank. Collective. */
+blip2_code blip2_trace_prefill(const blip2_model *m, const blip2_tp *tp, const float *pixels, const int32_t *ids, int n,
+                               blip2_trace *tr, blip2_status *st);
 
 #endif

@@ -59,6 +59,23 @@ check_case tiny-f32-sharded 8 gradient_gray_320x200 gradient_gray_320x200.png "Q
   "45641,35,3232,108,990,12,1755,1192,740,108,990,116,31652,35,26059,8103,15113,7471" \
   "41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841"
 
+# Decoding options through the engine: beams reproduce generate_beam3_raw, a seed makes sampling
+# repeatable, a stop string ends the answer.
+out=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/astronaut.png" \
+  --prompt "Question: what is the man holding? Answer:" --num-beams 3 --max-new-tokens 12 --json 2>&1)
+if [[ "$out" == *'"output_ids": [38148, 38148, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421]'* ]]; then ok; else
+  bad "beam3 tiny-f16 case 1: $out"; fi
+out=$("$BLIP2" generate --model "$FIX/tiny-f32-sharded" --image "$FIX/images/chelsea.png" \
+  --prompt "Question: how many cats are in the picture? Answer:" --num-beams 3 --max-new-tokens 12 --json 2>&1)
+if [[ "$out" == *'"output_ids": [41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841, 41841]'* ]]; then ok; else
+  bad "beam3 tiny-f32-sharded case 0: $out"; fi
+s1=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 7 --temperature 1.5 --json 2>&1)
+s2=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 7 --temperature 1.5 --json 2>&1)
+s3=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 8 --temperature 1.5 --json 2>&1)
+if [ "$s1" == "$s2" ] && [ "$s1" != "$s3" ] && [[ "$s1" == *output_ids* ]]; then ok; else bad "seeded sampling: $s1 / $s2 / $s3"; fi
+out=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --stop "Solar Solar" --max-new-tokens 10 --json 2>&1)
+if [[ "$out" == *'"output_ids": [11400, 11400], "finish_reason": "stop", "text": "Solar Solar"'* ]]; then ok; else bad "stop string: $out"; fi
+
 # Bad input: exit 1 (2 for usage) and a message that says what is wrong.
 expect_error() { # want-substring args...
   local want=$1
@@ -78,6 +95,9 @@ expect_error "--model DIR is required" generate --input-ids 1
 expect_error "config.json: missing" generate --model "$tmp/nowhere" --pixel-values "$PV" --input-ids "$(image_ids 8)"
 expect_error "--max-new-tokens" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --max-new-tokens 0
 expect_error "unknown command" frobnicate
+expect_error "--num-beams" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 0
+expect_error "num_return_sequences" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 2 --num-return-sequences 3
+expect_error "--top-p" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --do-sample --top-p 1.5
 printf 'not an image' >"$tmp/bad.png"
 expect_error "image" generate --model "$FIX/tiny-f16" --image "$tmp/bad.png" --prompt "hi"
 expect_error "No such file" generate --model "$FIX/tiny-f16" --image "$tmp/absent.png"

@@ -52,6 +52,26 @@ static void check_kv_cache(const blip2_model *m, const float *emb_all, int n, co
     free(b);
 }
 
+/* The goldens' greedy_ids_no_eos_stop: N_GREEDY argmax steps with the KV cache, no eos stop. */
+static blip2_code greedy_no_eos_stop(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
+                                     const float *projected, int32_t *out, int *n_out, blip2_status *st) {
+    const blip2_config *c = &m->cfg;
+    float *emb = malloc(sizeof(float) * (size_t)n * c->opt.C), *logits = malloc(sizeof(float) * c->opt.V);
+    blip2_kv_cache kv;
+    blip2_code rc = blip2_kv_cache_init(&kv, m, n + N_GREEDY, st);
+    if (!rc) rc = blip2_opt_embed_inputs(m, tp, ids, n, projected, emb, st);
+    if (!rc) rc = blip2_opt_forward(m, tp, &kv, emb, n, logits, st);
+    for (*n_out = 0; !rc && *n_out < N_GREEDY; (*n_out)++) {
+        rc = blip2_tp_argmax(m, tp, logits, 1, &out[*n_out], st);
+        if (!rc) rc = blip2_opt_embed_tokens(m, tp, &out[*n_out], 1, NULL, emb, st);
+        if (!rc && *n_out + 1 < N_GREEDY) rc = blip2_opt_forward(m, tp, &kv, emb, 1, logits, st);
+    }
+    blip2_kv_cache_free(&kv);
+    free(emb);
+    free(logits);
+    return rc;
+}
+
 static void run_case(const blip2_model *m, const blip2_st_file *golden, const blip2_st_file *pixels, json_t *jc,
                      const char *model, int kv_check) {
     const blip2_config *c = &m->cfg;
@@ -72,11 +92,12 @@ static void run_case(const blip2_model *m, const blip2_st_file *golden, const bl
         .prefill_logits = malloc(sizeof(float) * c->opt.V),
     };
     int32_t out[N_GREEDY];
-    blip2_finish fin;
     blip2_status st = {0};
     printf("%s case %d (%s, %d input ids)\n", model, case_no, key, n);
     blip2_tp tp = blip2_tp_from_comm(blip2_comm_self());
-    blip2_code rc = blip2_generate_greedy(m, &tp, pv->data, ids, n, N_GREEDY, out, &n_out, &fin, &tr, &st);
+    blip2_code rc = blip2_trace_prefill(m, &tp, pv->data, ids, n, &tr, &st);
+    CHECK(rc == BLIP2_OK, "%s case %d: %s", model, case_no, st.msg);
+    rc = greedy_no_eos_stop(m, &tp, ids, n, tr.projected, out, &n_out, &st);
     CHECK(rc == BLIP2_OK, "%s case %d: %s", model, case_no, st.msg);
     compare(golden, case_no, "vision_out", tr.vision_out, (size_t)c->vision.T * c->vision.C, model);
     compare(golden, case_no, "qformer_out", tr.qformer_out, (size_t)c->Q * c->qformer.C, model);

@@ -51,6 +51,17 @@ for np in 1 3; do
   run_case "$np" tiny-f32-sharded 8 2 coffee "" "$S2"
 done
 
+# Beams and seeded sampling gather the full distribution from the vocab slices: same answers.
+B1="38148, 38148, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421"
+for np in 2 4; do
+  out=$(timeout 120 "$MPIRUN" -np "$np" "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/astronaut.png" \
+    --prompt "Question: what is the man holding? Answer:" --num-beams 3 --max-new-tokens 12 --json 2>"$tmp/err")
+  if [[ "$out" == *"\"output_ids\": [$B1]"* ]]; then ok; else bad "beam3 np $np: $out $(cat "$tmp/err")"; fi
+done
+s1=$(timeout 120 "$MPIRUN" -np 1 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 --json 2>/dev/null)
+s2=$(timeout 120 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 --json 2>/dev/null)
+if [ -n "$s1" ] && [ "$s1" == "$s2" ]; then ok; else bad "seeded sampling np 1 vs 2: $s1 / $s2"; fi
+
 # 2 ranks do not divide 3 heads: a clear error, exit 1, no hang.
 timeout 60 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f32-sharded" \
   --pixel-values "$FIX/pixel_values.safetensors:coffee" --input-ids "$(image_ids 8)" >"$tmp/out" 2>"$tmp/err"
