@@ -242,7 +242,9 @@ static void finish_req(blip2_engine *e, req_t *r, blip2_code code, const char *m
     t->total_ms = ms_between(r->t_submit, now);
     if (r->cb.on_done) r->cb.on_done(r->cb.ctx, &res);
     for (int i = 0; i < res.n_seqs; i++) free(outs[i].text);
+    pthread_mutex_lock(&e->mu); /* read by get_stats from other threads */
     if (code == BLIP2_OK) e->stats.completed++; else e->stats.failed++;
+    pthread_mutex_unlock(&e->mu);
     req_free(r);
 }
 
@@ -411,6 +413,8 @@ static int wait_for_work(blip2_engine *e) {
 static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
     int64_t now = blip2_now_ns();
     pthread_mutex_lock(&e->mu);
+    e->stats.blocks_in_use = e->x.kv.n_blocks - e->x.kv.n_free; /* published for get_stats */
+    e->stats.active = e->n_act;
     int cancel_all = e->stopping && now >= e->stop_at;
     req_t *dropped = sweep_queue(e, now, cancel_all);
     if (!dropped && e->n_act == 0 && e->qlen == 0) {
@@ -446,6 +450,10 @@ blip2_code blip2_engine_run(blip2_engine *e, blip2_status *st) {
         fail_list(e, dropped, 0, 1);
         while (e->n_act) engine_retire(e, e->n_act - 1, BLIP2_EINTERNAL, st->msg);
     }
+    pthread_mutex_lock(&e->mu);
+    e->stats.blocks_in_use = e->x.kv.n_blocks - e->x.kv.n_free;
+    e->stats.active = e->n_act;
+    pthread_mutex_unlock(&e->mu);
     step_desc_begin(&e->x.desc, STEP_OP_STOP);
     blip2_status ignore;
     step_desc_share(&e->x.desc, e->tp, &ignore);
@@ -553,9 +561,7 @@ void blip2_engine_get_stats(blip2_engine *e, blip2_engine_stats *s) {
     pthread_mutex_lock(&e->mu);
     *s = e->stats;
     s->queued = e->qlen;
-    s->active = e->n_act;
     s->blocks_total = e->x.kv.n_blocks;
-    s->blocks_in_use = e->x.kv.n_blocks - e->x.kv.n_free;
     pthread_mutex_unlock(&e->mu);
     pthread_mutex_lock(&e->cache.mu);
     s->image_hits = e->cache.hits;
