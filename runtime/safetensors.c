@@ -1,4 +1,4 @@
-#define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* madvise, strdup */
 #include "safetensors.h"
 
 #include <errno.h>
