@@ -11,6 +11,7 @@
 
 #include "../runtime/model.h"
 #include "../runtime/safetensors.h"
+#include "../runtime/sampling.h"
 #include "cli.h"
 
 typedef struct {
@@ -53,26 +54,18 @@ static int parse_rand_args(int argc, char **argv, rand_args *a) {
     return 0;
 }
 
-/* splitmix64 → uniform → Box-Muller normal. Reproducible for a seed. */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static double rng_uniform(uint64_t *s) { return ((rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
-
-static void fill_normal(float *x, size_t n, float std, uint64_t *s) {
+/* Box-Muller normals from the runtime's seeded generator: reproducible for a seed. */
+static void fill_normal(float *x, size_t n, float std, blip2_rng *rng) {
     for (size_t i = 0; i < n; i += 2) {
-        double r = sqrt(-2.0 * log(rng_uniform(s))), th = 6.283185307179586 * rng_uniform(s);
+        double u = 1.0 - blip2_rng_uniform(rng); /* (0, 1]: log stays finite */
+        double r = sqrt(-2.0 * log(u)), th = 6.283185307179586 * blip2_rng_uniform(rng);
         x[i] = (float)(r * cos(th)) * std;
         if (i + 1 < n) x[i + 1] = (float)(r * sin(th)) * std;
     }
 }
 
 /* LayerNorm weights 1 and every bias 0 keep activations O(1); other weights N(0, 0.02). */
-static void fill_tensor(const char *name, float *x, size_t n, uint64_t *s) {
+static void fill_tensor(const char *name, float *x, size_t n, blip2_rng *s) {
     size_t len = strlen(name);
     int is_ln_w = strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0;
     int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
@@ -103,7 +96,8 @@ static blip2_code write_weights(const char *path, const blip2_weight_entry *e, i
     }
     blip2_st_writer *w;
     blip2_code rc = blip2_st_writer_open(path, decl, nd, &w, st);
-    uint64_t s = a->seed;
+    blip2_rng s;
+    blip2_rng_seed(&s, a->seed);
     for (int i = 0; !rc && i < nd; i++) {
         size_t numel = 1;
         for (int d = 0; d < decl[i].ndim; d++) numel *= (size_t)decl[i].shape[d];

@@ -6,19 +6,7 @@ set -u
 BLIP2=$1
 SHARED=$2
 FIX=$SHARED/fixtures
-pass=0
-fail=0
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*" >&2; }
-
-image_ids() { # n_queries → "50265,...,50265,2"
-  local s="" i
-  for ((i = 0; i < $1; i++)); do s+="50265,"; done
-  echo "${s}2"
-}
+. "$(dirname "$0")/lib.sh"
 
 # model nq pixel-key image prompt prompt-ids greedy-ids
 check_case() {
@@ -104,5 +92,4 @@ expect_error "No such file" generate --model "$FIX/tiny-f16" --image "$tmp/absen
 printf 'Question: \xff\xfe Answer:' >"$tmp/prompt"
 expect_error "UTF-8" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --prompt "$(cat "$tmp/prompt")"
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+summary

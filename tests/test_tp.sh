@@ -10,14 +10,7 @@ MPIRUN=${4:-mpirun}
 FIX=$SHARED/fixtures
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
-pass=0
-fail=0
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-ok() { pass=$((pass + 1)); }
-bad() { fail=$((fail + 1)); echo "FAIL: $*" >&2; }
-
-image_ids() { local s="" i; for ((i = 0; i < $1; i++)); do s+="50265,"; done; echo "${s}2"; }
+. "$(dirname "$0")/lib.sh"
 
 # np model nq case pixel-key prompt-ids greedy
 run_case() {
@@ -76,5 +69,4 @@ rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "rank 0: .*no tensor 'nope'" "$tmp/err"; then ok; else
   bad "rank-0 input error: rc=$rc $(cat "$tmp/err")"; fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+summary
