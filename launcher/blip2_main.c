@@ -9,7 +9,8 @@ static void usage(FILE *fp) {
             "usage: blip2 <command> [options]\n"
             "commands:\n"
             "  generate                answer a prompt about an image (greedy), see `blip2 generate --help`\n"
-            "  make-random-checkpoint  write a hub-style snapshot with random weights for a config\n");
+            "  make-random-checkpoint  write a hub-style snapshot with random weights for a config\n"
+            "  bench                   engine throughput: vision images/s, prefill and decode tokens/s by batch\n");
 }
 
 int main(int argc, char **argv) {
@@ -18,6 +19,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (strcmp(argv[1], "generate") == 0) return blip2_cli_generate(argc - 1, argv + 1);
+    if (strcmp(argv[1], "bench") == 0) return blip2_cli_bench(argc - 1, argv + 1);
     if (strcmp(argv[1], "make-random-checkpoint") == 0) return blip2_cli_make_random_checkpoint(argc - 1, argv + 1);
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(stdout);

@@ -10,6 +10,7 @@
 
 int blip2_cli_generate(int argc, char **argv);
 int blip2_cli_make_random_checkpoint(int argc, char **argv);
+int blip2_cli_bench(int argc, char **argv);
 
 /* Prints "blip2: <message>" on stderr and returns the exit code 1 (2 for usage errors is the caller's). */
 int blip2_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -54,29 +54,6 @@ static int parse_rand_args(int argc, char **argv, rand_args *a) {
     return 0;
 }
 
-/* Box-Muller normals from the runtime's seeded generator: reproducible for a seed. */
-static void fill_normal(float *x, size_t n, float std, blip2_rng *rng) {
-    for (size_t i = 0; i < n; i += 2) {
-        double u = 1.0 - blip2_rng_uniform(rng); /* (0, 1]: log stays finite */
-        double r = sqrt(-2.0 * log(u)), th = 6.283185307179586 * blip2_rng_uniform(rng);
-        x[i] = (float)(r * cos(th)) * std;
-        if (i + 1 < n) x[i + 1] = (float)(r * sin(th)) * std;
-    }
-}
-
-/* LayerNorm weights 1 and every bias 0 keep activations O(1); other weights N(0, 0.02). */
-static void fill_tensor(const char *name, float *x, size_t n, blip2_rng *s) {
-    size_t len = strlen(name);
-    int is_ln_w = strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0;
-    int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
-    if (is_ln_w || strstr(name, "LayerNorm.weight"))
-        for (size_t i = 0; i < n; i++) x[i] = 1.0f;
-    else if (is_bias)
-        memset(x, 0, n * sizeof(float));
-    else
-        fill_normal(x, n, 0.02f, s);
-}
-
 static void *convert(float *x, size_t n, blip2_dtype dt) {
     if (dt == BLIP2_DT_F32) return x;
     uint16_t *h = (uint16_t *)x; /* in place: each 2-byte output lands before its 4-byte input is read */
@@ -106,7 +83,7 @@ static blip2_code write_weights(const char *path, const blip2_weight_entry *e, i
             rc = BLIP2_ENOMEM;
             break;
         }
-        fill_tensor(decl[i].name, buf, numel, &s);
+        blip2_weight_fill_random(decl[i].name, buf, numel, &s);
         rc = blip2_st_writer_append(w, convert(buf, numel, a->dtype), numel * blip2_dtype_size(a->dtype), st);
         free(buf);
     }

@@ -2,6 +2,7 @@
  * to struct fields and shapes (symbolic dims resolved from the config). */
 #define _POSIX_C_SOURCE 200809L
 #include <jansson.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 
 #include "../parallel/comm.h"
 #include "model.h"
+#include "sampling.h"
 
 /* Symbolic dimensions, resolved by dim_value(). */
 enum { D_END = 0, D_1, D_VC, D_V3C, D_VMLP, D_VT, D_VCH, D_VPS, D_QC, D_QMLP, D_Q, D_TC, D_TFFN, D_TV, D_TPOS };
@@ -424,6 +426,64 @@ blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_mo
     int n = 0;
     if (!rc) rc = blip2_weight_table(m, &e, &n, st);
     if (!rc) rc = bind_all(m, dir, e, n, st);
+    free(e);
+    if (rc) blip2_model_free(m);
+    return rc;
+}
+
+/* ---- random weights (benchmarks without a checkpoint) ---- */
+
+static void fill_normal(float *x, size_t n, float std, blip2_rng *rng) {
+    for (size_t i = 0; i < n; i += 2) { /* Box-Muller */
+        double u = 1.0 - blip2_rng_uniform(rng); /* (0, 1]: log stays finite */
+        double r = sqrt(-2.0 * log(u)), th = 6.283185307179586 * blip2_rng_uniform(rng);
+        x[i] = (float)(r * cos(th)) * std;
+        if (i + 1 < n) x[i + 1] = (float)(r * sin(th)) * std;
+    }
+}
+
+void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *rng) {
+    size_t len = strlen(name);
+    int is_ln_w = strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0;
+    int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
+    if (is_ln_w || strstr(name, "LayerNorm.weight"))
+        for (size_t i = 0; i < n; i++) x[i] = 1.0f;
+    else if (is_bias)
+        memset(x, 0, n * sizeof(float));
+    else
+        fill_normal(x, n, 0.02f, rng);
+}
+
+/* This rank's shape of an entry: rows or columns split as the loader would slice them. */
+static size_t local_numel(const blip2_model *m, const blip2_weight_entry *e) {
+    size_t rows = (size_t)e->shape[0], cols = 1;
+    for (int d = 1; d < e->ndim; d++) cols *= (size_t)e->shape[d];
+    if (e->split == BLIP2_SPLIT_ROWS) rows = blip2_part_size(rows, m->shard.rank, m->shard.world);
+    if (e->split == BLIP2_SPLIT_COLS) cols = blip2_part_size(cols, m->shard.rank, m->shard.world);
+    return rows * cols;
+}
+
+blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world, uint64_t seed, blip2_model *m,
+                                   blip2_status *st) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->dtype = BLIP2_DT_F32;
+    blip2_weight_entry *e = NULL;
+    int n = 0;
+    blip2_code rc = plan_shard(m, rank, world, st);
+    if (!rc) rc = blip2_weight_table(m, &e, &n, st);
+    if (!rc && !(m->owned = blip2_calloc((size_t)n, sizeof *m->owned, st))) rc = BLIP2_ENOMEM;
+    blip2_rng rng;
+    blip2_rng_seed(&rng, seed ^ ((uint64_t)rank << 32));
+    for (int i = 0; !rc && i < n; i++) {
+        if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
+        size_t k = local_numel(m, &e[i]);
+        float *buf = own_buffer(m, k, st);
+        if (!buf) rc = BLIP2_ENOMEM;
+        else blip2_weight_fill_random(e[i].name, buf, k, &rng), *e[i].field = buf;
+        if (!e[i].rank0_only) m->opt_bytes += k * sizeof(float);
+    }
+    if (!rc) m->opt.lm_head = m->opt.wte;
     free(e);
     if (rc) blip2_model_free(m);
     return rc;

@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "safetensors.h"
+#include "sampling.h"
 #include "status.h"
 
 typedef struct {
@@ -139,5 +140,13 @@ blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st);
  * vision + Q-Former + projection) are read from the memory-mapped checkpoint. */
 blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_model *m, blip2_status *st);
 void blip2_model_free(blip2_model *m);
+
+/* Random values for a checkpoint tensor by its name: LayerNorm weights 1, biases 0, others
+ * N(0, 0.02) — activations stay O(1) through every layer. */
+void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *rng);
+/* Random weights of a config's shapes in memory, no checkpoint (benchmarks): this rank's slices,
+ * LayerNorm weights 1, biases 0, other weights N(0, 0.02). */
+blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world, uint64_t seed, blip2_model *m,
+                                   blip2_status *st);
 
 #endif

@@ -64,6 +64,13 @@ if [ "$s1" == "$s2" ] && [ "$s1" != "$s3" ] && [[ "$s1" == *output_ids* ]]; then
 out=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --stop "Solar Solar" --max-new-tokens 10 --json 2>&1)
 if [[ "$out" == *'"output_ids": [11400, 11400], "finish_reason": "stop", "text": "Solar Solar"'* ]]; then ok; else bad "stop string: $out"; fi
 
+# The engine benchmark runs on a checkpoint and on random weights of a config.
+out=$("$BLIP2" bench --config "$FIX/tiny-f32-sharded/config.json" --random-weights --batch 1,4 --images 1 --steps 2 --json 2>&1)
+if [[ "$out" == *'"images_per_s"'* && "$out" == *'"batch": 4, "prefill_ms"'* && "$out" == *'"decode_tokens_per_s"'* ]]; then ok; else
+  bad "bench --random-weights: $out"; fi
+out=$("$BLIP2" bench --model "$FIX/tiny-f16" --batch 2 --images 1 --steps 2 2>&1)
+if [[ "$out" == *"opt batch   2: prefill"* ]]; then ok; else bad "bench --model: $out"; fi
+
 # Bad input: exit 1 (2 for usage) and a message that says what is wrong.
 expect_error() { # want-substring args...
   local want=$1
@@ -83,6 +90,8 @@ expect_error "--model DIR is required" generate --input-ids 1
 expect_error "config.json: missing" generate --model "$tmp/nowhere" --pixel-values "$PV" --input-ids "$(image_ids 8)"
 expect_error "--max-new-tokens" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --max-new-tokens 0
 expect_error "unknown command" frobnicate
+expect_error "CUDA backend" bench --model "$FIX/tiny-f16" --device cuda
+expect_error "--random-weights" bench --config "$FIX/tiny-f16/config.json"
 expect_error "--num-beams" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 0
 expect_error "num_return_sequences" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 2 --num-return-sequences 3
 expect_error "--top-p" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --do-sample --top-p 1.5

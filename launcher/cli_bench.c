@@ -1,0 +1,189 @@
+/* `blip2 bench`: the engine without gRPC — vision images/s, prefill tokens/s and decode tokens/s
+ * by batch size, on a checkpoint or on random weights of a config's shapes (--random-weights).
+ * Under mpirun the OPT numbers are tensor-parallel; the image side runs on rank 0. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../parallel/comm.h"
+#include "../runtime/engine.h"
+#include "cli.h"
+
+typedef struct {
+    const char *model, *config, *device;
+    int random, json, prompt_len, steps;
+    int batches[16], n_batches, images[16], n_images;
+    int seed;
+} bench_args;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int parse_list(const char *s, int *out, int cap) {
+    int n = 0;
+    for (const char *p = s; *p && n < cap;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 1024 || (*end && *end != ',')) return -1;
+        out[n++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    return n;
+}
+
+static int parse_bench_args(int argc, char **argv, bench_args *a) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"config", required_argument, 0, 'c'}, {"random-weights", no_argument, 0, 'r'},
+        {"batch", required_argument, 0, 'b'},  {"images", required_argument, 0, 'i'}, {"prompt-len", required_argument, 0, 'p'},
+        {"steps", required_argument, 0, 's'},  {"json", no_argument, 0, 'j'},         {"device", required_argument, 0, 'd'},
+        {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
+    };
+    memset(a, 0, sizeof *a);
+    a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1;
+    a->n_batches = parse_list("1,4,16,64", a->batches, 16);
+    a->n_images = parse_list("1,8", a->images, 16);
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': a->model = optarg; break;
+        case 'c': a->config = optarg; break;
+        case 'r': a->random = 1; break;
+        case 'b': if ((a->n_batches = parse_list(optarg, a->batches, 16)) < 1) return blip2_cli_error("--batch: '%s' is not a list like 1,4,16", optarg); break;
+        case 'i': if ((a->n_images = parse_list(optarg, a->images, 16)) < 1) return blip2_cli_error("--images: '%s' is not a list like 1,8", optarg); break;
+        case 'p': if (blip2_cli_parse_int(optarg, 2, 2048, &a->prompt_len)) return blip2_cli_error("--prompt-len: 2..2048"); break;
+        case 's': if (blip2_cli_parse_int(optarg, 1, 4096, &a->steps)) return blip2_cli_error("--steps: 1..4096"); break;
+        case 'j': a->json = 1; break;
+        case 'd': a->device = optarg; break;
+        case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
+        case 'h':
+            printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
+                   "                   [--images 1,8] [--prompt-len 45] [--steps 8] [--device cpu] [--json]\n");
+            exit(0);
+        default: return 2;
+        }
+    }
+    if (strcmp(a->device, "cpu") != 0)
+        return blip2_cli_error("--device %s: this build runs on the CPU only (the CUDA backend is not written yet)", a->device);
+    if (!!a->model == !!(a->config && a->random))
+        return blip2_cli_error("give --model DIR, or --config CONFIG.json with --random-weights");
+    return 0;
+}
+
+static blip2_code load_model(const bench_args *a, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
+    if (a->model) return blip2_model_load_shard(a->model, tp->rank, tp->world, m, st);
+    uint8_t *text = NULL;
+    size_t len = 0;
+    blip2_config cfg;
+    blip2_code rc = blip2_read_file(a->config, 1 << 20, &text, &len, st);
+    if (!rc) rc = blip2_config_parse((const char *)text, len, a->config, &cfg, st);
+    free(text);
+    return rc ? rc : blip2_model_init_random(&cfg, tp->rank, tp->world, (uint64_t)a->seed, m, st);
+}
+
+/* Vision + Q-Former + projection of B random images (rank 0 only). */
+static double bench_images(const blip2_model *m, int B, blip2_status *st) {
+    const blip2_config *c = &m->cfg;
+    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    float *pix = malloc(sizeof(float) * B * px), *vis = malloc(sizeof(float) * B * c->vision.T * c->vision.C);
+    float *qf = malloc(sizeof(float) * B * c->Q * c->qformer.C), *pr = malloc(sizeof(float) * B * c->Q * c->opt.C);
+    blip2_rng rng;
+    blip2_rng_seed(&rng, 7);
+    for (size_t i = 0; pix && i < B * px; i++) pix[i] = (float)(blip2_rng_uniform(&rng) * 4.0 - 2.0);
+    double t0 = now_s(), t = -1;
+    if (pix && vis && qf && pr && !blip2_vision_forward(m, pix, B, vis, st) && !blip2_qformer_forward(m, vis, B, qf, st) &&
+        !blip2_project(m, qf, B, pr, st))
+        t = now_s() - t0;
+    free(pix), free(vis), free(qf), free(pr);
+    return t;
+}
+
+/* B sequences: one prefill step of prompt_len positions each, then `steps` decode steps. */
+static blip2_code bench_opt(const blip2_model *m, const blip2_tp *tp, int B, int L, int steps, double *prefill_s,
+                            double *decode_s, blip2_status *st) {
+    int bs = 16, per = blip2_kv_blocks_for(L + steps, bs), C = m->cfg.opt.C;
+    blip2_kv_pool kv;
+    blip2_opt_ws ws;
+    blip2_code rc = blip2_kv_pool_init(&kv, m, B * per, bs, st);
+    if (!rc) rc = blip2_opt_ws_init(&ws, m, B * L, B, L + steps, st);
+    if (rc) return rc;
+    int32_t *tab = malloc(sizeof(int32_t) * B * per), *ids = malloc(sizeof(int32_t) * B * L);
+    float *emb = malloc(sizeof(float) * (size_t)B * L * C), *logits = malloc(sizeof(float) * B * m->shard.V);
+    blip2_seq_step *seq = malloc(sizeof *seq * B);
+    blip2_kv_pool_alloc(&kv, B * per, tab);
+    for (int i = 0; i < B * L; i++) ids[i] = 100 + i % 1000;
+    for (int b = 0; b < B; b++) seq[b] = (blip2_seq_step){tab + b * per, 0, L};
+    double t0 = now_s();
+    rc = blip2_opt_embed_tokens(m, tp, ids, B * L, NULL, emb, st);
+    if (!rc) rc = blip2_opt_forward_batch(m, tp, &kv, seq, B, emb, &ws, logits, st);
+    if (!rc) rc = blip2_tp_argmax(m, tp, logits, B, ids, st);
+    *prefill_s = now_s() - t0;
+    t0 = now_s();
+    for (int s = 0; !rc && s < steps; s++) {
+        for (int b = 0; b < B; b++) seq[b] = (blip2_seq_step){tab + b * per, L + s, 1};
+        rc = blip2_opt_embed_tokens(m, tp, ids, B, NULL, emb, st);
+        if (!rc) rc = blip2_opt_forward_batch(m, tp, &kv, seq, B, emb, &ws, logits, st);
+        if (!rc) rc = blip2_tp_argmax(m, tp, logits, B, ids, st);
+    }
+    *decode_s = now_s() - t0;
+    free(tab), free(ids), free(emb), free(logits), free(seq);
+    blip2_kv_pool_free(&kv);
+    blip2_opt_ws_free(&ws);
+    return rc;
+}
+
+static blip2_code run_bench(const bench_args *a, const blip2_model *m, const blip2_tp *tp, blip2_status *st) {
+    int root = tp->rank == 0;
+    if (root && !a->json)
+        printf("# blip2 bench: %s, %d rank(s), %s, prompt %d, %d decode steps\n", a->model ? a->model : a->config, tp->world,
+               a->model ? blip2_dtype_name(m->dtype) : "random fp32", a->prompt_len, a->steps);
+    if (root && a->json) printf("{\"ranks\": %d, \"prompt_len\": %d, \"images\": [", tp->world, a->prompt_len);
+    for (int i = 0; root && i < a->n_images; i++) {
+        double t = bench_images(m, a->images[i], st);
+        if (t < 0) return BLIP2_ENOMEM;
+        if (a->json) printf("%s{\"batch\": %d, \"ms\": %.2f, \"images_per_s\": %.3f}", i ? ", " : "", a->images[i], t * 1e3, a->images[i] / t);
+        else printf("vision+qformer  batch %3d: %9.1f ms  %8.2f images/s\n", a->images[i], t * 1e3, a->images[i] / t);
+    }
+    if (root && a->json) printf("], \"text\": [");
+    for (int i = 0; i < a->n_batches; i++) {
+        double pf = 0, dc = 0;
+        int B = a->batches[i];
+        blip2_code rc = bench_opt(m, tp, B, a->prompt_len, a->steps, &pf, &dc, st);
+        rc = blip2_tp_agree(tp, rc, st);
+        if (rc) return rc;
+        double ptps = (double)B * a->prompt_len / pf, dtps = (double)B * a->steps / dc;
+        if (root && a->json)
+            printf("%s{\"batch\": %d, \"prefill_ms\": %.2f, \"prefill_tokens_per_s\": %.1f, \"decode_ms_per_step\": %.2f, "
+                   "\"decode_tokens_per_s\": %.2f}", i ? ", " : "", B, pf * 1e3, ptps, dc / a->steps * 1e3, dtps);
+        else if (root)
+            printf("opt batch %3d: prefill %9.1f ms (%8.1f tokens/s)  decode %8.1f ms/step (%8.2f tokens/s)\n", B, pf * 1e3,
+                   ptps, dc / a->steps * 1e3, dtps);
+    }
+    if (root && a->json) printf("]}\n");
+    return BLIP2_OK;
+}
+
+int blip2_cli_bench(int argc, char **argv) {
+    bench_args a;
+    int bad = parse_bench_args(argc, argv, &a);
+    if (bad) return bad;
+    blip2_status st = {0};
+    blip2_comm *world = blip2_comm_world(&st);
+    if (!world) return blip2_cli_error("%s", st.msg);
+    blip2_tp tp = blip2_tp_from_comm(world);
+    blip2_model m;
+    blip2_code rc = blip2_tp_agree(&tp, load_model(&a, &tp, &m, &st), &st);
+    if (!rc) {
+        rc = run_bench(&a, &m, &tp, &st);
+        blip2_model_free(&m);
+    }
+    if (rc && tp.rank == 0) blip2_cli_error("%s", st.msg);
+    fflush(stdout);
+    blip2_comm_world_finalize();
+    return rc ? 1 : 0;
+}
