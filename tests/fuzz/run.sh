@@ -2,7 +2,7 @@
 # Smoke-fuzz every target for SECONDS each, seeded from the fixtures. Any crash, leak or
 # sanitizer report fails the run (libFuzzer exits non-zero and leaves the input as crash-*).
 set -euo pipefail
-BIN=$1
+BIN=$(cd "$1" && pwd)
 SHARED=$2
 SECONDS_EACH=${3:-45}
 work=$(mktemp -d)
