@@ -6,7 +6,12 @@
  *
  * Prints the answer (as it is generated with --stream); --question "" asks for a caption. --json
  * prints one object: text, token_ids, finish_reason, usage, timings, request_id (and answers when
- * there are several). A non-OK status: "<STATUS_NAME>: <message>" on stderr, exit 1. */
+ * there are several). A non-OK status: "<STATUS_NAME>: <message>" on stderr, exit 1.
+ *
+ *   blip2-client [--server ADDR] --health [--wait-ready MS]
+ *
+ * prints the server's health (SERVING, NOT_SERVING) and exits 0 only when SERVING; --wait-ready MS
+ * (also before a question) polls Health until SERVING for at most MS milliseconds. */
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
@@ -14,27 +19,34 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <time.h>
+#include <unistd.h>
+
 #include "blip2.pb-c.h"
 #include "grpc_util.h"
+#include "health.pb-c.h"
 
 typedef struct {
     const char *server, *image, *question, *request_id;
-    int stream, json, max_new, num_beams, num_return, do_sample, top_k, has_seed;
-    long long timeout_ms;
+    int stream, json, max_new, num_beams, num_return, do_sample, top_k, has_seed, health;
+    long long timeout_ms, wait_ready_ms;
     float temperature, top_p;
     unsigned long long seed;
 } client_args;
 
 static void usage(FILE *fp) {
     fprintf(fp,
-            "usage: blip2-client [--server HOST:PORT] --image FILE --question TEXT [--stream] [--json]\n"
+            "usage: blip2-client [--server HOST:PORT] [--wait-ready MS] --image FILE --question TEXT [--stream] [--json]\n"
             "                    [--max-new-tokens N] [--timeout-ms N] [--num-beams N] [--num-return-sequences N]\n"
             "                    [--do-sample] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--request-id ID]\n"
             "  --server       default 127.0.0.1:50051\n"
             "  --question     the prompt as the model sees it, e.g. \"Question: what is this? Answer:\"; \"\" for a caption\n"
             "  --stream       print the answer as it is generated (GenerateStream)\n"
             "  --json         print {text, token_ids, finish_reason, usage, timings, request_id}\n"
-            "  --timeout-ms   the call's deadline (default: none)\n");
+            "  --timeout-ms   the call's deadline (default: none)\n"
+            "  --wait-ready MS  first wait (at most MS ms) until the server's Health says SERVING\n"
+            "       blip2-client [--server HOST:PORT] --health [--wait-ready MS]\n"
+            "  --health       print the server's health; exit 0 only when SERVING\n");
 }
 
 static int bad_arg(const char *flag, const char *v) {
@@ -70,6 +82,7 @@ static int parse_args(int argc, char **argv, client_args *a) {
         {"do-sample", no_argument, 0, 'd'},          {"temperature", required_argument, 0, 'T'},
         {"top-k", required_argument, 0, 'k'},        {"top-p", required_argument, 0, 'p'},
         {"seed", required_argument, 0, 'e'},         {"request-id", required_argument, 0, 'R'},
+        {"health", no_argument, 0, 'H'},             {"wait-ready", required_argument, 0, 'W'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
@@ -119,6 +132,11 @@ static int parse_args(int argc, char **argv, client_args *a) {
             break;
         }
         case 'R': a->request_id = optarg; break;
+        case 'H': a->health = 1; break;
+        case 'W':
+            if (parse_ll(optarg, 0, 1LL << 40, &v)) return bad_arg("--wait-ready", optarg);
+            a->wait_ready_ms = v;
+            break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -127,7 +145,7 @@ static int parse_args(int argc, char **argv, client_args *a) {
         fprintf(stderr, "blip2-client: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
-    if (!a->image) {
+    if (!a->image && !a->health) {
         fprintf(stderr, "blip2-client: --image FILE is required\n");
         return 2;
     }
@@ -261,7 +279,7 @@ static int on_stream_message(void *ctx, const uint8_t *msg, size_t len) {
         s->ids = n;
         s->cap = cap;
     }
-    memcpy(s->ids + s->n_ids, m->token_ids, m->n_token_ids * sizeof *m->token_ids);
+    if (m->n_token_ids) memcpy(s->ids + s->n_ids, m->token_ids, m->n_token_ids * sizeof *m->token_ids);
     s->n_ids += m->n_token_ids;
     if (!s->json && m->text && !m->final) { /* as generated; leading whitespace skipped as in the full text */
         const char *t = m->text;
@@ -282,10 +300,70 @@ static int on_stream_message(void *ctx, const uint8_t *msg, size_t len) {
     return 0;
 }
 
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* One Health/Check: 1 SERVING, 0 anything else; *what says which (or the call's status). */
+static int health_once(blip2_rpc_channel *ch, char *what, size_t n) {
+    Grpc__Health__V1__HealthCheckRequest q = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    uint8_t buf[16];
+    size_t len = grpc__health__v1__health_check_request__pack(&q, buf);
+    uint8_t *reply = NULL;
+    size_t reply_len = 0;
+    blip2_rpc_status st = {0};
+    int serving = 0;
+    if (blip2_rpc_unary(ch, "/grpc.health.v1.Health/Check", buf, len, 2000, &reply, &reply_len, &st) == 0) {
+        Grpc__Health__V1__HealthCheckResponse *r = grpc__health__v1__health_check_response__unpack(NULL, reply_len, reply);
+        int s = r ? (int)r->status : -1;
+        serving = s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+        snprintf(what, n, "%s", serving ? "SERVING" : s == 2 ? "NOT_SERVING" : s < 0 ? "bad reply" : "UNKNOWN");
+        if (r) grpc__health__v1__health_check_response__free_unpacked(r, NULL);
+    } else {
+        snprintf(what, n, "%s: %s", blip2_rpc_code_name(st.code), st.details ? st.details : "");
+    }
+    free(reply);
+    blip2_rpc_status_free(&st);
+    return serving;
+}
+
+/* Polls Health until SERVING or wait_ms passed. */
+static int wait_ready(blip2_rpc_channel *ch, long long wait_ms, char *what, size_t n) {
+    double end = now_ms() + (double)wait_ms;
+    for (;;) {
+        if (health_once(ch, what, n)) return 1;
+        if (now_ms() >= end) return 0;
+        usleep(100000);
+    }
+}
+
 int main(int argc, char **argv) {
     client_args a;
     int bad = parse_args(argc, argv, &a);
     if (bad) return bad;
+    if (a.health || a.wait_ready_ms > 0) {
+        blip2_rpc_init();
+        blip2_rpc_channel *hch = blip2_rpc_connect(a.server, 0);
+        if (!hch) {
+            fprintf(stderr, "blip2-client: --server '%s': expected HOST:PORT\n", a.server);
+            return 2;
+        }
+        char what[512];
+        int serving = wait_ready(hch, a.wait_ready_ms, what, sizeof what);
+        blip2_rpc_close(hch);
+        if (a.health) {
+            printf("%s\n", what);
+            blip2_rpc_shutdown();
+            return serving ? 0 : 1;
+        }
+        if (!serving) {
+            fprintf(stderr, "blip2-client: the server is not ready after %lld ms: %s\n", a.wait_ready_ms, what);
+            blip2_rpc_shutdown();
+            return 1;
+        }
+    }
     uint8_t *image = NULL;
     size_t image_len = 0;
     if (read_file(a.image, &image, &image_len)) {

@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,20 @@ typedef struct {
     int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
+
+static int g_log_level = BLIP2_LOG_INFO;
+
+/* Progress lines (info); errors are printed whatever the level. */
+static void info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void info(const char *fmt, ...) {
+    if (g_log_level < BLIP2_LOG_INFO) return;
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "blip2d: %s\n", buf);
+}
 
 static void usage(FILE *fp) {
     fprintf(fp,
@@ -146,7 +161,6 @@ static int parse_args(int argc, char **argv, args_t *a) {
     }
     if (optind < argc) return fail_usage("unexpected argument '%s'", argv[optind]);
     if (!a->model) return fail_usage("%s", "--model DIR is required");
-    if (a->max_batch > 512) a->max_batch = 512; /* the step token budget (512) must hold a decode row per sequence */
     return 0;
 }
 
@@ -197,8 +211,8 @@ static void *signal_main(void *arg) {
         if (!first) {
             fprintf(stderr, "blip2d: %s again: already stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
         } else {
-            fprintf(stderr, "blip2d: %s: no new requests; in-flight ones get %d ms to finish\n",
-                    sig == SIGINT ? "SIGINT" : "SIGTERM", S->grace_ms);
+            info("%s: no new requests; in-flight ones get %d ms to finish", sig == SIGINT ? "SIGINT" : "SIGTERM",
+                 S->grace_ms);
             /* both calls are quick and non-blocking; under the lock so main cannot free them meanwhile */
             if (S->server) blip2_server_begin_shutdown(S->server);
             if (S->engine) blip2_engine_stop(S->engine, S->grace_ms);
@@ -227,7 +241,7 @@ static double now_s(void) {
 }
 
 static blip2_code load_rank(const args_t *a, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
-    fprintf(stderr, "blip2d: rank %d/%d: loading %s\n", tp->rank, tp->world, a->model);
+    info("rank %d/%d: loading %s", tp->rank, tp->world, a->model);
     double t0 = now_s();
     blip2_code rc = blip2_model_load_shard(a->model, tp->rank, tp->world, m, st);
     if (rc) {
@@ -241,12 +255,11 @@ static blip2_code load_rank(const args_t *a, const blip2_tp *tp, blip2_model *m,
         mapped += m->ckpt.files[i].size;
         tensors += m->ckpt.files[i].n;
     }
-    fprintf(stderr,
-            "blip2d: rank %d/%d: loaded in %.2f s: checkpoint %d file(s), %d tensors, %.1f MiB mapped; this rank's OPT "
-            "shard %.1f MiB (heads %d, ffn %d, vocab [%d, %d))%s; resident %.1f MiB\n",
-            tp->rank, tp->world, now_s() - t0, m->ckpt.nfiles, tensors, mapped / 1048576.0, m->opt_bytes / 1048576.0,
-            m->shard.NH, m->shard.ffn, m->shard.v0, m->shard.v0 + m->shard.V, tp->rank == 0 ? " + vision, Q-Former" : "",
-            rss_mib());
+    info("rank %d/%d: loaded in %.2f s: checkpoint %d file(s), %d tensors, %.1f MiB mapped; this rank's OPT shard "
+         "%.1f MiB (heads %d, ffn %d, vocab [%d, %d))%s; resident %.1f MiB",
+         tp->rank, tp->world, now_s() - t0, m->ckpt.nfiles, tensors, mapped / 1048576.0, m->opt_bytes / 1048576.0,
+         m->shard.NH, m->shard.ffn, m->shard.v0, m->shard.v0 + m->shard.V, tp->rank == 0 ? " + vision, Q-Former" : "",
+         rss_mib());
     return BLIP2_OK;
 }
 
@@ -274,6 +287,7 @@ int main(int argc, char **argv) {
     args_t a;
     int bad = parse_args(argc, argv, &a);
     if (bad) return bad;
+    g_log_level = a.log_level;
 
     /* Before MPI starts: rank 0 turns SIGINT/SIGTERM into a graceful stop; the followers ignore
      * them (rank 0's STOP broadcast ends them once the in-flight requests are done). */
@@ -306,7 +320,13 @@ int main(int argc, char **argv) {
     blip2_code rc = BLIP2_OK;
 
     /* rank 0 serves at once: Health NOT_SERVING, Generate UNAVAILABLE while the model loads. */
+    char listen_all[300];
     if (rank0) {
+        if (a.listen[0] == ':') { /* ":PORT": every interface, as asked */
+            snprintf(listen_all, sizeof listen_all, "0.0.0.0%s", a.listen);
+            a.listen = listen_all;
+            fprintf(stderr, "blip2d: warning: --listen %s accepts connections on every interface\n", a.listen + 7);
+        }
         blip2_server_opts so = {.listen = a.listen,
                                 .model_dir = a.model,
                                 .max_message_bytes = a.max_message_bytes,
@@ -318,7 +338,7 @@ int main(int argc, char **argv) {
         if (!rc) {
             char addr[512];
             bound_addr(a.listen, port, addr, sizeof addr);
-            fprintf(stderr, "blip2d: listening on %s (model loading on %d rank(s))\n", addr, tp.world);
+            info("listening on %s (model loading on %d rank(s))", addr, tp.world);
             if (a.port_file && write_port_file(a.port_file, port))
                 rc = blip2_fail(&st, BLIP2_EIO, "--port-file %s: cannot write: %s", a.port_file, strerror(errno));
         }
@@ -345,6 +365,7 @@ int main(int argc, char **argv) {
 
     blip2_engine_opts eo = blip2_engine_opts_default();
     eo.max_batch = a.max_batch;
+    if (eo.max_step_tokens < eo.max_batch) eo.max_step_tokens = eo.max_batch; /* a decode row per sequence */
     eo.max_queue = a.max_queue;
     eo.kv_bytes = a.kv_bytes;
     eo.max_new_tokens_limit = a.max_new_limit;
@@ -363,7 +384,7 @@ int main(int argc, char **argv) {
         pthread_mutex_unlock(&S.mu);
         blip2_engine_stats es;
         blip2_engine_get_stats(e, &es);
-        fprintf(stderr, "blip2d: serving (tensor parallel over %d rank(s), %d KV blocks of %d positions)\n", tp.world,
+        info("serving (tensor parallel over %d rank(s), %d KV blocks of %d positions)", tp.world,
                 es.blocks_total, eo.block_size);
         if (stop) blip2_engine_stop(e, a.grace_ms);
         rc = blip2_engine_run(e, &st); /* until stopped and drained; then the followers are told to stop */
@@ -392,7 +413,7 @@ int main(int argc, char **argv) {
     }
     if (have_model) blip2_model_free(&m);
     pthread_mutex_destroy(&S.mu);
-    if (rank0 && !rc) fprintf(stderr, "blip2d: stopped\n");
+    if (rank0 && !rc) info("stopped");
     fflush(stderr);
     blip2_comm_world_finalize();
     return rc ? 1 : 0;

@@ -678,6 +678,11 @@ static void log_done(call_ctx *c, const job_slot *j, int n, grpc_status_code cod
     for (int i = 0; i < n; i++)
         if (j[i].code == BLIP2_OK && j[i].n_seqs > 0) gen += j[i].seqs[0].n_ids;
     const blip2_timings *t = &j[0].t;
+    if (code != GRPC_STATUS_OK && t->total_ms == 0) { /* refused before it ran */
+        slog(c->s, BLIP2_LOG_INFO, "req %s %s %s total_ms=%.1f: %s", c->rid, method_name[c->method], status_name(code),
+             ms_since(c->t_recv), msg ? msg : "");
+        return;
+    }
     char extra[32] = "";
     if (n > 1) snprintf(extra, sizeof extra, " prompts=%d", n);
     const char *fin = code == GRPC_STATUS_OK && j[0].n_seqs > 0 ? finish_str(j[0].seqs[0].finish) : NULL;
@@ -926,11 +931,18 @@ static int alloc_slots(call_ctx *c, int n) {
     return 0;
 }
 
+static int gone(call_ctx *c) { /* cancelled while it waited for a worker: skip the work */
+    if (!atomic_load(&c->cancelled)) return 0;
+    call_fail(c, GRPC_STATUS_CANCELLED, "cancelled before it started");
+    return 1;
+}
+
 static void start_generate(call_ctx *c) {
     blip2_engine *e = serving_engine(c);
-    if (!e) return;
+    if (!e || gone(c)) return;
     c->greq = (Blip2__V1__GenerateRequest *)unpack_msg(&blip2__v1__generate_request__descriptor, c->payload);
     if (!c->greq) {
+        set_rid(c, NULL);
         call_fail(c, GRPC_STATUS_INVALID_ARGUMENT,
                   c->payload ? "the request is not a valid blip2.v1.GenerateRequest message" : "no request message");
         return;
@@ -989,14 +1001,14 @@ static void continue_prompts(call_ctx *c) {
 
 static void start_batch(call_ctx *c) {
     blip2_engine *e = serving_engine(c);
-    if (!e) return;
+    if (!e || gone(c)) return;
     c->breq = (Blip2__V1__GenerateBatchRequest *)unpack_msg(&blip2__v1__generate_batch_request__descriptor, c->payload);
+    set_rid(c, NULL);
     if (!c->breq) {
         call_fail(c, GRPC_STATUS_INVALID_ARGUMENT,
                   c->payload ? "the request is not a valid blip2.v1.GenerateBatchRequest message" : "no request message");
         return;
     }
-    set_rid(c, NULL);
     int n = c->breq->n_requests > MAX_BATCH_ITEMS ? MAX_BATCH_ITEMS + 1 : (int)c->breq->n_requests;
     if (n > MAX_BATCH_ITEMS) {
         char msg[128];
@@ -1287,7 +1299,12 @@ static int wait_shutdown(blip2_server *s, const struct timespec *until) {
 void blip2_server_destroy(blip2_server *s, int grace_ms) {
     if (!s) return;
     blip2_server_begin_shutdown(s);
-    if (s->cq_started) {
+    if (!s->cq_started) { /* no completion-queue thread: run the events here until shutdown is done */
+        while (!s->shutdown_done) {
+            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            if (ev.type == GRPC_OP_COMPLETE) ((tag_t *)ev.tag)->fn(ev.tag, ev.success);
+        }
+    } else {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         int64_t ns = until.tv_nsec + (int64_t)(grace_ms > 0 ? grace_ms : 0) * 1000000;
@@ -1308,8 +1325,7 @@ void blip2_server_destroy(blip2_server *s, int grace_ms) {
     grpc_completion_queue_shutdown(s->cq);
     if (s->cq_started) pthread_join(s->cq_thread, NULL);
     else
-        while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {
-        }
+        cq_main(s);
     grpc_completion_queue_destroy(s->cq);
     grpc_shutdown();
     pthread_mutex_destroy(&s->arm_mu);
