@@ -27,7 +27,8 @@
 #include "health.pb-c.h"
 
 typedef struct {
-    const char *server, *image, *question, *request_id;
+    const char *server, *image, *question, *request_id, *tls_ca, *tls_name;
+    char *ca_pem; /* --tls-ca contents */
     int stream, json, max_new, num_beams, num_return, do_sample, top_k, has_seed, health;
     long long timeout_ms, wait_ready_ms;
     float temperature, top_p;
@@ -46,7 +47,9 @@ static void usage(FILE *fp) {
             "  --timeout-ms   the call's deadline (default: none)\n"
             "  --wait-ready MS  first wait (at most MS ms) until the server's Health says SERVING\n"
             "       blip2-client [--server HOST:PORT] --health [--wait-ready MS]\n"
-            "  --health       print the server's health; exit 0 only when SERVING\n");
+            "  --health       print the server's health; exit 0 only when SERVING\n"
+            "  --tls-ca FILE  connect with TLS, trusting this CA certificate (PEM)\n"
+            "  --tls-server-name NAME  the name the server's certificate must carry (default: the host)\n");
 }
 
 static int bad_arg(const char *flag, const char *v) {
@@ -83,6 +86,7 @@ static int parse_args(int argc, char **argv, client_args *a) {
         {"top-k", required_argument, 0, 'k'},        {"top-p", required_argument, 0, 'p'},
         {"seed", required_argument, 0, 'e'},         {"request-id", required_argument, 0, 'R'},
         {"health", no_argument, 0, 'H'},             {"wait-ready", required_argument, 0, 'W'},
+        {"tls-ca", required_argument, 0, 'A'},       {"tls-server-name", required_argument, 0, 'N'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
@@ -137,6 +141,8 @@ static int parse_args(int argc, char **argv, client_args *a) {
             if (parse_ll(optarg, 0, 1LL << 40, &v)) return bad_arg("--wait-ready", optarg);
             a->wait_ready_ms = v;
             break;
+        case 'A': a->tls_ca = optarg; break;
+        case 'N': a->tls_name = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -339,13 +345,34 @@ static int wait_ready(blip2_rpc_channel *ch, long long wait_ms, char *what, size
     }
 }
 
+/* Plaintext, or TLS with --tls-ca. */
+static blip2_rpc_channel *open_channel(client_args *a) {
+    if (a->tls_ca && !a->ca_pem) {
+        FILE *fp = fopen(a->tls_ca, "rb");
+        size_t n = 0, cap = 0;
+        char *buf = NULL;
+        for (int ch; fp && (ch = fgetc(fp)) != EOF && n < (1u << 20);) {
+            if (n + 1 >= cap && !(buf = realloc(buf, cap = cap ? 2 * cap : 4096))) break;
+            buf[n++] = (char)ch;
+        }
+        if (fp) fclose(fp);
+        if (!buf) {
+            fprintf(stderr, "blip2-client: --tls-ca %s: cannot read it\n", a->tls_ca);
+            return NULL;
+        }
+        buf[n] = 0;
+        a->ca_pem = buf;
+    }
+    return blip2_rpc_connect_tls(a->server, 0, a->ca_pem, a->tls_name);
+}
+
 int main(int argc, char **argv) {
     client_args a;
     int bad = parse_args(argc, argv, &a);
     if (bad) return bad;
     if (a.health || a.wait_ready_ms > 0) {
         blip2_rpc_init();
-        blip2_rpc_channel *hch = blip2_rpc_connect(a.server, 0);
+        blip2_rpc_channel *hch = open_channel(&a);
         if (!hch) {
             fprintf(stderr, "blip2-client: --server '%s': expected HOST:PORT\n", a.server);
             return 2;
@@ -397,7 +424,7 @@ int main(int argc, char **argv) {
     free(image);
 
     blip2_rpc_init();
-    blip2_rpc_channel *ch = blip2_rpc_connect(a.server, 0);
+    blip2_rpc_channel *ch = open_channel(&a);
     if (!ch) {
         free(buf);
         fprintf(stderr, "blip2-client: --server '%s': expected HOST:PORT\n", a.server);

@@ -21,7 +21,7 @@
 #include "server.h"
 
 typedef struct {
-    const char *model, *listen, *port_file;
+    const char *model, *listen, *port_file, *tls_cert, *tls_key;
     int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
@@ -45,6 +45,7 @@ static void usage(FILE *fp) {
             "usage: blip2d --model DIR [--listen HOST:PORT] [--port-file FILE] [--max-batch N] [--max-queue N]\n"
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
+            "              [--tls-cert FILE.pem --tls-key FILE.pem]\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
             "  --port-file FILE    write the bound port there once listening\n"
             "  --max-batch N       sequences per engine step (default 64)\n"
@@ -54,6 +55,7 @@ static void usage(FILE *fp) {
             "  --kv-bytes N        KV cache memory per rank (default 2G)\n"
             "  --image-cache-bytes cache of image embeddings for repeated images (default 256M, 0: off)\n"
             "  --grace-ms N        on SIGTERM/SIGINT, time in-flight requests get to finish (default 10000)\n"
+            "  --tls-cert/--tls-key  serve TLS with this certificate chain and private key (PEM); default plaintext\n"
             "Sizes take K, M or G suffixes (powers of 1024). Run under mpirun -np N for tensor parallelism.\n");
 }
 
@@ -95,6 +97,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"max-queue", required_argument, 0, 'q'},    {"max-message-bytes", required_argument, 0, 'M'},
         {"max-new-tokens-limit", required_argument, 0, 'n'}, {"kv-bytes", required_argument, 0, 'k'},
         {"image-cache-bytes", required_argument, 0, 'c'}, {"log-level", required_argument, 0, 'L'},
+        {"tls-cert", required_argument, 0, 'C'},     {"tls-key", required_argument, 0, 'K'},
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0},
     };
@@ -155,12 +158,15 @@ static int parse_args(int argc, char **argv, args_t *a) {
             if (parse_long(optarg, 1, 64, &v)) return fail_usage("--workers '%s': expected 1..64", optarg);
             a->workers = (int)v;
             break;
+        case 'C': a->tls_cert = optarg; break;
+        case 'K': a->tls_key = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
     }
     if (optind < argc) return fail_usage("unexpected argument '%s'", argv[optind]);
     if (!a->model) return fail_usage("%s", "--model DIR is required");
+    if (!a->tls_cert != !a->tls_key) return fail_usage("%s", "--tls-cert and --tls-key go together");
     return 0;
 }
 
@@ -333,8 +339,21 @@ int main(int argc, char **argv) {
                                 .max_new_tokens_limit = a.max_new_limit,
                                 .workers = a.workers,
                                 .log_level = a.log_level};
+        uint8_t *cert = NULL, *key = NULL;
+        size_t n_cert = 0, n_key = 0;
+        if (a.tls_cert) { /* PEM text: NUL-terminated copies for gRPC */
+            rc = blip2_read_file(a.tls_cert, 1 << 20, &cert, &n_cert, &st);
+            if (!rc) rc = blip2_read_file(a.tls_key, 1 << 20, &key, &n_key, &st);
+            if (!rc && (!(cert = realloc(cert, n_cert + 1)) || !(key = realloc(key, n_key + 1))))
+                rc = blip2_fail(&st, BLIP2_ENOMEM, "out of memory");
+            if (!rc) cert[n_cert] = 0, key[n_key] = 0;
+            so.tls_cert_pem = (const char *)cert;
+            so.tls_key_pem = (const char *)key;
+        }
         int port = 0;
-        rc = blip2_server_start(&so, &srv, &port, &st);
+        if (!rc) rc = blip2_server_start(&so, &srv, &port, &st);
+        free(cert);
+        free(key);
         if (!rc) {
             char addr[512];
             bound_addr(a.listen, port, addr, sizeof addr);

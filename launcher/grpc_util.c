@@ -57,19 +57,28 @@ static int addr_ok(const char *a) {
 }
 
 blip2_rpc_channel *blip2_rpc_connect(const char *addr, size_t max_message_bytes) {
+    return blip2_rpc_connect_tls(addr, max_message_bytes, NULL, NULL);
+}
+
+blip2_rpc_channel *blip2_rpc_connect_tls(const char *addr, size_t max_message_bytes, const char *root_pem,
+                                         const char *target_name) {
     if (!addr_ok(addr)) return NULL;
     blip2_rpc_init();
     blip2_rpc_channel *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     size_t lim = max_message_bytes ? max_message_bytes : (size_t)32 << 20;
-    grpc_arg arg;
-    arg.type = GRPC_ARG_INTEGER;
-    arg.key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    arg.value.integer = lim > INT_MAX ? INT_MAX : (int)lim;
-    grpc_channel_args args = {1, &arg};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    c->ch = grpc_channel_create(addr, creds, &args);
-    grpc_channel_credentials_release(creds);
+    grpc_arg args[2];
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = lim > INT_MAX ? INT_MAX : (int)lim;
+    args[1].type = GRPC_ARG_STRING;
+    args[1].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+    args[1].value.string = (char *)target_name;
+    grpc_channel_args cargs = {target_name ? 2 : 1, args};
+    grpc_channel_credentials *creds = root_pem ? grpc_ssl_credentials_create(root_pem, NULL, NULL, NULL)
+                                               : grpc_insecure_credentials_create();
+    c->ch = creds ? grpc_channel_create(addr, creds, &cargs) : NULL;
+    if (creds) grpc_channel_credentials_release(creds);
     if (!c->ch) {
         free(c);
         return NULL;

@@ -22,6 +22,10 @@ void blip2_rpc_shutdown(void);
 /* An insecure channel to "host:port" whose receive limit is max_message_bytes (0: 32 MiB).
  * NULL when the address cannot be parsed. Connecting is lazy (the first call). */
 blip2_rpc_channel *blip2_rpc_connect(const char *addr, size_t max_message_bytes);
+/* The same over TLS, trusting root_pem (PEM text); target_name overrides the name the server's
+ * certificate must carry (NULL: the host part of addr). root_pem NULL: plaintext. */
+blip2_rpc_channel *blip2_rpc_connect_tls(const char *addr, size_t max_message_bytes, const char *root_pem,
+                                         const char *target_name);
 void blip2_rpc_close(blip2_rpc_channel *ch);
 
 /* Unary call. deadline_ms: relative timeout (0: none). On return status holds the call's status;

@@ -1222,11 +1222,16 @@ blip2_code blip2_server_start(const blip2_server_opts *o, blip2_server **out, in
     grpc_server_register_completion_queue(s->srv, s->cq, NULL);
     for (int m = 0; m < M_COUNT; m++)
         s->mreg[m] = grpc_server_register_method(s->srv, method_path[m], NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    int p = grpc_server_add_http2_port(s->srv, s->listen, creds);
-    grpc_server_credentials_release(creds);
+    grpc_ssl_pem_key_cert_pair pair = {s->o.tls_key_pem, s->o.tls_cert_pem};
+    grpc_server_credentials *creds = s->o.tls_cert_pem
+                                         ? grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL)
+                                         : grpc_insecure_server_credentials_create();
+    int p = creds ? grpc_server_add_http2_port(s->srv, s->listen, creds) : 0;
+    if (creds) grpc_server_credentials_release(creds);
+    s->o.tls_cert_pem = s->o.tls_key_pem = NULL; /* gRPC keeps its own copies */
     if (p == 0) {
-        blip2_fail(st, BLIP2_EIO, "cannot listen on %s (address in use, or not a valid host:port)", s->listen);
+        blip2_fail(st, BLIP2_EIO, "cannot listen on %s (address in use, not a valid host:port%s)", s->listen,
+                   s->o.tls_cert_pem ? ", or a certificate/key gRPC does not accept" : "");
         grpc_server_destroy(s->srv);
         grpc_completion_queue_shutdown(s->cq);
         while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {

@@ -26,6 +26,8 @@ typedef struct {
     int max_new_tokens_limit; /* largest max_new_tokens a request may ask for */
     int workers;              /* request threads (0: 4) */
     int log_level;            /* BLIP2_LOG_* */
+    const char *tls_cert_pem; /* with tls_key_pem: serve TLS (PEM text); NULL: plaintext */
+    const char *tls_key_pem;
 } blip2_server_opts;
 
 typedef struct blip2_server blip2_server;

@@ -144,7 +144,9 @@ def main():
     sc.ok(st["wrong"] == 0, "%d wrong answers" % st["wrong"])
     sc.ok(st["unexpected"] == 0, "%d unexpected statuses: %s" % (st["unexpected"], st["by_kind_status"]))
     sc.ok(info is not None and info.kv_blocks_in_use == 0, "KV blocks in use at the end: %s" % (info and info.kv_blocks_in_use))
-    sc.ok(abs(rss1 - rss0) <= 0.05 * rss0, "resident memory %d kB after warm-up, %d kB after" % (rss0, rss1))
+    # within 5 % of the warm-up value: growth is what a leak looks like; the allocator giving pages
+    # back (the run ending below the warm-up value) is not
+    sc.ok(rss1 - rss0 <= 0.05 * rss0, "resident memory %d kB after warm-up, %d kB after" % (rss0, rss1))
     sc.ok(fd1 <= fd0, "open files: %d after warm-up, %d after" % (fd0, fd1))
     print("%d passed, %d failed" % (sc.PASS[0], sc.FAIL[0]), flush=True)
     sys.exit(1 if sc.FAIL[0] else 0)

@@ -133,6 +133,43 @@ PYEOF
   wait_exit "$SRV" 30
 fi
 
+# ---- safe defaults: loopback unless told otherwise; TLS with a self-signed certificate
+"$BLIP2D" --model "$MODEL" --port-file "$tmp/default.port" >"$tmp/default.log" 2>&1 </dev/null &
+dflt=$!
+servers+=("$dflt")
+for ((i = 0; i < 100; i++)); do [ -s "$tmp/default.port" ] && break; sleep 0.1; done
+if grep -q "listening on 127.0.0.1:50051" "$tmp/default.log" && ! grep -qE "^ *[0-9]+: 00000000:C383" /proc/net/tcp; then ok; else
+  grep -q "cannot listen" "$tmp/default.log" && echo "port 50051 busy: default-listen check skipped" || bad "default listen: $(cat "$tmp/default.log")"
+fi
+kill -TERM "$dflt" 2>/dev/null
+wait_exit "$dflt" 30
+if openssl req -x509 -newkey rsa:2048 -nodes -keyout "$tmp/key.pem" -out "$tmp/cert.pem" -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" >/dev/null 2>&1 && start tls --tls-cert "$tmp/cert.pem" --tls-key "$tmp/key.pem" 2>/dev/null; then
+  bad "a plaintext health probe reached the TLS server"
+elif [ -s "$tmp/tls.port" ]; then
+  PORT=$(cat "$tmp/tls.port")
+  out=$("$PY" - "$SRC" "127.0.0.1:$PORT" "$tmp/cert.pem" "$FIX/images/chelsea.png" <<'PYEOF'
+import sys, time
+sys.path.insert(0, sys.argv[1] + "/tests")
+import server_client as sc, grpc
+sc.load_stubs(sys.argv[1] + "/proto")
+creds = grpc.ssl_channel_credentials(root_certificates=open(sys.argv[3], "rb").read())
+api = sc.Api(grpc.secure_channel(sys.argv[2], creds, options=[("grpc.ssl_target_name_override", "localhost")]))
+if not sc.wait_serving(api, 60):
+    sys.exit("not serving over TLS")
+r = api.generate(sc.P["b"].GenerateRequest(image=open(sys.argv[4], "rb").read(), prompt="a photo of", max_new_tokens=4), timeout=60)
+plain = sc.Api(sc.channel(sys.argv[2]))
+code, _, _ = sc.code_of(lambda: plain.info(sc.P["b"].ModelInfoRequest(), timeout=5))
+print("tls ids", list(r.token_ids), "plaintext", code.name)
+PYEOF
+)
+  if [[ "$out" == "tls ids ["*"] plaintext UNAVAILABLE" ]]; then ok; else bad "TLS: $out"; fi
+  kill -TERM $(pgrep -P "$SRV") 2>/dev/null
+  wait_exit "$SRV" 30
+else
+  bad "TLS server did not start: $(cat "$tmp/tls.log")"
+fi
+
 # ---- soak
 if start soak --max-queue 4096; then
   "$BLIP2" generate --model "$MODEL" --image "$FIX/images/chelsea.png" --max-new-tokens 1 --json >/dev/null # warm page cache
