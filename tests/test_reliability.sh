@@ -33,6 +33,15 @@ wait_exit() {
   RC=$?
 }
 
+# Under ASan (BLIP2_SANITIZED=1, set by CMake): Open MPI's own allocations at finalize are not ours
+# (suppressed as in test_server.sh), and resident memory says nothing (the allocator quarantines
+# what is freed), so the soak skips its memory check there.
+printf '%s\n' leak:libmpi.so leak:libopen-pal.so leak:libopen-rte.so leak:libpmix.so leak:mca_ leak:MPI_Init_thread \
+  leak:MPI_Finalize leak:event_base_loop leak:libevent >"$tmp/lsan-mpi.supp"
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
+export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$tmp/lsan-mpi.supp"
+export OMPI_MCA_mca_base_component_disable_dlclose=1
+
 # start NAME [flags]: mpirun -np 2 blip2d on a kernel-chosen port → SRV, PORT; SERVING within 60 s
 start() {
   local name=$1 i
@@ -186,6 +195,7 @@ PYEOF
   pids=$(pgrep -P "$SRV" | paste -sd,)
   if timeout 900 "$PY" "$SRC/tests/soak.py" --addr "127.0.0.1:$PORT" --proto-dir "$SRC/proto" --shared "$SHARED" \
     --refs "$tmp/refs.json" --pids "$pids" --requests "${SOAK_REQUESTS:-2000}" --concurrency 64 \
+    ${BLIP2_SANITIZED:+--no-memory-check} \
     ${SOAK_JSON:+--json-out "$SOAK_JSON"} >"$tmp/soak.out" 2>&1; then ok; else bad "soak: $(tail -30 "$tmp/soak.out")"; fi
   grep -E "passed|requests_per_s|rss|fds|wrong|unexpected" "$tmp/soak.out"
   kill -TERM $(pgrep -P "$SRV") 2>/dev/null
