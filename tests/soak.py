@@ -86,10 +86,11 @@ def main():
     ap.add_argument("--pids", required=True)
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=0, help="default: max(1000, requests / 2)")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--no-memory-check", action="store_true", help="sanitizer builds: RSS is not meaningful")
     a = ap.parse_args()
+    a.warmup = a.warmup or max(1000, a.requests // 2) # RSS settles (allocator arenas, gRPC pools) first
     sc.load_stubs(a.proto_dir)
     pids = [int(p) for p in a.pids.split(",")]
     fx = os.path.join(a.shared, "fixtures")
