@@ -7,6 +7,8 @@
  * through a per-call queue, so at most one send batch is outstanding per call (streaming). */
 #include "server.h"
 
+#include "request.h"
+
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
@@ -32,7 +34,6 @@
 #define CONTAINER_OF(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
 #define MAX_PROMPTS 64
 #define MAX_BATCH_ITEMS 256
-#define MAX_REQUEST_ID 128
 
 typedef struct tag {
     void (*fn)(struct tag *t, int ok);
@@ -98,58 +99,6 @@ static void slog(const blip2_server *s, int level, const char *fmt, ...) {
 }
 
 /* ---------------------------------------------------------------- text helpers */
-
-/* Strict UTF-8 (no overlongs, surrogates or code points above U+10FFFF). Returns the offset of the
- * first bad byte, or n when the whole text is valid. */
-static size_t utf8_check(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        size_t k;
-        unsigned cp, min;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            k = 1, cp = c & 0x1F, min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            k = 2, cp = c & 0x0F, min = 0x800;
-        } else if ((c & 0xF8) == 0xF0) {
-            k = 3, cp = c & 0x07, min = 0x10000;
-        } else {
-            return i;
-        }
-        if (i + k >= n) return i; /* truncated */
-        for (size_t j = 1; j <= k; j++) {
-            if ((s[i + j] & 0xC0) != 0x80) return i;
-            cp = (cp << 6) | (s[i + j] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-        i += k + 1;
-    }
-    return n;
-}
-
-/* A valid-UTF-8 copy (bad bytes become U+FFFD): protobuf strings must be UTF-8. */
-static char *utf8_copy(const char *s, size_t n) {
-    if (!s) s = "", n = 0;
-    char *out = malloc(3 * n + 1);
-    if (!out) return NULL;
-    size_t o = 0, i = 0;
-    while (i < n) {
-        size_t ok = utf8_check((const unsigned char *)s + i, n - i);
-        memcpy(out + o, s + i, ok);
-        o += ok;
-        i += ok;
-        if (i < n) {
-            memcpy(out + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i++;
-        }
-    }
-    out[o] = 0;
-    return out;
-}
 
 /* ---------------------------------------------------------------- byte buffers */
 
@@ -227,7 +176,7 @@ struct call_ctx {
     /* request */
     Blip2__V1__GenerateRequest *greq;
     Blip2__V1__GenerateBatchRequest *breq;
-    char rid[MAX_REQUEST_ID + 32];
+    char rid[BLIP2_MAX_REQUEST_ID + 32];
     job_slot *slots;
     int n_slots;
     atomic_int remaining;
@@ -536,7 +485,7 @@ static void cb_on_token(void *ctx, int32_t id, const char *piece, size_t len) {
     call_ctx *c = j->c;
     Blip2__V1__GenerateStreamReply m = BLIP2__V1__GENERATE_STREAM_REPLY__INIT;
     uint32_t tid = (uint32_t)id;
-    char *text = utf8_copy(piece, len);
+    char *text = blip2_utf8_copy(piece, len);
     m.text = text ? text : (char *)"";
     m.n_token_ids = 1;
     m.token_ids = &tid;
@@ -565,7 +514,7 @@ static void slot_store(job_slot *j, const blip2_result *res) {
         const blip2_sequence_out *o = &res->seqs[i];
         seq_copy *q = &j->seqs[i];
         q->ids = malloc(sizeof(uint32_t) * (o->n_ids > 0 ? (size_t)o->n_ids : 1));
-        q->text = utf8_copy(o->text, o->text ? o->text_len : 0);
+        q->text = blip2_utf8_copy(o->text, o->text ? o->text_len : 0);
         if (!q->ids || !q->text) {
             j->code = BLIP2_ENOMEM;
             j->message = strdup("out of memory copying the result");
@@ -749,7 +698,7 @@ static void finalize_batch(call_ctx *c) {
     Blip2__V1__BatchItem *items = calloc(n ? (size_t)n : 1, sizeof *items);
     Blip2__V1__BatchItem **iptr = calloc(n ? (size_t)n : 1, sizeof *iptr);
     reply_buf *bufs = calloc(n ? (size_t)n : 1, sizeof *bufs);
-    char (*rids)[MAX_REQUEST_ID + 48] = calloc(n ? (size_t)n : 1, sizeof *rids);
+    char (*rids)[BLIP2_MAX_REQUEST_ID + 48] = calloc(n ? (size_t)n : 1, sizeof *rids);
     grpc_byte_buffer *bb = NULL;
     int bad = !items || !iptr || !bufs || !rids;
     for (int i = 0; !bad && i < n; i++) {
@@ -828,73 +777,6 @@ static int64_t deadline_ns(gpr_timespec d) {
     return blip2_now_ns() + (ns > 0 ? ns : -1); /* already expired: in the past */
 }
 
-static int u32_to_int(uint32_t v, const char *name, int *out, blip2_status *st) {
-    if (v > INT_MAX) return blip2_fail(st, BLIP2_EINVAL, "%s %" PRIu32 " is out of range", name, v);
-    *out = (int)v;
-    return 0;
-}
-
-/* DecodingParams (zero values = defaults) → blip2_decoding. */
-static blip2_code map_decoding(const Blip2__V1__GenerateRequest *r, int limit, blip2_decoding *d, blip2_status *st) {
-    *d = blip2_decoding_default();
-    if (r->max_new_tokens > (uint32_t)limit)
-        return blip2_fail(st, BLIP2_EINVAL, "max_new_tokens %" PRIu32 " exceeds the server's limit of %d (0 = the model's default)",
-                          r->max_new_tokens, limit);
-    d->max_new_tokens = (int)r->max_new_tokens;
-    const Blip2__V1__DecodingParams *p = r->decoding;
-    if (!p) return BLIP2_OK;
-    d->do_sample = p->do_sample != 0;
-    if (p->temperature != 0.0f) d->temperature = p->temperature;
-    if (p->disable_top_k) d->top_k = 0;
-    else if (p->top_k && u32_to_int(p->top_k, "top_k", &d->top_k, st)) return BLIP2_EINVAL;
-    if (p->top_p != 0.0f) d->top_p = p->top_p;
-    d->seed = p->seed;
-    d->has_seed = p->has_seed != 0;
-    if (p->repetition_penalty != 0.0f) d->repetition_penalty = p->repetition_penalty;
-    if (u32_to_int(p->min_new_tokens, "min_new_tokens", &d->min_new_tokens, st)) return BLIP2_EINVAL;
-    if (p->num_beams > 1 && u32_to_int(p->num_beams, "num_beams", &d->num_beams, st)) return BLIP2_EINVAL;
-    if (p->length_penalty != 0.0f) d->length_penalty = p->length_penalty;
-    d->early_stopping = p->early_stopping != 0;
-    if (p->num_return_sequences > 1 &&
-        u32_to_int(p->num_return_sequences, "num_return_sequences", &d->num_return_sequences, st))
-        return BLIP2_EINVAL;
-    return blip2_decoding_validate(d, limit, st);
-}
-
-static blip2_code check_text(const char *what, const char *s, blip2_status *st) {
-    size_t n = s ? strlen(s) : 0, bad = utf8_check((const unsigned char *)(s ? s : ""), n);
-    if (bad != n) return blip2_fail(st, BLIP2_EINVAL, "%s is not valid UTF-8 (bad byte at offset %zu)", what, bad);
-    return BLIP2_OK;
-}
-
-/* Checks one request and fills the job (pointers into r). */
-static blip2_code build_job(const blip2_server *s, const Blip2__V1__GenerateRequest *r, const char *prompt, int64_t dl,
-                            blip2_job *job, blip2_status *st) {
-    memset(job, 0, sizeof *job);
-    if (!r->image.data || r->image.len == 0)
-        return blip2_fail(st, BLIP2_EINVAL, "image: empty (0 bytes); send the JPEG or PNG file's bytes");
-    if (check_text("prompt", prompt, st)) return BLIP2_EINVAL;
-    if (r->request_id && strlen(r->request_id) > MAX_REQUEST_ID)
-        return blip2_fail(st, BLIP2_EINVAL, "request_id is longer than %d bytes", MAX_REQUEST_ID);
-    if (check_text("request_id", r->request_id, st)) return BLIP2_EINVAL;
-    blip2_code rc = map_decoding(r, s->o.max_new_tokens_limit, &job->dec, st);
-    if (rc) return rc;
-    if (r->decoding) {
-        if (r->decoding->n_stop > 16)
-            return blip2_fail(st, BLIP2_EINVAL, "at most 16 stop strings (got %zu)", r->decoding->n_stop);
-        for (size_t i = 0; i < r->decoding->n_stop; i++)
-            if (check_text("a stop string", r->decoding->stop[i], st)) return BLIP2_EINVAL;
-        job->stop = (const char *const *)r->decoding->stop;
-        job->n_stop = (int)r->decoding->n_stop;
-    }
-    job->image = r->image.data;
-    job->image_len = r->image.len;
-    job->prompt = prompt ? prompt : "";
-    job->prompt_len = strlen(job->prompt);
-    job->deadline_ns = dl;
-    return BLIP2_OK;
-}
-
 static blip2_engine *serving_engine(call_ctx *c) {
     blip2_server *s = c->s;
     int st = atomic_load(&s->state);
@@ -948,7 +830,7 @@ static void start_generate(call_ctx *c) {
         return;
     }
     Blip2__V1__GenerateRequest *r = c->greq;
-    set_rid(c, r->request_id && strlen(r->request_id) <= MAX_REQUEST_ID ? r->request_id : NULL);
+    set_rid(c, r->request_id && strlen(r->request_id) <= BLIP2_MAX_REQUEST_ID ? r->request_id : NULL);
     blip2_status st = {0};
     int n = r->n_prompts ? (int)(r->n_prompts > MAX_PROMPTS + 1 ? MAX_PROMPTS + 1 : r->n_prompts) : 1;
     if (c->method == M_STREAM && r->n_prompts) {
@@ -967,7 +849,7 @@ static void start_generate(call_ctx *c) {
     /* Check every prompt before running any. */
     blip2_job job;
     for (int i = n - 1; i >= 0; i--) {
-        blip2_code rc = build_job(c->s, r, r->n_prompts ? r->prompts[i] : r->prompt, c->deadline_ns, &job, &st);
+        blip2_code rc = blip2_request_to_job(r, c->s->o.max_new_tokens_limit, r->n_prompts ? r->prompts[i] : r->prompt, c->deadline_ns, &job, &st);
         if (rc) {
             if (r->n_prompts) blip2_wrap(&st, "prompts[%d]", i);
             call_fail(c, map_code(rc), st.msg);
@@ -988,7 +870,7 @@ static void continue_prompts(call_ctx *c) {
     for (int i = 1; i < c->n_slots; i++) {
         blip2_job job;
         blip2_status st = {0};
-        blip2_code rc = build_job(c->s, r, r->prompts[i], c->deadline_ns, &job, &st);
+        blip2_code rc = blip2_request_to_job(r, c->s->o.max_new_tokens_limit, r->prompts[i], c->deadline_ns, &job, &st);
         if (rc) {
             slot_fail(&c->slots[i], rc, st.msg);
             slot_release(c);
@@ -1027,7 +909,7 @@ static void start_batch(call_ctx *c) {
         blip2_status st = {0};
         blip2_code rc;
         if (r->n_prompts) rc = blip2_fail(&st, BLIP2_EINVAL, "prompts is not supported inside GenerateBatch");
-        else rc = build_job(c->s, r, r->prompt, c->deadline_ns, &job, &st);
+        else rc = blip2_request_to_job(r, c->s->o.max_new_tokens_limit, r->prompt, c->deadline_ns, &job, &st);
         if (rc) {
             slot_fail(&c->slots[i], rc, st.msg);
             slot_release(c);
