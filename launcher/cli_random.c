@@ -8,14 +8,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "../runtime/inputs.h"
 #include "../runtime/model.h"
 #include "../runtime/safetensors.h"
 #include "../runtime/sampling.h"
 #include "cli.h"
 
 typedef struct {
-    const char *config, *out;
+    const char *config, *out, *tokenizer;
     blip2_dtype dtype;
     uint64_t seed;
 } rand_args;
@@ -24,6 +26,7 @@ static int parse_rand_args(int argc, char **argv, rand_args *a) {
     static const struct option opts[] = {
         {"config", required_argument, 0, 'c'}, {"out", required_argument, 0, 'o'},
         {"dtype", required_argument, 0, 'd'},  {"seed", required_argument, 0, 's'},
+        {"tokenizer", required_argument, 0, 't'},
         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
@@ -34,6 +37,7 @@ static int parse_rand_args(int argc, char **argv, rand_args *a) {
         switch (c) {
         case 'c': a->config = optarg; break;
         case 'o': a->out = optarg; break;
+        case 't': a->tokenizer = optarg; break;
         case 'd':
             if (strcmp(optarg, "f16") == 0) a->dtype = BLIP2_DT_F16;
             else if (strcmp(optarg, "bf16") == 0) a->dtype = BLIP2_DT_BF16;
@@ -45,7 +49,9 @@ static int parse_rand_args(int argc, char **argv, rand_args *a) {
             a->seed = (uint64_t)seed;
             break;
         case 'h':
-            printf("usage: blip2 make-random-checkpoint --config CONFIG.json --out DIR [--dtype f16|bf16|f32] [--seed N]\n");
+            printf("usage: blip2 make-random-checkpoint --config CONFIG.json --out DIR [--dtype f16|bf16|f32] [--seed N]\n"
+                   "                                    [--tokenizer DIR]  (copies its tokenizer files: a snapshot the\n"
+                   "                                    server and --image/--prompt can use)\n");
             exit(0);
         default: return 2;
         }
@@ -102,6 +108,31 @@ static blip2_code write_text(const char *dir, const char *name, const char *text
     return ok ? BLIP2_OK : blip2_fail(st, BLIP2_EIO, "%s: write failed", path);
 }
 
+/* Copies src/name to dir/name; a file src lacks is skipped. */
+static blip2_code copy_file(const char *src, const char *dir, const char *name, blip2_status *st) {
+    char from[4096], to[4096];
+    snprintf(from, sizeof from, "%s/%s", src, name);
+    snprintf(to, sizeof to, "%s/%s", dir, name);
+    uint8_t *data;
+    size_t n;
+    if (access(from, R_OK) != 0) return BLIP2_OK;
+    blip2_code rc = blip2_read_file(from, (size_t)64 << 20, &data, &n, st);
+    if (rc) return rc;
+    FILE *fp = fopen(to, "wb");
+    int ok = fp && fwrite(data, 1, n, fp) == n;
+    if (fp) ok = fclose(fp) == 0 && ok;
+    free(data);
+    return ok ? BLIP2_OK : blip2_fail(st, BLIP2_EIO, "%s: write failed", to);
+}
+
+static blip2_code copy_tokenizer(const char *src, const char *dir, blip2_status *st) {
+    const char *names[] = {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json"};
+    blip2_code rc = BLIP2_OK;
+    for (size_t i = 0; !rc && i < sizeof names / sizeof *names; i++) rc = copy_file(src, dir, names[i], st);
+    return rc;
+}
+
 static blip2_code copy_config(const char *src, const char *dir, blip2_status *st) {
     FILE *fp = fopen(src, "rb");
     if (!fp) return blip2_fail(st, BLIP2_EIO, "%s: cannot open: %s", src, strerror(errno));
@@ -125,7 +156,13 @@ static blip2_code write_side_files(const char *dir, const blip2_config *c, blip2
              c->eos_id, c->pad_id);
     blip2_code rc = write_text(dir, "generation_config.json", text, st);
     snprintf(text, sizeof text, "{\"num_query_tokens\": %d, \"processor_class\": \"Blip2Processor\"}\n", c->Q);
-    return rc ? rc : write_text(dir, "processor_config.json", text, st);
+    if (!rc) rc = write_text(dir, "processor_config.json", text, st);
+    snprintf(text, sizeof text, /* BlipImageProcessor as the hub has it, at the vision encoder's size */
+             "{\"do_convert_rgb\": true, \"do_normalize\": true, \"do_rescale\": true, \"do_resize\": true,\n"
+             " \"image_mean\": [0.48145466, 0.4578275, 0.40821073], \"image_std\": [0.26862954, 0.26130258, 0.27577711],\n"
+             " \"resample\": 3, \"rescale_factor\": 0.00392156862745098, \"size\": {\"height\": %d, \"width\": %d}}\n",
+             c->vision.image_size, c->vision.image_size);
+    return rc ? rc : write_text(dir, "preprocessor_config.json", text, st);
 }
 
 int blip2_cli_make_random_checkpoint(int argc, char **argv) {
@@ -150,6 +187,7 @@ int blip2_cli_make_random_checkpoint(int argc, char **argv) {
     if (!rc) rc = write_weights(path, e, n, &a, &st);
     if (!rc) rc = copy_config(a.config, a.out, &st);
     if (!rc) rc = write_side_files(a.out, &m.cfg, &st);
+    if (!rc && a.tokenizer) rc = copy_tokenizer(a.tokenizer, a.out, &st);
     free(e);
     blip2_model_free(&m);
     if (rc) return blip2_cli_error("%s", st.msg);

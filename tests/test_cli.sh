@@ -64,6 +64,13 @@ if [ "$s1" == "$s2" ] && [ "$s1" != "$s3" ] && [[ "$s1" == *output_ids* ]]; then
 out=$("$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --stop "Solar Solar" --max-new-tokens 10 --json 2>&1)
 if [[ "$out" == *'"output_ids": [11400, 11400], "finish_reason": "stop", "text": "Solar Solar"'* ]]; then ok; else bad "stop string: $out"; fi
 
+# A random snapshot of a config's shapes, with the tokenizer copied in, answers like any model dir.
+if "$BLIP2" make-random-checkpoint --config "$FIX/tiny-f32-sharded/config.json" --dtype bf16 --out "$tmp/rand" --seed 3 \
+  --tokenizer "$SHARED/tokenizer/opt" 2>"$tmp/err"; then ok; else bad "make-random-checkpoint: $(cat "$tmp/err")"; fi
+out=$("$BLIP2" generate --model "$tmp/rand" --image "$FIX/images/coffee.png" --prompt "a photo of" --max-new-tokens 3 --json 2>&1)
+if [[ "$out" == *'"input_ids": [50265, 50265, 50265, 50265, 50265, 50265, 50265, 50265, 2, 102, 1345, 9]'* && "$out" == *'"text": '* ]]; then ok; else
+  bad "generate on the random snapshot: $out"; fi
+
 # The engine benchmark runs on a checkpoint and on random weights of a config.
 out=$("$BLIP2" bench --config "$FIX/tiny-f32-sharded/config.json" --random-weights --batch 1,4 --images 1 --steps 2 --json 2>&1)
 if [[ "$out" == *'"images_per_s"'* && "$out" == *'"batch": 4, "prefill_ms"'* && "$out" == *'"decode_tokens_per_s"'* ]]; then ok; else
