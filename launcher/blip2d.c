@@ -230,15 +230,6 @@ static void *signal_main(void *arg) {
 
 /* ---------------------------------------------------------------- loading */
 
-static double rss_mib(void) {
-    FILE *fp = fopen("/proc/self/status", "r");
-    char line[256];
-    double kb = 0;
-    while (fp && fgets(line, sizeof line, fp))
-        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
-    if (fp) fclose(fp);
-    return kb / 1024.0;
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -265,7 +256,7 @@ static blip2_code load_rank(const args_t *a, const blip2_tp *tp, blip2_model *m,
          "%.1f MiB (heads %d, ffn %d, vocab [%d, %d))%s; resident %.1f MiB",
          tp->rank, tp->world, now_s() - t0, m->ckpt.nfiles, tensors, mapped / 1048576.0, m->opt_bytes / 1048576.0,
          m->shard.NH, m->shard.ffn, m->shard.v0, m->shard.v0 + m->shard.V, tp->rank == 0 ? " + vision, Q-Former" : "",
-         rss_mib());
+         blip2_rss_mib());
     return BLIP2_OK;
 }
 

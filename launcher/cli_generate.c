@@ -330,16 +330,6 @@ static blip2_code run_generate(const gen_args *a, blip2_model *m, const blip2_in
     free(ids);
     return rc;
 }
-/* Resident memory now (VmRSS), in MiB, for the per-rank load report. */
-static double rss_mib(void) {
-    FILE *fp = fopen("/proc/self/status", "r");
-    char line[256];
-    double kb = 0;
-    while (fp && fgets(line, sizeof line, fp))
-        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
-    if (fp) fclose(fp);
-    return kb / 1024.0;
-}
 
 static blip2_code load_on_every_rank(const char *dir, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
     blip2_code rc = blip2_model_load_shard(dir, tp->rank, tp->world, m, st);
@@ -347,7 +337,7 @@ static blip2_code load_on_every_rank(const char *dir, const blip2_tp *tp, blip2_
     if (!rc && tp->world > 1)
         fprintf(stderr, "blip2: rank %d/%d: OPT shard %.1f MiB (heads %d, ffn %d, vocab [%d, %d)), resident %.1f MiB\n",
                 tp->rank, tp->world, m->opt_bytes / 1048576.0, m->shard.NH, m->shard.ffn, m->shard.v0,
-                m->shard.v0 + m->shard.V, rss_mib());
+                m->shard.v0 + m->shard.V, blip2_rss_mib());
     return rc;
 }
 

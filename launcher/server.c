@@ -7,6 +7,7 @@
  * through a per-call queue, so at most one send batch is outstanding per call (streaming). */
 #include "server.h"
 
+#include "grpc_util.h"
 #include "request.h"
 
 #include <grpc/byte_buffer.h>
@@ -337,26 +338,6 @@ static grpc_status_code map_code(blip2_code rc) {
     }
 }
 
-static const char *status_name(grpc_status_code c) {
-    static const char *names[] = {"OK",
-                                  "CANCELLED",
-                                  "UNKNOWN",
-                                  "INVALID_ARGUMENT",
-                                  "DEADLINE_EXCEEDED",
-                                  "NOT_FOUND",
-                                  "ALREADY_EXISTS",
-                                  "PERMISSION_DENIED",
-                                  "RESOURCE_EXHAUSTED",
-                                  "FAILED_PRECONDITION",
-                                  "ABORTED",
-                                  "OUT_OF_RANGE",
-                                  "UNIMPLEMENTED",
-                                  "INTERNAL",
-                                  "UNAVAILABLE",
-                                  "DATA_LOSS",
-                                  "UNAUTHENTICATED"};
-    return (int)c >= 0 && (int)c < (int)(sizeof names / sizeof names[0]) ? names[c] : "?";
-}
 
 static double ms_since(int64_t t0) { return (double)(blip2_now_ns() - t0) / 1e6; }
 
@@ -369,7 +350,7 @@ static void call_finish(call_ctx *c, grpc_byte_buffer *msg, grpc_status_code cod
 /* An error reply for the request path, logged. */
 static void call_fail(call_ctx *c, grpc_status_code code, const char *details) {
     slog(c->s, BLIP2_LOG_INFO, "req %s %s %s total_ms=%.1f: %s",
-         c->rid[0] ? c->rid : "-", method_name[c->method], status_name(code), ms_since(c->t_recv), details);
+         c->rid[0] ? c->rid : "-", method_name[c->method], blip2_rpc_code_name((int)code), ms_since(c->t_recv), details);
     call_finish(c, NULL, code, details);
 }
 
@@ -628,7 +609,7 @@ static void log_done(call_ctx *c, const job_slot *j, int n, grpc_status_code cod
         if (j[i].code == BLIP2_OK && j[i].n_seqs > 0) gen += j[i].seqs[0].n_ids;
     const blip2_timings *t = &j[0].t;
     if (code != GRPC_STATUS_OK && t->total_ms == 0) { /* refused before it ran */
-        slog(c->s, BLIP2_LOG_INFO, "req %s %s %s total_ms=%.1f: %s", c->rid, method_name[c->method], status_name(code),
+        slog(c->s, BLIP2_LOG_INFO, "req %s %s %s total_ms=%.1f: %s", c->rid, method_name[c->method], blip2_rpc_code_name((int)code),
              ms_since(c->t_recv), msg ? msg : "");
         return;
     }
@@ -638,7 +619,7 @@ static void log_done(call_ctx *c, const job_slot *j, int n, grpc_status_code cod
     slog(c->s, BLIP2_LOG_INFO,
          "req %s %s %s prompt_tokens=%d generated=%d%s queue_ms=%.1f image_ms=%.1f%s prefill_ms=%.1f decode_ms=%.1f "
          "total_ms=%.1f%s%s%s",
-         c->rid, method_name[c->method], status_name(code), j[0].prompt_tokens, gen, extra, t->queue_ms, t->image_ms,
+         c->rid, method_name[c->method], blip2_rpc_code_name((int)code), j[0].prompt_tokens, gen, extra, t->queue_ms, t->image_ms,
          t->image_cached ? " (cached)" : "", t->prefill_ms, t->decode_ms, ms_since(c->t_recv),
          fin ? " finish=" : (msg ? ": " : ""), fin ? fin : "", !fin && msg ? msg : "");
 }

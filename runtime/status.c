@@ -56,3 +56,13 @@ void *blip2_calloc(size_t count, size_t size, blip2_status *st) {
     if (!p) blip2_fail(st, BLIP2_ENOMEM, "out of memory allocating %zu x %zu bytes", count, size);
     return p;
 }
+
+double blip2_rss_mib(void) {
+    FILE *fp = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (fp && fgets(line, sizeof line, fp))
+        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
+    if (fp) fclose(fp);
+    return kb / 1024.0;
+}

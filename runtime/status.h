@@ -36,4 +36,7 @@ const char *blip2_code_name(blip2_code code);
 void *blip2_malloc(size_t n, blip2_status *st);
 void *blip2_calloc(size_t count, size_t size, blip2_status *st);
 
+/* This process's resident memory now (VmRSS), in MiB; 0 where /proc is not there. */
+double blip2_rss_mib(void);
+
 #endif
