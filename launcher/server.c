@@ -1049,6 +1049,21 @@ static void *cq_main(void *arg) {
 
 /* ---------------------------------------------------------------- lifecycle */
 
+/* The last of a server, once its completion queue is drained (failed start or destroy). */
+static void server_free(blip2_server *s) {
+    grpc_completion_queue_destroy(s->cq);
+    grpc_shutdown();
+    pthread_mutex_destroy(&s->arm_mu);
+    pthread_mutex_destroy(&s->sd_mu);
+    pthread_cond_destroy(&s->sd_cv);
+    pthread_mutex_destroy(&s->wq_mu);
+    pthread_cond_destroy(&s->wq_cv);
+    free(s->workers);
+    free(s->listen);
+    free(s->model_dir);
+    free(s);
+}
+
 blip2_code blip2_server_start(const blip2_server_opts *o, blip2_server **out, int *port, blip2_status *st) {
     *out = NULL;
     blip2_server *s = calloc(1, sizeof *s);
@@ -1099,16 +1114,7 @@ blip2_code blip2_server_start(const blip2_server_opts *o, blip2_server **out, in
         grpc_completion_queue_shutdown(s->cq);
         while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {
         }
-        grpc_completion_queue_destroy(s->cq);
-        grpc_shutdown();
-        pthread_mutex_destroy(&s->arm_mu);
-        pthread_mutex_destroy(&s->sd_mu);
-        pthread_cond_destroy(&s->sd_cv);
-        pthread_mutex_destroy(&s->wq_mu);
-        pthread_cond_destroy(&s->wq_cv);
-        free(s->listen);
-        free(s->model_dir);
-        free(s);
+        server_free(s);
         return BLIP2_EIO;
     }
     *port = p;
@@ -1194,15 +1200,5 @@ void blip2_server_destroy(blip2_server *s, int grace_ms) {
     if (s->cq_started) pthread_join(s->cq_thread, NULL);
     else
         cq_main(s);
-    grpc_completion_queue_destroy(s->cq);
-    grpc_shutdown();
-    pthread_mutex_destroy(&s->arm_mu);
-    pthread_mutex_destroy(&s->sd_mu);
-    pthread_cond_destroy(&s->sd_cv);
-    pthread_mutex_destroy(&s->wq_mu);
-    pthread_cond_destroy(&s->wq_cv);
-    free(s->workers);
-    free(s->listen);
-    free(s->model_dir);
-    free(s);
+    server_free(s);
 }
