@@ -318,14 +318,40 @@ static void check_active(blip2_engine *e, int64_t now, int cancel_all) {
     }
 }
 
-/* Vision + Q-Former + projection for newly admitted requests, batched. */
+/* Same image bytes (hash first, then every byte, as the cache does). */
+static int same_image(const req_t *a, const req_t *b) {
+    return a->img && b->img && a->hash == b->hash && a->img_len == b->img_len && memcmp(a->img, b->img, a->img_len) == 0;
+}
+
+/* An image encoded since this request was submitted: take its embedding from the cache. */
+static int take_cached(blip2_engine *e, req_t *r, size_t emb) {
+    if (!r->img || !(r->projected = malloc(sizeof(float) * emb))) return 0;
+    if (!blip2_image_cache_retry(&e->cache, r->img, r->img_len, r->hash, r->projected)) {
+        free(r->projected);
+        r->projected = NULL;
+        return 0;
+    }
+    r->cached = 1;
+    free(r->pixels);
+    r->pixels = NULL;
+    return 1;
+}
+
+/* Vision + Q-Former + projection for newly admitted requests, batched; an image that several of
+ * them share (sent together, or since cached) is encoded once. */
 static blip2_code encode_images(blip2_engine *e, blip2_status *st) {
     const blip2_config *c = &e->m->cfg;
     size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size, emb = (size_t)c->Q * c->opt.C;
-    req_t *batch[64];
-    int B = 0;
-    for (int i = 0; i < e->n_act && B < e->o.max_images_per_step; i++)
-        if (!e->act[i]->projected) batch[B++] = e->act[i];
+    req_t *batch[64], *dup[64];
+    int B = 0, D = 0, src[64];
+    for (int i = 0; i < e->n_act && B < e->o.max_images_per_step && D < 64; i++) {
+        req_t *r = e->act[i];
+        if (r->projected || take_cached(e, r, emb)) continue;
+        int j = 0;
+        while (j < B && !same_image(batch[j], r)) j++;
+        if (j < B) dup[D] = r, src[D++] = j;
+        else batch[B++] = r;
+    }
     if (!B) return BLIP2_OK;
     int64_t t0 = blip2_now_ns();
     for (int b = 0; b < B; b++) memcpy(e->img_px + b * px, batch[b]->pixels, sizeof(float) * px);
@@ -333,15 +359,17 @@ static blip2_code encode_images(blip2_engine *e, blip2_status *st) {
     if (!rc) rc = blip2_qformer_forward(e->m, e->img_vis, B, e->img_qf, st);
     if (!rc) rc = blip2_project(e->m, e->img_qf, B, e->img_proj, st);
     double ms = ms_between(t0, blip2_now_ns());
-    for (int b = 0; !rc && b < B; b++) {
-        req_t *r = batch[b];
+    for (int k = 0; !rc && k < B + D; k++) {
+        req_t *r = k < B ? batch[k] : dup[k - B];
+        int row = k < B ? k : src[k - B];
         r->projected = blip2_malloc(sizeof(float) * emb, st);
         if (!r->projected) return BLIP2_ENOMEM;
-        memcpy(r->projected, e->img_proj + b * emb, sizeof(float) * emb);
-        r->image_ms = ms;
+        memcpy(r->projected, e->img_proj + row * emb, sizeof(float) * emb);
+        r->image_ms = k < B ? ms : 0;
+        r->cached = k >= B; /* shared another request's encoding */
         free(r->pixels);
         r->pixels = NULL;
-        if (r->img) blip2_image_cache_put(&e->cache, r->img, r->img_len, r->hash, r->projected);
+        if (k < B && r->img) blip2_image_cache_put(&e->cache, r->img, r->img_len, r->hash, r->projected);
     }
     return rc;
 }

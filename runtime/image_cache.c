@@ -60,7 +60,7 @@ static cache_entry *find(blip2_image_cache *c, const uint8_t *data, size_t n, ui
     return NULL;
 }
 
-int blip2_image_cache_get(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out) {
+static int lookup(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out, int retry) {
     if (!c->budget) return 0;
     pthread_mutex_lock(&c->mu);
     cache_entry *e = find(c, data, n, hash);
@@ -69,11 +69,20 @@ int blip2_image_cache_get(blip2_image_cache *c, const uint8_t *data, size_t n, u
         unlink_entry(c, e);
         push_front(c, e);
         c->hits++;
-    } else {
+        c->misses -= retry != 0; /* the same request's first look was counted as a miss */
+    } else if (!retry) {
         c->misses++;
     }
     pthread_mutex_unlock(&c->mu);
     return e != NULL;
+}
+
+int blip2_image_cache_get(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out) {
+    return lookup(c, data, n, hash, out, 0);
+}
+
+int blip2_image_cache_retry(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out) {
+    return lookup(c, data, n, hash, out, 1);
 }
 
 void blip2_image_cache_put(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, const float *emb) {

@@ -24,6 +24,9 @@ void blip2_image_cache_free(blip2_image_cache *c);
 uint64_t blip2_image_hash(const uint8_t *data, size_t n);
 /* Copies the embedding [Q, Ct] into out on a hit (1), else 0. */
 int blip2_image_cache_get(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out);
+/* A second look for a request whose get() missed (the image may have been encoded since): a hit
+ * turns that request's miss into a hit; a miss is not counted again. */
+int blip2_image_cache_retry(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, float *out);
 void blip2_image_cache_put(blip2_image_cache *c, const uint8_t *data, size_t n, uint64_t hash, const float *emb);
 
 #endif

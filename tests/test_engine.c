@@ -307,6 +307,14 @@ static void test_image_cache(env_t *env, const char *name) {
     CHECK(run_jobs(env, &fresh, &fresh_out, 1, 0, NULL) == 0, "blocks in use");
     CHECK(same_ids(&fresh_out, &out[2]), "%s: another prompt on the cached image differs from a fresh encoding", name);
     CHECK(out[0].streamed > 0, "%s: nothing streamed", name);
+    /* the same image in 4 requests sent together: encoded once, shared by the others */
+    blip2_job same[4];
+    outcome sout[4];
+    for (int i = 0; i < 4; i++) same[i] = jobs[0];
+    CHECK(run_jobs(env, same, sout, 4, 0, &s) == 0, "blocks in use");
+    int encoded = 0, equal = 0;
+    for (int i = 0; i < 4; i++) encoded += !sout[i].cached, equal += same_ids(&sout[i], &out[0]);
+    CHECK(encoded == 1 && equal == 4, "%s: 4 requests with one image: %d encodings, %d equal answers", name, encoded, equal);
     free(img);
 }
 
