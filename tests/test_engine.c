@@ -219,8 +219,7 @@ static void test_batch_invariance(env_t *env, const char *name, fcase *cases, in
 
 /* A cache for 3 requests at a time serves 40, with cancellations and expired deadlines mixed in,
  * and ends with every block free. */
-static void test_capacity(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
-    const blip2_config *c = &env->m->cfg;
+static void test_capacity(env_t *env, const char *name, fcase *cases, const outcome *solo) {
     int per_req = blip2_kv_blocks_for(cases[0].n + 12, 16) + 1;
     env_t small = *env;
     small.o.kv_bytes = blip2_kv_block_bytes(env->m, 16) * (size_t)(3 * per_req);
@@ -232,7 +231,6 @@ static void test_capacity(env_t *env, const char *name, fcase *cases, int nc, co
     for (int i = 5; i < 40; i += 7) jobs[i].deadline_ns = blip2_now_ns() - 1; /* already expired */
     memset(out, 0, sizeof out);
     blip2_engine_stats s;
-    /* cancellations: is_cancelled fires after 3 tokens */
     CHECK(run_jobs(&small, jobs, out, 40, 0, &s) == 0, "%s: %d KV blocks still in use", name, s.blocks_in_use);
     int ok = 0, expired = 0;
     for (int i = 0; i < 40; i++) {
@@ -240,8 +238,6 @@ static void test_capacity(env_t *env, const char *name, fcase *cases, int nc, co
         else ok += same_ids(&out[i], &solo[0]);
     }
     CHECK(expired == 5 && ok == 35, "%s: capacity: %d correct, %d expired (of 35, 5)", name, ok, expired);
-    (void)c;
-    (void)nc;
 
     /* cancelled mid-generation: stops, frees its blocks, others unaffected */
     outcome co[6];
@@ -350,7 +346,7 @@ int main(void) {
         int nc = load_cases(manifest, names[k], &px, cases);
         test_goldens(&env, names[k], cases, nc, solo);
         test_batch_invariance(&env, names[k], cases, nc, solo);
-        test_capacity(&env, names[k], cases, nc, solo);
+        test_capacity(&env, names[k], cases, solo);
         test_image_cache(&env, names[k]);
         for (int i = 0; i < nc; i++) free(cases[i].ids);
         blip2_inputs_free(&in);
