@@ -786,6 +786,17 @@ static void submit_slot(blip2_engine *e, call_ctx *c, int i, const blip2_job *jo
     }
 }
 
+/* Slot i's job as blip2_request_to_job left it: refused with its message, or submitted. */
+static void submit_checked(blip2_engine *e, call_ctx *c, int i, blip2_code rc, const blip2_job *job,
+                           const blip2_status *st) {
+    if (rc) {
+        slot_fail(&c->slots[i], rc, st->msg);
+        slot_release(c);
+    } else {
+        submit_slot(e, c, i, job);
+    }
+}
+
 static int alloc_slots(call_ctx *c, int n) {
     c->slots = calloc(n ? (size_t)n : 1, sizeof *c->slots);
     if (!c->slots) return -1;
@@ -852,12 +863,7 @@ static void continue_prompts(call_ctx *c) {
         blip2_job job;
         blip2_status st = {0};
         blip2_code rc = blip2_request_to_job(r, c->s->o.max_new_tokens_limit, r->prompts[i], c->deadline_ns, &job, &st);
-        if (rc) {
-            slot_fail(&c->slots[i], rc, st.msg);
-            slot_release(c);
-        } else {
-            submit_slot(e, c, i, &job);
-        }
+        submit_checked(e, c, i, rc, &job, &st);
     }
     slot_release(c);
 }
@@ -891,12 +897,7 @@ static void start_batch(call_ctx *c) {
         blip2_code rc;
         if (r->n_prompts) rc = blip2_fail(&st, BLIP2_EINVAL, "prompts is not supported inside GenerateBatch");
         else rc = blip2_request_to_job(r, c->s->o.max_new_tokens_limit, r->prompt, c->deadline_ns, &job, &st);
-        if (rc) {
-            slot_fail(&c->slots[i], rc, st.msg);
-            slot_release(c);
-        } else {
-            submit_slot(e, c, i, &job);
-        }
+        submit_checked(e, c, i, rc, &job, &st);
     }
     slot_release(c);
 }
