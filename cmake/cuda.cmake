@@ -21,10 +21,20 @@ if(BLIP2_HAVE_CUDA)
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
     set(CMAKE_CUDA_ARCHITECTURES 90) # H100 / H200
   endif()
+  # One CUDA runtime in the process: the shared one cuBLAS uses (CMake's default would add
+  # cudart_static to every CUDA-linked target next to the libcudart.so that cuBLAS brings).
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)
-  add_library(blip2_cuda STATIC kernels/cuda/device.cu)
-  target_link_libraries(blip2_cuda PUBLIC CUDA::cudart)
+  # The CUDA backend: device discovery, the per-thread context, the ops and the blip2_cuda_ops table.
+  # PUBLIC BLIP2_HAVE_CUDA=1 lets C code that links it (tests, runtime) register the backend.
+  add_library(blip2_cuda STATIC kernels/cuda/device.cu kernels/cuda/context.cu kernels/cuda/ops.cu)
+  set_target_properties(blip2_cuda PROPERTIES
+    CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_EXTENSIONS OFF
+    POSITION_INDEPENDENT_CODE ON)
+  target_compile_options(blip2_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall>)
+  target_link_libraries(blip2_cuda PUBLIC CUDA::cudart CUDA::cublasLt CUDA::cublas)
+  target_compile_definitions(blip2_cuda PUBLIC BLIP2_HAVE_CUDA=1)
   message(STATUS "blip2: CUDA backend ON (${CMAKE_CUDA_COMPILER})")
 else()
   message(STATUS "blip2: CUDA backend OFF")

@@ -1,20 +1,51 @@
-/* The op set. Each op has a plain C reference (kernels/cpu/) and, later, a CUDA twin
- * (kernels/cuda/) with the same name and argument order. Shapes use the project's letters:
- * T tokens (rows), C channels, OC output channels, NH heads, HS head size. All row-major fp32. */
+/* The op set. Each op has a plain C reference (kernels/cpu/ops.c) and a CUDA twin
+ * (kernels/cuda/ops.cu, namespace cuda::) with the same name and argument order; both are reached
+ * through one table, blip2_ops, so the forward code (runtime/) is written once. Shapes use the
+ * project's letters: T tokens (rows), C channels, OC output channels, NH heads, HS head size,
+ * V vocab. Activations are row-major fp32 everywhere; matmul weights may be 16-bit (wdtype).
+ * On the CUDA backend every pointer is device memory and ops are queued on the calling thread's
+ * stream (see kernels/cuda/context.h); on the CPU every pointer is host memory. */
 #ifndef BLIP2_OPS_H
 #define BLIP2_OPS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element type of a weight tensor held by a backend. */
+enum { BLIP2_W_F32 = 0, BLIP2_W_F16 = 1, BLIP2_W_BF16 = 2 };
+/* Activation fused after a matmul's bias. GELU is the exact erf form (cuBLASLt's is tanh). */
+enum { BLIP2_ACT_NONE = 0, BLIP2_ACT_GELU = 1, BLIP2_ACT_RELU = 2 };
+
 /* out[T, OC] = inp[T, C] · weight[OC, C]ᵀ + bias[OC] (bias may be NULL). PyTorch Linear layout. */
 void blip2_matmul(float *out, const float *inp, const float *weight, const float *bias, int T, int C, int OC);
+
+/* The same with 16-bit weights (wdtype BLIP2_W_F16 or BLIP2_W_BF16; raw IEEE half / bfloat16
+ * bits), fp32 accumulation, then act. The reference widens the weights exactly, so its result is
+ * the fp32 matmul of the rounded weights; CUDA also rounds the activations to the weights' type
+ * for the tensor cores (f16: beyond ±65504 they become inf). */
+void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
+                    int wdtype, int act);
 
 /* out[T, C] = LN(inp[T, C]) · w[C] + b[C]; biased variance, eps inside the sqrt. out may equal inp. */
 void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps);
 
+/* res[T, C] += y[T, C], then out = LN(res) (the residual add fused with the next norm).
+ * out may equal y (not res). */
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
+                              float eps);
+
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
+
+/* x[t, :] += bias[:] for T rows of C. */
+void blip2_add_bias(float *x, const float *bias, int T, int C);
+
+/* x[i] *= s for n elements. */
+void blip2_scale(float *x, float s, size_t n);
 
 /* In place, n elements: exact erf GELU 0.5·x·(1+erf(x/√2)); ReLU. */
 void blip2_gelu(float *x, size_t n);
@@ -23,17 +54,25 @@ void blip2_relu(float *x, size_t n);
 /* Multi-head attention for one sequence. q [Tq, q_stride], k and v [Tk, kv_stride]; head h reads
  * columns [h·HS, (h+1)·HS) of each. out [Tq, NH·HS] (heads concatenated h-major).
  * scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its own past).
- * scratch holds Tq·Tk floats (the score matrix of one head). */
+ * scratch holds NH·Tq·Tk floats (the score matrices of all heads). */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 
-/* Causal attention of Tq new query rows over a sequence of Tk keys (the last Tq are the new ones)
- * whose keys and values live in a paged pool: k_pool and v_pool [n_blocks, BS, kv_stride]; key j
- * is row j % BS of block block_table[j / BS]. q [Tq, q_stride] → out [Tq, NH·HS]; query i sees
- * keys j <= i + (Tk − Tq). scratch holds Tk floats. */
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
-                           const int32_t *block_table, int block_size, float *scratch, int Tq, int Tk, int NH, int HS,
-                           int q_stride, int kv_stride, float scale);
+/* Causal attention of a batched step over paged keys/values. Sequence i (of n_seqs) owns rows
+ * [meta[3i], meta[3i] + meta[3i+1]) of q and out (n_new rows, in order) and has meta[3i+2] = past
+ * positions before them; its keys are positions 0 .. past + n_new − 1, position j at row j % BS of
+ * block tables[i·max_blocks + j / BS] in k_pool / v_pool [n_blocks, BS, kv_stride] (one layer's
+ * pool; the new rows are already written). Row r of sequence i sees keys j <= past + r.
+ * q [rows, q_stride] → out [rows, NH·HS]. scratch holds max_ctx floats (host backends only). */
+void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
+                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
+                           int NH, int HS, int q_stride, int kv_stride, float scale);
+
+/* Writes the new keys/values of a batched step into one layer's paged pool: row meta[3i] + t of
+ * k and v [rows, C] goes to position meta[3i+2] + t of sequence i (t < meta[3i+1]), addressed as
+ * in blip2_attention_paged. k_pool, v_pool [n_blocks, BS, C]. */
+void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
+                    const int32_t *meta, int n_seqs, int block_size, int C);
 
 /* In place softmax over each of T rows of n values (max-subtracted). */
 void blip2_softmax(float *x, int T, int n);
@@ -45,10 +84,86 @@ void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, in
 /* out[t, :] = table[ids[t], :] for T rows of C. */
 void blip2_embedding(float *out, const int32_t *ids, const float *table, int T, int C);
 
+/* Vocab-parallel embedding: out[t, :] = table[ids[t] − v0, :] where v0 <= ids[t] < v0 + V (this
+ * rank's rows), else zeros (other ranks' ids and ids < 0, the image rows). table [V, C] of wdtype
+ * (any BLIP2_W_*), widened to fp32. */
+void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V);
+
 /* x[t, :] += table[row0 + t, :] for T rows of C (learned positions; OPT passes row0 = pos + 2). */
 void blip2_add_rows(float *x, const float *table, int row0, int T, int C);
 
+/* x[t, :] += table[rows[t], :] for T rows of C (the positions of a batched step, one per row). */
+void blip2_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C);
+
+/* out[i, :] = x[rows[i], :] for n rows of C (each sequence's last row before the LM head). */
+void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C);
+
 /* Index of the maximum of x[0..n), the lowest index on ties (as torch.argmax). NaN never wins. */
 int blip2_argmax(const float *x, int n);
+
+/* Per row of x [T, n]: idx[t] = blip2_argmax(row t), val[t] = that value (NaN only if the whole
+ * row is NaN). */
+void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n);
+
+/* x[0..n) of wdtype = mean + std·N(0, 1), element i drawn from a counter-based generator of
+ * (seed, i) alone, so any backend and any split of the work gives the same numbers up to the last
+ * bit of the libm used. std = 0 fills the constant mean (LayerNorm weights 1, biases 0). */
+void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std);
+
+/* Host conversions (round to nearest even; NaN stays NaN). */
+uint16_t blip2_f32_to_f16(float f);
+uint16_t blip2_f32_to_bf16(float f);
+float blip2_f16_to_f32(uint16_t h);
+float blip2_bf16_to_f32(uint16_t h);
+
+/* ------------------------------------------------------------------------------------------------
+ * A backend: memory hooks and the ops above by function pointer. */
+typedef struct blip2_ops {
+    const char *name; /* "cpu", "cuda" */
+    int device;       /* 0: pointers are host memory; 1: device memory */
+    void *(*alloc)(size_t bytes); /* NULL when out of memory; contents undefined */
+    void (*release)(void *p);     /* NULL is fine */
+    void (*upload)(void *dst, const void *src, size_t bytes);   /* host → backend (ordered on the stream) */
+    void (*download)(void *dst, const void *src, size_t bytes); /* backend → host; returns when the data is there */
+    void (*copy)(void *dst, const void *src, size_t bytes);     /* backend → backend */
+    void (*zero)(void *p, size_t bytes);
+    /* Waits for the queued work; 0, or non-zero with the first error since the last call in err. */
+    int (*sync)(char *err, size_t n);
+
+    void (*matmul)(float *, const float *, const float *, const float *, int, int, int);
+    void (*matmul_h)(float *, const float *, const uint16_t *, const float *, int, int, int, int, int);
+    void (*layernorm)(float *, const float *, const float *, const float *, int, int, float);
+    void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, int, int, float);
+    void (*residual_add)(float *, const float *, size_t);
+    void (*add_bias)(float *, const float *, int, int);
+    void (*scale)(float *, float, size_t);
+    void (*gelu)(float *, size_t);
+    void (*relu)(float *, size_t);
+    void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
+                      float, int);
+    void (*attention_paged)(float *, const float *, const float *, const float *, const int32_t *, int,
+                            const int32_t *, int, int, float *, int, int, int, int, int, float);
+    void (*kv_write)(float *, float *, const float *, const float *, const int32_t *, int, const int32_t *, int, int,
+                     int);
+    void (*softmax)(float *, int, int);
+    void (*im2col_patches)(float *, const float *, int, int, int, int);
+    void (*embedding)(float *, const int32_t *, const float *, int, int);
+    void (*embedding_vp)(float *, const int32_t *, const void *, int, int, int, int, int);
+    void (*add_rows)(float *, const float *, int, int, int);
+    void (*add_rows_at)(float *, const float *, const int32_t *, int, int);
+    void (*gather_rows)(float *, const float *, const int32_t *, int, int);
+    void (*argmax_rows)(int32_t *, float *, const float *, int, int);
+    void (*fill_normal)(void *, int, size_t, uint64_t, float, float);
+} blip2_ops;
+
+/* The CPU reference backend (always present). */
+extern const blip2_ops blip2_cpu_ops;
+
+/* Bytes of one element of a BLIP2_W_* type. */
+static inline size_t blip2_wdtype_size(int wdtype) { return wdtype == BLIP2_W_F32 ? 4 : 2; }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

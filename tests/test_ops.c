@@ -1,26 +1,33 @@
 /* Op tests, in the manner of llama.cpp's test-backend-ops: a TABLE of cases (op, shape, tolerance,
  * a setup that draws fresh random inputs and computes an independent naive double-precision
  * reference, and an exec that runs the op under test through a backend). Every case is run
- * against every backend in `backends[]`; today that is the CPU reference (kernels/cpu/ops.c). A
- * CUDA twin plugs in as one more `ops_backend` whose alloc/upload/download move the guarded
- * buffers (guards included) to and from the device, so the same guard, NaN and reference checks
- * apply to it unchanged.
+ * against every backend: the CPU reference (blip2_cpu_ops, kernels/cpu/ops.c) and, in CUDA builds
+ * on a machine with a GPU, blip2_cuda_ops (kernels/cuda/ops.cu). A device backend's alloc, upload
+ * and download move each guarded buffer WHOLE (guards included) to the device and back, so the same
+ * guard, NaN and reference checks apply to it unchanged. Without a GPU the CUDA backend prints
+ * "cuda: skipped: no GPU (<reason>)" and the CPU result decides.
  *
  * What each case checks:
  *  - the output against the double reference: relative L2 <= tol (tol 0: bitwise equal, for the
  *    ops that only move or add numbers), over every row, or over a spread sample of rows when the
- *    naive reference would be slow (--full checks every row);
+ *    naive reference would be slow (--full checks every row). A case may have a looser bound for
+ *    device backends (tol_dev: the CUDA 16-bit matmul rounds its fp32 inputs to 16 bits);
  *  - no NaN or Inf anywhere in the output (NaN compares false, so it is counted explicitly; the
  *    output is pre-filled with a signalling-NaN sentinel, so an element the op forgot to write is
  *    caught the same way);
  *  - guard regions before and after every buffer still hold the sentinel (out-of-bounds writes),
  *    and every input buffer, strided padding included, is bit-for-bit unchanged. Padding columns of
- *    strided inputs and rows past the logical end of a KV buffer hold quiet NaN, so an op that reads
- *    outside its logical input puts NaN into its output and fails.
+ *    strided inputs, rows past the logical end of a KV buffer, and paged-pool rows no block table
+ *    reaches hold quiet NaN, so an op that reads outside its logical input puts NaN into its
+ *    output and fails;
+ *  - ops with a second output (residual_layernorm's res, kv_write's v pool) check it too, and
+ *    argmax_rows checks index and value per row (its all-NaN rows must give index 0 and NaN);
+ *  - a backend error reported by ops->sync fails the case.
  *
- * Usage: test_ops [--perf [--reps N]] [--full] [--op NAME] [--seed N]
- *   --perf  also time each case (median of N runs; the reference is not timed) and print GFLOP/s and
- *           GB/s where meaningful. Without it the test only checks and runs in a few seconds. */
+ * Usage: test_ops [--perf [--reps N]] [--full] [--op NAME] [--backend NAME] [--seed N]
+ *   --perf  also time each case (median of N runs, ops->sync around each; the reference is not
+ *           timed) and print GFLOP/s and GB/s where meaningful (16-bit matmuls at T=1 are weight
+ *           streaming: their GB/s is the GEMV bandwidth). Without it the test only checks. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,56 +37,14 @@
 
 #include "check.h"
 #include "ops.h"
-
-/* ------------------------------------------------------------------------------------------------
- * Backends: the op set by function pointer, plus the memory hooks a device backend needs.
- * alloc == NULL means the ops run on host memory directly (the CPU reference). */
-typedef struct {
-    const char *name;
-    void *(*alloc)(size_t bytes);
-    void (*release)(void *dev);
-    void (*upload)(void *dev, const void *host, size_t bytes);
-    void (*download)(void *host, const void *dev, size_t bytes);
-    void (*sync)(void);
-    void (*matmul)(float *, const float *, const float *, const float *, int, int, int);
-    void (*layernorm)(float *, const float *, const float *, const float *, int, int, float);
-    void (*residual_add)(float *, const float *, size_t);
-    void (*gelu)(float *, size_t);
-    void (*relu)(float *, size_t);
-    void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
-                      float, int);
-    void (*attention_paged)(float *, const float *, const float *, const float *, const int32_t *, int, float *, int,
-                            int, int, int, int, int, float);
-    void (*softmax)(float *, int, int);
-    void (*im2col_patches)(float *, const float *, int, int, int, int);
-    void (*embedding)(float *, const int32_t *, const float *, int, int);
-    void (*add_rows)(float *, const float *, int, int, int);
-    int (*argmax)(const float *, int);
-} ops_backend;
-
-static const ops_backend cpu_backend = {
-    .name = "cpu",
-    .matmul = blip2_matmul,
-    .layernorm = blip2_layernorm,
-    .residual_add = blip2_residual_add,
-    .gelu = blip2_gelu,
-    .relu = blip2_relu,
-    .attention = blip2_attention,
-    .attention_paged = blip2_attention_paged,
-    .softmax = blip2_softmax,
-    .im2col_patches = blip2_im2col_patches,
-    .embedding = blip2_embedding,
-    .add_rows = blip2_add_rows,
-    .argmax = blip2_argmax,
-};
-
-/* A CUDA backend is added here (e.g. #ifdef BLIP2_HAVE_CUDA &cuda_backend). */
-static const ops_backend *const backends[] = {&cpu_backend};
+#ifdef BLIP2_HAVE_CUDA
+#include "cuda/context.h"
+#endif
 
 /* ------------------------------------------------------------------------------------------------
  * Options and random numbers. */
 static int g_perf, g_full, g_reps = 7;
-static const char *g_only;
+static const char *g_only, *g_backend;
 static uint64_t g_seed = 20240611;
 
 static uint64_t rng_u64(uint64_t *s) {
@@ -106,12 +71,56 @@ static void fill_uniform(uint64_t *s, float *x, size_t n, float lo, float hi) {
 static void fill_normal(uint64_t *s, float *x, size_t n, float mean, float std) {
     for (size_t i = 0; i < n; i++) x[i] = mean + std * rng_normal(s);
 }
+static void shuffle_i32(uint64_t *s, int32_t *v, int n) {
+    for (int i = n - 1; i > 0; i--) {
+        int j = rng_int(s, i + 1);
+        int32_t t = v[i];
+        v[i] = v[j], v[j] = t;
+    }
+}
+
+/* 16-bit conversions, written here independently of kernels/cpu/ops.c (round to nearest even). */
+static uint16_t t_f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+static uint16_t t_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00;
+    if (ax >= 0x477ff000u) return sign | 0x7c00; /* >= 65520 rounds to infinity */
+    if (ax < 0x38800000u) {                      /* below 2^-14: a multiple of 2^-24 */
+        float a;
+        memcpy(&a, &ax, 4);
+        return sign | (uint16_t)nearbyint((double)a * 16777216.0);
+    }
+    return sign | (uint16_t)((ax + 0xfffu + ((ax >> 13) & 1) - (112u << 23)) >> 13);
+}
+static float t_f16_to_f32(uint16_t h) {
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m | 0x400), e - 25);
+    return (h & 0x8000) ? -v : v;
+}
+static float t_bf16_to_f32(uint16_t b) {
+    uint32_t x = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+static uint16_t t_to16(float f, int wdtype) { return wdtype == BLIP2_W_F16 ? t_f32_to_f16(f) : t_f32_to_bf16(f); }
+static float t_from16(uint16_t h, int wdtype) { return wdtype == BLIP2_W_F16 ? t_f16_to_f32(h) : t_bf16_to_f32(h); }
+static const char *wd_name(int wdtype) { return wdtype == BLIP2_W_F32 ? "f32" : wdtype == BLIP2_W_F16 ? "f16" : "bf16"; }
 
 /* ------------------------------------------------------------------------------------------------
  * Guarded buffers. Each is GUARD words, n payload words, GUARD words (a word is 4 bytes: float or
- * int32). Guards and the payload of outputs start as a signalling-NaN sentinel. After setup the
- * whole block is copied to `pristine`; that copy is what is uploaded, what guards are compared to,
- * what inputs must still equal afterwards, and what in/out buffers are reset to between timed runs. */
+ * int32, or two 16-bit values). Guards and the payload of outputs start as a signalling-NaN
+ * sentinel. After setup the whole block is copied to `pristine`; that copy is what is uploaded,
+ * what guards are compared to, what inputs must still equal afterwards, and what in/out buffers are
+ * reset to between timed runs. */
 #define GUARD 64
 #define SENTINEL 0x7FA5A5A5u /* exponent all ones, quiet bit clear, mantissa non-zero: a signalling NaN */
 #define MAXBUF 8
@@ -129,17 +138,21 @@ struct op_case;
 
 typedef struct {
     const struct op_case *c;
-    const ops_backend *be;
+    const blip2_ops *be;
     uint64_t rng;
     char desc[160];
     gbuf b[MAXBUF];
     int nb;
-    int a[8];            /* buffer indices and derived ints, set by setup for exec */
-    int out;             /* the checked output buffer, -1 when the op returns a scalar (argmax) */
+    int a[16];           /* buffer indices and derived ints, set by setup for exec */
+    int out;             /* the checked output buffer, -1 when extra does all the checking */
+    int out_type;        /* its element type (BLIP2_W_*; 16-bit outputs are widened to compare) */
     int rows, row_len;   /* the output as rows × row_len, for sampled checking */
     int row_step;        /* rows r with r % row_step == 0, and the last row, have a reference */
     double *ref;         /* [rows × row_len], filled on the checked rows */
-    int iresult, iref;   /* argmax: result and expected (-1: any index in range) */
+    int out2;            /* a second fp32 output checked in full against ref2 (-1: none) */
+    size_t n2;
+    double *ref2, tol2;
+    void *aux;           /* setup's data for extra (freed with the case) */
     double flops, bytes; /* per exec, for --perf */
 } op_ctx;
 
@@ -150,9 +163,15 @@ typedef struct op_case {
     void (*exec)(op_ctx *);
     void (*extra)(op_ctx *); /* optional checks beyond the generic ones (runs on the host copies) */
     int p[8];
-    float f;    /* eps, scale or amplitude, per op */
-    double tol; /* relative L2 bound; 0 = bitwise equal */
+    float f;        /* eps, scale or amplitude, per op */
+    double tol;     /* relative L2 bound; 0 = bitwise equal */
+    double tol_dev; /* the bound on device backends, when looser (0: tol) */
+    float f2;       /* a second float parameter, per op */
 } op_case;
+
+static double case_tol(const op_ctx *x) {
+    return x->be->device && x->c->tol_dev > 0 ? x->c->tol_dev : x->c->tol;
+}
 
 /* Σ a[i]·b[i] in double (four partial sums: the references are not timed, but they run under ASan). */
 static double dot_d(const float *a, const float *b, int n) {
@@ -168,6 +187,15 @@ static double dot_d(const float *a, const float *b, int n) {
     return (s0 + s1) + (s2 + s3);
 }
 
+static void *xmalloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fprintf(stderr, "test_ops: out of memory (%zu bytes)\n", bytes);
+        exit(2);
+    }
+    return p;
+}
+
 static int buf_new(op_ctx *x, int role, size_t n) {
     if (x->nb == MAXBUF) {
         fprintf(stderr, "test_ops: too many buffers in one case\n");
@@ -177,24 +205,34 @@ static int buf_new(op_ctx *x, int role, size_t n) {
     g->role = role;
     g->n = n;
     size_t words = n + 2 * GUARD;
-    g->host = malloc(words * 4);
-    if (!g->host) {
-        fprintf(stderr, "test_ops: out of memory (%zu bytes)\n", words * 4);
-        exit(2);
-    }
+    g->host = xmalloc(words * 4);
     /* Inputs' payload is written in full by setup; only outputs and scratch need the sentinel. */
     int fill_payload = role == B_OUT || role == B_SCRATCH;
     for (size_t i = 0; i < words; i++)
         if (fill_payload || i < GUARD || i >= GUARD + n) g->host[i] = SENTINEL;
     return x->nb++;
 }
+/* A buffer of n elements of wdtype (16-bit elements two to a word; an odd tail half is zero). */
+static int buf_new_w(op_ctx *x, int role, size_t n, int wdtype) {
+    size_t words = wdtype == BLIP2_W_F32 ? n : (n + 1) / 2;
+    int b = buf_new(x, role, words);
+    if (wdtype != BLIP2_W_F32 && (n & 1) && role != B_OUT && role != B_SCRATCH) x->b[b].host[GUARD + words - 1] = 0;
+    return b;
+}
 
 static float *H(op_ctx *x, int i) { return (float *)(x->b[i].host + GUARD); }
 static int32_t *HI(op_ctx *x, int i) { return (int32_t *)(x->b[i].host + GUARD); }
+static uint16_t *H16(op_ctx *x, int i) { return (uint16_t *)(x->b[i].host + GUARD); }
 static float *D(op_ctx *x, int i) {
     return x->b[i].dev ? (float *)((uint32_t *)x->b[i].dev + GUARD) : (float *)(x->b[i].host + GUARD);
 }
 static int32_t *DI(op_ctx *x, int i) { return (int32_t *)D(x, i); }
+static uint16_t *D16(op_ctx *x, int i) { return (uint16_t *)D(x, i); }
+
+/* Element i of buffer b of type wdtype, as a float. */
+static float elem(op_ctx *x, int b, int wdtype, size_t i) {
+    return wdtype == BLIP2_W_F32 ? H(x, b)[i] : t_from16(H16(x, b)[i], wdtype);
+}
 
 static void buf_upload(op_ctx *x, int i) {
     gbuf *g = &x->b[i];
@@ -207,13 +245,15 @@ static void ctx_commit(op_ctx *x) {
     for (int i = 0; i < x->nb; i++) {
         gbuf *g = &x->b[i];
         size_t bytes = (g->n + 2 * GUARD) * 4;
-        g->pristine = malloc(bytes);
-        if (!g->pristine) {
-            fprintf(stderr, "test_ops: out of memory\n");
-            exit(2);
-        }
+        g->pristine = xmalloc(bytes);
         memcpy(g->pristine, g->host, bytes);
-        if (x->be->alloc) g->dev = x->be->alloc(bytes);
+        if (x->be->device) {
+            g->dev = x->be->alloc(bytes);
+            if (!g->dev) {
+                fprintf(stderr, "test_ops: %s: device allocation of %zu bytes failed\n", x->be->name, bytes);
+                exit(2);
+            }
+        }
         buf_upload(x, i);
     }
 }
@@ -232,10 +272,15 @@ static void ctx_free(op_ctx *x) {
         free(x->b[i].pristine);
     }
     free(x->ref);
+    free(x->ref2);
+    free(x->aux);
 }
 
-static void be_sync(const ops_backend *be) {
-    if (be->sync) be->sync();
+/* Waits for the backend; an error it reports fails the case. */
+static void be_sync(op_ctx *x) {
+    char err[512] = "";
+    int rc = x->be->sync(err, sizeof err);
+    CHECK(rc == 0, "[%s %s %s] backend error: %s", x->be->name, x->c->op, x->desc, err);
 }
 
 /* The naive reference costs about cost_per_row per output row; past the budget only a spread
@@ -257,6 +302,19 @@ static void plan_rows(op_ctx *x, int rows, int row_len, double cost_per_row) {
     }
 }
 static int row_checked(const op_ctx *x, int r) { return r % x->row_step == 0 || r == x->rows - 1; }
+
+/* A second output, compared in full (tol 0: bitwise). */
+static double *plan_out2(op_ctx *x, int buf, size_t n, double tol) {
+    x->out2 = buf;
+    x->n2 = n;
+    x->tol2 = tol;
+    x->ref2 = calloc(n ? n : 1, sizeof(double));
+    if (!x->ref2) {
+        fprintf(stderr, "test_ops: out of memory\n");
+        exit(2);
+    }
+    return x->ref2;
+}
 
 /* ------------------------------------------------------------------------------------------------
  * matmul: p = {T, C, OC, bias}. out[T, OC] = inp[T, C] · W[OC, C]ᵀ + b. */
@@ -284,10 +342,10 @@ static void setup_matmul(op_ctx *x) {
 /* Every row, cheaply (Freivalds): for random r [OC], out·r must equal inp·(Wᵀr) + b·r. A single
  * element off by more than ~1e-5·√(T·OC) of the typical output moves this past the bound, so it
  * covers the rows the sampled reference skips at O(T·OC + OC·C + T·C) cost. */
-static void extra_matmul(op_ctx *x) {
-    int T = x->c->p[0], C = x->c->p[1], OC = x->c->p[2];
-    const float *I = H(x, x->a[0]), *W = H(x, x->a[1]), *B = x->a[2] >= 0 ? H(x, x->a[2]) : NULL, *O = H(x, x->a[3]);
-    double *r = malloc(sizeof(double) * OC), *u = calloc((size_t)C, sizeof(double)), br = 0, num = 0, den = 0;
+static void projection_check(op_ctx *x, const float *I, const float *W, const float *B, const float *O, int T, int C,
+                             int OC, double tol) {
+    double *r = xmalloc(sizeof(double) * OC), *u = calloc((size_t)C ? (size_t)C : 1, sizeof(double)), br = 0, num = 0,
+           den = 0;
     uint64_t s = x->rng ^ 0x5eedu;
     for (int o = 0; o < OC; o++) {
         r[o] = rng_normal(&s);
@@ -303,14 +361,69 @@ static void extra_matmul(op_ctx *x) {
     }
     double rel = den > 0 ? sqrt(num / den) : sqrt(num);
     if (isnan(rel)) rel = INFINITY;
-    CHECK(rel <= x->c->tol, "[%s matmul %s] all-rows projection check: relative L2 %.3g > %.3g", x->be->name, x->desc,
-          rel, x->c->tol);
+    CHECK(rel <= tol, "[%s %s %s] all-rows projection check: relative L2 %.3g > %.3g", x->be->name, x->c->op, x->desc,
+          rel, tol);
     free(r);
     free(u);
+}
+static void extra_matmul(op_ctx *x) {
+    projection_check(x, H(x, x->a[0]), H(x, x->a[1]), x->a[2] >= 0 ? H(x, x->a[2]) : NULL, H(x, x->a[3]), x->c->p[0],
+                     x->c->p[1], x->c->p[2], case_tol(x));
 }
 static void exec_matmul(op_ctx *x) {
     x->be->matmul(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, x->c->p[0],
                   x->c->p[1], x->c->p[2]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * matmul_h: p = {T, C, OC, bias, wdtype, act}. Weights uniform in [-1, 1] rounded to 16 bits; the
+ * reference is the double product of the widened weights with the fp32 inputs, bias, then act. The
+ * host backend widens exactly (tol 1e-5); the CUDA one also rounds the inputs to 16 bits (tol_dev).
+ * Without an activation every row is also checked by projection (aux holds the widened weights). */
+static double act_d(double v, int act) {
+    if (act == BLIP2_ACT_GELU) return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+    if (act == BLIP2_ACT_RELU) return v > 0 ? v : 0.0;
+    return v;
+}
+static void setup_matmul_h(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1], OC = x->c->p[2], bias = x->c->p[3], wd = x->c->p[4], act = x->c->p[5];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d OC=%d %s%s%s", T, C, OC, wd_name(wd), bias ? " +bias" : "",
+             act == BLIP2_ACT_GELU ? " +gelu" : act == BLIP2_ACT_RELU ? " +relu" : "");
+    size_t nw = (size_t)OC * C;
+    int in = buf_new(x, B_IN, (size_t)T * C), w = buf_new_w(x, B_IN, nw, wd);
+    int b = bias ? buf_new(x, B_IN, OC) : -1, out = buf_new(x, B_OUT, (size_t)T * OC);
+    fill_uniform(&x->rng, H(x, in), (size_t)T * C, -1, 1);
+    float *W = xmalloc(sizeof(float) * (nw ? nw : 1));
+    fill_uniform(&x->rng, W, nw, -1, 1);
+    uint16_t *W16 = H16(x, w);
+    for (size_t i = 0; i < nw; i++) {
+        W16[i] = t_to16(W[i], wd);
+        W[i] = t_from16(W16[i], wd);
+    }
+    if (bias) fill_uniform(&x->rng, H(x, b), OC, -1, 1);
+    x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
+    x->out = out;
+    x->aux = W;
+    plan_rows(x, T, OC, (double)C * OC);
+    const float *I = H(x, in);
+    for (int t = 0; t < T; t++) {
+        if (!row_checked(x, t)) continue;
+        for (int o = 0; o < OC; o++)
+            x->ref[(size_t)t * OC + o] =
+                act_d((bias ? H(x, b)[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
+    }
+    x->flops = 2.0 * T * C * OC;
+    x->bytes = 2.0 * OC * C + 4.0 * ((double)T * C + (double)T * OC + (bias ? OC : 0));
+}
+static void extra_matmul_h(op_ctx *x) {
+    if (x->c->p[5] != BLIP2_ACT_NONE) return;
+    projection_check(x, H(x, x->a[0]), (const float *)x->aux, x->a[2] >= 0 ? H(x, x->a[2]) : NULL, H(x, x->a[3]),
+                     x->c->p[0], x->c->p[1], x->c->p[2], case_tol(x));
+}
+static void exec_matmul_h(op_ctx *x) {
+    const int *p = x->c->p;
+    x->be->matmul_h(D(x, x->a[3]), D(x, x->a[0]), D16(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, p[0], p[1],
+                    p[2], p[4], p[5]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -479,7 +592,7 @@ static void setup_attention(op_ctx *x) {
             }
         }
     }
-    int sc = buf_new(x, B_SCRATCH, (size_t)s.Tq * s.Tk);
+    int sc = buf_new(x, B_SCRATCH, (size_t)s.NH * s.Tq * s.Tk); /* the score matrices of all heads */
     int out = buf_new(x, B_OUT, (size_t)s.Tq * s.C);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;
@@ -526,62 +639,262 @@ static void extra_attention_rel(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * attention_paged: p = {Tq, Tk, NH, HS, block_size, pad}, f = scale (0: 1/√HS); always causal.
- * The pool has two more blocks than the sequence needs; the block table is a random permutation,
- * so logical order differs from pool order. Pool rows the table does not reach (the spare blocks,
- * the tail of the last block) and the pad columns hold NaN. */
+ * residual_layernorm: p = {T, C, alias, variant}, f = eps. res += y, then out = LN(res); alias: out
+ * is y itself. variant 0: res and y N(0, 1); 1: even rows have y = −res (the sum is exactly 0, a
+ * constant row: variance 0, out = b); 2: res around 50 (a one-pass variance in float fails).
+ * out is checked against the double LN of the float sum; res (the second output) bitwise. */
+static void setup_residual_layernorm(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1], alias = x->c->p[2], variant = x->c->p[3];
+    float eps = x->c->f;
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s", T, C, eps, alias ? " out=y" : "",
+             variant == 1 ? " zero-sum-rows" : variant == 2 ? " offset-rows" : "");
+    size_t n = (size_t)T * C;
+    int res = buf_new(x, B_INOUT, n), y = buf_new(x, alias ? B_INOUT : B_IN, n);
+    int w = buf_new(x, B_IN, C), b = buf_new(x, B_IN, C);
+    int out = alias ? y : buf_new(x, B_OUT, n);
+    float *R = H(x, res), *Y = H(x, y);
+    for (int t = 0; t < T; t++) {
+        float *r = R + (size_t)t * C, *yy = Y + (size_t)t * C;
+        fill_normal(&x->rng, r, C, variant == 2 ? 50.0f : 0.0f, 1.0f);
+        fill_normal(&x->rng, yy, C, 0.0f, variant == 2 ? 0.1f : 1.0f);
+        if (variant == 1 && t % 2 == 0)
+            for (int i = 0; i < C; i++) yy[i] = -r[i];
+    }
+    fill_normal(&x->rng, H(x, w), C, 1.0f, 0.1f);
+    fill_normal(&x->rng, H(x, b), C, 0.0f, 0.5f);
+    x->a[0] = res, x->a[1] = out, x->a[2] = y, x->a[3] = w, x->a[4] = b;
+    x->out = out;
+    plan_rows(x, T, C, 4.0 * C);
+    double *rs = plan_out2(x, res, n, 0);
+    const float *W = H(x, w), *B = H(x, b);
+    for (size_t i = 0; i < n; i++) rs[i] = (float)(R[i] + Y[i]); /* one float add: exactly rounded */
+    for (int t = 0; t < T; t++) {
+        const double *row = rs + (size_t)t * C;
+        double mean = 0, var = 0;
+        for (int i = 0; i < C; i++) mean += row[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (row[i] - mean) * (row[i] - mean);
+        var /= C;
+        double rstd = 1.0 / sqrt(var + (double)eps);
+        for (int i = 0; i < C; i++) x->ref[(size_t)t * C + i] = (row[i] - mean) * rstd * W[i] + B[i];
+    }
+    x->flops = 9.0 * n;
+    x->bytes = 4.0 * (4.0 * n + 2.0 * C);
+}
+static void exec_residual_layernorm(op_ctx *x) {
+    x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), D(x, x->a[4]), x->c->p[0],
+                              x->c->p[1], x->c->f);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * add_bias: p = {T, C}. x[t, :] += bias. scale: p = {n}, f = s. Both exact (one rounding each). */
+static void setup_add_bias(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d", T, C);
+    int xb = buf_new(x, B_INOUT, (size_t)T * C), bb = buf_new(x, B_IN, C);
+    fill_normal(&x->rng, H(x, xb), (size_t)T * C, 0, 1);
+    fill_normal(&x->rng, H(x, bb), C, 0, 1);
+    x->a[0] = xb, x->a[1] = bb;
+    x->out = xb;
+    plan_rows(x, T, C, C);
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < C; c++)
+            x->ref[(size_t)t * C + c] = (float)((double)H(x, xb)[(size_t)t * C + c] + H(x, bb)[c]);
+    x->flops = (double)T * C;
+    x->bytes = 8.0 * T * C + 4.0 * C;
+}
+static void exec_add_bias(op_ctx *x) { x->be->add_bias(D(x, x->a[0]), D(x, x->a[1]), x->c->p[0], x->c->p[1]); }
+
+static void setup_scale(op_ctx *x) {
+    int n = x->c->p[0];
+    float s = x->c->f;
+    snprintf(x->desc, sizeof x->desc, "n=%d s=%g", n, s);
+    int xb = buf_new(x, B_INOUT, n);
+    fill_normal(&x->rng, H(x, xb), n, 0, 3);
+    if (n > 2) H(x, xb)[1] = 0.0f, H(x, xb)[2] = -0.0f;
+    x->a[0] = xb;
+    x->out = xb;
+    plan_rows(x, 1, n, n);
+    for (int i = 0; i < n; i++) x->ref[i] = (float)((double)H(x, xb)[i] * s); /* exact double product, rounded once */
+    x->flops = n;
+    x->bytes = 8.0 * n;
+}
+static void exec_scale(op_ctx *x) { x->be->scale(D(x, x->a[0]), x->c->f, (size_t)x->c->p[0]); }
+
+/* ------------------------------------------------------------------------------------------------
+ * Paged KV batches: a list of sequences (n_new, past). Their rows are laid out one sequence after
+ * the other (order 0) or in reverse sequence order (order 1: meta's row starts need not increase).
+ * The pool has two blocks more than the sequences use; blocks are handed out from a random
+ * permutation, so logical order differs from pool order and sequences interleave. Each table has
+ * one entry more than its sequence needs, and every unused entry names a spare block that holds
+ * NaN (attention) or must stay unchanged (kv_write). */
+typedef struct {
+    int n_new, past;
+} seq_spec;
+
+static const seq_spec mix_decode_prefill[] = {{1, 44}, {1, 0}, {45, 0}, {7, 13}, {1, 100}, {3, 5}};
+static const seq_spec mix_decode_edges[] = {{1, 15}, {1, 16}, {1, 17}, {1, 0}, {1, 31}, {1, 32}, {1, 63}, {1, 64}};
+static const seq_spec mix_chunks[] = {{13, 52}, {1, 64}, {20, 0}};
+static const seq_spec mix_odd[] = {{1, 0}, {2, 1}, {5, 0}, {1, 6}};
+static const seq_spec mix_prefill[] = {{45, 0}};
+static const seq_spec mix_decode[] = {{1, 44}};
+static const struct {
+    const seq_spec *s;
+    int n;
+    const char *name;
+} kv_mixes[] = {
+    {NULL, 0, "one sequence"},
+    {mix_decode_prefill, 6, "decode rows + prefill + chunks"},
+    {mix_decode_edges, 8, "decode batch at block edges"},
+    {mix_chunks, 3, "prefill chunks after caches"},
+    {mix_odd, 4, "odd"},
+    {mix_prefill, 1, "prefill"},
+    {mix_decode, 1, "decode"},
+};
+
+typedef struct {
+    int n_seqs, rows, max_blocks, n_blocks, max_ctx, spare;
+    seq_spec s[16];
+    int row0[16];
+} kv_layout;
+
+/* Fills meta [3·n_seqs] and tables [n_seqs·max_blocks]; both buffers come from kv_plan's sizes. */
+static kv_layout kv_plan(op_ctx *x, int mix, int Tq, int Tk, int BS, int order) {
+    kv_layout L;
+    memset(&L, 0, sizeof L);
+    if (mix == 0) {
+        L.n_seqs = 1;
+        L.s[0].n_new = Tq, L.s[0].past = Tk - Tq;
+    } else {
+        L.n_seqs = kv_mixes[mix].n;
+        memcpy(L.s, kv_mixes[mix].s, sizeof(seq_spec) * L.n_seqs);
+    }
+    int used = 0;
+    for (int i = 0; i < L.n_seqs; i++) {
+        int ctx = L.s[i].past + L.s[i].n_new, nb = (ctx + BS - 1) / BS;
+        if (ctx > L.max_ctx) L.max_ctx = ctx;
+        if (nb + 1 > L.max_blocks) L.max_blocks = nb + 1;
+        used += nb;
+        L.rows += L.s[i].n_new;
+    }
+    L.n_blocks = used + 2;
+    for (int k = 0, r = 0; k < L.n_seqs; k++) {
+        int i = order ? L.n_seqs - 1 - k : k;
+        L.row0[i] = r;
+        r += L.s[i].n_new;
+    }
+    (void)x;
+    return L;
+}
+static void kv_fill_tables(op_ctx *x, const kv_layout *L, int BS, int32_t *meta, int32_t *tables) {
+    int32_t *perm = xmalloc(sizeof(int32_t) * L->n_blocks);
+    for (int i = 0; i < L->n_blocks; i++) perm[i] = i;
+    shuffle_i32(&x->rng, perm, L->n_blocks);
+    int next = 0, spare = perm[L->n_blocks - 1];
+    for (int i = 0; i < L->n_seqs; i++) {
+        int ctx = L->s[i].past + L->s[i].n_new, nb = (ctx + BS - 1) / BS;
+        meta[3 * i] = L->row0[i], meta[3 * i + 1] = L->s[i].n_new, meta[3 * i + 2] = L->s[i].past;
+        for (int j = 0; j < L->max_blocks; j++) tables[(size_t)i * L->max_blocks + j] = j < nb ? perm[next++] : spare;
+    }
+    free(perm);
+}
+static size_t kv_pool_row(const int32_t *table, int BS, int pos) { return (size_t)table[pos / BS] * BS + pos % BS; }
+
+/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order}, f = scale (0: 1/√HS). mix 0 is one
+ * sequence of Tq new rows after Tk − Tq past ones; otherwise kv_mixes[mix]. kv_stride = NH·HS + pad.
+ * max_ctx is the longest context exactly for odd mixes and 5 more otherwise. */
 static void setup_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
-    int Tq = p[0], Tk = p[1], NH = p[2], HS = p[3], BS = p[4], pad = p[5], C = NH * HS, stride = C + pad;
+    int NH = p[2], HS = p[3], BS = p[4], pad = p[5], mix = p[6], order = p[7], C = NH * HS, stride = C + pad;
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
-    int used = (Tk + BS - 1) / BS, nblk = used + 2;
-    snprintf(x->desc, sizeof x->desc, "Tq=%d Tk=%d NH=%d HS=%d BS=%d pad=%d scale=%.4g, %d of %d blocks", Tq, Tk, NH,
-             HS, BS, pad, scale, used, nblk);
-    int qb = buf_new(x, B_IN, (size_t)(Tq + 2) * stride);
-    int kp = buf_new(x, B_IN, (size_t)nblk * BS * stride), vp = buf_new(x, B_IN, (size_t)nblk * BS * stride);
-    int tb = buf_new(x, B_IN, used), sc = buf_new(x, B_SCRATCH, Tk), out = buf_new(x, B_OUT, (size_t)Tq * C);
-    int32_t *perm = malloc(sizeof(int32_t) * nblk), *table = HI(x, tb);
-    for (int i = 0; i < nblk; i++) perm[i] = i;
-    for (int i = nblk - 1; i > 0; i--) {
-        int j = rng_int(&x->rng, i + 1);
-        int32_t t = perm[i];
-        perm[i] = perm[j], perm[j] = t;
-    }
-    for (int i = 0; i < used; i++) table[i] = perm[i];
+    kv_layout L = kv_plan(x, mix, p[0], p[1], BS, order);
+    int max_ctx = L.max_ctx + (mix % 2 ? 0 : 5);
+    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, NH=%d HS=%d BS=%d pad=%d scale=%.4g max_ctx=%d%s",
+             kv_mixes[mix].name, L.n_seqs, L.rows, NH, HS, BS, pad, scale, max_ctx, order ? " rows reversed" : "");
+    if (mix == 0)
+        snprintf(x->desc, sizeof x->desc, "Tq=%d Tk=%d NH=%d HS=%d BS=%d pad=%d scale=%.4g, %d of %d blocks", p[0], p[1],
+                 NH, HS, BS, pad, scale, L.n_blocks - 2, L.n_blocks);
+    int qb = buf_new(x, B_IN, (size_t)(L.rows + 2) * stride);
+    int kp = buf_new(x, B_IN, (size_t)L.n_blocks * BS * stride), vp = buf_new(x, B_IN, (size_t)L.n_blocks * BS * stride);
+    int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
+    int sc = buf_new(x, B_SCRATCH, max_ctx), out = buf_new(x, B_OUT, (size_t)L.rows * C);
+    kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
     float *Q = H(x, qb), *K = H(x, kp), *V = H(x, vp);
     for (size_t i = 0; i < x->b[qb].n; i++)
-        Q[i] = ((int)(i / stride) < Tq && (int)(i % stride) < C) ? rng_normal(&x->rng) : NAN;
+        Q[i] = ((int)(i / stride) < L.rows && (int)(i % stride) < C) ? rng_normal(&x->rng) : NAN;
     for (size_t i = 0; i < x->b[kp].n; i++) K[i] = V[i] = NAN;
-    /* Contiguous copies [Tk, C] in logical order, for the reference. */
-    float *kc = malloc(sizeof(float) * (size_t)Tk * C), *vc = malloc(sizeof(float) * (size_t)Tk * C);
-    for (int j = 0; j < Tk; j++) {
-        size_t row = ((size_t)table[j / BS] * BS + j % BS) * stride;
-        for (int c = 0; c < C; c++) {
-            K[row + c] = kc[(size_t)j * C + c] = rng_normal(&x->rng);
-            V[row + c] = vc[(size_t)j * C + c] = rng_uniform(&x->rng, -1, 1);
-        }
-    }
-    float *qc = malloc(sizeof(float) * (size_t)Tq * C);
-    for (int i = 0; i < Tq; i++) memcpy(qc + (size_t)i * C, Q + (size_t)i * stride, sizeof(float) * C);
-    x->a[0] = out, x->a[1] = qb, x->a[2] = kp, x->a[3] = vp, x->a[4] = tb, x->a[5] = sc;
+    x->a[0] = out, x->a[1] = qb, x->a[2] = kp, x->a[3] = vp, x->a[4] = tb, x->a[5] = mb, x->a[6] = sc;
+    x->a[7] = L.n_seqs, x->a[8] = L.max_blocks, x->a[9] = max_ctx;
     x->out = out;
-    plan_rows(x, Tq, C, 2.0 * Tk * C);
-    attn_shape sh = {Tq, Tk, NH, HS, C, 1, C, C, scale};
+    plan_rows(x, L.rows, C, 2.0 * L.max_ctx * C);
     double keys = 0;
-    for (int i = 0; i < Tq; i++) {
-        keys += i + (Tk - Tq) + 1;
-        if (row_checked(x, i)) attn_ref_row(x->ref + (size_t)i * C, qc, kc, vc, &sh, i);
+    for (int i = 0; i < L.n_seqs; i++) {
+        int n_new = L.s[i].n_new, ctx = L.s[i].past + n_new;
+        const int32_t *table = HI(x, tb) + (size_t)i * L.max_blocks;
+        /* Contiguous copies in logical order, for the reference. */
+        float *kc = xmalloc(sizeof(float) * (size_t)ctx * C), *vc = xmalloc(sizeof(float) * (size_t)ctx * C);
+        float *qc = xmalloc(sizeof(float) * (size_t)n_new * C);
+        for (int j = 0; j < ctx; j++) {
+            size_t row = kv_pool_row(table, BS, j) * stride;
+            for (int c = 0; c < C; c++) {
+                K[row + c] = kc[(size_t)j * C + c] = rng_normal(&x->rng);
+                V[row + c] = vc[(size_t)j * C + c] = rng_uniform(&x->rng, -1, 1);
+            }
+        }
+        for (int r = 0; r < n_new; r++) memcpy(qc + (size_t)r * C, Q + (size_t)(L.row0[i] + r) * stride, sizeof(float) * C);
+        attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, scale};
+        for (int r = 0; r < n_new; r++) {
+            keys += L.s[i].past + r + 1;
+            if (row_checked(x, L.row0[i] + r)) attn_ref_row(x->ref + (size_t)(L.row0[i] + r) * C, qc, kc, vc, &sh, r);
+        }
+        free(kc), free(vc), free(qc);
     }
     x->flops = 4.0 * keys * C;
-    x->bytes = 4.0 * ((double)Tq * C * 2 + 2.0 * Tk * C);
-    free(perm), free(kc), free(vc), free(qc);
+    x->bytes = 4.0 * (2.0 * L.rows * C + 2.0 * keys * C);
 }
 static void exec_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
     int HS = p[3], stride = p[2] * HS + p[5];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
-    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), DI(x, x->a[4]), p[4],
-                           D(x, x->a[5]), p[0], p[1], p[2], HS, stride, stride, scale);
+    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), DI(x, x->a[4]), x->a[8],
+                           DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride, stride, scale);
+}
+
+/* kv_write: p = {mix, C, BS, order}. The pools start with random old contents; exactly the new
+ * positions of each sequence change (k pool checked as the output, v pool as the second). */
+static void setup_kv_write(op_ctx *x) {
+    const int *p = x->c->p;
+    int mix = p[0], C = p[1], BS = p[2], order = p[3];
+    kv_layout L = kv_plan(x, mix, 0, 0, BS, order);
+    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, C=%d BS=%d%s", kv_mixes[mix].name, L.n_seqs, L.rows, C, BS,
+             order ? " rows reversed" : "");
+    size_t pool = (size_t)L.n_blocks * BS * C;
+    int kb = buf_new(x, B_IN, (size_t)L.rows * C), vb = buf_new(x, B_IN, (size_t)L.rows * C);
+    int kp = buf_new(x, B_INOUT, pool), vp = buf_new(x, B_INOUT, pool);
+    int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
+    kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
+    fill_normal(&x->rng, H(x, kb), (size_t)L.rows * C, 0, 1);
+    fill_normal(&x->rng, H(x, vb), (size_t)L.rows * C, 0, 1);
+    fill_normal(&x->rng, H(x, kp), pool, 5, 1);
+    fill_normal(&x->rng, H(x, vp), pool, -5, 1);
+    x->a[0] = kp, x->a[1] = vp, x->a[2] = kb, x->a[3] = vb, x->a[4] = tb, x->a[5] = mb;
+    x->a[6] = L.max_blocks, x->a[7] = L.n_seqs;
+    x->out = kp;
+    plan_rows(x, L.n_blocks * BS, C, C);
+    double *rv = plan_out2(x, vp, pool, 0);
+    for (size_t i = 0; i < pool; i++) x->ref[i] = H(x, kp)[i], rv[i] = H(x, vp)[i];
+    for (int i = 0; i < L.n_seqs; i++) {
+        const int32_t *table = HI(x, tb) + (size_t)i * L.max_blocks;
+        for (int t = 0; t < L.s[i].n_new; t++) {
+            size_t dst = kv_pool_row(table, BS, L.s[i].past + t) * C, src = (size_t)(L.row0[i] + t) * C;
+            for (int c = 0; c < C; c++) x->ref[dst + c] = H(x, kb)[src + c], rv[dst + c] = H(x, vb)[src + c];
+        }
+    }
+    x->bytes = 16.0 * L.rows * C;
+}
+static void exec_kv_write(op_ctx *x) {
+    x->be->kv_write(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), DI(x, x->a[4]), x->a[6], DI(x, x->a[5]),
+                    x->a[7], x->c->p[2], x->c->p[1]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -677,11 +990,97 @@ static void exec_add_rows(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * argmax: p = {n, variant}. The expected index comes from the documented semantics (torch.argmax:
- * lowest index on ties; here NaN never wins); the hand-made variants state it explicitly. */
+ * embedding_vp: p = {T, C, V, v0, wdtype}. This rank holds table rows for ids [v0, v0 + V). ids
+ * include both ends of the slice, the ids just outside it, −1 (an image row) and a large negative,
+ * then random ids from half a slice below to half a slice above. Exact. */
+static void setup_embedding_vp(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1], V = x->c->p[2], v0 = x->c->p[3], wd = x->c->p[4];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d rows [%d, %d) %s", T, C, v0, v0 + V, wd_name(wd));
+    size_t nt = (size_t)V * C;
+    int ids = buf_new(x, B_IN, T), tab = buf_new_w(x, B_IN, nt, wd), out = buf_new(x, B_OUT, (size_t)T * C);
+    int32_t *I = HI(x, ids);
+    static const int special[] = {0, 1, -1, 2, -2, -3};
+    for (int t = 0; t < T; t++) {
+        int s = t < 6 ? special[t] : 99;
+        I[t] = s == 0 ? v0 : s == 1 ? v0 + V - 1 : s == -1 ? v0 - 1 : s == 2 ? v0 + V : s == -2 ? -1 : s == -3 ? -100000
+               : v0 - V / 2 + rng_int(&x->rng, 2 * V);
+    }
+    if (wd == BLIP2_W_F32) {
+        fill_uniform(&x->rng, H(x, tab), nt, -2, 2);
+    } else {
+        float *f = xmalloc(sizeof(float) * (nt ? nt : 1));
+        fill_uniform(&x->rng, f, nt, -2, 2);
+        for (size_t i = 0; i < nt; i++) H16(x, tab)[i] = t_to16(f[i], wd);
+        free(f);
+    }
+    x->a[0] = out, x->a[1] = ids, x->a[2] = tab;
+    x->out = out;
+    plan_rows(x, T, C, C);
+    for (int t = 0; t < T; t++) {
+        long long local = (long long)I[t] - v0;
+        int in = I[t] >= 0 && local >= 0 && local < V;
+        for (int c = 0; c < C; c++) x->ref[(size_t)t * C + c] = in ? elem(x, tab, wd, (size_t)local * C + c) : 0.0;
+    }
+    x->bytes = 4.0 * T * C + (double)blip2_wdtype_size(wd) * T * C + 4.0 * T;
+}
+static void exec_embedding_vp(op_ctx *x) {
+    const int *p = x->c->p;
+    x->be->embedding_vp(D(x, x->a[0]), DI(x, x->a[1]), D(x, x->a[2]), p[4], p[0], p[1], p[3], p[2]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * add_rows_at: p = {T, C, R}: x[t] += table[rows[t]] (rows include R−1, 0 and repeats). gather_rows:
+ * p = {n, C, R}: out[i] = x[rows[i]] from x [R, C]. Both exact. */
+static void fill_rows(op_ctx *x, int32_t *rows, int n, int R) {
+    for (int t = 0; t < n; t++) rows[t] = t == 0 ? R - 1 : t == 1 ? 0 : t == 2 ? rows[0] : rng_int(&x->rng, R);
+}
+static void setup_add_rows_at(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1], R = x->c->p[2];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d of %d table rows", T, C, R);
+    int xb = buf_new(x, B_INOUT, (size_t)T * C), tab = buf_new(x, B_IN, (size_t)R * C), rb = buf_new(x, B_IN, T);
+    fill_normal(&x->rng, H(x, xb), (size_t)T * C, 0, 1);
+    fill_normal(&x->rng, H(x, tab), (size_t)R * C, 0, 1);
+    fill_rows(x, HI(x, rb), T, R);
+    x->a[0] = xb, x->a[1] = tab, x->a[2] = rb;
+    x->out = xb;
+    plan_rows(x, T, C, C);
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < C; c++)
+            x->ref[(size_t)t * C + c] =
+                (float)((double)H(x, xb)[(size_t)t * C + c] + H(x, tab)[(size_t)HI(x, rb)[t] * C + c]);
+    x->bytes = 12.0 * T * C + 4.0 * T;
+    x->flops = (double)T * C;
+}
+static void exec_add_rows_at(op_ctx *x) {
+    x->be->add_rows_at(D(x, x->a[0]), D(x, x->a[1]), DI(x, x->a[2]), x->c->p[0], x->c->p[1]);
+}
+
+static void setup_gather_rows(op_ctx *x) {
+    int n = x->c->p[0], C = x->c->p[1], R = x->c->p[2];
+    snprintf(x->desc, sizeof x->desc, "n=%d C=%d of %d rows", n, C, R);
+    int xb = buf_new(x, B_IN, (size_t)R * C), rb = buf_new(x, B_IN, n), out = buf_new(x, B_OUT, (size_t)n * C);
+    fill_normal(&x->rng, H(x, xb), (size_t)R * C, 0, 1);
+    fill_rows(x, HI(x, rb), n, R);
+    x->a[0] = out, x->a[1] = xb, x->a[2] = rb;
+    x->out = out;
+    plan_rows(x, n, C, C);
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < C; c++) x->ref[(size_t)i * C + c] = H(x, xb)[(size_t)HI(x, rb)[i] * C + c];
+    x->bytes = 8.0 * n * C + 4.0 * n;
+}
+static void exec_gather_rows(op_ctx *x) {
+    x->be->gather_rows(D(x, x->a[0]), D(x, x->a[1]), DI(x, x->a[2]), x->c->p[0], x->c->p[1]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * argmax_rows: p = {T, n, mode, variant}. mode 0: row t is variant t % AM_COUNT; 1: every row
+ * random; 2: every row the given variant (the old scalar argmax cases, T = 1). The expected index
+ * comes from the documented semantics (torch.argmax: lowest index on ties; NaN never wins; an
+ * all-NaN row gives index 0 and NaN); the hand-made variants state it explicitly. Index and value
+ * are checked per row (the value bitwise); the host backend's scalar blip2_argmax too. */
 enum {
     AM_RANDOM, AM_TIES, AM_ALL_EQUAL, AM_NAN_MIXED, AM_ALL_NEG_INF, AM_NAN_THEN_NEG_INF, AM_POS_INF_TIES,
-    AM_ALL_NAN, AM_LAST, AM_NAN_AT_END, AM_SIGNED_ZERO, AM_NEG_INF_AND_FINITE
+    AM_ALL_NAN, AM_LAST, AM_NAN_AT_END, AM_SIGNED_ZERO, AM_NEG_INF_AND_FINITE, AM_COUNT
 };
 static const char *const am_names[] = {"random", "ties->lowest", "all-equal", "NaN-mixed", "all--inf",
                                        "NaN,-inf,...", "+inf-ties", "all-NaN", "max-last", "NaN-after-max",
@@ -691,103 +1090,206 @@ static int argmax_naive(const float *v, int n) {
     int best = -1;
     for (int i = 0; i < n; i++)
         if (!isnan(v[i]) && (best < 0 || v[i] > v[best])) best = i;
-    return best; /* -1: all NaN, any index is accepted */
+    return best < 0 ? 0 : best; /* all NaN: index 0 */
 }
 
-static void setup_argmax(op_ctx *x) {
-    int n = x->c->p[0], variant = x->c->p[1];
-    snprintf(x->desc, sizeof x->desc, "n=%d %s", n, am_names[variant]);
-    int b = buf_new(x, B_IN, n);
-    float *v = H(x, b);
+/* Fills one row of n (n >= 13 for the hand-made variants) and returns the stated answer (-2: none). */
+static int am_fill(op_ctx *x, float *v, int n, int variant) {
     fill_normal(&x->rng, v, n, 0, 1);
-    int expect = -2; /* -2: take the naive reference */
     switch (variant) {
     case AM_TIES: {
         int k = n / 3 + rng_int(&x->rng, n / 3);
         v[k] = v[k + 1] = v[n - 1] = 100.0f;
-        expect = k;
-        break;
+        return k;
     }
     case AM_ALL_EQUAL:
         for (int i = 0; i < n; i++) v[i] = 0.5f;
-        expect = 0;
-        break;
-    case AM_NAN_MIXED: {
-        int k = n / 2;
+        return 0;
+    case AM_NAN_MIXED:
         for (int i = 0; i < n; i += 3) v[i] = NAN;
         v[0] = NAN;
-        v[k] = 50.0f;
-        v[k + 1] = NAN;
-        expect = k;
-        break;
-    }
+        v[n / 2] = 50.0f;
+        v[n / 2 + 1] = NAN;
+        return n / 2;
     case AM_ALL_NEG_INF:
         for (int i = 0; i < n; i++) v[i] = -INFINITY;
-        expect = 0;
-        break;
+        return 0;
     case AM_NAN_THEN_NEG_INF:
         for (int i = 0; i < n; i++) v[i] = -INFINITY;
         v[0] = NAN;
-        expect = 1;
-        break;
+        return 1;
     case AM_POS_INF_TIES:
         v[n / 4] = v[n / 2] = INFINITY;
-        expect = n / 4;
-        break;
+        return n / 4;
     case AM_ALL_NAN:
         for (int i = 0; i < n; i++) v[i] = NAN;
-        expect = -1;
-        break;
+        return 0;
     case AM_LAST:
         v[n - 1] = 1e6f;
-        expect = n - 1;
-        break;
+        return n - 1;
     case AM_NAN_AT_END:
         for (int i = 0; i < n - 1; i++) v[i] = (float)i;
         v[n - 1] = NAN;
-        expect = n - 2;
-        break;
+        return n - 2;
     case AM_SIGNED_ZERO:
         for (int i = 0; i < n; i++) v[i] = -1.0f;
         v[1] = -0.0f;
         v[2] = 0.0f;
-        expect = 1;
-        break;
+        return 1;
     case AM_NEG_INF_AND_FINITE:
         for (int i = 0; i < n; i++) v[i] = -INFINITY;
         v[n - 2] = -1e30f;
-        expect = n - 2;
-        break;
-    default: break;
+        return n - 2;
+    default: return -2;
     }
-    int naive = argmax_naive(v, n);
-    if (expect != -2) CHECK(naive == expect, "argmax test table: naive reference %d vs stated %d (%s)", naive, expect, x->desc);
-    x->iref = naive;
-    x->a[0] = b;
-    x->out = -1;
-    x->bytes = 4.0 * n;
 }
-static void exec_argmax(op_ctx *x) { x->iresult = x->be->argmax(D(x, x->a[0]), x->c->p[0]); }
+
+static void setup_argmax_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1], mode = x->c->p[2], variant = x->c->p[3];
+    if (mode == 2) snprintf(x->desc, sizeof x->desc, "T=%d n=%d %s", T, n, am_names[variant]);
+    else snprintf(x->desc, sizeof x->desc, "T=%d n=%d %s", T, n, mode == 0 ? "a variant per row" : "random rows");
+    int xb = buf_new(x, B_IN, (size_t)T * n), ib = buf_new(x, B_OUT, T), vb = buf_new(x, B_OUT, T);
+    int32_t *expect = xmalloc(sizeof(int32_t) * T);
+    for (int t = 0; t < T; t++) {
+        float *row = H(x, xb) + (size_t)t * n;
+        int var = mode == 0 ? t % AM_COUNT : mode == 1 ? AM_RANDOM : variant;
+        int stated = am_fill(x, row, n, var);
+        expect[t] = argmax_naive(row, n);
+        if (stated != -2)
+            CHECK(stated == expect[t], "argmax test table: naive reference %d vs stated %d (%s, row %d)", expect[t], stated,
+                  am_names[var], t);
+    }
+    x->a[0] = ib, x->a[1] = vb, x->a[2] = xb;
+    x->out = -1; /* extra checks index and value */
+    x->aux = expect;
+    x->bytes = 4.0 * T * n;
+}
+static void exec_argmax_rows(op_ctx *x) {
+    x->be->argmax_rows(DI(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->c->p[0], x->c->p[1]);
+}
+static void extra_argmax_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1];
+    const int32_t *expect = x->aux, *idx = HI(x, x->a[0]);
+    const float *val = H(x, x->a[1]), *X = H(x, x->a[2]);
+    for (int t = 0; t < T; t++) {
+        const float *row = X + (size_t)t * n;
+        CHECK(idx[t] == expect[t], "[%s argmax_rows %s] row %d: index %d, expected %d", x->be->name, x->desc, t, idx[t],
+              expect[t]);
+        float want = row[expect[t]];
+        CHECK(memcmp(&val[t], &want, 4) == 0 || (isnan(want) && isnan(val[t])),
+              "[%s argmax_rows %s] row %d: value %g, expected %g", x->be->name, x->desc, t, val[t], want);
+        if (x->be == &blip2_cpu_ops) {
+            int s = blip2_argmax(row, n);
+            CHECK(s == expect[t], "[cpu argmax %s] row %d: index %d, expected %d", x->desc, t, s, expect[t]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * fill_normal: p = {n, wdtype, seed}, f = mean, f2 = std. Element i must be the documented
+ * generator of (seed, i): the reference evaluates it in double (fp32: relative L2 <= 1e-6 against
+ * mean + std·g in double; 16-bit: against the RNE rounding of the fp32 value, computed here with
+ * the same float steps as the op, so only libm's last bits may differ). std = 0: exactly mean.
+ * Large fills also check the sample mean, std and the share within one std. */
+static double normal_ref(uint64_t seed, size_t i) {
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    double u1 = ((double)(z >> 32) + 0.5) / 4294967296.0, u2 = ((double)(z & 0xffffffffu) + 0.5) / 4294967296.0;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+static uint64_t fill_seed(const op_ctx *x) { return g_seed * 0x2545F4914F6CDD1Dull + (uint64_t)x->c->p[2]; }
+
+static void setup_fill_normal(op_ctx *x) {
+    int n = x->c->p[0], wd = x->c->p[1];
+    float mean = x->c->f, sd = x->c->f2;
+    uint64_t seed = fill_seed(x);
+    snprintf(x->desc, sizeof x->desc, "n=%d %s mean=%g std=%g", n, wd_name(wd), mean, sd);
+    int out = buf_new_w(x, B_OUT, n, wd);
+    x->a[0] = out;
+    x->out = out;
+    x->out_type = wd;
+    plan_rows(x, 1, n, 60.0 * n);
+    x->row_step = 1; /* cheap enough: always every element */
+    for (int i = 0; i < n; i++) {
+        double g = normal_ref(seed, (size_t)i);
+        if (sd == 0.0f) {
+            x->ref[i] = wd == BLIP2_W_F32 ? mean : t_from16(t_to16(mean, wd), wd);
+        } else if (wd == BLIP2_W_F32) {
+            x->ref[i] = (double)mean + (double)sd * g;
+        } else {
+            float gf = (float)g, prod = sd * gf, v = mean + prod;
+            x->ref[i] = t_from16(t_to16(v, wd), wd);
+        }
+    }
+    x->bytes = (double)blip2_wdtype_size(wd) * n;
+}
+static void exec_fill_normal(op_ctx *x) {
+    x->be->fill_normal(D(x, x->a[0]), x->c->p[1], (size_t)x->c->p[0], fill_seed(x), x->c->f, x->c->f2);
+}
+static void extra_fill_normal(op_ctx *x) {
+    int n = x->c->p[0], wd = x->c->p[1];
+    float mean = x->c->f, sd = x->c->f2;
+    if (n < 10000 || sd == 0.0f) return;
+    double s = 0, ss = 0, within = 0;
+    for (int i = 0; i < n; i++) {
+        double v = elem(x, x->a[0], wd, (size_t)i);
+        s += v;
+        ss += v * v;
+        within += fabs(v - mean) <= sd;
+    }
+    double m = s / n, var = ss / n - m * m, sdev = sqrt(var > 0 ? var : 0), frac = within / n;
+    /* 6σ of the estimators, plus the 16-bit rounding of the values. */
+    double q = wd == BLIP2_W_BF16 ? 1.0 / 128 : wd == BLIP2_W_F16 ? 1.0 / 1024 : 0;
+    CHECK(fabs(m - mean) <= 6 * sd / sqrt(n) + q * sd, "[%s fill_normal %s] sample mean %g", x->be->name, x->desc, m);
+    CHECK(fabs(sdev / sd - 1) <= 6 / sqrt(2.0 * n) + q, "[%s fill_normal %s] sample std %g", x->be->name, x->desc, sdev);
+    CHECK(fabs(frac - 0.682689) <= 6 * 0.4654 / sqrt(n) + 2 * q, "[%s fill_normal %s] %.4f within one std",
+          x->be->name, x->desc, frac);
+}
 
 /* ------------------------------------------------------------------------------------------------
  * The table. Model shapes: BLIP-2 OPT-2.7b (vision C 1408, mlp 6144, T 257, 16×88 heads; Q-Former C
  * 768, mlp 3072, 12×64 heads, 32 queries; OPT C 2560, ffn 10240, 32×80 heads; prompt 45 = 32 image
- * tokens + BOS + 12), then odd sizes (1, 3, 7, 13, 65). */
-#define MM(T, C, OC, b, note) {"matmul", note, setup_matmul, exec_matmul, extra_matmul, {T, C, OC, b}, 0, 1e-5}
-#define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5}
+ * tokens + BOS + 12; KV blocks of 16 positions; a 4-way vocab split of 50272 rows), then odd sizes
+ * (1, 3, 7, 13, 65, 77). */
+#define MM(T, C, OC, b, note) {"matmul", note, setup_matmul, exec_matmul, extra_matmul, {T, C, OC, b}, 0, 1e-5, 0, 0}
+#define MMH(T, C, OC, b, wd, act, note) \
+    {"matmul_h", note, setup_matmul_h, exec_matmul_h, extra_matmul_h, {T, C, OC, b, wd, act}, 0, 1e-5, 1e-2, 0}
+#define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5, 0, 0}
+#define RLN(T, C, alias, var, eps, note) \
+    {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var}, eps, 1e-5, 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
-    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp}, scale, 1e-5}
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp}, scale, 1e-5, 0, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
-    {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5}
+    {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
-    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad}, scale, 1e-5}
-#define SM(T, n, var, note) {"softmax", note, setup_softmax, exec_softmax, NULL, {T, n, var}, 0, 1e-5}
-#define UN(op, n, tol, note) {#op, note, setup_##op, exec_##op, NULL, {n}, 0, tol}
-#define RES(n, note) {"residual_add", note, setup_residual_add, exec_residual_add, NULL, {n}, 0, 0}
-#define I2C(CH, Hh, W, PS, note) {"im2col_patches", note, setup_im2col, exec_im2col, NULL, {CH, Hh, W, PS}, 0, 0}
-#define EMB(T, C, V, note) {"embedding", note, setup_embedding, exec_embedding, NULL, {T, C, V}, 0, 0}
-#define ADDR(T, C, row0, R, note) {"add_rows", note, setup_add_rows, exec_add_rows, NULL, {T, C, row0, R}, 0, 0}
-#define AM(n, var, note) {"argmax", note, setup_argmax, exec_argmax, NULL, {n, var}, 0, 0}
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0}, scale, 1e-5, 0, 0}
+#define PAGEDM(mix, order, NH, HS, BS, pad, note) \
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order}, 0, 1e-5, 0, 0}
+#define KVW(mix, C, BS, order, note) {"kv_write", note, setup_kv_write, exec_kv_write, NULL, {mix, C, BS, order}, 0, 0, 0, 0}
+#define SM(T, n, var, note) {"softmax", note, setup_softmax, exec_softmax, NULL, {T, n, var}, 0, 1e-5, 0, 0}
+#define UN(op, n, tol, note) {#op, note, setup_##op, exec_##op, NULL, {n}, 0, tol, 0, 0}
+#define RES(n, note) {"residual_add", note, setup_residual_add, exec_residual_add, NULL, {n}, 0, 0, 0, 0}
+#define BIAS(T, C, note) {"add_bias", note, setup_add_bias, exec_add_bias, NULL, {T, C}, 0, 0, 0, 0}
+#define SCALE(n, s, note) {"scale", note, setup_scale, exec_scale, NULL, {n}, s, 0, 0, 0}
+#define I2C(CH, Hh, W, PS, note) {"im2col_patches", note, setup_im2col, exec_im2col, NULL, {CH, Hh, W, PS}, 0, 0, 0, 0}
+#define EMB(T, C, V, note) {"embedding", note, setup_embedding, exec_embedding, NULL, {T, C, V}, 0, 0, 0, 0}
+#define EMBVP(T, C, V, v0, wd, note) {"embedding_vp", note, setup_embedding_vp, exec_embedding_vp, NULL, {T, C, V, v0, wd}, 0, 0, 0, 0}
+#define ADDR(T, C, row0, R, note) {"add_rows", note, setup_add_rows, exec_add_rows, NULL, {T, C, row0, R}, 0, 0, 0, 0}
+#define ADDRAT(T, C, R, note) {"add_rows_at", note, setup_add_rows_at, exec_add_rows_at, NULL, {T, C, R}, 0, 0, 0, 0}
+#define GATHER(n, C, R, note) {"gather_rows", note, setup_gather_rows, exec_gather_rows, NULL, {n, C, R}, 0, 0, 0, 0}
+#define AM(n, var, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {1, n, 2, var}, 0, 0, 0, 0}
+#define AMR(T, n, mode, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {T, n, mode, 0}, 0, 0, 0, 0}
+#define FILL(n, wd, seed, mean, sd, note) \
+    {"fill_normal", note, setup_fill_normal, exec_fill_normal, extra_fill_normal, {n, wd, seed}, mean, (sd) == 0 ? 0 : 1e-6, 0, sd}
+
+#define F16 BLIP2_W_F16
+#define BF16 BLIP2_W_BF16
+#define F32 BLIP2_W_F32
+#define A_NONE BLIP2_ACT_NONE
+#define A_GELU BLIP2_ACT_GELU
+#define A_RELU BLIP2_ACT_RELU
 
 static const op_case cases[] = {
     MM(257, 1408, 4224, 1, "vision qkv"),
@@ -809,6 +1311,26 @@ static const op_case cases[] = {
     MM(65, 1, 7, 1, "odd"),
     MM(65, 65, 65, 1, "odd"),
 
+    MMH(1, 2560, 7680, 1, F16, A_NONE, "OPT decode fused qkv"),
+    MMH(1, 2560, 2560, 1, BF16, A_NONE, "OPT decode out proj"),
+    MMH(1, 2560, 10240, 1, F16, A_RELU, "OPT decode fc1 + ReLU"),
+    MMH(1, 10240, 2560, 1, BF16, A_NONE, "OPT decode fc2 (K=10240)"),
+    MMH(7, 10240, 2560, 1, F16, A_NONE, "OPT batched decode fc2"),
+    MMH(7, 2560, 10240, 1, BF16, A_RELU, "OPT batched decode fc1"),
+    MMH(64, 2560, 7680, 1, BF16, A_NONE, "OPT prefill chunk qkv"),
+    MMH(64, 10240, 2560, 1, F16, A_NONE, "OPT prefill chunk fc2"),
+    MMH(257, 1408, 6144, 1, F16, A_GELU, "vision fc1 + GELU"),
+    MMH(257, 1408, 2560, 1, BF16, A_GELU, "GELU, C=1408"),
+    MMH(32, 768, 3072, 1, BF16, A_GELU, "Q-Former fc1 + GELU"),
+    MMH(45, 2560, 2560, 0, F16, A_RELU, "no bias + ReLU"),
+    MMH(13, 1408, 2560, 0, BF16, A_GELU, "no bias + GELU"),
+    MMH(1, 2560, 77, 1, BF16, A_NONE, "odd OC"),
+    MMH(7, 77, 13, 0, F16, A_RELU, "odd"),
+    MMH(3, 13, 77, 1, BF16, A_GELU, "odd"),
+    MMH(257, 65, 7, 1, F16, A_NONE, "odd"),
+    MMH(1, 1, 1, 0, F16, A_NONE, "odd"),
+    MMH(1, 3, 1, 1, BF16, A_RELU, "odd"),
+
     LN(257, 1408, 0, 0, 1e-6f, "vision"),
     LN(32, 768, 0, 0, 1e-12f, "Q-Former"),
     LN(45, 2560, 0, 0, 1e-5f, "OPT prefill"),
@@ -824,15 +1346,28 @@ static const op_case cases[] = {
     LN(3, 7, 0, 0, 1e-12f, "odd"),
     LN(65, 13, 1, 0, 1e-6f, "odd"),
 
+    RLN(45, 2560, 0, 0, 1e-5f, "OPT prefill"),
+    RLN(45, 2560, 1, 0, 1e-5f, "OPT prefill, out aliases y"),
+    RLN(1, 2560, 1, 0, 1e-5f, "OPT decode, out aliases y"),
+    RLN(257, 1408, 0, 0, 1e-6f, "vision"),
+    RLN(32, 768, 1, 0, 1e-12f, "Q-Former, out aliases y"),
+    RLN(13, 2560, 0, 1, 1e-5f, "variance 0 rows"),
+    RLN(7, 2560, 1, 2, 1e-5f, "large mean, out aliases y"),
+    RLN(1, 1, 0, 0, 1e-5f, "odd"),
+    RLN(3, 7, 1, 0, 1e-12f, "odd"),
+    RLN(65, 13, 0, 1, 1e-6f, "odd"),
+
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),
+    ATT(45, 45, 32, 80, 0, 1, 0, 0, 0.11180339887f, "OPT shape, not causal"),
     ATT(1, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT decode (causal, Tq=1)"),
     ATT(1, 1, 1, 1, 0, 0, 0, 0, 0, "odd"),
     ATT(1, 1, 1, 1, 1, 0, 2, 0, 0, "odd"),
     ATT(3, 3, 1, 7, 1, 1, 5, 0, 0, "odd"),
     ATT(7, 13, 3, 5, 1, 0, 3, 0, 1.0f, "odd, causal with a cache (Tq<Tk)"),
+    ATT(7, 13, 3, 5, 0, 0, 3, 0, 1.0f, "odd, Tq<Tk not causal"),
     ATT(13, 65, 2, 3, 0, 0, 1, 0, 0, "odd"),
     ATT(65, 65, 4, 13, 1, 1, 7, 0, 0, "odd"),
     ATT(13, 13, 2, 16, 0, 1, 0, 6, 0, "large scores"),
@@ -846,6 +1381,23 @@ static const op_case cases[] = {
     PAGED(3, 3, 1, 7, 2, 1, 0, "odd"),
     PAGED(13, 65, 2, 3, 7, 2, 0, "odd"),
     PAGED(65, 65, 4, 13, 65, 0, 0, "odd, one block"),
+    PAGED(2, 300, 2, 128, 16, 4, 0, "HS=128 (the kernel's limit), long context"),
+    PAGEDM(1, 0, 32, 80, 16, 0, "OPT batched step"),
+    PAGEDM(1, 1, 32, 80, 16, 3, "OPT batched step, rows reversed"),
+    PAGEDM(2, 0, 32, 80, 16, 0, "OPT decode batch"),
+    PAGEDM(3, 0, 4, 64, 16, 1, "chunked prefill"),
+    PAGEDM(3, 1, 3, 33, 5, 2, "chunked prefill, odd"),
+    PAGEDM(4, 0, 3, 5, 2, 1, "odd"),
+    PAGEDM(4, 1, 1, 1, 1, 0, "odd, one-position blocks"),
+
+    KVW(1, 2560, 16, 0, "OPT batched step"),
+    KVW(1, 2560, 16, 1, "OPT batched step, rows reversed"),
+    KVW(2, 2560, 16, 0, "OPT decode batch"),
+    KVW(5, 2560, 16, 0, "OPT prefill"),
+    KVW(6, 2560, 16, 0, "OPT decode"),
+    KVW(3, 65, 7, 1, "odd"),
+    KVW(4, 13, 1, 0, "odd, one-position blocks"),
+    KVW(4, 1, 3, 1, "odd, C=1"),
 
     SM(2 * 257, 257, 0, "attention rows"),
     SM(45, 45, 1, "masked rows"),
@@ -865,6 +1417,18 @@ static const op_case cases[] = {
     RES(1, "odd"),
     RES(13, "odd"),
 
+    BIAS(45, 2560, "OPT prefill"),
+    BIAS(1, 10240, "OPT decode fc1"),
+    BIAS(257, 1408, "vision"),
+    BIAS(1, 1, "odd"),
+    BIAS(3, 7, "odd"),
+    BIAS(65, 13, "odd"),
+
+    SCALE(32 * 45 * 80, 0.11180339887f, "OPT q scaling"),
+    SCALE(1, -3.5f, "odd"),
+    SCALE(13, 0.0f, "odd, s=0"),
+    SCALE(65, 3e-39f, "odd, subnormal s and products"),
+
     I2C(3, 224, 224, 14, "vision patches"),
     I2C(1, 7, 7, 7, "odd"),
     I2C(3, 30, 44, 14, "odd (remainder ignored)"),
@@ -874,25 +1438,55 @@ static const op_case cases[] = {
     EMB(1, 7, 3, "odd"),
     EMB(13, 65, 13, "odd"),
 
+    EMBVP(45, 2560, 12568, 12568, BF16, "OPT prompt, rank 1 of 4"),
+    EMBVP(45, 2560, 12568, 0, F16, "OPT prompt, rank 0 of 4"),
+    EMBVP(16, 2560, 300, 37700, F32, "decode batch, fp32 slice"),
+    EMBVP(13, 65, 13, 5, F16, "odd"),
+    EMBVP(7, 7, 3, 0, BF16, "odd"),
+    EMBVP(9, 1, 1, 2, F32, "odd, one row"),
+
     ADDR(45, 2560, 2, 50, "OPT positions"),
     ADDR(1, 2560, 46, 50, "OPT decode position"),
     ADDR(257, 1408, 0, 257, "vision positions"),
     ADDR(3, 7, 5, 8, "odd (ends at the table end)"),
 
-    AM(50304, AM_RANDOM, "OPT vocab"),
-    AM(50304, AM_TIES, "OPT vocab"),
+    ADDRAT(16, 2560, 2050, "OPT batched decode positions"),
+    ADDRAT(45, 2560, 2050, "OPT batched step"),
+    ADDRAT(1, 1, 1, "odd"),
+    ADDRAT(13, 65, 3, "odd"),
+
+    GATHER(8, 2560, 45, "last rows before the LM head"),
+    GATHER(1, 2560, 1, "one sequence"),
+    GATHER(3, 7, 13, "odd"),
+    GATHER(13, 1, 2, "odd"),
+
+    AM(50272, AM_RANDOM, "OPT vocab"),
+    AM(50272, AM_TIES, "OPT vocab"),
     AM(13, AM_ALL_EQUAL, ""),
     AM(65, AM_NAN_MIXED, ""),
-    AM(7, AM_ALL_NEG_INF, ""),
-    AM(7, AM_NAN_THEN_NEG_INF, ""),
+    AM(13, AM_ALL_NEG_INF, ""),
+    AM(13, AM_NAN_THEN_NEG_INF, ""),
     AM(65, AM_POS_INF_TIES, ""),
-    AM(5, AM_ALL_NAN, ""),
+    AM(13, AM_ALL_NAN, ""),
     AM(65, AM_LAST, ""),
     AM(13, AM_NAN_AT_END, ""),
-    AM(7, AM_SIGNED_ZERO, ""),
+    AM(13, AM_SIGNED_ZERO, ""),
     AM(13, AM_NEG_INF_AND_FINITE, ""),
     AM(1, AM_RANDOM, "odd"),
     AM(3, AM_RANDOM, "odd"),
+    AMR(16, 50272, 1, "batched decode, full vocab"),
+    AMR(24, 12568, 0, "vocab shard, every variant"),
+    AMR(12, 13, 0, "odd, every variant"),
+    AMR(5, 1, 1, "odd, n=1"),
+
+    FILL(100000, F32, 1, 0.0f, 1.0f, "N(0, 1)"),
+    FILL(100000, F16, 2, 0.0f, 0.02f, "weights"),
+    FILL(100000, BF16, 3, 0.0f, 0.02f, "weights"),
+    FILL(65, F32, 4, 0.5f, 3.0f, "odd"),
+    FILL(1, BF16, 5, -1.0f, 2.0f, "odd"),
+    FILL(13, F16, 6, 1.0f, 0.0f, "LayerNorm weight: exactly 1"),
+    FILL(7, BF16, 7, 0.0f, 0.0f, "bias: exactly 0"),
+    FILL(77, F32, 8, 0.25f, 0.0f, "std 0: exactly mean"),
 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -908,6 +1502,43 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* Compares buffer buf (elements of type wdtype) with ref over rows × row_len (only the checked rows
+ * when sampled), after checking every element is finite. Returns the relative L2 error. */
+static double compare_out(op_ctx *x, int buf, int wdtype, const double *ref, int rows, int row_len, int sampled,
+                          double tol, const char *what) {
+    const char *be = x->be->name, *op = x->c->op;
+    size_t n = (size_t)rows * row_len, bad = 0, first_bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(elem(x, buf, wdtype, i)) && !bad++) first_bad = i;
+    CHECK(bad == 0, "[%s %s %s] %s: %zu non-finite values (first at %zu: %g)", be, op, x->desc, what, bad, first_bad,
+          bad ? elem(x, buf, wdtype, first_bad) : 0.0);
+    double num = 0, den = 0;
+    size_t mismatch = 0, checked = 0;
+    for (int r = 0; r < rows; r++) {
+        if (sampled && !row_checked(x, r)) continue;
+        for (int c = 0; c < row_len; c++) {
+            size_t i = (size_t)r * row_len + c;
+            float o = elem(x, buf, wdtype, i);
+            double d = (double)o - ref[i];
+            num += d * d;
+            den += ref[i] * ref[i];
+            if (o != (float)ref[i] || isnan(o)) mismatch++;
+            checked++;
+        }
+    }
+    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    if (isnan(rel)) rel = INFINITY;
+    if (tol == 0)
+        CHECK(mismatch == 0, "[%s %s %s] %s: %zu of %zu elements differ from the exact result", be, op, x->desc, what,
+              mismatch, checked);
+    else
+        CHECK(rel <= tol, "[%s %s %s] %s: relative L2 %.3g > %.3g", be, op, x->desc, what, rel, tol);
+    if (getenv("TEST_OPS_VERBOSE"))
+        printf("  %-4s %-18s %-70s %s rel L2 %.3g (%zu elements checked%s)\n", be, op, x->desc, what, rel, checked,
+               sampled && x->row_step > 1 ? ", sampled rows" : "");
+    return rel;
+}
+
 static void verify(op_ctx *x) {
     const char *be = x->be->name, *op = x->c->op;
     for (int i = 0; i < x->nb; i++) {
@@ -920,77 +1551,45 @@ static void verify(op_ctx *x) {
             CHECK(memcmp(g->host + GUARD, g->pristine + GUARD, g->n * 4) == 0, "[%s %s %s] input buffer %d was modified",
                   be, op, x->desc, i);
     }
-    if (x->out < 0) {
-        if (x->iref >= 0)
-            CHECK(x->iresult == x->iref, "[%s %s %s] got index %d, expected %d", be, op, x->desc, x->iresult, x->iref);
-        else
-            CHECK(x->iresult >= 0 && x->iresult < x->c->p[0], "[%s %s %s] index %d out of range", be, op, x->desc,
-                  x->iresult);
-        return;
-    }
-    const float *o = H(x, x->out);
-    size_t n = (size_t)x->rows * x->row_len, bad = 0, first_bad = 0;
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(o[i]) && !bad++) first_bad = i;
-    CHECK(bad == 0, "[%s %s %s] %zu non-finite outputs (first at %zu: %g)", be, op, x->desc, bad, first_bad,
-          bad ? o[first_bad] : 0.0);
-    double num = 0, den = 0;
-    size_t mismatch = 0, checked = 0;
-    for (int r = 0; r < x->rows; r++) {
-        if (!row_checked(x, r)) continue;
-        for (int c = 0; c < x->row_len; c++) {
-            size_t i = (size_t)r * x->row_len + c;
-            double d = (double)o[i] - x->ref[i];
-            num += d * d;
-            den += x->ref[i] * x->ref[i];
-            if (o[i] != (float)x->ref[i] || isnan(o[i])) mismatch++;
-            checked++;
-        }
-    }
-    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    if (isnan(rel)) rel = INFINITY;
-    if (x->c->tol == 0)
-        CHECK(mismatch == 0, "[%s %s %s] %zu of %zu elements differ from the exact result", be, op, x->desc, mismatch,
-              checked);
-    else
-        CHECK(rel <= x->c->tol, "[%s %s %s] relative L2 %.3g > %.3g", be, op, x->desc, rel, x->c->tol);
-    if (getenv("TEST_OPS_VERBOSE"))
-        printf("  %-4s %-15s %-58s rel L2 %.3g (%zu elements checked%s)\n", be, op, x->desc, rel, checked,
-               x->row_step > 1 ? ", sampled rows" : "");
+    if (x->out >= 0) compare_out(x, x->out, x->out_type, x->ref, x->rows, x->row_len, 1, case_tol(x), "output");
+    if (x->out2 >= 0) compare_out(x, x->out2, BLIP2_W_F32, x->ref2, 1, (int)x->n2, 0, x->tol2, "second output");
 }
 
-static void run_case(const op_case *c, const ops_backend *be, int idx) {
+static void run_case(const op_case *c, const blip2_ops *be, int idx) {
     op_ctx x;
     memset(&x, 0, sizeof x);
     x.c = c;
     x.be = be;
     x.rng = g_seed * 0x100000001b3ull + (uint64_t)idx * 7919u + 1;
     x.out = -1;
+    x.out2 = -1;
     c->setup(&x);
     ctx_commit(&x);
     c->exec(&x);
-    be_sync(be);
+    be_sync(&x);
     ctx_download(&x);
+    be_sync(&x);
     verify(&x);
     if (c->extra) c->extra(&x);
     if (g_perf) {
-        double *t = malloc(sizeof(double) * g_reps);
+        double *t = xmalloc(sizeof(double) * g_reps);
         for (int r = 0; r < g_reps; r++) {
             for (int i = 0; i < x.nb; i++)
                 if (x.b[i].role == B_INOUT) buf_upload(&x, i);
-            be_sync(be);
+            be_sync(&x);
             double t0 = now_s();
             c->exec(&x);
-            be_sync(be);
+            be_sync(&x);
             t[r] = now_s() - t0;
         }
         qsort(t, g_reps, sizeof(double), cmp_double);
         double med = t[g_reps / 2];
         char gf[32] = "", gb[32] = "";
-        if (x.flops > 0 && (!strcmp(c->op, "matmul") || !strcmp(c->op, "attention")))
+        if (x.flops > 0 && (!strcmp(c->op, "matmul") || !strcmp(c->op, "matmul_h") || !strcmp(c->op, "attention") ||
+                            !strcmp(c->op, "attention_paged")))
             snprintf(gf, sizeof gf, "%8.2f GFLOP/s", x.flops / med * 1e-9);
         if (x.bytes > 0) snprintf(gb, sizeof gb, "%8.2f GB/s", x.bytes / med * 1e-9);
-        printf("%-4s %-15s %-62s %-28s %10.4f ms %17s %13s\n", be->name, c->op, x.desc, c->note, med * 1e3, gf, gb);
+        printf("%-4s %-18s %-70s %-34s %10.4f ms %17s %13s\n", be->name, c->op, x.desc, c->note, med * 1e3, gf, gb);
         free(t);
     }
     ctx_free(&x);
@@ -1002,19 +1601,39 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--full")) g_full = 1;
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) g_reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--op") && i + 1 < argc) g_only = argv[++i];
+        else if (!strcmp(argv[i], "--backend") && i + 1 < argc) g_backend = argv[++i];
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], NULL, 10);
         else {
-            fprintf(stderr, "usage: test_ops [--perf [--reps N]] [--full] [--op NAME] [--seed N]\n");
+            fprintf(stderr, "usage: test_ops [--perf [--reps N]] [--full] [--op NAME] [--backend NAME] [--seed N]\n");
             return 2;
         }
     }
     if (g_reps < 1) g_reps = 1;
+
+    const blip2_ops *backends[2];
+    int n_backends = 0;
+    backends[n_backends++] = &blip2_cpu_ops;
+#ifdef BLIP2_HAVE_CUDA
+    blip2_cuda_ctx *cuda_ctx = NULL;
+    if (!g_backend || !strcmp(g_backend, "cuda")) {
+        char err[256] = "";
+        cuda_ctx = blip2_cuda_ctx_create(0, err, sizeof err);
+        if (cuda_ctx) backends[n_backends++] = &blip2_cuda_ops;
+        else printf("cuda: skipped: no GPU (%s)\n", err);
+    }
+#endif
+
     printf("test_ops: %zu cases, seed %llu%s\n", sizeof cases / sizeof cases[0], (unsigned long long)g_seed,
            g_full ? ", full reference" : "");
     if (g_perf)
-        printf("%-4s %-15s %-62s %-28s %13s %17s %13s\n", "be", "op", "shape", "role", "median", "", "");
-    for (size_t b = 0; b < sizeof backends / sizeof backends[0]; b++)
+        printf("%-4s %-18s %-70s %-34s %13s %17s %13s\n", "be", "op", "shape", "role", "median", "", "");
+    for (int b = 0; b < n_backends; b++) {
+        if (g_backend && strcmp(g_backend, backends[b]->name)) continue;
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
             if (!g_only || !strcmp(g_only, cases[i].op)) run_case(&cases[i], backends[b], (int)i);
+    }
+#ifdef BLIP2_HAVE_CUDA
+    blip2_cuda_ctx_destroy(cuda_ctx);
+#endif
     return check_summary();
 }

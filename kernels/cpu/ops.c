@@ -5,6 +5,8 @@
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 void blip2_matmul(float *out, const float *inp, const float *weight, const float *bias, int T, int C, int OC) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);
@@ -61,8 +63,8 @@ void blip2_softmax(float *x, int T, int n) {
 }
 
 /* Key/value row j of a paged pool: row j % bs of block table[j / bs]. */
-static inline const float *kv_row(const float *pool, const int32_t *table, int bs, int j, int stride) {
-    return pool + ((size_t)table[j / bs] * bs + j % bs) * stride;
+static inline size_t kv_offset(const int32_t *table, int bs, int j, int stride) {
+    return ((size_t)table[j / bs] * bs + j % bs) * stride;
 }
 
 /* One head of one query row: scores over the visible keys, softmax, weighted sum of values. */
@@ -70,7 +72,7 @@ static void attend_row(float *out, const float *q, const float *k, const float *
                        int n_keys, int HS, int kv_stride, float scale, float *scores) {
     float mx = -INFINITY;
     for (int j = 0; j < n_keys; j++) {
-        const float *kj = kv_row(k, table, bs, j, kv_stride);
+        const float *kj = k + kv_offset(table, bs, j, kv_stride);
         float s = 0;
         for (int d = 0; d < HS; d++) s += q[d] * kj[d];
         scores[j] = s * scale;
@@ -85,19 +87,34 @@ static void attend_row(float *out, const float *q, const float *k, const float *
     for (int d = 0; d < HS; d++) out[d] = 0;
     for (int j = 0; j < n_keys; j++) {
         float p = scores[j] * inv;
-        const float *vj = kv_row(v, table, bs, j, kv_stride);
+        const float *vj = v + kv_offset(table, bs, j, kv_stride);
         for (int d = 0; d < HS; d++) out[d] += p * vj[d];
     }
 }
 
-/* Paged keys (decode and prefill over the KV blocks): one query row at a time, causal. */
-static void attend(float *out, const float *q, const float *k, const float *v, const int32_t *table, int bs,
-                   float *scratch, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale) {
-    for (int i = 0; i < Tq; i++) {
-        int n_keys = i + (Tk - Tq) + 1;
-        for (int h = 0; h < NH; h++)
-            attend_row(out + (size_t)i * NH * HS + h * HS, q + (size_t)i * q_stride + h * HS, k + h * HS, v + h * HS,
-                       table, bs, n_keys, HS, kv_stride, scale, scratch);
+void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
+                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
+                           int NH, int HS, int q_stride, int kv_stride, float scale) {
+    (void)max_ctx;
+    for (int i = 0; i < n_seqs; i++) {
+        int row0 = meta[3 * i], n_new = meta[3 * i + 1], past = meta[3 * i + 2];
+        const int32_t *table = tables + (size_t)i * max_blocks;
+        for (int r = 0; r < n_new; r++)
+            for (int h = 0; h < NH; h++)
+                attend_row(out + (size_t)(row0 + r) * NH * HS + h * HS, q + (size_t)(row0 + r) * q_stride + h * HS,
+                           k_pool + h * HS, v_pool + h * HS, table, block_size, past + r + 1, HS, kv_stride, scale, scratch);
+    }
+}
+
+void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
+                    const int32_t *meta, int n_seqs, int block_size, int C) {
+    for (int i = 0; i < n_seqs; i++) {
+        const int32_t *table = tables + (size_t)i * max_blocks;
+        for (int t = 0; t < meta[3 * i + 1]; t++) {
+            size_t dst = kv_offset(table, block_size, meta[3 * i + 2] + t, C), src = (size_t)(meta[3 * i] + t) * C;
+            memcpy(k_pool + dst, k + src, sizeof(float) * C);
+            memcpy(v_pool + dst, v + src, sizeof(float) * C);
+        }
     }
 }
 
@@ -106,7 +123,7 @@ static void attend(float *out, const float *q, const float *k, const float *v, c
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
     int ld_out = NH * HS;
-    for (int h = 0; h < NH; h++) {
+    for (int h = 0; h < NH; h++) { /* one head's Tq·Tk of the scratch is enough here */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tq, Tk, HS, scale, q + h * HS, q_stride, k + h * HS,
                     kv_stride, 0.0f, scratch, Tk);
         for (int i = 0; causal && i < Tq; i++)
@@ -115,12 +132,6 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tq, HS, Tk, 1.0f, scratch, Tk, v + h * HS, kv_stride, 0.0f,
                     out + h * HS, ld_out);
     }
-}
-
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
-                           const int32_t *block_table, int block_size, float *scratch, int Tq, int Tk, int NH, int HS,
-                           int q_stride, int kv_stride, float scale) {
-    attend(out, q, k_pool, v_pool, block_table, block_size, scratch, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
 }
 
 void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {
@@ -152,3 +163,187 @@ int blip2_argmax(const float *x, int n) {
         if (x[i] > x[best] || (isnan(x[best]) && !isnan(x[i]))) best = i;
     return best;
 }
+
+/* ---- 16-bit weights ---- */
+
+float blip2_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+float blip2_bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t blip2_f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40); /* quiet NaN */
+    x += 0x7fff + ((x >> 16) & 1);
+    return (uint16_t)(x >> 16);
+}
+
+uint16_t blip2_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00);
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds to >= 65520: inf */
+    if (ax < 0x38800000u) { /* subnormal half (or zero): round |f| * 2^24 to nearest even */
+        float a;
+        memcpy(&a, &ax, 4);
+        float scaled = a * 16777216.0f; /* exact: power of two */
+        uint32_t q = (uint32_t)scaled;
+        float rem = scaled - (float)q;
+        if (rem > 0.5f || (rem == 0.5f && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = ax + 0xfff + ((ax >> 13) & 1) - (112u << 23);
+    return (uint16_t)(sign | (r >> 13));
+}
+
+static inline float widen(const void *table, int wdtype, size_t i) {
+    if (wdtype == BLIP2_W_F32) return ((const float *)table)[i];
+    uint16_t h = ((const uint16_t *)table)[i];
+    return wdtype == BLIP2_W_F16 ? blip2_f16_to_f32(h) : blip2_bf16_to_f32(h);
+}
+
+static void apply_act(float *x, size_t n, int act) {
+    if (act == BLIP2_ACT_GELU) blip2_gelu(x, n);
+    if (act == BLIP2_ACT_RELU) blip2_relu(x, n);
+}
+
+/* Widens a slab of weight rows at a time and hands it to sgemm: exact, and the slab stays in cache. */
+void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
+                    int wdtype, int act) {
+    enum { SLAB = 64 };
+    float *w = malloc(sizeof(float) * SLAB * (size_t)C);
+    if (!w) abort(); /* 64 rows of weights: not a request-sized allocation */
+    for (int o0 = 0; o0 < OC; o0 += SLAB) {
+        int n = OC - o0 < SLAB ? OC - o0 : SLAB;
+        for (size_t i = 0; i < (size_t)n * C; i++) w[i] = widen(weight, wdtype, (size_t)o0 * C + i);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n, C, 1.0f, inp, C, w, C, 0.0f, out + o0, OC);
+    }
+    free(w);
+    if (bias) blip2_add_bias(out, bias, T, OC);
+    apply_act(out, (size_t)T * OC, act);
+}
+
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
+                              float eps) {
+    for (int t = 0; t < T; t++) {
+        blip2_residual_add(res + (size_t)t * C, y + (size_t)t * C, (size_t)C);
+        blip2_layernorm(out + (size_t)t * C, res + (size_t)t * C, w, b, 1, C, eps);
+    }
+}
+
+void blip2_add_bias(float *x, const float *bias, int T, int C) {
+    for (int t = 0; t < T; t++) blip2_residual_add(x + (size_t)t * C, bias, (size_t)C);
+}
+
+void blip2_scale(float *x, float s, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V) {
+    for (int t = 0; t < T; t++) {
+        float *row = out + (size_t)t * C;
+        int local = ids[t] - v0;
+        if (ids[t] < 0 || local < 0 || local >= V) memset(row, 0, sizeof(float) * C);
+        else for (int i = 0; i < C; i++) row[i] = widen(table, wdtype, (size_t)local * C + i);
+    }
+}
+
+void blip2_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C) {
+    for (int t = 0; t < T; t++) blip2_residual_add(x + (size_t)t * C, table + (size_t)rows[t] * C, (size_t)C);
+}
+
+void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C) {
+    for (int i = 0; i < n; i++) memcpy(out + (size_t)i * C, x + (size_t)rows[i] * C, sizeof(float) * C);
+}
+
+void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
+    for (int t = 0; t < T; t++) {
+        idx[t] = blip2_argmax(x + (size_t)t * n, n);
+        val[t] = x[(size_t)t * n + idx[t]];
+    }
+}
+
+/* Counter-based normal: splitmix64 of (seed, i), Box-Muller on its two 32-bit halves. */
+static float normal_at(uint64_t seed, size_t i) {
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    double u1 = ((double)(z >> 32) + 0.5) / 4294967296.0, u2 = ((double)(z & 0xffffffffu) + 0.5) / 4294967296.0;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std) {
+    for (size_t i = 0; i < n; i++) {
+        float v = std == 0.0f ? mean : mean + std * normal_at(seed, i);
+        if (wdtype == BLIP2_W_F32) ((float *)x)[i] = v;
+        else ((uint16_t *)x)[i] = wdtype == BLIP2_W_F16 ? blip2_f32_to_f16(v) : blip2_f32_to_bf16(v);
+    }
+}
+
+/* ---- the CPU backend table: host memory, the functions above ---- */
+
+static void *host_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+static void host_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes) memmove(dst, src, bytes);
+}
+static void host_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+static int host_sync(char *err, size_t n) {
+    (void)err, (void)n;
+    return 0;
+}
+
+const blip2_ops blip2_cpu_ops = {
+    .name = "cpu",
+    .device = 0,
+    .alloc = host_alloc,
+    .release = free,
+    .upload = host_copy,
+    .download = host_copy,
+    .copy = host_copy,
+    .zero = host_zero,
+    .sync = host_sync,
+    .matmul = blip2_matmul,
+    .matmul_h = blip2_matmul_h,
+    .layernorm = blip2_layernorm,
+    .residual_layernorm = blip2_residual_layernorm,
+    .residual_add = blip2_residual_add,
+    .add_bias = blip2_add_bias,
+    .scale = blip2_scale,
+    .gelu = blip2_gelu,
+    .relu = blip2_relu,
+    .attention = blip2_attention,
+    .attention_paged = blip2_attention_paged,
+    .kv_write = blip2_kv_write,
+    .softmax = blip2_softmax,
+    .im2col_patches = blip2_im2col_patches,
+    .embedding = blip2_embedding,
+    .embedding_vp = blip2_embedding_vp,
+    .add_rows = blip2_add_rows,
+    .add_rows_at = blip2_add_rows_at,
+    .gather_rows = blip2_gather_rows,
+    .argmax_rows = blip2_argmax_rows,
+    .fill_normal = blip2_fill_normal,
+};

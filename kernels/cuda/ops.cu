@@ -1,0 +1,928 @@
+/* The CUDA twins of kernels/cpu/ops.c (namespace cuda::, same names and argument order as ops.h)
+ * and the blip2_cuda_ops table. Every op is queued on the calling thread's current context's
+ * stream (context.h) and records failures in that context instead of aborting; nothing here
+ * synchronises except download, sync, blip2_argmax and the rare growth of a scratch buffer.
+ *
+ * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32); 16-bit-weight matmuls
+ * round the fp32 activations to the weight's type (RNE) and accumulate in fp32; row reductions
+ * (layernorm, softmax) accumulate in double like the C reference. No fast-math anywhere. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.cuh"
+#include "ops.cuh"
+
+namespace {
+
+constexpr int NT = 256;      /* threads per block for every kernel here */
+constexpr int NWARPS = NT / 32;
+constexpr int PAGED_MAX_HS = 128;
+/* k_attention_paged's static shared memory (q, per-warp partial sums, reduction scratch): well under
+ * the 8 KiB the opt-in threshold below leaves it. */
+static_assert(PAGED_MAX_HS * 4 * (1 + NWARPS) + 32 * 4 + 32 * 8 < 8 * 1024, "paged attention static smem");
+
+blip2_cuda_ctx *cur(const char *op) {
+    blip2_cuda_ctx *c = blip2_cuda_ctx_current();
+    if (!c) blip2_cuda_record(NULL, "%s: no current CUDA context on this thread", op);
+    return c;
+}
+
+/* Blocks for a grid-stride loop over n elements. */
+unsigned grid_for(size_t n) {
+    size_t b = (n + NT - 1) / NT;
+    if (b < 1) b = 1;
+    if (b > 8192) b = 8192;
+    return (unsigned)b;
+}
+
+#define GRID_STRIDE(i, n) \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+/* ------------------------------------------------------------------------------------------------
+ * Block reductions. Every thread of the block must call them (no early exit), blockDim.x a multiple
+ * of 32. The result is returned to every thread. sh holds 32 values; it may be reused by the next
+ * call (the leading barrier keeps a fast warp from overwriting it while others still read). */
+template <typename T> __device__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+template <typename T> __device__ T block_sum(T v, T *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    T r = 0;
+    for (int i = 0; i < nw; i++) r += sh[i];
+    return r;
+}
+__device__ float block_max(float v, float *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float r = -INFINITY;
+    for (int i = 0; i < nw; i++) r = fmaxf(r, sh[i]);
+    return r;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Elementwise kernels. */
+__global__ void __launch_bounds__(NT) k_residual_add(float *x, const float *y, size_t n) {
+    GRID_STRIDE(i, n) x[i] += y[i];
+}
+__global__ void __launch_bounds__(NT) k_add_bias(float *x, const float *bias, size_t n, int C) {
+    GRID_STRIDE(i, n) x[i] += bias[i % (size_t)C];
+}
+__global__ void __launch_bounds__(NT) k_scale(float *x, float s, size_t n) {
+    GRID_STRIDE(i, n) x[i] *= s;
+}
+__device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f)); }
+__global__ void __launch_bounds__(NT) k_gelu(float *x, size_t n) {
+    GRID_STRIDE(i, n) x[i] = gelu_erf(x[i]);
+}
+__global__ void __launch_bounds__(NT) k_relu(float *x, size_t n) {
+    GRID_STRIDE(i, n) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+/* out[t, o] += bias[o] (bias may be NULL), then ReLU if relu: the epilogue when cuBLASLt is not used. */
+__global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, size_t n, int C, int relu) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        if (bias) v += bias[i % (size_t)C];
+        if (relu) v = v > 0.0f ? v : 0.0f;
+        x[i] = v;
+    }
+}
+/* fp32 → 16 bits, round to nearest even. */
+__global__ void __launch_bounds__(NT) k_to_f16(__half *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2half_rn(src[i]);
+}
+__global__ void __launch_bounds__(NT) k_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void __launch_bounds__(NT) k_im2col(float *out, const float *img, int CH, int H, int W, int PS) {
+    int PW = W / PS, PH = H / PS, K = CH * PS * PS;
+    size_t n = (size_t)PH * PW * K;
+    GRID_STRIDE(e, n) {
+        int p = (int)(e / (size_t)K), col = (int)(e % (size_t)K);
+        int c = col / (PS * PS), i = (col / PS) % PS, j = col % PS;
+        int py = p / PW, px = p % PW;
+        out[e] = img[((size_t)c * H + (size_t)py * PS + i) * W + (size_t)px * PS + j];
+    }
+}
+
+__global__ void __launch_bounds__(NT) k_embedding(float *out, const int32_t *ids, const float *table, int T, int C) {
+    size_t n = (size_t)T * C;
+    GRID_STRIDE(e, n) {
+        size_t t = e / (size_t)C, c = e % (size_t)C;
+        out[e] = table[(size_t)ids[t] * C + c];
+    }
+}
+
+/* Widening of one table element of wdtype (exact). */
+__device__ __forceinline__ float load_w(const void *table, int wdtype, size_t k) {
+    if (wdtype == BLIP2_W_F32) return ((const float *)table)[k];
+    unsigned short u = ((const unsigned short *)table)[k];
+    if (wdtype == BLIP2_W_F16) return __half2float(__ushort_as_half(u));
+    return __uint_as_float((unsigned int)u << 16); /* bfloat16 */
+}
+
+__global__ void __launch_bounds__(NT) k_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype,
+                                                     int T, int C, int v0, int V) {
+    size_t n = (size_t)T * C;
+    GRID_STRIDE(e, n) {
+        size_t t = e / (size_t)C, c = e % (size_t)C;
+        long long id = ids[t], local = id - (long long)v0;
+        float v = 0.0f;
+        if (id >= 0 && local >= 0 && local < (long long)V) v = load_w(table, wdtype, (size_t)local * C + c);
+        out[e] = v;
+    }
+}
+
+__global__ void __launch_bounds__(NT) k_add_rows(float *x, const float *table, int row0, int T, int C) {
+    size_t n = (size_t)T * C;
+    const float *src = table + (size_t)row0 * C;
+    GRID_STRIDE(e, n) x[e] += src[e];
+}
+
+__global__ void __launch_bounds__(NT) k_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C) {
+    size_t n = (size_t)T * C;
+    GRID_STRIDE(e, n) {
+        size_t t = e / (size_t)C, c = e % (size_t)C;
+        x[e] += table[(size_t)rows[t] * C + c];
+    }
+}
+
+__global__ void __launch_bounds__(NT) k_gather_rows(float *out, const float *x, const int32_t *rows, int n_rows, int C) {
+    size_t n = (size_t)n_rows * C;
+    GRID_STRIDE(e, n) {
+        size_t i = e / (size_t)C, c = e % (size_t)C;
+        out[e] = x[(size_t)rows[i] * C + c];
+    }
+}
+
+/* The counter-based normal generator of ops.h, element i. The float steps use __fmul_rn/__fadd_rn
+ * so nvcc cannot contract them into an FMA (the C reference rounds the product, then the sum). */
+__global__ void __launch_bounds__(NT) k_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float sd) {
+    GRID_STRIDE(i, n) {
+        float v;
+        if (sd == 0.0f) {
+            v = mean;
+        } else {
+            uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            double u1 = ((double)(z >> 32) + 0.5) / 4294967296.0;
+            double u2 = ((double)(z & 0xffffffffu) + 0.5) / 4294967296.0;
+            double g = __dmul_rn(sqrt(__dmul_rn(-2.0, log(u1))), cos(__dmul_rn(6.283185307179586, u2)));
+            v = __fadd_rn(mean, __fmul_rn(sd, (float)g));
+        }
+        if (wdtype == BLIP2_W_F32) ((float *)x)[i] = v;
+        else if (wdtype == BLIP2_W_F16) ((unsigned short *)x)[i] = __half_as_ushort(__float2half_rn(v));
+        else ((unsigned short *)x)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Row kernels: one block of NT threads per row. */
+__global__ void __launch_bounds__(NT) k_layernorm(float *out, const float *inp, const float *w, const float *b, int C,
+                                                  float eps) {
+    __shared__ double red[32];
+    const float *x = inp + (size_t)blockIdx.x * C;
+    float *y = out + (size_t)blockIdx.x * C;
+    double s = 0;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) s += x[i];
+    s = block_sum(s, red);
+    float mean = (float)(s / C);
+    double var = 0;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float d = x[i] - mean;
+        var += (double)d * d;
+    }
+    var = block_sum(var, red); /* its barriers also order every read of x before any write of y */
+    float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+    for (int i = threadIdx.x; i < C; i += blockDim.x) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+/* res += y, then out = LN(res); out may alias y. */
+__global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, float *out, const float *y, const float *w,
+                                                           const float *b, int C, float eps) {
+    __shared__ double red[32];
+    float *r = res + (size_t)blockIdx.x * C;
+    const float *yy = y + (size_t)blockIdx.x * C;
+    float *o = out + (size_t)blockIdx.x * C;
+    double s = 0;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float v = r[i] + yy[i];
+        r[i] = v;
+        s += v;
+    }
+    s = block_sum(s, red);
+    float mean = (float)(s / C);
+    double var = 0;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float d = r[i] - mean;
+        var += (double)d * d;
+    }
+    var = block_sum(var, red);
+    float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+    __syncthreads(); /* the row of res is complete and y fully read before out (maybe y) is written */
+    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = (r[i] - mean) * rstd * w[i] + b[i];
+}
+
+/* Softmax of the first lim values of a row of n (max-subtracted, double sum); the rest become 0.
+ * lim == 0 gives a row of zeros. */
+__device__ void softmax_row(float *row, int n, int lim, float *shf, double *shd) {
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < lim; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, shf);
+    double s = 0;
+    for (int j = threadIdx.x; j < lim; j += blockDim.x) {
+        float e = expf(row[j] - mx);
+        row[j] = e;
+        s += e;
+    }
+    s = block_sum(s, shd);
+    float inv = lim > 0 ? (float)(1.0 / s) : 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) row[j] = j < lim ? row[j] * inv : 0.0f;
+}
+
+__global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
+}
+
+/* Scores [NH, Tq, Tk]: row blockIdx.x = h·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
+__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int causal) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    int i = (int)(blockIdx.x % (unsigned)Tq);
+    long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
+    if (lim < 0) lim = 0;
+    if (lim > Tk) lim = Tk;
+    softmax_row(scores + (size_t)blockIdx.x * Tk, Tk, (int)lim, shf, shd);
+}
+
+/* Argmax order: does (va, ia) beat (vb, ib)? A real index beats "none" (INT_MAX); a number beats NaN;
+ * the larger value wins; ties (and two NaNs) go to the lower index. A total order, so the
+ * reduction's grouping does not matter. */
+__device__ __forceinline__ bool am_better(float va, int ia, float vb, int ib) {
+    if (ia == INT_MAX) return false;
+    if (ib == INT_MAX) return true;
+    bool na = isnan(va), nb = isnan(vb);
+    if (na != nb) return nb;
+    if (!na && va != vb) return va > vb;
+    return ia < ib;
+}
+
+__global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *r = x + (size_t)blockIdx.x * n;
+    float bv = 0.0f;
+    int bi = INT_MAX;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r[i];
+        if (am_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (am_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sv[w] = bv, si[w] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < nw; k++)
+            if (am_better(sv[k], si[k], bv, bi)) bv = sv[k], bi = si[k];
+        idx[blockIdx.x] = bi == INT_MAX ? 0 : bi;
+        val[blockIdx.x] = bi == INT_MAX ? __int_as_float(0x7fc00000) : bv;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Paged KV. Sequence s owns rows [meta[3s], meta[3s] + meta[3s+1]) and has meta[3s+2] past
+ * positions; position j lives at row j % BS of block tables[s·max_blocks + j / BS]. The host does
+ * not know how many rows a step has (meta is device memory), so blocks are laid out per sequence
+ * and each walks that sequence's rows with a stride of gridDim (rows past n_new do nothing). */
+__device__ __forceinline__ size_t pool_row(const int32_t *tbl, int BS, int pos) {
+    return (size_t)tbl[pos / BS] * BS + (size_t)(pos % BS);
+}
+
+/* grid (n_seqs, Z), NT threads: block (s, z) copies rows z, z + Z, ... of sequence s. */
+__global__ void __launch_bounds__(NT) k_kv_write(float *kp, float *vp, const float *k, const float *v,
+                                                 const int32_t *tables, int max_blocks, const int32_t *meta, int BS,
+                                                 int C) {
+    int s = blockIdx.x;
+    int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
+    const int32_t *tbl = tables + (size_t)s * max_blocks;
+    for (int r = blockIdx.y; r < n_new; r += gridDim.y) {
+        size_t dst = pool_row(tbl, BS, past + r) * C, src = (size_t)(row0 + r) * C;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            kp[dst + c] = k[src + c];
+            vp[dst + c] = v[src + c];
+        }
+    }
+}
+
+/* grid (NH, n_seqs, Z), NT threads, dynamic shared memory max_ctx floats (the scores of one row).
+ * Block (h, s, z) handles head h of rows z, z + Z, ... of sequence s: warp w takes keys w, w + 8,
+ * ..., its lanes split the head dimension (HS <= 128: four per lane at most). A row that would
+ * need more than max_ctx keys is written as NaN instead of overflowing shared memory. */
+__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, const float *k_pool,
+                                                        const float *v_pool, const int32_t *tables, int max_blocks,
+                                                        const int32_t *meta, int BS, int max_ctx, int NH, int HS,
+                                                        int q_stride, int kv_stride, float scale) {
+    extern __shared__ float sc[];
+    __shared__ float qs[PAGED_MAX_HS];
+    __shared__ float part[NWARPS][PAGED_MAX_HS];
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    int h = blockIdx.x, s = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
+    const int32_t *tbl = tables + (size_t)s * max_blocks;
+    const float *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
+        size_t row = (size_t)(row0 + r);
+        float *o = out + row * NH * HS + (size_t)h * HS;
+        int nk = past + r + 1;
+        if (nk < 1 || nk > max_ctx) {
+            for (int d = threadIdx.x; d < HS; d += blockDim.x) o[d] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        __syncthreads(); /* the previous row is done with qs, sc and part */
+        for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = q[row * q_stride + (size_t)h * HS + d];
+        __syncthreads();
+        float lmax = -INFINITY;
+        for (int j = warp; j < nk; j += NWARPS) { /* uniform over the warp */
+            const float *kr = kh + pool_row(tbl, BS, j) * kv_stride;
+            float p = 0.0f;
+            for (int d = lane; d < HS; d += 32) p += qs[d] * kr[d];
+            p = warp_sum(p) * scale;
+            if (lane == 0) sc[j] = p;
+            lmax = fmaxf(lmax, p);
+        }
+        float mx = block_max(lmax, shf); /* its barriers publish sc */
+        double lsum = 0;
+        for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+            float e = expf(sc[j] - mx);
+            sc[j] = e;
+            lsum += e;
+        }
+        double sum = block_sum(lsum, shd);
+        float inv = (float)(1.0 / sum);
+        float acc[PAGED_MAX_HS / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = warp; j < nk; j += NWARPS) {
+            const float *vr = vh + pool_row(tbl, BS, j) * kv_stride;
+            float p = sc[j] * inv;
+#pragma unroll
+            for (int u = 0; u < PAGED_MAX_HS / 32; u++) {
+                int d = lane + 32 * u;
+                if (d < HS) acc[u] += p * vr[d];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PAGED_MAX_HS / 32; u++) {
+            int d = lane + 32 * u;
+            if (d < HS) part[warp][d] = acc[u];
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+            float t = 0.0f;
+            for (int w = 0; w < NWARPS; w++) t += part[w][d];
+            o[d] = t;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Matmuls through cuBLASLt, with cublasGemmEx as the fallback when the heuristic offers nothing. */
+int align_of(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    if (a == 0) return 256;
+    uintptr_t low = a & (~a + 1);
+    return low >= 256 ? 256 : (int)low;
+}
+
+/* Finds or fills the cache entry for key; NULL only when the heuristic call itself failed. */
+blip2_lt_entry *lt_algo(blip2_cuda_ctx *c, const blip2_lt_key *key, cublasLtMatmulDesc_t desc,
+                        cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld) {
+    for (int i = 0; i < BLIP2_LT_CACHE; i++)
+        if (c->lt_cache[i].used && !memcmp(&c->lt_cache[i].key, key, sizeof *key)) return &c->lt_cache[i];
+    blip2_lt_entry *e = &c->lt_cache[c->lt_next];
+    c->lt_next = (c->lt_next + 1) % BLIP2_LT_CACHE;
+    memset(e, 0, sizeof *e);
+    e->key = *key;
+    cublasLtMatmulPreferenceOpaque_t po;
+    cublasLtMatmulPreference_t pref = &po;
+    uint64_t ws = BLIP2_LT_WORKSPACE;
+    uint32_t aa = (uint32_t)key->align_a, ab = (uint32_t)key->align_b, ad = (uint32_t)key->align_d;
+    if (!CUBLAS_CK(c, cublasLtMatmulPreferenceInit(pref)) ||
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws)) ||
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa)) ||
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab)) ||
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad, sizeof ad)) ||
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof ad))) {
+        e->used = 0;
+        return NULL;
+    }
+    cublasLtMatmulHeuristicResult_t res;
+    memset(&res, 0, sizeof res);
+    int nres = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(c->lt, desc, la, lb, ld, ld, pref, 1, &res, &nres);
+    e->used = 1;
+    e->ok = st == CUBLAS_STATUS_SUCCESS && nres > 0 && res.state == CUBLAS_STATUS_SUCCESS &&
+            res.workspaceSize <= BLIP2_LT_WORKSPACE;
+    if (e->ok) e->algo = res.algo;
+    return e;
+}
+
+/* out[T, OC] = in[T, C] · w[OC, C]ᵀ (+ bias) (ReLU if relu), A/B of type ab, C/D fp32, fp32 compute.
+ * Column-major: D[OC × T] = op(A)·B with A = w as C × OC (lda C) transposed, B = in as C × T (ldb C). */
+void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaDataType_t ab, const float *bias, int T,
+          int C, int OC, int relu) {
+    size_t n_out = (size_t)T * OC;
+    if (C == 0) { /* no products: out = act(bias or 0) */
+        if (!CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * sizeof(float), c->stream))) return;
+        k_bias_act<<<grid_for(n_out), NT, 0, c->stream>>>(out, bias, n_out, OC, relu);
+        LAUNCH_CK(c, "k_bias_act");
+        return;
+    }
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasLtMatmulDescOpaque_t dop;
+    cublasLtMatmulDesc_t desc = &dop;
+    cublasLtMatrixLayoutOpaque_t lao, lbo, ldo;
+    cublasLtMatrixLayout_t la = &lao, lb = &lbo, ld = &ldo;
+    int32_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N, bias_type = CUDA_R_32F;
+    uint32_t epi = bias ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
+                        : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
+    int ok = CUBLAS_CK(c, cublasLtMatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
+             CUBLAS_CK(c, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta)) &&
+             CUBLAS_CK(c, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb)) &&
+             CUBLAS_CK(c, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    if (ok && bias)
+        ok = CUBLAS_CK(c, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias)) &&
+             CUBLAS_CK(c, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                         sizeof bias_type));
+    ok = ok && CUBLAS_CK(c, cublasLtMatrixLayoutInit(la, ab, (uint64_t)C, (uint64_t)OC, C)) &&
+         CUBLAS_CK(c, cublasLtMatrixLayoutInit(lb, ab, (uint64_t)C, (uint64_t)T, C)) &&
+         CUBLAS_CK(c, cublasLtMatrixLayoutInit(ld, CUDA_R_32F, (uint64_t)OC, (uint64_t)T, OC));
+    if (!ok) return;
+    blip2_lt_key key;
+    memset(&key, 0, sizeof key);
+    key.T = T, key.C = C, key.OC = OC, key.abtype = (int)ab, key.epilogue = (int)epi, key.bias = bias != NULL;
+    key.align_a = align_of(w), key.align_b = align_of(in), key.align_d = align_of(out);
+    key.align_bias = bias ? align_of(bias) : 0;
+    blip2_lt_entry *e = lt_algo(c, &key, desc, la, lb, ld);
+    if (!e) return;
+    if (e->ok) {
+        cublasStatus_t st = cublasLtMatmul(c->lt, desc, &alpha, w, la, in, lb, &beta, out, ld, out, ld, &e->algo,
+                                           c->lt_ws, BLIP2_LT_WORKSPACE, c->stream);
+        if (st == CUBLAS_STATUS_SUCCESS) return;
+        if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
+            blip2_cublas_ck(c, st, "cublasLtMatmul", __FILE__, __LINE__);
+            return;
+        }
+        e->ok = 0; /* refused before launching anything: use the fallback from now on */
+    }
+    if (!CUBLAS_CK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, T, C, &alpha, w, ab, C, in, ab, C, &beta, out,
+                                   CUDA_R_32F, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
+        return;
+    if (bias || relu) {
+        k_bias_act<<<grid_for(n_out), NT, 0, c->stream>>>(out, bias, n_out, OC, relu);
+        LAUNCH_CK(c, "k_bias_act");
+    }
+}
+
+/* The 16-bit activation scratch, grown on demand. Growing waits for the stream (the old buffer may
+ * still be read by queued work); it happens a handful of times per context. */
+void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
+    if (bytes <= c->act16_bytes) return c->act16;
+    size_t want = bytes < ((size_t)1 << 20) ? ((size_t)1 << 20) : bytes + bytes / 4;
+    if (!CUDA_CK(c, cudaStreamSynchronize(c->stream))) return NULL;
+    if (c->act16) cudaFree(c->act16);
+    c->act16 = NULL;
+    c->act16_bytes = 0;
+    if (!CUDA_CK(c, cudaMalloc(&c->act16, want))) {
+        c->act16 = NULL;
+        return NULL;
+    }
+    c->act16_bytes = want;
+    return c->act16;
+}
+
+} /* namespace */
+
+/* ------------------------------------------------------------------------------------------------
+ * The ops. */
+namespace cuda {
+
+void blip2_matmul(float *out, const float *inp, const float *weight, const float *bias, int T, int C, int OC) {
+    blip2_cuda_ctx *c = cur("matmul");
+    if (!c || T <= 0 || OC <= 0) return;
+    gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, 0);
+}
+
+void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
+                    int wdtype, int act) {
+    blip2_cuda_ctx *c = cur("matmul_h");
+    if (!c || T <= 0 || OC <= 0) return;
+    if (act != BLIP2_ACT_NONE && act != BLIP2_ACT_GELU && act != BLIP2_ACT_RELU) {
+        blip2_cuda_record(c, "matmul_h: unknown activation %d", act);
+        return;
+    }
+    int relu = act == BLIP2_ACT_RELU;
+    if (wdtype == BLIP2_W_F32) {
+        gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, relu);
+    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) {
+        size_t n_in = (size_t)T * C;
+        void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
+        if (!a16) return;
+        if (n_in) {
+            if (wdtype == BLIP2_W_F16) k_to_f16<<<grid_for(n_in), NT, 0, c->stream>>>((__half *)a16, inp, n_in);
+            else k_to_bf16<<<grid_for(n_in), NT, 0, c->stream>>>((__nv_bfloat16 *)a16, inp, n_in);
+            if (!LAUNCH_CK(c, "k_to_16")) return;
+        }
+        gemm(c, out, weight, a16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, relu);
+    } else {
+        blip2_cuda_record(c, "matmul_h: unknown weight type %d", wdtype);
+        return;
+    }
+    if (act == BLIP2_ACT_GELU) { /* exact erf form; cuBLASLt's GELU epilogue is the tanh approximation */
+        size_t n = (size_t)T * OC;
+        k_gelu<<<grid_for(n), NT, 0, c->stream>>>(out, n);
+        LAUNCH_CK(c, "k_gelu");
+    }
+}
+
+void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps) {
+    blip2_cuda_ctx *c = cur("layernorm");
+    if (!c || T <= 0 || C <= 0) return;
+    k_layernorm<<<T, NT, 0, c->stream>>>(out, inp, w, b, C, eps);
+    LAUNCH_CK(c, "k_layernorm");
+}
+
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
+                              float eps) {
+    blip2_cuda_ctx *c = cur("residual_layernorm");
+    if (!c || T <= 0 || C <= 0) return;
+    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, y, w, b, C, eps);
+    LAUNCH_CK(c, "k_residual_layernorm");
+}
+
+void blip2_residual_add(float *x, const float *y, size_t n) {
+    blip2_cuda_ctx *c = cur("residual_add");
+    if (!c || n == 0) return;
+    k_residual_add<<<grid_for(n), NT, 0, c->stream>>>(x, y, n);
+    LAUNCH_CK(c, "k_residual_add");
+}
+
+void blip2_add_bias(float *x, const float *bias, int T, int C) {
+    blip2_cuda_ctx *c = cur("add_bias");
+    if (!c || T <= 0 || C <= 0) return;
+    size_t n = (size_t)T * C;
+    k_add_bias<<<grid_for(n), NT, 0, c->stream>>>(x, bias, n, C);
+    LAUNCH_CK(c, "k_add_bias");
+}
+
+void blip2_scale(float *x, float s, size_t n) {
+    blip2_cuda_ctx *c = cur("scale");
+    if (!c || n == 0) return;
+    k_scale<<<grid_for(n), NT, 0, c->stream>>>(x, s, n);
+    LAUNCH_CK(c, "k_scale");
+}
+
+void blip2_gelu(float *x, size_t n) {
+    blip2_cuda_ctx *c = cur("gelu");
+    if (!c || n == 0) return;
+    k_gelu<<<grid_for(n), NT, 0, c->stream>>>(x, n);
+    LAUNCH_CK(c, "k_gelu");
+}
+
+void blip2_relu(float *x, size_t n) {
+    blip2_cuda_ctx *c = cur("relu");
+    if (!c || n == 0) return;
+    k_relu<<<grid_for(n), NT, 0, c->stream>>>(x, n);
+    LAUNCH_CK(c, "k_relu");
+}
+
+/* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
+ * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
+ * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+    blip2_cuda_ctx *c = cur("attention");
+    if (!c || Tq <= 0 || NH <= 0 || HS <= 0) return;
+    if (Tk <= 0) {
+        CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)Tq * NH * HS * sizeof(float), c->stream));
+        return;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    long long st_qkv = HS, st_s = (long long)Tq * Tk;
+    if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k, kv_stride,
+                                                st_qkv, q, q_stride, st_qkv, &zero, scratch, Tk, st_s, NH)))
+        return;
+    k_attn_softmax<<<(unsigned)(NH * Tq), NT, 0, c->stream>>>(scratch, Tq, Tk, causal);
+    if (!LAUNCH_CK(c, "k_attn_softmax")) return;
+    CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v, kv_stride, st_qkv,
+                                           scratch, Tk, st_s, &zero, out, NH * HS, st_qkv, NH));
+}
+
+void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
+                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
+                           int NH, int HS, int q_stride, int kv_stride, float scale) {
+    (void)scratch; /* the scores live in shared memory */
+    blip2_cuda_ctx *c = cur("attention_paged");
+    if (!c || n_seqs <= 0 || NH <= 0 || HS <= 0) return;
+    if (HS > PAGED_MAX_HS || block_size <= 0 || max_ctx <= 0) {
+        blip2_cuda_record(c, "attention_paged: unsupported HS %d / block_size %d / max_ctx %d (HS <= %d)", HS,
+                          block_size, max_ctx, PAGED_MAX_HS);
+        return;
+    }
+    size_t smem = (size_t)max_ctx * sizeof(float);
+    /* Static + dynamic shared memory above 48 KiB needs the opt-in (the static part is about 5 KiB). */
+    if (smem > 40 * 1024) {
+        int optin = 0;
+        if (!CUDA_CK(c, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device))) return;
+        cudaFuncAttributes fa;
+        if (!CUDA_CK(c, cudaFuncGetAttributes(&fa, k_attention_paged))) return;
+        if (smem + fa.sharedSizeBytes > (size_t)optin) {
+            blip2_cuda_record(c, "attention_paged: max_ctx %d needs %zu bytes of shared memory, the device has %d",
+                              max_ctx, smem + fa.sharedSizeBytes, optin);
+            return;
+        }
+        /* Always the device's largest value, so contexts on other threads never lower it under a launch. */
+        int most = optin - (int)fa.sharedSizeBytes;
+        if (!CUDA_CK(c, cudaFuncSetAttribute(k_attention_paged, cudaFuncAttributeMaxDynamicSharedMemorySize, most)))
+            return;
+    }
+    /* Row parallelism per (head, sequence): enough blocks in all for a prefill chunk, few empty ones
+     * for a large decode batch (one row per sequence). */
+    long long z = (2048 + (long long)NH * n_seqs - 1) / ((long long)NH * n_seqs);
+    if (z > 16) z = 16;
+    if (z > max_ctx) z = max_ctx;
+    if (z < 1) z = 1;
+    dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
+    k_attention_paged<<<grid, NT, smem, c->stream>>>(out, q, k_pool, v_pool, tables, max_blocks, meta, block_size,
+                                                     max_ctx, NH, HS, q_stride, kv_stride, scale);
+    LAUNCH_CK(c, "k_attention_paged");
+}
+
+void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
+                    const int32_t *meta, int n_seqs, int block_size, int C) {
+    blip2_cuda_ctx *c = cur("kv_write");
+    if (!c || n_seqs <= 0 || C <= 0) return;
+    if (block_size <= 0) {
+        blip2_cuda_record(c, "kv_write: block_size %d", block_size);
+        return;
+    }
+    long long z = (1024 + n_seqs - 1) / n_seqs;
+    if (z > 64) z = 64;
+    if (z < 1) z = 1;
+    dim3 grid((unsigned)n_seqs, (unsigned)z);
+    k_kv_write<<<grid, NT, 0, c->stream>>>(k_pool, v_pool, k, v, tables, max_blocks, meta, block_size, C);
+    LAUNCH_CK(c, "k_kv_write");
+}
+
+void blip2_softmax(float *x, int T, int n) {
+    blip2_cuda_ctx *c = cur("softmax");
+    if (!c || T <= 0 || n <= 0) return;
+    k_softmax<<<T, NT, 0, c->stream>>>(x, n);
+    LAUNCH_CK(c, "k_softmax");
+}
+
+void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {
+    blip2_cuda_ctx *c = cur("im2col_patches");
+    if (!c || CH <= 0 || PS <= 0 || H < PS || W < PS) return;
+    size_t n = (size_t)(H / PS) * (W / PS) * CH * PS * PS;
+    k_im2col<<<grid_for(n), NT, 0, c->stream>>>(out, img, CH, H, W, PS);
+    LAUNCH_CK(c, "k_im2col");
+}
+
+void blip2_embedding(float *out, const int32_t *ids, const float *table, int T, int C) {
+    blip2_cuda_ctx *c = cur("embedding");
+    if (!c || T <= 0 || C <= 0) return;
+    k_embedding<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(out, ids, table, T, C);
+    LAUNCH_CK(c, "k_embedding");
+}
+
+void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V) {
+    blip2_cuda_ctx *c = cur("embedding_vp");
+    if (!c || T <= 0 || C <= 0) return;
+    if (wdtype != BLIP2_W_F32 && wdtype != BLIP2_W_F16 && wdtype != BLIP2_W_BF16) {
+        blip2_cuda_record(c, "embedding_vp: unknown weight type %d", wdtype);
+        return;
+    }
+    k_embedding_vp<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(out, ids, table, wdtype, T, C, v0, V);
+    LAUNCH_CK(c, "k_embedding_vp");
+}
+
+void blip2_add_rows(float *x, const float *table, int row0, int T, int C) {
+    blip2_cuda_ctx *c = cur("add_rows");
+    if (!c || T <= 0 || C <= 0) return;
+    k_add_rows<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(x, table, row0, T, C);
+    LAUNCH_CK(c, "k_add_rows");
+}
+
+void blip2_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C) {
+    blip2_cuda_ctx *c = cur("add_rows_at");
+    if (!c || T <= 0 || C <= 0) return;
+    k_add_rows_at<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(x, table, rows, T, C);
+    LAUNCH_CK(c, "k_add_rows_at");
+}
+
+void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C) {
+    blip2_cuda_ctx *c = cur("gather_rows");
+    if (!c || n <= 0 || C <= 0) return;
+    k_gather_rows<<<grid_for((size_t)n * C), NT, 0, c->stream>>>(out, x, rows, n, C);
+    LAUNCH_CK(c, "k_gather_rows");
+}
+
+void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
+    blip2_cuda_ctx *c = cur("argmax_rows");
+    if (!c || T <= 0) return;
+    if (n < 0) n = 0;
+    k_argmax_rows<<<T, NT, 0, c->stream>>>(idx, val, x, n);
+    LAUNCH_CK(c, "k_argmax_rows");
+}
+
+/* Scalar result from device memory: runs the rows kernel on one row and waits for it. 0 on error. */
+int blip2_argmax(const float *x, int n) {
+    blip2_cuda_ctx *c = cur("argmax");
+    if (!c || n <= 0) return 0;
+    k_argmax_rows<<<1, NT, 0, c->stream>>>(c->am_idx, c->am_val, x, n);
+    if (!LAUNCH_CK(c, "k_argmax_rows")) return 0;
+    if (!CUDA_CK(c, cudaMemcpyAsync(c->am_host_idx, c->am_idx, sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream)))
+        return 0;
+    if (!CUDA_CK(c, cudaStreamSynchronize(c->stream))) return 0;
+    return *c->am_host_idx;
+}
+
+void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std) {
+    blip2_cuda_ctx *c = cur("fill_normal");
+    if (!c || n == 0) return;
+    if (wdtype != BLIP2_W_F32 && wdtype != BLIP2_W_F16 && wdtype != BLIP2_W_BF16) {
+        blip2_cuda_record(c, "fill_normal: unknown weight type %d", wdtype);
+        return;
+    }
+    k_fill_normal<<<grid_for(n), NT, 0, c->stream>>>(x, wdtype, n, seed, mean, std);
+    LAUNCH_CK(c, "k_fill_normal");
+}
+
+} /* namespace cuda */
+
+/* ------------------------------------------------------------------------------------------------
+ * Memory hooks. */
+namespace {
+
+void *mem_alloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+        cudaGetLastError(); /* out of memory is an answer, not an error */
+        return NULL;
+    }
+    return p;
+}
+
+void mem_release(void *p) {
+    if (!p) return;
+    blip2_cuda_ctx *c = blip2_cuda_ctx_current();
+    if (c) CUDA_CK(c, cudaStreamSynchronize(c->stream)); /* queued work may still use p */
+    cudaError_t e = cudaFree(p);
+    if (c) blip2_cuda_ck(c, e, "cudaFree", __FILE__, __LINE__);
+}
+
+/* Host → device, ordered on the stream; src may be reused on return. Small copies from pageable
+ * memory go straight to cudaMemcpyAsync (the driver stages them before returning); large ones, and
+ * any from pinned memory (which cudaMemcpyAsync would read later), go through two pinned chunks so
+ * the host copy into one overlaps the DMA out of the other. */
+void mem_upload(void *dst, const void *src, size_t bytes) {
+    blip2_cuda_ctx *c = cur("upload");
+    if (!c || bytes == 0) return;
+    if (bytes <= BLIP2_STAGE_BYTES) {
+        cudaPointerAttributes a;
+        int pageable = 0;
+        if (cudaPointerGetAttributes(&a, src) == cudaSuccess) pageable = a.type == cudaMemoryTypeUnregistered;
+        else cudaGetLastError();
+        if (pageable) {
+            CUDA_CK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+            return;
+        }
+    }
+    if (!c->stage[0]) {
+        for (int i = 0; i < 2; i++)
+            if (cudaMallocHost(&c->stage[i], BLIP2_STAGE_BYTES) != cudaSuccess) {
+                cudaGetLastError();
+                c->stage[i] = NULL;
+            }
+        if (!c->stage[0] || !c->stage[1]) { /* no pinned memory: a copy that completes before returning */
+            for (int i = 0; i < 2; i++)
+                if (c->stage[i]) cudaFreeHost(c->stage[i]);
+            c->stage[0] = c->stage[1] = NULL;
+            if (CUDA_CK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream)))
+                CUDA_CK(c, cudaStreamSynchronize(c->stream));
+            return;
+        }
+    }
+    for (size_t off = 0; off < bytes; off += BLIP2_STAGE_BYTES) {
+        size_t len = bytes - off < BLIP2_STAGE_BYTES ? bytes - off : BLIP2_STAGE_BYTES;
+        int k = c->stage_next;
+        c->stage_next ^= 1;
+        if (!CUDA_CK(c, cudaEventSynchronize(c->stage_ev[k]))) return; /* the chunk's previous copy is done */
+        memcpy(c->stage[k], (const char *)src + off, len);
+        if (!CUDA_CK(c, cudaMemcpyAsync((char *)dst + off, c->stage[k], len, cudaMemcpyHostToDevice, c->stream))) return;
+        if (!CUDA_CK(c, cudaEventRecord(c->stage_ev[k], c->stream))) return;
+    }
+}
+
+void mem_download(void *dst, const void *src, size_t bytes) {
+    blip2_cuda_ctx *c = cur("download");
+    if (!c || bytes == 0) return;
+    if (CUDA_CK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream)))
+        CUDA_CK(c, cudaStreamSynchronize(c->stream));
+}
+
+void mem_copy(void *dst, const void *src, size_t bytes) {
+    blip2_cuda_ctx *c = cur("copy");
+    if (!c || bytes == 0) return;
+    CUDA_CK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
+}
+
+void mem_zero(void *p, size_t bytes) {
+    blip2_cuda_ctx *c = cur("zero");
+    if (!c || bytes == 0) return;
+    CUDA_CK(c, cudaMemsetAsync(p, 0, bytes, c->stream));
+}
+
+int be_sync(char *err, size_t n) {
+    blip2_cuda_ctx *c = blip2_cuda_ctx_current();
+    if (!c) {
+        if (err && n) snprintf(err, n, "no current CUDA context on this thread");
+        return 1;
+    }
+    CUDA_CK(c, cudaStreamSynchronize(c->stream));
+    if (!c->has_err) return 0;
+    if (err && n) snprintf(err, n, "%s", c->err);
+    c->has_err = 0;
+    c->err[0] = 0;
+    cudaGetLastError(); /* clear a non-sticky error so the next op starts clean */
+    return 1;
+}
+
+} /* namespace */
+
+namespace {
+/* Filled member by member (C++17 has no designated initialisers); a constant expression, so the
+ * table is constant-initialised, before any code runs. */
+constexpr blip2_ops make_cuda_ops() {
+    blip2_ops t{};
+    t.name = "cuda";
+    t.device = 1;
+    t.alloc = mem_alloc;
+    t.release = mem_release;
+    t.upload = mem_upload;
+    t.download = mem_download;
+    t.copy = mem_copy;
+    t.zero = mem_zero;
+    t.sync = be_sync;
+    t.matmul = cuda::blip2_matmul;
+    t.matmul_h = cuda::blip2_matmul_h;
+    t.layernorm = cuda::blip2_layernorm;
+    t.residual_layernorm = cuda::blip2_residual_layernorm;
+    t.residual_add = cuda::blip2_residual_add;
+    t.add_bias = cuda::blip2_add_bias;
+    t.scale = cuda::blip2_scale;
+    t.gelu = cuda::blip2_gelu;
+    t.relu = cuda::blip2_relu;
+    t.attention = cuda::blip2_attention;
+    t.attention_paged = cuda::blip2_attention_paged;
+    t.kv_write = cuda::blip2_kv_write;
+    t.softmax = cuda::blip2_softmax;
+    t.im2col_patches = cuda::blip2_im2col_patches;
+    t.embedding = cuda::blip2_embedding;
+    t.embedding_vp = cuda::blip2_embedding_vp;
+    t.add_rows = cuda::blip2_add_rows;
+    t.add_rows_at = cuda::blip2_add_rows_at;
+    t.gather_rows = cuda::blip2_gather_rows;
+    t.argmax_rows = cuda::blip2_argmax_rows;
+    t.fill_normal = cuda::blip2_fill_normal;
+    return t;
+}
+} /* namespace */
+
+extern "C" const blip2_ops blip2_cuda_ops = make_cuda_ops();
