@@ -12,6 +12,10 @@
 
 typedef struct blip2_comm blip2_comm;
 
+/* Two planes: allreduce_sum works on activation buffers of the backend the model runs on (host
+ * memory for the CPU, device memory for NCCL and for the in-process communicator over the CUDA
+ * backend); broadcast, allgather and barrier always work on host memory (step descriptors,
+ * picked ids, error agreement). */
 typedef struct {
     blip2_code (*allreduce_sum)(blip2_comm *c, float *buf, size_t n, blip2_status *st);
     blip2_code (*broadcast)(blip2_comm *c, void *buf, size_t bytes, int root, blip2_status *st);
@@ -28,7 +32,8 @@ typedef struct {
 struct blip2_comm {
     const blip2_comm_ops *ops;
     int rank, world;
-    const char *backend; /* "self", "mpi", ... */
+    const char *backend; /* "self", "mpi", "inproc", "nccl" */
+    int device_memory;   /* 1: allreduce_sum takes device pointers */
     void *impl;
 };
 
@@ -38,6 +43,21 @@ blip2_comm *blip2_comm_self(void);
  * Initialises MPI on first use; blip2_comm_world_finalize() finalises it. */
 blip2_comm *blip2_comm_world(blip2_status *st);
 void blip2_comm_world_finalize(void);
+
+struct blip2_ops;
+/* In-process tensor parallelism: `world` communicators (out[r] for rank r) for shards running as
+ * threads of one process, each thread using its own comm. The data plane goes through `ops`
+ * (copy into a shared staging area, then each rank sums the slots with ops->residual_add), so the
+ * same code serves host buffers (the CPU backend, tested in CI) and N shards on one GPU (the CUDA
+ * backend: every thread must have made its own CUDA context current). The control plane is
+ * shared host memory and a barrier. Free each with ops->free. */
+blip2_code blip2_comm_inproc_create(int world, const struct blip2_ops *ops, blip2_comm **out, blip2_status *st);
+
+/* NCCL over the ranks of `host` (normally MPI world): the unique id goes out through host's
+ * broadcast; allreduce_sum runs ncclAllReduce on the current CUDA context's stream (device
+ * memory), the control plane stays on `host` (which stays the caller's: free it after this one). Only in builds with
+ * CUDA and MPI; elsewhere it fails with a clear message. */
+blip2_code blip2_comm_nccl_create(blip2_comm *host, blip2_comm **out, blip2_status *st);
 
 /* The tensor-parallel context, passed explicitly to everything that runs a shard. stream is the
  * device stream of GPU backends (NULL on the CPU). */

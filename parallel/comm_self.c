@@ -42,7 +42,7 @@ static const blip2_comm_ops self_ops = {self_allreduce, self_broadcast, self_all
                                         self_split,     self_free,      self_abort};
 
 blip2_comm *blip2_comm_self(void) {
-    static blip2_comm self = {&self_ops, 0, 1, "self", NULL};
+    static blip2_comm self = {.ops = &self_ops, .rank = 0, .world = 1, .backend = "self"};
     return &self;
 }
 
