@@ -9,9 +9,9 @@
  *   vision    pixels [3, H, W] (random, fixed seed) → image embeddings [T, Cv]
  *   qformer   → query outputs [Q, Cq]
  *   project   → language_projection [Q, Ct]
- *   prefill   input embeddings + the OPT forward of the whole prompt (Q image tokens, BOS, random
+ *   prefill   the OPT forward (input embeddings included) of the whole prompt (Q image tokens, BOS, random
  *             text ids: --prompt-len in all, default 45 = 32 + 1 + 12) → logits of the last position
- *   decode    per new token: argmax, embedding of that id, a 1-token OPT forward with the KV cache.
+ *   decode    per new token: argmax, then a 1-token OPT forward (embedding included) with the KV cache.
  *             Never stops early at eos: exactly --new-tokens steps are timed, and the mean is given. */
 #include <cblas.h>
 #include <errno.h>
@@ -176,8 +176,8 @@ typedef struct {
 } stage_ms;
 
 typedef struct {
-    float *pixels, *image, *query_out, *projected, *emb, *logits;
-    int32_t *ids;
+    float *pixels, *image, *query_out, *projected, *full, *logits;
+    int32_t *ids, *marked;
 } bufs;
 
 static blip2_code one_pass(const blip2_model *m, const blip2_tp *tp, const bench_args *a, bufs *b, stage_ms *t,
@@ -202,22 +202,22 @@ static blip2_code one_pass(const blip2_model *m, const blip2_tp *tp, const bench
     rc = blip2_kv_cache_init(&kv, m, a->prompt_len + a->new_tokens, st);
     if (rc) return rc;
     t0 = now_ms();
-    rc = blip2_opt_embed_inputs(m, tp, b->ids, a->prompt_len, b->projected, b->emb, st);
-    if (!rc) rc = blip2_opt_forward(m, tp, &kv, b->emb, a->prompt_len, b->logits, st);
+    blip2_opt_mark_image_rows(c, b->ids, a->prompt_len, b->marked);
+    rc = blip2_opt_forward(m, tp, &kv, b->marked, a->prompt_len, b->projected, b->logits, st);
     t1 = now_ms();
     t->prefill = t1 - t0;
     int32_t id = 0;
     for (int i = 0; !rc && i < a->new_tokens; i++) {
-        rc = blip2_tp_argmax(m, tp, b->logits, 1, &id, st);
-        if (!rc) rc = blip2_opt_embed_tokens(m, tp, &id, 1, NULL, b->emb, st);
-        if (!rc) rc = blip2_opt_forward(m, tp, &kv, b->emb, 1, b->logits, st);
+        rc = blip2_tp_gather_logits(m, tp, b->logits, b->full, st);
+        id = blip2_argmax(b->full, c->opt.V);
+        if (!rc) rc = blip2_opt_forward(m, tp, &kv, &id, 1, NULL, b->logits, st);
     }
     t2 = now_ms();
     t->decode_per_token = (t2 - t1) / a->new_tokens;
-    if (!rc) rc = blip2_tp_argmax(m, tp, b->logits, 1, &id, st);
+    if (!rc) rc = blip2_tp_gather_logits(m, tp, b->logits, b->full, st);
+    if (!rc) id = blip2_argmax(b->full, c->opt.V);
     *last_id = id;
     blip2_kv_cache_free(&kv);
-    (void)c;
     return rc;
 }
 
@@ -265,11 +265,12 @@ int main(int argc, char **argv) {
         .image = malloc(sizeof(float) * c->vision.T * c->vision.C),
         .query_out = malloc(sizeof(float) * c->Q * c->qformer.C),
         .projected = malloc(sizeof(float) * c->Q * c->opt.C),
-        .emb = malloc(sizeof(float) * (size_t)a.prompt_len * c->opt.C),
+        .full = malloc(sizeof(float) * (size_t)c->opt.V),
+        .marked = malloc(sizeof(int32_t) * (size_t)a.prompt_len),
         .logits = malloc(sizeof(float) * (size_t)m.shard.V),
         .ids = malloc(sizeof(int32_t) * a.prompt_len),
     };
-    if (!b.pixels || !b.image || !b.query_out || !b.projected || !b.emb || !b.logits || !b.ids) {
+    if (!b.pixels || !b.image || !b.query_out || !b.projected || !b.full || !b.marked || !b.logits || !b.ids) {
         fprintf(stderr, "bench_engine: out of memory\n");
         return 1;
     }
@@ -357,7 +358,7 @@ int main(int argc, char **argv) {
     }
 
     free(tv), free(tq), free(tpj), free(tpf), free(tdc);
-    free(b.pixels), free(b.image), free(b.query_out), free(b.projected), free(b.emb), free(b.logits), free(b.ids);
+    free(b.pixels), free(b.image), free(b.query_out), free(b.projected), free(b.full), free(b.marked), free(b.logits), free(b.ids);
     comm->ops->free(comm);
     blip2_model_free(&m);
     return 0;

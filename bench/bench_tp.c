@@ -82,7 +82,7 @@ static int bench_decode(const char *dir, blip2_comm *world, int steps, int B) {
     blip2_model m;
     double t0 = now_s();
     blip2_code rc = blip2_model_load_shard(dir, world->rank, world->world, &m, &st);
-    blip2_comm timed = {&timed_ops, world->rank, world->world, "timed", NULL};
+    blip2_comm timed = {.ops = &timed_ops, .rank = world->rank, .world = world->world, .backend = "timed"};
     blip2_tp tp = blip2_tp_from_comm(&timed);
     rc = blip2_tp_agree(&tp, rc, &st);
     if (rc) {
@@ -96,7 +96,6 @@ static int bench_decode(const char *dir, blip2_comm *world, int steps, int B) {
     rc = blip2_kv_pool_init(&kv, &m, B * per_seq, bs, &st);
     if (!rc) rc = blip2_opt_ws_init(&ws, &m, B, B, past + steps + 1, &st);
     int32_t *tables = malloc(sizeof(int32_t) * B * per_seq), *ids = malloc(sizeof(int32_t) * B);
-    float *emb = malloc(sizeof(float) * B * m.cfg.opt.C), *logits = malloc(sizeof(float) * B * m.shard.V);
     blip2_seq_step *seqs = malloc(sizeof *seqs * B);
     blip2_kv_pool_alloc(&kv, B * per_seq, tables);
     for (int b = 0; b < B; b++) ids[b] = 100 + b;
@@ -105,9 +104,8 @@ static int bench_decode(const char *dir, blip2_comm *world, int steps, int B) {
         for (int b = 0; b < B; b++) seqs[b] = (blip2_seq_step){tables + b * per_seq, past + s, 1};
         if (s == 1) allreduce_s = 0, allreduce_calls = 0;
         double t1 = now_s();
-        rc = blip2_opt_embed_tokens(&m, &tp, ids, B, NULL, emb, &st);
-        if (!rc) rc = blip2_opt_forward_batch(&m, &tp, &kv, seqs, B, emb, &ws, logits, &st);
-        if (!rc) rc = blip2_tp_argmax(&m, &tp, logits, B, ids, &st);
+        rc = blip2_opt_forward_batch(&m, &tp, &kv, seqs, B, ids, NULL, &ws, &st);
+        if (!rc) rc = blip2_tp_argmax(&m, &tp, &ws, B, ids, &st);
         if (s > 0) step_s += now_s() - t1;
     }
     if (world->rank == 0)
@@ -118,7 +116,7 @@ static int bench_decode(const char *dir, blip2_comm *world, int steps, int B) {
                100.0 * allreduce_s / step_s, allreduce_calls / steps);
     blip2_kv_pool_free(&kv);
     blip2_opt_ws_free(&ws);
-    free(tables), free(ids), free(emb), free(logits), free(seqs);
+    free(tables), free(ids), free(seqs);
     blip2_model_free(&m);
     return rc ? 1 : 0;
 }

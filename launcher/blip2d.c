@@ -17,11 +17,12 @@
 #include "../parallel/comm.h"
 #include "../runtime/engine.h"
 #include "../runtime/inputs.h"
+#include "../runtime/device.h"
 #include "../runtime/model.h"
 #include "server.h"
 
 typedef struct {
-    const char *model, *listen, *port_file, *tls_cert, *tls_key;
+    const char *model, *listen, *port_file, *tls_cert, *tls_key, *device, *dtype;
     int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
@@ -45,7 +46,9 @@ static void usage(FILE *fp) {
             "usage: blip2d --model DIR [--listen HOST:PORT] [--port-file FILE] [--max-batch N] [--max-queue N]\n"
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
-            "              [--tls-cert FILE.pem --tls-key FILE.pem]\n"
+            "              [--tls-cert FILE.pem --tls-key FILE.pem] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
+            "  --device            where the model runs (default cpu; cuda: GPU local-rank mod GPUs, NCCL under mpirun)\n"
+            "  --dtype             weight matrices on the device (default f32 on the CPU, f16 on CUDA)\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
             "  --port-file FILE    write the bound port there once listening\n"
             "  --max-batch N       sequences per engine step (default 64)\n"
@@ -99,6 +102,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"image-cache-bytes", required_argument, 0, 'c'}, {"log-level", required_argument, 0, 'L'},
         {"tls-cert", required_argument, 0, 'C'},     {"tls-key", required_argument, 0, 'K'},
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
+        {"device", required_argument, 0, 'D'},       {"dtype", required_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0},
     };
     blip2_engine_opts d = blip2_engine_opts_default();
@@ -118,6 +122,8 @@ static int parse_args(int argc, char **argv, args_t *a) {
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 'm': a->model = optarg; break;
+        case 'D': a->device = optarg; break;
+        case 'T': a->dtype = optarg; break;
         case 'l': a->listen = optarg; break;
         case 'p': a->port_file = optarg; break;
         case 'b':
@@ -167,6 +173,10 @@ static int parse_args(int argc, char **argv, args_t *a) {
     if (optind < argc) return fail_usage("unexpected argument '%s'", argv[optind]);
     if (!a->model) return fail_usage("%s", "--model DIR is required");
     if (!a->tls_cert != !a->tls_key) return fail_usage("%s", "--tls-cert and --tls-key go together");
+    if (!a->device) a->device = "cpu";
+    if (strcmp(a->device, "cpu") && strcmp(a->device, "cuda")) return fail_usage("--device '%s': cpu or cuda", a->device);
+    if (!a->dtype) a->dtype = strcmp(a->device, "cuda") == 0 ? "f16" : "f32";
+    if (blip2_wdtype_parse(a->dtype) < 0) return fail_usage("--dtype '%s': f32, f16 or bf16", a->dtype);
     return 0;
 }
 
@@ -237,26 +247,29 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static blip2_code load_rank(const args_t *a, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
-    info("rank %d/%d: loading %s", tp->rank, tp->world, a->model);
+static blip2_code load_rank(const args_t *a, const blip2_tp *tp, const blip2_device *dev, blip2_model *m,
+                            blip2_status *st) {
+    info("rank %d/%d: loading %s onto %s", tp->rank, tp->world, a->model, dev->name);
     double t0 = now_s();
     blip2_code rc = blip2_model_load_shard(a->model, tp->rank, tp->world, m, st);
+    size_t mapped = 0;
+    int tensors = 0, nfiles = rc ? 0 : m->ckpt.nfiles; /* the checkpoint is closed once on a device */
+    for (int i = 0; !rc && i < m->ckpt.nfiles; i++) {
+        mapped += m->ckpt.files[i].size;
+        tensors += m->ckpt.files[i].n;
+    }
+    if (!rc) rc = blip2_model_to_backend(m, dev->ops, blip2_wdtype_parse(a->dtype), dev->ops->device, st);
     if (rc) {
+        if (m->ops) blip2_model_free(m);
         memset(m, 0, sizeof *m);
         fprintf(stderr, "blip2d: rank %d/%d: loading failed: %s\n", tp->rank, tp->world, st->msg);
         return rc;
     }
-    size_t mapped = 0;
-    int tensors = 0;
-    for (int i = 0; i < m->ckpt.nfiles; i++) {
-        mapped += m->ckpt.files[i].size;
-        tensors += m->ckpt.files[i].n;
-    }
     info("rank %d/%d: loaded in %.2f s: checkpoint %d file(s), %d tensors, %.1f MiB mapped; this rank's OPT shard "
-         "%.1f MiB (heads %d, ffn %d, vocab [%d, %d))%s; resident %.1f MiB",
-         tp->rank, tp->world, now_s() - t0, m->ckpt.nfiles, tensors, mapped / 1048576.0, m->opt_bytes / 1048576.0,
+         "%.1f MiB (heads %d, ffn %d, vocab [%d, %d))%s; resident %.1f MiB; %.1f MiB of %s weights on %s",
+         tp->rank, tp->world, now_s() - t0, nfiles, tensors, mapped / 1048576.0, m->opt_bytes / 1048576.0,
          m->shard.NH, m->shard.ffn, m->shard.v0, m->shard.v0 + m->shard.V, tp->rank == 0 ? " + vision, Q-Former" : "",
-         blip2_rss_mib());
+         blip2_rss_mib(), m->dev_bytes / 1048576.0, blip2_wdtype_name(m->wdtype), m->ops->name);
     return BLIP2_OK;
 }
 
@@ -363,8 +376,11 @@ int main(int argc, char **argv) {
     blip2_inputs in;
     memset(&in, 0, sizeof in);
     int have_inputs = 0;
+    blip2_device dev = {0};
+    blip2_comm *nccl = NULL;
+    if (!rc) rc = blip2_tp_agree(&tp, blip2_device_open_tp(a.device, &tp, &dev, &nccl, &st), &st);
     if (!rc) {
-        rc = load_rank(&a, &tp, &m, &st);
+        rc = load_rank(&a, &tp, &dev, &m, &st);
         have_model = rc == BLIP2_OK;
         if (!rc && rank0) {
             rc = blip2_inputs_load(a.model, &m.cfg, &in, &st);
@@ -422,6 +438,7 @@ int main(int argc, char **argv) {
         if (have_inputs) blip2_inputs_free(&in);
     }
     if (have_model) blip2_model_free(&m);
+    blip2_device_close_tp(&dev, nccl, &tp);
     pthread_mutex_destroy(&S.mu);
     if (rank0 && !rc) info("stopped");
     fflush(stderr);

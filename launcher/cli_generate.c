@@ -10,6 +10,7 @@
 #include <jansson.h>
 
 #include "../parallel/comm.h"
+#include "../runtime/device.h"
 #include "../runtime/engine.h"
 #include "../runtime/forward.h"
 #include "../runtime/safetensors.h"
@@ -18,6 +19,7 @@
 typedef struct {
     const char *model, *pixel_values, *input_ids, *dump, *image, *prompt;
     int json, stream;
+    const char *device, *dtype;
     blip2_decoding dec;
     const char *stop[16];
     int n_stop;
@@ -28,10 +30,13 @@ static void generate_usage(FILE *fp) {
             "usage: blip2 generate --model DIR (--image FILE [--prompt TEXT]\n"
             "                                  | --pixel-values FILE.safetensors:KEY --input-ids ID,ID,...)\n"
             "                      [--max-new-tokens N] [--json] [--stream] [--dump DIR] [decoding options]\n"
+            "                      [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
             "  --input-ids        the ids the model consumes, image tokens included\n"
             "  --max-new-tokens   default: the model's generation default (20)\n"
             "  --json             print {\"input_ids\", \"output_ids\", \"finish_reason\", \"text\"} on stdout\n"
             "  --stream           print the answer as it is generated\n"
+            "  --device           where the model runs (default cpu); --dtype: its matrices on the device\n"
+            "                     (default f32 on the CPU, f16 on CUDA)\n"
             "  --dump DIR         write DIR/tensors.safetensors (vision_out, qformer_out, projected,\n"
             "                     prefill_logits, pixel_values)\n"
             "decoding (transformers' generate() semantics; default greedy):\n"
@@ -49,7 +54,7 @@ static int parse_float(const char *s, double lo, double hi, float *out) {
 }
 
 enum { O_MODEL = 256, O_PV, O_IDS, O_MAXNEW, O_JSON, O_DUMP, O_IMAGE, O_PROMPT, O_STREAM, O_SAMPLE, O_TEMP, O_TOPK,
-       O_TOPP, O_SEED, O_BEAMS, O_NRET, O_LP, O_EARLY, O_REP, O_MINNEW, O_STOP, O_HELP };
+       O_TOPP, O_SEED, O_BEAMS, O_NRET, O_LP, O_EARLY, O_REP, O_MINNEW, O_STOP, O_HELP, O_DEVICE, O_DTYPE };
 
 /* One decoding flag into a->dec; nonzero (after printing why) when its value is bad. */
 static int parse_decoding_flag(int c, const char *name, const char *v, gen_args *a) {
@@ -89,6 +94,7 @@ static int parse_gen_args(int argc, char **argv, gen_args *a) {
         {"length-penalty", required_argument, 0, O_LP},    {"early-stopping", no_argument, 0, O_EARLY},
         {"repetition-penalty", required_argument, 0, O_REP}, {"min-new-tokens", required_argument, 0, O_MINNEW},
         {"stop", required_argument, 0, O_STOP},            {"help", no_argument, 0, O_HELP},
+        {"device", required_argument, 0, O_DEVICE},        {"dtype", required_argument, 0, O_DTYPE},
         {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
@@ -98,6 +104,8 @@ static int parse_gen_args(int argc, char **argv, gen_args *a) {
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case O_MODEL: a->model = optarg; break;
+        case O_DEVICE: a->device = optarg; break;
+        case O_DTYPE: a->dtype = optarg; break;
         case O_PV: a->pixel_values = optarg; break;
         case O_IDS: a->input_ids = optarg; break;
         case O_JSON: a->json = 1; break;
@@ -117,6 +125,10 @@ static int parse_gen_args(int argc, char **argv, gen_args *a) {
     }
     if (optind < argc) return blip2_cli_error("unexpected argument '%s'", argv[optind]);
     if (!a->model) return blip2_cli_error("--model DIR is required");
+    if (!a->device) a->device = "cpu";
+    if (strcmp(a->device, "cpu") && strcmp(a->device, "cuda")) return blip2_cli_error("--device '%s': cpu or cuda", a->device);
+    if (!a->dtype) a->dtype = strcmp(a->device, "cuda") == 0 ? "f16" : "f32";
+    if (blip2_wdtype_parse(a->dtype) < 0) return blip2_cli_error("--dtype '%s': f32, f16 or bf16", a->dtype);
     int tensor_form = a->pixel_values || a->input_ids;
     if (tensor_form && a->image) return blip2_cli_error("use either --pixel-values/--input-ids or --image/--prompt, not both");
     if (!a->image && !(a->pixel_values && a->input_ids))
@@ -331,8 +343,10 @@ static blip2_code run_generate(const gen_args *a, blip2_model *m, const blip2_in
     return rc;
 }
 
-static blip2_code load_on_every_rank(const char *dir, const blip2_tp *tp, blip2_model *m, blip2_status *st) {
-    blip2_code rc = blip2_model_load_shard(dir, tp->rank, tp->world, m, st);
+static blip2_code load_on_every_rank(const gen_args *a, const blip2_tp *tp, const blip2_device *dev, blip2_model *m,
+                                     blip2_status *st) {
+    blip2_code rc = blip2_model_load_shard(a->model, tp->rank, tp->world, m, st);
+    if (!rc) rc = blip2_model_to_backend(m, dev->ops, blip2_wdtype_parse(a->dtype), dev->ops->device, st);
     rc = blip2_tp_agree(tp, rc, st);
     if (!rc && tp->world > 1)
         fprintf(stderr, "blip2: rank %d/%d: OPT shard %.1f MiB (heads %d, ffn %d, vocab [%d, %d)), resident %.1f MiB\n",
@@ -349,14 +363,18 @@ int blip2_cli_generate(int argc, char **argv) {
     blip2_comm *world = blip2_comm_world(&st);
     if (!world) return blip2_cli_error("%s", st.msg);
     blip2_tp tp = blip2_tp_from_comm(world);
-    blip2_model m;
+    blip2_model m = {0};
     blip2_inputs in = {0};
-    blip2_code rc = load_on_every_rank(a.model, &tp, &m, &st);
+    blip2_device dev = {0};
+    blip2_comm *nccl = NULL;
+    blip2_code rc = blip2_tp_agree(&tp, blip2_device_open_tp(a.device, &tp, &dev, &nccl, &st), &st);
+    if (!rc) rc = load_on_every_rank(&a, &tp, &dev, &m, &st);
     if (!rc && tp.rank == 0) rc = blip2_cli_load_inputs(a.model, &m.cfg, a.image != NULL, &in, &st);
     rc = blip2_tp_agree(&tp, rc, &st);
     if (!rc) rc = run_generate(&a, &m, &in, &tp, &st);
     blip2_inputs_free(&in);
-    blip2_model_free(&m);
+    if (m.ops) blip2_model_free(&m);
+    blip2_device_close_tp(&dev, nccl, &tp);
     if (rc && tp.rank == 0) blip2_cli_error("%s", st.msg); /* before finalize: peers may exit first */
     fflush(stderr);
     blip2_comm_world_finalize();

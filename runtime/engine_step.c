@@ -1,5 +1,7 @@
 #include "engine_step.h"
 
+#include "backend.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,13 +99,12 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
         step_exec_free(x);
         return rc;
     }
-    size_t C = (size_t)m->cfg.opt.C, Vl = (size_t)m->shard.V;
-    x->emb = malloc(sizeof(float) * max_tokens * C);
-    x->logits = malloc(sizeof(float) * max_batch * Vl);
-    x->argrows = malloc(sizeof(float) * max_batch * Vl);
+    size_t Vl = (size_t)m->shard.V;
+    x->row = malloc(sizeof(float) * Vl);
     x->full = malloc(sizeof(float) * max_batch * (size_t)m->cfg.opt.V);
     x->picks = malloc(sizeof(int32_t) * max_batch);
-    if (!x->emb || !x->logits || !x->argrows || !x->full || !x->picks) {
+    x->all_picks = malloc(sizeof(int32_t) * max_batch);
+    if (!x->row || !x->full || !x->picks || !x->all_picks) {
         step_exec_free(x);
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for step buffers");
     }
@@ -114,11 +115,10 @@ void step_exec_free(step_exec *x) {
     blip2_kv_pool_free(&x->kv);
     blip2_opt_ws_free(&x->ws);
     step_desc_free(&x->desc);
-    free(x->emb);
-    free(x->logits);
-    free(x->argrows);
+    free(x->row);
     free(x->full);
     free(x->picks);
+    free(x->all_picks);
     memset(x, 0, sizeof *x);
 }
 
@@ -130,8 +130,8 @@ static void copy_blocks(step_exec *x, const int32_t *pairs, int n) {
     float *pools[2] = {kv->k, kv->v};
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < kv->layers; l++) {
-            float *base = pools[p] + (size_t)l * kv->n_blocks * bsz;
-            for (int i = 0; i < n; i++) memcpy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, sizeof(float) * bsz);
+            float *base = blip2_kv_layer(kv, pools[p], l);
+            for (int i = 0; i < n; i++) kv->ops->copy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, sizeof(float) * bsz);
         }
 }
 
@@ -147,16 +147,23 @@ static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_sta
     return BLIP2_OK;
 }
 
-/* Argmax rows packed together (one all-gather for all), full rows gathered one by one. */
+/* Argmax picks of every row in one all-gather (cheap: only (value, id) pairs leave the device),
+ * kept for the LOGITS_ARGMAX rows in order; full rows fetched and gathered one by one. */
 static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st) {
     size_t Vl = (size_t)x->m->shard.V, V = (size_t)x->m->cfg.opt.V;
-    int n_arg = 0;
+    int any_arg = 0;
     blip2_code rc = BLIP2_OK;
-    for (int i = 0; i < v->n_seqs; i++)
-        if (v->modes[i] == LOGITS_ARGMAX) memcpy(x->argrows + n_arg++ * Vl, x->logits + i * Vl, sizeof(float) * Vl);
-    if (n_arg) rc = blip2_tp_argmax(x->m, x->tp, x->argrows, n_arg, x->picks, st);
-    for (int i = 0; !rc && i < v->n_seqs; i++)
-        if (v->modes[i] == LOGITS_FULL) rc = blip2_tp_gather_logits(x->m, x->tp, x->logits + i * Vl, x->full + i * V, st);
+    for (int i = 0; i < v->n_seqs; i++) any_arg |= v->modes[i] == LOGITS_ARGMAX;
+    if (any_arg) rc = blip2_tp_argmax(x->m, x->tp, &x->ws, v->n_seqs, x->all_picks, st);
+    for (int i = 0, n_arg = 0; !rc && i < v->n_seqs; i++)
+        if (v->modes[i] == LOGITS_ARGMAX) x->picks[n_arg++] = x->all_picks[i];
+    for (int i = 0; !rc && i < v->n_seqs; i++) {
+        if (v->modes[i] != LOGITS_FULL) continue;
+        x->ws.ops->download(x->row, x->ws.logits + i * Vl, sizeof(float) * Vl);
+        blip2_code d = blip2_backend_check(x->ws.ops, "logits", st);
+        rc = blip2_tp_gather_logits(x->m, x->tp, x->row, x->full + i * V, st); /* collective: joined even after d */
+        if (d) rc = d;
+    }
     return rc;
 }
 
@@ -165,8 +172,7 @@ blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_ro
     if (rc) return rc;
     if (v->n_copies) copy_blocks(x, v->copies, v->n_copies);
     if (v->n_seqs == 0) return BLIP2_OK;
-    rc = blip2_opt_embed_tokens(x->m, x->tp, v->tokens, v->n_tokens, image_rows, x->emb, st);
-    if (!rc) rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, x->emb, &x->ws, x->logits, st);
+    rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
     if (!rc) rc = pick_logits(x, v, st);
     return rc;
 }

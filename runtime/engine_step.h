@@ -44,11 +44,10 @@ typedef struct {
     const blip2_tp *tp;
     blip2_kv_pool kv;
     blip2_opt_ws ws;
-    float *emb;      /* [max_tokens, Ct] */
-    float *logits;   /* [max_batch, V_local] */
-    float *full;     /* [max_batch, V]: gathered rows of LOGITS_FULL sequences */
-    float *argrows;  /* [max_batch, V_local]: the LOGITS_ARGMAX rows, packed */
-    int32_t *picks;  /* [max_batch]: argmax id of each LOGITS_ARGMAX sequence (in sequence order) */
+    float *row;          /* [V_local]: one logits row brought to the host */
+    float *full;         /* [max_batch, V]: gathered rows of LOGITS_FULL sequences */
+    int32_t *picks;      /* [max_batch]: argmax id of each LOGITS_ARGMAX sequence (in sequence order) */
+    int32_t *all_picks;  /* [max_batch]: argmax of every row of the step */
     step_desc desc;
 } step_exec;
 

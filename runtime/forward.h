@@ -1,5 +1,7 @@
-/* The fp32 CPU forward of BLIP-2 OPT: vision encoder → Q-Former → projection → OPT decoder with
- * a KV cache, and greedy generation on top. Every function returns a status; none aborts. */
+/* The forward of BLIP-2 OPT: vision encoder → Q-Former → projection → OPT decoder over a paged KV
+ * cache. Written once against the model's backend (m->ops: the CPU reference or CUDA); arguments
+ * documented as host memory are copied in and out here, everything else lives on the backend.
+ * Every function returns a status; none aborts. */
 #ifndef BLIP2_FORWARD_H
 #define BLIP2_FORWARD_H
 
@@ -9,13 +11,13 @@
 #include "kv_cache.h"
 #include "model.h"
 
-/* pixels [B, 3, H, W] → image embeddings after post_layernorm [B, T, Cv]. */
+/* pixels [B, 3, H, W] → image embeddings after post_layernorm [B, T, Cv] (host memory). */
 blip2_code blip2_vision_forward(const blip2_model *m, const float *pixels, int B, float *out, blip2_status *st);
 
-/* image embeddings [B, T, Cv] → query outputs [B, Q, Cq]. */
+/* image embeddings [B, T, Cv] → query outputs [B, Q, Cq] (host memory). */
 blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B, float *out, blip2_status *st);
 
-/* query outputs [B, Q, Cq] → language_projection [B, Q, Ct]. */
+/* query outputs [B, Q, Cq] → language_projection [B, Q, Ct] (host memory). */
 blip2_code blip2_project(const blip2_model *m, const float *query_out, int B, float *out, blip2_status *st);
 
 /* The KV cache of a single sequence: a private paged pool holding max_T positions, T filled. */
@@ -30,25 +32,8 @@ void blip2_kv_cache_free(blip2_kv_cache *kv);
 
 /* Every id inside the vocabulary and exactly Q image tokens, else a clear EINVAL. */
 blip2_code blip2_opt_check_ids(const blip2_config *c, const int32_t *ids, int n, blip2_status *st);
-
-/* Embeddings of ids [n] → out [n, Ct] on every rank. Ids < 0 mark image rows: they take the rows
- * of image_rows [count, Ct] in order (read on rank 0 only). Collective. */
-blip2_code blip2_opt_embed_tokens(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *image_rows, float *out, blip2_status *st);
 /* marked[t] = -1 where ids[t] is the image token, else ids[t]. */
 void blip2_opt_mark_image_rows(const blip2_config *c, const int32_t *ids, int n, int32_t *marked);
-
-/* Checked input embeddings for the model's ids: rows whose id is the image token take the projected
- * query embeddings in order (there must be exactly Q of them), the rest embed_tokens.
- * ids [n], projected [Q, Ct] (read on rank 0 only) → out [n, Ct] on every rank. Collective. */
-blip2_code blip2_opt_embed_inputs(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *projected, float *out, blip2_status *st);
-
-/* Runs T new positions (embeddings [T, Ct], positions kv->T ..) through the decoder shard,
- * appending to the cache; logits of the last new position for this rank's vocab slice
- * [shard.V] (ids shard.v0 ..). Collective. */
-blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const float *emb, int T,
-                             float *logits, blip2_status *st);
 
 /* One sequence's part of a batched step: n_new positions after past ones, KV in `blocks`. */
 typedef struct {
@@ -57,32 +42,46 @@ typedef struct {
 } blip2_seq_step;
 
 /* OPT activations for steps of up to max_tokens rows over max_seqs sequences of up to max_ctx
- * positions, allocated once so a step never allocates. */
+ * positions, allocated once (in the model's backend memory) so a step never allocates. */
 typedef struct {
+    const blip2_ops *ops;
     int max_tokens, max_seqs, max_ctx;
     float *x, *a;            /* [max_tokens, Ct] */
     float *q, *k, *v, *ctx;  /* [max_tokens, Cl] */
     float *mlp;              /* [max_tokens, ffn_local] */
-    float *scores;           /* [max_ctx] */
+    float *scores;           /* [max_ctx] (host backends) */
     float *last;             /* [max_seqs, Ct] */
+    float *logits;           /* [max_seqs, V_local]: the step's result, one row per sequence */
+    float *pick_val;         /* [max_seqs] */
+    int32_t *pick_idx;       /* [max_seqs] */
+    int32_t *idx;            /* backend copy of the step's index arrays (below) */
+    int32_t *host_idx;       /* host staging: tokens [T] | positions [T] | last rows [S] | meta [3S] | tables [S·mb] */
+    size_t idx_cap;          /* ints in idx / host_idx */
 } blip2_opt_ws;
 
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,
                              blip2_status *st);
 void blip2_opt_ws_free(blip2_opt_ws *ws);
 
-/* A batched step (continuous batching): the new rows of every sequence, emb [Σ n_new, Ct] in
- * sequence order, run through the decoder shard together; each sequence's keys/values go to its
- * blocks; logits [n_seqs, V_local] of each sequence's last new row. Collective. */
+/* A batched step (continuous batching): the new rows of every sequence together, tokens [Σ n_new]
+ * (host, the same on every rank) in sequence order; a token < 0 is an image row and takes the next
+ * row of image_rows [count, Ct] (host, read on rank 0 only). Keys/values go to each sequence's
+ * blocks; the logits of each sequence's last new row land in ws->logits [n_seqs, V_local] (this
+ * rank's vocab slice, backend memory). Collective. */
 blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv,
-                                   const blip2_seq_step *seqs, int n_seqs, const float *emb, blip2_opt_ws *ws,
-                                   float *logits, blip2_status *st);
+                                   const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens,
+                                   const float *image_rows, blip2_opt_ws *ws, blip2_status *st);
 
-/* Greedy picks over vocab-parallel logits [n, V_local] without gathering them: each row's global
+/* The single-sequence form over a private cache: T new tokens (marked as above) after kv->T;
+ * logits [V_local] of the last one, copied to host memory. Collective. */
+blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const int32_t *tokens, int T,
+                             const float *image_rows, float *logits, blip2_status *st);
+
+/* Greedy picks of the first n rows of ws->logits without gathering them: each row's global
  * argmax, the lowest id on ties (as torch.argmax), the same on every rank. One all-gather. */
-blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int n, int32_t *ids,
+blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, int32_t *ids,
                            blip2_status *st);
-/* Gathers the vocab slices into full logits [V] on every rank (for dumps and samplers). */
+/* Gathers the vocab slices (host memory, [V_local]) into full logits [V] on every rank. */
 blip2_code blip2_tp_gather_logits(const blip2_model *m, const blip2_tp *tp, const float *logits, float *full,
                                   blip2_status *st);
 

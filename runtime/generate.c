@@ -34,19 +34,19 @@ blip2_code blip2_trace_prefill(const blip2_model *m, const blip2_tp *tp, const f
     if (n < 1 || n > c->opt.max_pos) return blip2_fail(st, BLIP2_ERANGE, "prompt of %d tokens: must be 1..%d", n, c->opt.max_pos);
     blip2_code rc = blip2_opt_check_ids(c, ids, n, st);
     if (rc) return rc;
-    float *projected = malloc(sizeof(float) * c->Q * c->opt.C), *emb = malloc(sizeof(float) * (size_t)n * c->opt.C);
-    float *logits = malloc(sizeof(float) * m->shard.V);
+    float *projected = malloc(sizeof(float) * c->Q * c->opt.C), *logits = malloc(sizeof(float) * m->shard.V);
+    int32_t *marked = malloc(sizeof(int32_t) * (size_t)n);
     blip2_kv_cache kv = {0};
-    rc = projected && emb && logits ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
+    rc = projected && marked && logits ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
     if (!rc) rc = blip2_kv_cache_init(&kv, m, n, st);
     if (!rc && tp->rank == 0) rc = encode_image(m, pixels, projected, tr, st);
     rc = blip2_tp_agree(tp, rc, st); /* the projection reaches the others through the embedding all-reduce */
-    if (!rc) rc = blip2_opt_embed_inputs(m, tp, ids, n, projected, emb, st);
-    if (!rc) rc = blip2_opt_forward(m, tp, &kv, emb, n, logits, st);
+    if (!rc) blip2_opt_mark_image_rows(c, ids, n, marked);
+    if (!rc) rc = blip2_opt_forward(m, tp, &kv, marked, n, projected, logits, st);
     if (!rc && tr->prefill_logits) rc = blip2_tp_gather_logits(m, tp, logits, tr->prefill_logits, st);
     blip2_kv_cache_free(&kv);
     free(projected);
-    free(emb);
+    free(marked);
     free(logits);
     return rc;
 }

@@ -11,18 +11,19 @@ blip2_code blip2_kv_pool_init(blip2_kv_pool *p, const blip2_model *m, int n_bloc
     memset(p, 0, sizeof *p);
     if (n_blocks < 1 || block_size < 1)
         return blip2_fail(st, BLIP2_EINVAL, "KV cache: %d blocks of %d positions is not a cache", n_blocks, block_size);
+    p->ops = m->ops;
     p->layers = m->cfg.opt.layers;
     p->C = m->shard.C;
     p->block_size = block_size;
     p->n_blocks = n_blocks;
     size_t n = (size_t)p->layers * n_blocks * block_size * p->C;
-    p->k = malloc(sizeof(float) * n);
-    p->v = malloc(sizeof(float) * n);
+    p->k = p->ops->alloc(sizeof(float) * n);
+    p->v = p->ops->alloc(sizeof(float) * n);
     p->free_ids = malloc(sizeof(int32_t) * (size_t)n_blocks);
     if (!p->k || !p->v || !p->free_ids) {
         blip2_kv_pool_free(p);
-        return blip2_fail(st, BLIP2_ENOMEM, "KV cache: out of memory for %d blocks (%.1f MiB)", n_blocks,
-                          2.0 * n * sizeof(float) / 1048576.0);
+        return blip2_fail(st, BLIP2_ENOMEM, "KV cache: out of %s memory for %d blocks (%.1f MiB)", m->ops->name,
+                          n_blocks, 2.0 * n * sizeof(float) / 1048576.0);
     }
     for (int i = 0; i < n_blocks; i++) p->free_ids[i] = n_blocks - 1 - i; /* pop order 0, 1, 2, ... */
     p->n_free = n_blocks;
@@ -30,8 +31,7 @@ blip2_code blip2_kv_pool_init(blip2_kv_pool *p, const blip2_model *m, int n_bloc
 }
 
 void blip2_kv_pool_free(blip2_kv_pool *p) {
-    free(p->k);
-    free(p->v);
+    if (p->ops) p->ops->release(p->k), p->ops->release(p->v);
     free(p->free_ids);
     memset(p, 0, sizeof *p);
 }

@@ -10,6 +10,7 @@
 #include "model.h"
 
 typedef struct {
+    const blip2_ops *ops; /* the model's backend: k and v live in its memory */
     int layers, C;    /* C: this rank's attention width (its heads × HS) */
     int block_size;   /* BS positions per block */
     int n_blocks;
@@ -27,10 +28,9 @@ int blip2_kv_pool_alloc(blip2_kv_pool *p, int n, int32_t *blocks);
 void blip2_kv_pool_release(blip2_kv_pool *p, const int32_t *blocks, int n);
 static inline int blip2_kv_blocks_for(int positions, int block_size) { return (positions + block_size - 1) / block_size; }
 
-/* Pointer to row `pos` of a sequence in layer l's K (or V) pool. */
-static inline float *blip2_kv_row(const blip2_kv_pool *p, float *base, int layer, const int32_t *table, int pos) {
-    size_t block = (size_t)layer * p->n_blocks + (size_t)table[pos / p->block_size];
-    return base + (block * p->block_size + (size_t)(pos % p->block_size)) * p->C;
+/* Layer l's part of a pool [n_blocks, BS, C]. */
+static inline float *blip2_kv_layer(const blip2_kv_pool *p, float *base, int layer) {
+    return base + (size_t)layer * p->n_blocks * p->block_size * p->C;
 }
 
 #endif

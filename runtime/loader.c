@@ -176,9 +176,9 @@ static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, 
 
 blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int *n, blip2_status *st) {
     const blip2_config *c = &m->cfg;
-    m->vision.layers = blip2_calloc((size_t)c->vision.layers, sizeof *m->vision.layers, st);
-    m->qformer.layers = blip2_calloc((size_t)c->qformer.layers, sizeof *m->qformer.layers, st);
-    m->opt.layers = blip2_calloc((size_t)c->opt.layers, sizeof *m->opt.layers, st);
+    if (!m->vision.layers) m->vision.layers = blip2_calloc((size_t)c->vision.layers, sizeof *m->vision.layers, st);
+    if (!m->qformer.layers) m->qformer.layers = blip2_calloc((size_t)c->qformer.layers, sizeof *m->qformer.layers, st);
+    if (!m->opt.layers) m->opt.layers = blip2_calloc((size_t)c->opt.layers, sizeof *m->opt.layers, st);
     if (!m->vision.layers || !m->qformer.layers || !m->opt.layers) return BLIP2_ENOMEM;
     table_builder tb = {0};
     /* vision, Q-Former and projection run on rank 0 alone */
@@ -419,6 +419,8 @@ blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st) {
 
 blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_model *m, blip2_status *st) {
     memset(m, 0, sizeof *m);
+    m->ops = &blip2_cpu_ops;
+    m->wdtype = BLIP2_W_F32;
     blip2_code rc = blip2_config_load(dir, &m->cfg, st);
     if (!rc) rc = plan_shard(m, rank, world, st);
     if (!rc) rc = blip2_checkpoint_open(dir, &m->ckpt, st);
@@ -455,7 +457,7 @@ void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *r
 }
 
 /* This rank's shape of an entry: rows or columns split as the loader would slice them. */
-static size_t local_numel(const blip2_model *m, const blip2_weight_entry *e) {
+size_t blip2_weight_local_numel(const blip2_model *m, const blip2_weight_entry *e) {
     size_t rows = (size_t)e->shape[0], cols = 1;
     for (int d = 1; d < e->ndim; d++) cols *= (size_t)e->shape[d];
     if (e->split == BLIP2_SPLIT_ROWS) rows = blip2_part_size(rows, m->shard.rank, m->shard.world);
@@ -463,21 +465,27 @@ static size_t local_numel(const blip2_model *m, const blip2_weight_entry *e) {
     return rows * cols;
 }
 
-blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world, uint64_t seed, blip2_model *m,
-                                   blip2_status *st) {
+blip2_code blip2_model_plan(const blip2_config *cfg, int rank, int world, blip2_model *m, blip2_status *st) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     m->dtype = BLIP2_DT_F32;
+    m->ops = &blip2_cpu_ops;
+    m->wdtype = BLIP2_W_F32;
+    return plan_shard(m, rank, world, st);
+}
+
+blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world, uint64_t seed, blip2_model *m,
+                                   blip2_status *st) {
     blip2_weight_entry *e = NULL;
     int n = 0;
-    blip2_code rc = plan_shard(m, rank, world, st);
+    blip2_code rc = blip2_model_plan(cfg, rank, world, m, st);
     if (!rc) rc = blip2_weight_table(m, &e, &n, st);
     if (!rc && !(m->owned = blip2_calloc((size_t)n, sizeof *m->owned, st))) rc = BLIP2_ENOMEM;
     blip2_rng rng;
     blip2_rng_seed(&rng, seed ^ ((uint64_t)rank << 32));
     for (int i = 0; !rc && i < n; i++) {
         if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
-        size_t k = local_numel(m, &e[i]);
+        size_t k = blip2_weight_local_numel(m, &e[i]);
         float *buf = own_buffer(m, k, st);
         if (!buf) rc = BLIP2_ENOMEM;
         else blip2_weight_fill_random(e[i].name, buf, k, &rng), *e[i].field = buf;
@@ -490,6 +498,8 @@ blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world,
 }
 
 void blip2_model_free(blip2_model *m) {
+    for (int i = 0; i < m->n_dev_owned; i++) m->ops->release(m->dev_owned[i]);
+    free(m->dev_owned);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     free(m->vision.layers);

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/ops.h"
+#include "backend.h"
 #include "forward.h"
 
 typedef struct {
@@ -18,18 +18,29 @@ static int beats(scored_id a, scored_id b) {
     return a.value > b.value || (a.value == b.value && a.id < b.id);
 }
 
-blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float *logits, int n, int32_t *ids,
+blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, int32_t *ids,
                            blip2_status *st) {
     const blip2_opt_shard *s = &m->shard;
+    if (n < 1 || n > ws->max_seqs) return blip2_fail(st, BLIP2_EINTERNAL, "argmax of %d rows", n);
     scored_id *all = blip2_malloc(sizeof *all * (size_t)n * (tp->world + 1), st);
-    if (!all) return BLIP2_ENOMEM;
-    scored_id *mine = all + (size_t)n * tp->world;
-    for (int i = 0; i < n; i++) {
-        const float *row = logits + (size_t)i * s->V;
-        int local = blip2_argmax(row, s->V);
-        mine[i] = (scored_id){row[local], s->v0 + local};
+    float *val = blip2_malloc(sizeof(float) * (size_t)n, st);
+    int32_t *idx = blip2_malloc(sizeof(int32_t) * (size_t)n, st);
+    blip2_code rc = all && val && idx ? BLIP2_OK : BLIP2_ENOMEM;
+    if (!all) {
+        free(val), free(idx);
+        return rc;
     }
-    blip2_code rc = tp->comm->ops->allgather(tp->comm, mine, all, sizeof *mine * (size_t)n, st);
+    if (!rc) { /* each row's local winner on the backend; only (value, id) pairs come back */
+        ws->ops->argmax_rows(ws->pick_idx, ws->pick_val, ws->logits, n, s->V);
+        ws->ops->download(idx, ws->pick_idx, sizeof(int32_t) * n);
+        ws->ops->download(val, ws->pick_val, sizeof(float) * n);
+        rc = blip2_backend_check(ws->ops, "argmax", st);
+    }
+    scored_id *mine = all + (size_t)n * tp->world;
+    for (int i = 0; i < n; i++) mine[i] = rc ? (scored_id){NAN, 0} : (scored_id){val[i], s->v0 + idx[i]};
+    blip2_code g = tp->comm->ops->allgather(tp->comm, mine, all, sizeof *mine * (size_t)n, st); /* even after a local
+                                                                     failure: the peers are waiting in it */
+    if (!rc) rc = g;
     for (int i = 0; !rc && i < n; i++) {
         scored_id best = all[i];
         for (int r = 1; r < tp->world; r++)
@@ -37,6 +48,8 @@ blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, const float
         ids[i] = best.id;
     }
     free(all);
+    free(val);
+    free(idx);
     return rc;
 }
 
@@ -59,4 +72,10 @@ blip2_code blip2_tp_gather_logits(const blip2_model *m, const blip2_tp *tp, cons
     free(send);
     free(recv);
     return rc;
+}
+
+blip2_code blip2_backend_check(const blip2_ops *ops, const char *what, blip2_status *st) {
+    char err[256] = "";
+    if (!ops->sync(err, sizeof err)) return BLIP2_OK;
+    return blip2_fail(st, BLIP2_EINTERNAL, "%s on %s: %s", what, ops->name, err);
 }

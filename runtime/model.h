@@ -1,10 +1,14 @@
-/* BLIP-2 OPT weights: one struct per sub-model and per layer, fp32 on the CPU. Every pointer
- * either points into the memory-mapped checkpoint (F32 tensors) or into a buffer the loader
- * converted from F16/BF16. Shapes use the config's letters: Cv/Cq/Ct vision/Q-Former/OPT
+/* BLIP-2 OPT weights: one struct per sub-model and per layer. Loaded, they are fp32 host memory:
+ * every pointer either points into the memory-mapped checkpoint (F32 tensors) or into a buffer the
+ * loader converted from F16/BF16. blip2_model_to_backend() then moves them to a backend (the GPU):
+ * the pointers become device memory, and the matrices (every weight a matmul or the embedding
+ * reads: blip2_weight_is_matrix) hold m->wdtype elements — float * in name only when wdtype is
+ * 16-bit. Norm weights, biases and position tables stay fp32. Shapes use the config's letters: Cv/Cq/Ct vision/Q-Former/OPT
  * channels, T vision tokens, P patches, Q queries, V vocab. */
 #ifndef BLIP2_MODEL_H
 #define BLIP2_MODEL_H
 
+#include "../kernels/ops.h"
 #include "config.h"
 #include "safetensors.h"
 #include "sampling.h"
@@ -109,6 +113,11 @@ typedef struct {
     blip2_dtype dtype;  /* dtype of the checkpoint's weights (all the same) */
     void **owned;       /* buffers converted from F16/BF16, freed with the model */
     int n_owned;
+    const blip2_ops *ops; /* the backend holding the weights and running the forward (CPU at load) */
+    int wdtype;           /* BLIP2_W_*: element type of the matrices on ops */
+    void **dev_owned;     /* backend buffers (released with ops->release) */
+    int n_dev_owned;
+    size_t dev_bytes;     /* bytes of weights on the backend */
 } blip2_model;
 
 /* Opens DIR/model.safetensors or the shards listed in DIR/model.safetensors.index.json. */
@@ -130,7 +139,8 @@ typedef struct {
     int split;      /* BLIP2_SPLIT_*: which slice a tensor-parallel rank holds */
 } blip2_weight_entry;
 
-/* Builds the table for m->cfg (fields point into m's structs, whose layer arrays it allocates). */
+/* Builds the table for m->cfg (fields point into m's structs; it allocates the layer arrays when
+ * they are not there yet, so it can be called again on a loaded model). */
 blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int *n, blip2_status *st);
 
 /* Config + checkpoint + weights; every missing, unexpected or mis-shaped tensor is an error that
@@ -140,6 +150,23 @@ blip2_code blip2_model_load(const char *dir, blip2_model *m, blip2_status *st);
  * vision + Q-Former + projection) are read from the memory-mapped checkpoint. */
 blip2_code blip2_model_load_shard(const char *dir, int rank, int world, blip2_model *m, blip2_status *st);
 void blip2_model_free(blip2_model *m);
+
+/* Weights a matmul or the embedding reads (kept in the backend's wdtype): ".weight" tensors of
+ * two or more dimensions except the learned positions. */
+int blip2_weight_is_matrix(const blip2_weight_entry *e);
+/* Elements this rank holds of an entry (its slice under tensor parallelism). */
+size_t blip2_weight_local_numel(const blip2_model *m, const blip2_weight_entry *e);
+
+/* Moves a loaded (host, fp32) model onto `ops`: every tensor this rank holds is uploaded (matrices
+ * converted to wdtype through a staging buffer), the host copies and the checkpoint mapping are
+ * released. progress: print a line per 10 % to stderr. A no-op for the CPU backend with F32. */
+blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdtype, int progress, blip2_status *st);
+/* An empty model of cfg's shapes for rank `rank` of `world` (shard sizes planned, no weights). */
+blip2_code blip2_model_plan(const blip2_config *cfg, int rank, int world, blip2_model *m, blip2_status *st);
+/* Random weights of a config's shapes made directly in `ops` memory (no host copy): this rank's
+ * slices, LayerNorm weights 1, biases 0, other weights N(0, 0.02) from blip2_fill_normal. */
+blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int world, uint64_t seed, const blip2_ops *ops,
+                                      int wdtype, blip2_model *m, blip2_status *st);
 
 /* Random values for a checkpoint tensor by its name: LayerNorm weights 1, biases 0, others
  * N(0, 0.02) — activations stay O(1) through every layer. */

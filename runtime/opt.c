@@ -1,10 +1,11 @@
-/* OPT decoder (spec §3.4–3.5) over a contiguous KV cache. Prefill runs all prompt positions at
- * once; each decode step is one position (matrix-vector work, bound by weight bandwidth). */
+/* OPT decoder (spec §3.4–3.5) over a paged KV cache, batched across sequences (continuous
+ * batching). A decode step is one row per sequence: matrix-vector work bound by weight
+ * bandwidth; a prefill chunk is many rows of one or more sequences. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../kernels/ops.h"
+#include "backend.h"
 #include "forward.h"
 
 #define SINGLE_BLOCK_SIZE 16
@@ -40,132 +41,159 @@ blip2_code blip2_opt_check_ids(const blip2_config *c, const int32_t *ids, int n,
     return BLIP2_OK;
 }
 
-/* Vocab-parallel: each rank writes the rows it owns (its vocab slice; rank 0 the image rows) and
- * zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x). */
-blip2_code blip2_opt_embed_tokens(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *image_rows, float *out, blip2_status *st) {
-    const blip2_opt_shard *s = &m->shard;
-    int C = m->cfg.opt.C, q = 0;
-    memset(out, 0, sizeof(float) * (size_t)n * C);
-    for (int t = 0; t < n; t++) {
-        float *row = out + (size_t)t * C;
-        if (ids[t] < 0) {
-            if (tp->rank == 0) memcpy(row, image_rows + (size_t)q * C, sizeof(float) * C);
-            q++;
-        } else if (ids[t] >= s->v0 && ids[t] < s->v0 + s->V) {
-            int32_t local = ids[t] - s->v0;
-            blip2_embedding(row, &local, m->opt.wte, 1, C);
-        }
-    }
-    return tp->comm->ops->allreduce_sum(tp->comm, out, (size_t)n * C, st);
-}
-
 void blip2_opt_mark_image_rows(const blip2_config *c, const int32_t *ids, int n, int32_t *marked) {
     for (int t = 0; t < n; t++) marked[t] = ids[t] == c->image_token_id ? -1 : ids[t];
 }
 
-blip2_code blip2_opt_embed_inputs(const blip2_model *m, const blip2_tp *tp, const int32_t *ids, int n,
-                                  const float *projected, float *out, blip2_status *st) {
-    blip2_code rc = blip2_opt_check_ids(&m->cfg, ids, n, st);
-    int32_t *marked = rc ? NULL : blip2_malloc(sizeof(int32_t) * (size_t)n, st);
-    if (!rc && !marked) rc = BLIP2_ENOMEM;
-    if (!rc) {
-        blip2_opt_mark_image_rows(&m->cfg, ids, n, marked);
-        rc = blip2_opt_embed_tokens(m, tp, marked, n, projected, out, st);
-    }
-    free(marked);
-    return rc;
+/* ---- workspace ---- */
+
+/* Index ints one step needs on the backend: tokens, positions [T]; last rows [S]; meta [3S];
+ * block tables [S · blocks of max_ctx] (block size 1 at worst). */
+static size_t idx_ints(int max_tokens, int max_seqs, int max_ctx) {
+    return 2 * (size_t)max_tokens + 4 * (size_t)max_seqs + (size_t)max_seqs * max_ctx;
 }
 
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,
                              blip2_status *st) {
     memset(ws, 0, sizeof *ws);
+    const blip2_ops *o = m->ops;
     const blip2_opt_shard *s = &m->shard;
     size_t T = (size_t)max_tokens, C = (size_t)m->cfg.opt.C;
+    ws->ops = o;
     ws->max_tokens = max_tokens;
     ws->max_seqs = max_seqs;
     ws->max_ctx = max_ctx;
-    ws->x = malloc(sizeof(float) * T * C);
-    ws->a = malloc(sizeof(float) * T * C);
-    ws->q = malloc(sizeof(float) * T * s->C);
-    ws->k = malloc(sizeof(float) * T * s->C);
-    ws->v = malloc(sizeof(float) * T * s->C);
-    ws->ctx = malloc(sizeof(float) * T * s->C);
-    ws->mlp = malloc(sizeof(float) * T * s->ffn);
-    ws->scores = malloc(sizeof(float) * (size_t)max_ctx);
-    ws->last = malloc(sizeof(float) * (size_t)max_seqs * C);
-    if (!ws->x || !ws->a || !ws->q || !ws->k || !ws->v || !ws->ctx || !ws->mlp || !ws->scores || !ws->last) {
+    ws->idx_cap = idx_ints(max_tokens, max_seqs, max_ctx);
+    ws->x = o->alloc(sizeof(float) * T * C);
+    ws->a = o->alloc(sizeof(float) * T * C);
+    ws->q = o->alloc(sizeof(float) * T * s->C);
+    ws->k = o->alloc(sizeof(float) * T * s->C);
+    ws->v = o->alloc(sizeof(float) * T * s->C);
+    ws->ctx = o->alloc(sizeof(float) * T * s->C);
+    ws->mlp = o->alloc(sizeof(float) * T * s->ffn);
+    ws->scores = o->alloc(sizeof(float) * (size_t)max_ctx);
+    ws->last = o->alloc(sizeof(float) * (size_t)max_seqs * C);
+    ws->logits = o->alloc(sizeof(float) * (size_t)max_seqs * s->V);
+    ws->pick_val = o->alloc(sizeof(float) * (size_t)max_seqs);
+    ws->pick_idx = o->alloc(sizeof(int32_t) * (size_t)max_seqs);
+    ws->idx = o->alloc(sizeof(int32_t) * ws->idx_cap);
+    ws->host_idx = malloc(sizeof(int32_t) * ws->idx_cap);
+    if (!ws->x || !ws->a || !ws->q || !ws->k || !ws->v || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits ||
+        !ws->pick_val || !ws->pick_idx || !ws->idx || !ws->host_idx) {
         blip2_opt_ws_free(ws);
-        return blip2_fail(st, BLIP2_ENOMEM, "OPT workspace: out of memory for %d tokens per step", max_tokens);
+        return blip2_fail(st, BLIP2_ENOMEM, "OPT workspace: out of %s memory for %d tokens per step", o->name, max_tokens);
     }
     return BLIP2_OK;
 }
 
 void blip2_opt_ws_free(blip2_opt_ws *ws) {
-    free(ws->x);
-    free(ws->a);
-    free(ws->q);
-    free(ws->k);
-    free(ws->v);
-    free(ws->ctx);
-    free(ws->mlp);
-    free(ws->scores);
-    free(ws->last);
+    const blip2_ops *o = ws->ops;
+    if (o) {
+        void *bufs[] = {ws->x, ws->a, ws->q, ws->k, ws->v, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits,
+                        ws->pick_val, ws->pick_idx, ws->idx};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) o->release(bufs[i]);
+    }
+    free(ws->host_idx);
     memset(ws, 0, sizeof *ws);
 }
 
-/* y = all-reduce(partial) + bias: the row-parallel matmul's bias is added once, after the sum. */
-static blip2_code reduce_bias(const blip2_tp *tp, float *y, const float *bias, int T, int C, blip2_status *st) {
-    blip2_code rc = tp->comm->ops->allreduce_sum(tp->comm, y, (size_t)T * C, st);
-    for (int t = 0; !rc && t < T; t++) blip2_residual_add(y + (size_t)t * C, bias, (size_t)C);
+/* ---- one step ---- */
+
+/* Where the step's index arrays sit inside ws->idx (and ws->host_idx). */
+typedef struct {
+    int T, n_seqs, max_blocks;
+    int32_t *tokens, *pos, *last, *meta, *tables; /* backend pointers */
+} step_idx;
+
+/* Packs tokens, positions (+2: OPT's learned-position offset), last rows, meta and block tables
+ * into host staging and uploads them in one copy. */
+static void upload_step(const blip2_kv_pool *kv, const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens, int T,
+                        blip2_opt_ws *ws, step_idx *ix) {
+    int mb = 1;
+    for (int i = 0; i < n_seqs; i++) {
+        int need = blip2_kv_blocks_for(seqs[i].past + seqs[i].n_new, kv->block_size);
+        mb = need > mb ? need : mb;
+    }
+    int32_t *h = ws->host_idx;
+    size_t o_pos = (size_t)T, o_last = 2 * (size_t)T, o_meta = o_last + n_seqs, o_tab = o_meta + 3 * (size_t)n_seqs;
+    memcpy(h, tokens, sizeof(int32_t) * T);
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].n_new, i++) {
+        for (int t = 0; t < seqs[i].n_new; t++) h[o_pos + row + t] = seqs[i].past + t + 2;
+        h[o_last + i] = row + seqs[i].n_new - 1;
+        h[o_meta + 3 * i] = row, h[o_meta + 3 * i + 1] = seqs[i].n_new, h[o_meta + 3 * i + 2] = seqs[i].past;
+        int need = blip2_kv_blocks_for(seqs[i].past + seqs[i].n_new, kv->block_size);
+        memcpy(h + o_tab + (size_t)i * mb, seqs[i].blocks, sizeof(int32_t) * need);
+        for (int j = need; j < mb; j++) h[o_tab + (size_t)i * mb + j] = 0;
+    }
+    size_t n = o_tab + (size_t)n_seqs * mb;
+    ws->ops->upload(ws->idx, h, sizeof(int32_t) * n);
+    *ix = (step_idx){T, n_seqs, mb, ws->idx, ws->idx + o_pos, ws->idx + o_last, ws->idx + o_meta, ws->idx + o_tab};
+}
+
+/* Vocab-parallel embedding: each rank writes the rows it owns (its vocab slice; rank 0 also the
+ * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x). */
+static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int32_t *tokens, const float *image_rows,
+                            blip2_opt_ws *ws, const step_idx *ix, blip2_status *st) {
+    const blip2_ops *o = m->ops;
+    int C = m->cfg.opt.C;
+    o->embedding_vp(ws->x, ix->tokens, m->opt.wte, m->wdtype, ix->T, C, m->shard.v0, m->shard.V);
+    for (int t = 0, q = 0; tp->rank == 0 && t < ix->T;) { /* runs of image rows, one upload each */
+        if (tokens[t] >= 0) {
+            t++;
+            continue;
+        }
+        int run = 1;
+        while (t + run < ix->T && tokens[t + run] < 0) run++;
+        o->upload(ws->x + (size_t)t * C, image_rows + (size_t)q * C, sizeof(float) * run * C);
+        t += run, q += run;
+    }
+    blip2_code rc = tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, ws->x, (size_t)ix->T * C, st) : BLIP2_OK;
+    if (!rc) o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
     return rc;
 }
 
-/* New keys/values of every sequence into its blocks, then each sequence attends over its own. */
-static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, const blip2_seq_step *seqs, int n_seqs,
-                          blip2_opt_ws *ws) {
-    const blip2_opt_shard *s = &m->shard;
-    int Cl = s->C;
-    size_t layer_off = (size_t)layer * kv->n_blocks * kv->block_size * Cl;
-    float scaling = 1.0f / sqrtf((float)m->cfg.opt.HS); /* eager OPT scales q before q·kᵀ */
-    int off = 0;
-    for (int i = 0; i < n_seqs; i++) {
-        const blip2_seq_step *q = &seqs[i];
-        for (int t = 0; t < q->n_new; t++) {
-            memcpy(blip2_kv_row(kv, kv->k, layer, q->blocks, q->past + t), ws->k + (size_t)(off + t) * Cl, sizeof(float) * Cl);
-            memcpy(blip2_kv_row(kv, kv->v, layer, q->blocks, q->past + t), ws->v + (size_t)(off + t) * Cl, sizeof(float) * Cl);
-        }
-        float *qi = ws->q + (size_t)off * Cl;
-        for (size_t j = 0; j < (size_t)q->n_new * Cl; j++) qi[j] *= scaling;
-        blip2_attention_paged(ws->ctx + (size_t)off * Cl, qi, kv->k + layer_off, kv->v + layer_off, q->blocks,
-                              kv->block_size, ws->scores, q->n_new, q->past + q->n_new, s->NH, m->cfg.opt.HS, Cl, Cl, 1.0f);
-        off += q->n_new;
-    }
+/* y = all-reduce(partial) + bias: the row-parallel matmul's bias is added once, after the sum. */
+static blip2_code reduce_bias(const blip2_model *m, const blip2_tp *tp, float *y, const float *bias, int T,
+                              blip2_status *st) {
+    int C = m->cfg.opt.C;
+    blip2_code rc = tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, y, (size_t)T * C, st) : BLIP2_OK;
+    if (!rc) m->ops->add_bias(y, bias, T, C);
+    return rc;
+}
+
+/* New keys/values into the layer's blocks, then every sequence attends over its own. */
+static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, const step_idx *ix, blip2_opt_ws *ws) {
+    const blip2_ops *o = m->ops;
+    int Cl = m->shard.C;
+    float *kp = blip2_kv_layer(kv, kv->k, layer), *vp = blip2_kv_layer(kv, kv->v, layer);
+    o->kv_write(kp, vp, ws->k, ws->v, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size, Cl);
+    o->scale(ws->q, 1.0f / sqrtf((float)m->cfg.opt.HS), (size_t)ix->T * Cl); /* eager OPT scales q before q·kᵀ */
+    o->attention_paged(ws->ctx, ws->q, kp, vp, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size,
+                       ws->scores, ws->max_ctx, m->shard.NH, m->cfg.opt.HS, Cl, Cl, 1.0f);
 }
 
 /* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice; two
  * all-reduces (after out_proj and fc2). */
 static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, int layer,
-                                    const blip2_seq_step *seqs, int n_seqs, int T, blip2_opt_ws *ws, blip2_status *st) {
+                                    const step_idx *ix, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
     const blip2_opt_shard *s = &m->shard;
     const blip2_opt_layer *L = &m->opt.layers[layer];
-    int C = c->C, Cl = s->C;
-    blip2_layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, T, C, c->eps);
-    blip2_matmul(ws->q, ws->a, L->q_w, L->q_b, T, C, Cl);
-    blip2_matmul(ws->k, ws->a, L->k_w, L->k_b, T, C, Cl);
-    blip2_matmul(ws->v, ws->a, L->v_w, L->v_b, T, C, Cl);
-    opt_attention(m, kv, layer, seqs, n_seqs, ws);
-    blip2_matmul(ws->a, ws->ctx, L->o_w, NULL, T, Cl, C);
-    blip2_code rc = reduce_bias(tp, ws->a, L->o_b, T, C, st);
+    const blip2_ops *o = m->ops;
+    int C = c->C, Cl = s->C, T = ix->T;
+    o->layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, T, C, c->eps);
+    blip2_mm(m, ws->q, ws->a, L->q_w, L->q_b, T, C, Cl, BLIP2_ACT_NONE);
+    blip2_mm(m, ws->k, ws->a, L->k_w, L->k_b, T, C, Cl, BLIP2_ACT_NONE);
+    blip2_mm(m, ws->v, ws->a, L->v_w, L->v_b, T, C, Cl, BLIP2_ACT_NONE);
+    opt_attention(m, kv, layer, ix, ws);
+    blip2_mm(m, ws->a, ws->ctx, L->o_w, NULL, T, Cl, C, BLIP2_ACT_NONE);
+    blip2_code rc = reduce_bias(m, tp, ws->a, L->o_b, T, st);
     if (rc) return rc;
-    blip2_residual_add(ws->x, ws->a, (size_t)T * C);
-    blip2_layernorm(ws->a, ws->x, L->ln2_w, L->ln2_b, T, C, c->eps);
-    blip2_matmul(ws->mlp, ws->a, L->fc1_w, L->fc1_b, T, C, s->ffn);
-    blip2_relu(ws->mlp, (size_t)T * s->ffn);
-    blip2_matmul(ws->a, ws->mlp, L->fc2_w, NULL, T, s->ffn, C);
-    rc = reduce_bias(tp, ws->a, L->fc2_b, T, C, st);
-    if (!rc) blip2_residual_add(ws->x, ws->a, (size_t)T * C);
+    o->residual_layernorm(ws->x, ws->a, ws->a, L->ln2_w, L->ln2_b, T, C, c->eps); /* x += a; a = LN2(x) */
+    blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, T, C, s->ffn, BLIP2_ACT_RELU);
+    blip2_mm(m, ws->a, ws->mlp, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
+    rc = reduce_bias(m, tp, ws->a, L->fc2_b, T, st);
+    if (!rc) o->residual_add(ws->x, ws->a, (size_t)T * C);
     return rc;
 }
 
@@ -173,12 +201,13 @@ static blip2_code check_step(const blip2_model *m, const blip2_kv_pool *kv, cons
                              const blip2_opt_ws *ws, int *T, blip2_status *st) {
     *T = 0;
     if (n_seqs < 1 || n_seqs > ws->max_seqs) return blip2_fail(st, BLIP2_EINTERNAL, "step of %d sequences", n_seqs);
+    if (kv->ops != m->ops || ws->ops != m->ops)
+        return blip2_fail(st, BLIP2_EINTERNAL, "KV cache or workspace on another backend than the model");
     for (int i = 0; i < n_seqs; i++) {
         int len = seqs[i].past + seqs[i].n_new;
-        if (seqs[i].n_new < 1 || len > m->cfg.opt.max_pos || len > ws->max_ctx)
+        if (seqs[i].n_new < 1 || seqs[i].past < 0 || len > m->cfg.opt.max_pos || len > ws->max_ctx)
             return blip2_fail(st, BLIP2_ERANGE, "sequence of %d positions exceeds the limit (context %d, model %d)", len,
                               ws->max_ctx, m->cfg.opt.max_pos);
-        (void)kv;
         *T += seqs[i].n_new;
     }
     if (*T > ws->max_tokens) return blip2_fail(st, BLIP2_EINTERNAL, "step of %d tokens > workspace %d", *T, ws->max_tokens);
@@ -186,34 +215,33 @@ static blip2_code check_step(const blip2_model *m, const blip2_kv_pool *kv, cons
 }
 
 blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv,
-                                   const blip2_seq_step *seqs, int n_seqs, const float *emb, blip2_opt_ws *ws,
-                                   float *logits, blip2_status *st) {
+                                   const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens,
+                                   const float *image_rows, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
     int T;
+    step_idx ix;
     blip2_code rc = check_step(m, kv, seqs, n_seqs, ws, &T, st);
     if (rc) return rc;
-    memcpy(ws->x, emb, sizeof(float) * (size_t)T * c->C);
-    for (int i = 0, off = 0; i < n_seqs; off += seqs[i].n_new, i++) /* learned positions, offset 2 */
-        blip2_add_rows(ws->x + (size_t)off * c->C, m->opt.wpe, seqs[i].past + 2, seqs[i].n_new, c->C);
-    for (int l = 0; !rc && l < c->layers; l++) rc = opt_layer_forward(m, tp, kv, l, seqs, n_seqs, T, ws, st);
+    upload_step(kv, seqs, n_seqs, tokens, T, ws, &ix);
+    rc = opt_embed(m, tp, tokens, image_rows, ws, &ix, st);
+    for (int l = 0; !rc && l < c->layers; l++) rc = opt_layer_forward(m, tp, kv, l, &ix, ws, st);
     if (rc) return rc;
-    for (int i = 0, off = 0; i < n_seqs; i++) { /* only each sequence's last new row needs logits */
-        off += seqs[i].n_new;
-        memcpy(ws->last + (size_t)i * c->C, ws->x + (size_t)(off - 1) * c->C, sizeof(float) * c->C);
-    }
-    blip2_layernorm(ws->last, ws->last, m->opt.ln_f_w, m->opt.ln_f_b, n_seqs, c->C, c->eps);
-    blip2_matmul(logits, ws->last, m->opt.lm_head, NULL, n_seqs, c->C, m->shard.V); /* this rank's vocab slice */
+    m->ops->gather_rows(ws->last, ws->x, ix.last, n_seqs, c->C); /* only each sequence's last row needs logits */
+    m->ops->layernorm(ws->last, ws->last, m->opt.ln_f_w, m->opt.ln_f_b, n_seqs, c->C, c->eps);
+    blip2_mm(m, ws->logits, ws->last, m->opt.lm_head, NULL, n_seqs, c->C, m->shard.V, BLIP2_ACT_NONE); /* vocab slice */
     return BLIP2_OK;
 }
 
-blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const float *emb, int T,
-                             float *logits, blip2_status *st) {
+blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const int32_t *tokens, int T,
+                             const float *image_rows, float *logits, blip2_status *st) {
     if (T < 1 || kv->T + T > kv->max_T)
         return blip2_fail(st, BLIP2_ERANGE, "sequence of %d positions exceeds the KV cache of %d", kv->T + T, kv->max_T);
     blip2_opt_ws ws;
     blip2_code rc = blip2_opt_ws_init(&ws, m, T, 1, kv->T + T, st);
     blip2_seq_step seq = {kv->table, kv->T, T};
-    if (!rc) rc = blip2_opt_forward_batch(m, tp, &kv->pool, &seq, 1, emb, &ws, logits, st);
+    if (!rc) rc = blip2_opt_forward_batch(m, tp, &kv->pool, &seq, 1, tokens, image_rows, &ws, st);
+    if (!rc) m->ops->download(logits, ws.logits, sizeof(float) * m->shard.V);
+    if (!rc) rc = blip2_backend_check(m->ops, "OPT forward", st);
     if (!rc) kv->T += T;
     blip2_opt_ws_free(&ws);
     return rc;

@@ -182,58 +182,6 @@ void blip2_st_close(blip2_st_file *f) {
     memset(f, 0, sizeof *f);
 }
 
-float blip2_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalise */
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-float blip2_bf16_to_f32(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-uint16_t blip2_f32_to_bf16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40); /* quiet NaN */
-    x += 0x7fff + ((x >> 16) & 1);
-    return (uint16_t)(x >> 16);
-}
-
-uint16_t blip2_f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00);
-    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds to >= 65520: inf */
-    if (ax < 0x38800000u) { /* subnormal half (or zero): round |f| * 2^24 to nearest even */
-        float a;
-        memcpy(&a, &ax, 4);
-        float scaled = a * 16777216.0f; /* exact: power of two */
-        uint32_t q = (uint32_t)scaled;
-        float rem = scaled - (float)q;
-        if (rem > 0.5f || (rem == 0.5f && (q & 1))) q++;
-        return (uint16_t)(sign | q);
-    }
-    uint32_t r = ax + 0xfff + ((ax >> 13) & 1) - (112u << 23);
-    return (uint16_t)(sign | (r >> 13));
-}
-
 blip2_code blip2_st_read_f32(const blip2_st_tensor *t, size_t offset, size_t n, float *out, blip2_status *st) {
     if (offset + n > (size_t)blip2_st_numel(t))
         return blip2_fail(st, BLIP2_EINTERNAL, "%s: tensor '%s': read of [%zu, %zu) past its %lld elements", t->file, t->name,

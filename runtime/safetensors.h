@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "status.h"
+#include "../kernels/ops.h"
 
 typedef enum { BLIP2_DT_F32, BLIP2_DT_F16, BLIP2_DT_BF16, BLIP2_DT_U8, BLIP2_DT_I32, BLIP2_DT_I64 } blip2_dtype;
 
@@ -51,10 +52,7 @@ blip2_code blip2_st_read_f32(const blip2_st_tensor *t, size_t offset, size_t n, 
  * converted to fp32): the page cache keeps the file, but they stop counting as resident. */
 void blip2_st_drop_pages(const void *p, size_t n);
 
-float blip2_f16_to_f32(uint16_t h);
-float blip2_bf16_to_f32(uint16_t b);
-uint16_t blip2_f32_to_f16(float f);  /* round to nearest even */
-uint16_t blip2_f32_to_bf16(float f); /* round to nearest even */
+/* blip2_f16_to_f32 and friends live with the kernels (kernels/ops.h). */
 
 /* Writing: tensors are given in any order; written sorted by name. `data` holds numel elements
  * of `dtype`. */

@@ -97,7 +97,12 @@ expect_error "--model DIR is required" generate --input-ids 1
 expect_error "config.json: missing" generate --model "$tmp/nowhere" --pixel-values "$PV" --input-ids "$(image_ids 8)"
 expect_error "--max-new-tokens" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --max-new-tokens 0
 expect_error "unknown command" frobnicate
-expect_error "CUDA backend" bench --model "$FIX/tiny-f16" --device cuda
+if ! nvidia-smi -L >/dev/null 2>&1; then # no GPU (or no CUDA build): a clear error, not a crash
+  expect_error "--device cuda" bench --model "$FIX/tiny-f16" --device cuda
+  expect_error "--device cuda" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --device cuda
+fi
+expect_error "cpu or cuda" bench --model "$FIX/tiny-f16" --device tpu
+expect_error "--dtype" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --dtype f8
 expect_error "--random-weights" bench --config "$FIX/tiny-f16/config.json"
 expect_error "--num-beams" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 0
 expect_error "num_return_sequences" generate --model "$FIX/tiny-f16" --image "$FIX/images/coffee.png" --num-beams 2 --num-return-sequences 3

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "device.h"
 #include "engine.h"
 
 typedef struct {
@@ -314,7 +315,21 @@ static void test_image_cache(env_t *env, const char *name) {
     free(img);
 }
 
-int main(void) {
+/* test_engine [--device cpu|cuda] [--dtype f32|f16|bf16]: the same checks on another backend. */
+int main(int argc, char **argv) {
+    const char *device = "cpu";
+    int wdtype = BLIP2_W_F32;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--device")) device = argv[i + 1];
+        else if (!strcmp(argv[i], "--dtype")) wdtype = blip2_wdtype_parse(argv[i + 1]);
+    }
+    blip2_device dev;
+    blip2_status dst = {0};
+    if (wdtype < 0 || blip2_device_open(device, 0, &dev, &dst)) {
+        if (dst.code == BLIP2_EUNAVAILABLE) return printf("skipped: no GPU (%s)\n", dst.msg), 0;
+        return fprintf(stderr, "test_engine: %s\n", wdtype < 0 ? "bad --dtype" : dst.msg), 2;
+    }
+    printf("device %s, weights %s\n", dev.name, blip2_wdtype_name(wdtype));
     char path[512];
     snprintf(path, sizeof path, "%s/fixtures/MANIFEST.json", BLIP2_SHARED_DIR);
     json_error_t err;
@@ -333,7 +348,8 @@ int main(void) {
         snprintf(dir, sizeof dir, "%s/fixtures/%s", BLIP2_SHARED_DIR, names[k]);
         blip2_model m;
         blip2_inputs in;
-        if (blip2_model_load(dir, &m, &st) || blip2_inputs_load(dir, &m.cfg, &in, &st)) {
+        if (blip2_model_load(dir, &m, &st) || blip2_model_to_backend(&m, dev.ops, wdtype, 0, &st) ||
+            blip2_inputs_load(dir, &m.cfg, &in, &st)) {
             CHECK(0, "%s: %s", names[k], st.msg);
             continue;
         }
@@ -354,5 +370,6 @@ int main(void) {
     }
     blip2_st_close(&px);
     json_decref(manifest);
+    blip2_device_close(&dev);
     return check_summary();
 }

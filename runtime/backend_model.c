@@ -1,0 +1,147 @@
+/* Weights on a backend: uploading a loaded model (matrices converted to 16-bit on the way) and
+ * random weights made directly in backend memory. Time goes to the host → device copy; the
+ * conversion runs on the CPU into a staging buffer while the previous chunk is in flight. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "model.h"
+
+#define STAGE_ELEMS ((size_t)1 << 24) /* 16 Mi elements per staging round */
+
+int blip2_weight_is_matrix(const blip2_weight_entry *e) {
+    size_t len = strlen(e->name);
+    return e->ndim >= 2 && len > 7 && strcmp(e->name + len - 7, ".weight") == 0 && !strstr(e->name, "embed_positions");
+}
+
+static blip2_code track(blip2_model *m, void *p, size_t bytes, blip2_status *st) {
+    if (!p) return blip2_fail(st, BLIP2_ENOMEM, "%s: out of memory for %.1f MiB of weights (%.2f GiB held so far)", m->ops->name,
+                              bytes / 1048576.0, m->dev_bytes / 1073741824.0);
+    m->dev_owned[m->n_dev_owned++] = p;
+    m->dev_bytes += bytes;
+    return BLIP2_OK;
+}
+
+/* One tensor: fp32 host → backend, as wdtype when it is a matrix. */
+static blip2_code upload_tensor(blip2_model *m, const float *src, size_t n, int wdtype, void **dst, uint16_t *stage,
+                                blip2_status *st) {
+    size_t bytes = n * blip2_wdtype_size(wdtype);
+    void *d = m->ops->alloc(bytes);
+    blip2_code rc = track(m, d, bytes, st);
+    if (rc) return rc;
+    if (wdtype == BLIP2_W_F32) {
+        m->ops->upload(d, src, bytes);
+    } else {
+        for (size_t off = 0; off < n; off += STAGE_ELEMS) {
+            size_t k = n - off < STAGE_ELEMS ? n - off : STAGE_ELEMS;
+            for (size_t i = 0; i < k; i++)
+                stage[i] = wdtype == BLIP2_W_F16 ? blip2_f32_to_f16(src[off + i]) : blip2_f32_to_bf16(src[off + i]);
+            m->ops->upload((uint16_t *)d + off, stage, k * sizeof(uint16_t)); /* returns once stage may be reused */
+        }
+    }
+    *dst = d;
+    return BLIP2_OK;
+}
+
+static void progress_line(const blip2_model *m, size_t done, size_t total, int *shown) {
+    int pct = total ? (int)(100 * done / total) : 100;
+    if (pct / 10 <= *shown / 10 && pct != 100) return;
+    if (pct == *shown) return;
+    *shown = pct;
+    fprintf(stderr, "blip2: rank %d: weights on %s: %3d%% (%.2f GiB)\n", m->shard.rank, m->ops->name, pct,
+            m->dev_bytes / 1073741824.0);
+}
+
+blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdtype, int progress, blip2_status *st) {
+    if (ops == m->ops && wdtype == m->wdtype) return BLIP2_OK;
+    if (m->ops != &blip2_cpu_ops || m->wdtype != BLIP2_W_F32)
+        return blip2_fail(st, BLIP2_EINTERNAL, "the model is already on %s", m->ops->name);
+    blip2_weight_entry *e = NULL;
+    int n = 0;
+    blip2_code rc = blip2_weight_table(m, &e, &n, st);
+    int tied = m->opt.lm_head == m->opt.wte;
+    uint16_t *stage = rc ? NULL : blip2_malloc(STAGE_ELEMS * sizeof(uint16_t), st);
+    if (!rc && (!stage || !(m->dev_owned = blip2_calloc((size_t)n, sizeof *m->dev_owned, st)))) rc = BLIP2_ENOMEM;
+    size_t total = 0, done = 0;
+    for (int i = 0; !rc && i < n; i++)
+        if (*e[i].field && !(tied && e[i].field == (float **)&m->opt.lm_head)) total += blip2_weight_local_numel(m, &e[i]);
+    const blip2_ops *host = m->ops;
+    m->ops = ops; /* from here on dev_owned holds backend buffers */
+    int shown = -1;
+    for (int i = 0; !rc && i < n; i++) {
+        if (!*e[i].field || (tied && e[i].field == (float **)&m->opt.lm_head)) continue;
+        size_t k = blip2_weight_local_numel(m, &e[i]);
+        void *d = NULL;
+        rc = upload_tensor(m, *e[i].field, k, blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32, &d, stage, st);
+        if (!rc) *e[i].field = d;
+        done += k;
+        if (progress) progress_line(m, done, total, &shown);
+    }
+    char err[256] = "";
+    if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "uploading weights: %s", err);
+    if (tied) m->opt.lm_head = m->opt.wte;
+    m->wdtype = wdtype;
+    (void)host;
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]); /* host copies are no longer read */
+    m->n_owned = 0;
+    blip2_checkpoint_close(&m->ckpt);
+    free(stage);
+    free(e);
+    return rc;
+}
+
+static uint64_t name_hash(const char *s) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    return h;
+}
+
+/* The random rule of blip2_weight_fill_random by name: LayerNorm weights 1, biases 0, else N(0, 0.02). */
+static void random_rule(const char *name, float *mean, float *std) {
+    size_t len = strlen(name);
+    int is_ln_w = (strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0) || strstr(name, "LayerNorm.weight");
+    int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
+    *mean = is_ln_w ? 1.0f : 0.0f;
+    *std = is_ln_w || is_bias ? 0.0f : 0.02f;
+}
+
+blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int world, uint64_t seed, const blip2_ops *ops,
+                                      int wdtype, blip2_model *m, blip2_status *st) {
+    if (ops == &blip2_cpu_ops && wdtype == BLIP2_W_F32) return blip2_model_init_random(cfg, rank, world, seed, m, st);
+    blip2_weight_entry *e = NULL;
+    int n = 0;
+    blip2_code rc = blip2_model_plan(cfg, rank, world, m, st);
+    if (!rc) rc = blip2_weight_table(m, &e, &n, st);
+    if (!rc && !(m->dev_owned = blip2_calloc((size_t)n, sizeof *m->dev_owned, st))) rc = BLIP2_ENOMEM;
+    m->ops = ops;
+    for (int i = 0; !rc && i < n; i++) {
+        if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
+        size_t k = blip2_weight_local_numel(m, &e[i]);
+        int dt = blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32;
+        void *d = ops->alloc(k * blip2_wdtype_size(dt));
+        rc = track(m, d, k * blip2_wdtype_size(dt), st);
+        float mean, std;
+        random_rule(e[i].name, &mean, &std);
+        if (!rc) ops->fill_normal(d, dt, k, seed ^ name_hash(e[i].name) ^ ((uint64_t)rank << 48), mean, std);
+        if (!rc) *e[i].field = d;
+        if (!rc && !e[i].rank0_only) m->opt_bytes += k * blip2_wdtype_size(dt);
+    }
+    m->opt.lm_head = m->opt.wte;
+    m->wdtype = wdtype;
+    char err[256] = "";
+    if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "random weights: %s", err);
+    free(e);
+    return rc;
+}
+
+int blip2_wdtype_parse(const char *s) {
+    if (!strcmp(s, "f32") || !strcmp(s, "fp32") || !strcmp(s, "float32")) return BLIP2_W_F32;
+    if (!strcmp(s, "f16") || !strcmp(s, "fp16") || !strcmp(s, "float16")) return BLIP2_W_F16;
+    if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) return BLIP2_W_BF16;
+    return -1;
+}
+
+const char *blip2_wdtype_name(int wdtype) {
+    return wdtype == BLIP2_W_F16 ? "f16" : wdtype == BLIP2_W_BF16 ? "bf16" : "f32";
+}
