@@ -1,0 +1,31 @@
+#!/bin/bash
+# GPU benchmark of issue 8, one unattended run (at most ~5 minutes on an H100 after the build of
+# tests/gpu/run.sh): ours vs HF transformers fp16 vs the cuBLAS GEMM-only floor, same card, same
+# run. From the repository root on the GPU machine, after tests/gpu/prepare.sh here:
+#   bash bench/gpu/run.sh      # JSON + logs under $OUT (default .gpu/out)
+# Ours: `blip2 bench --device cuda --dtype f16` on random weights of the real blip2-opt-2.7b config
+# (../shared/hub), prompt 45, 32 decode steps, batches 1..256, vision+Q-Former at 1 and 64, one
+# request with 16 new tokens; the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
+# the floor via ../shared/tools/gemm_floor.py.
+set -u
+cd "$(dirname "$0")/../.."
+SHARED=${SHARED:-$PWD/.gpu/shared}
+OUT=${OUT:-$PWD/.gpu/out}
+BUILD=${BUILD:-build-gpu}
+mkdir -p "$OUT"
+export OUT
+[ -x "$BUILD/blip2" ] || {
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_SHARED_DIR="$SHARED" >"$OUT/bench_build.log" 2>&1
+  cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_ops >>"$OUT/bench_build.log" 2>&1
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+CFG=$SHARED/hub/blip2-opt-2.7b/config.json
+timeout 240 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
+  --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --json >"$OUT/ours.json" 2>"$OUT/ours.log"
+echo "ours: rc $? $(head -c 600 "$OUT/ours.json")"
+timeout 120 "$BUILD/tests/test_ops" --perf --op matmul_h >"$OUT/ops_perf.log" 2>&1
+echo "ops perf: rc $? $(grep -c . "$OUT/ops_perf.log") lines"
+timeout 120 python3 "$SHARED/tools/gemm_floor.py" >"$OUT/gemm_floor.log" 2>&1
+echo "gemm floor: rc $? $(tail -2 "$OUT/gemm_floor.log")"
+timeout 300 python3 bench/gpu/hf_baseline.py >"$OUT/hf.log" 2>&1
+echo "hf: rc $? $(tail -c 600 "$OUT/hf.log")"

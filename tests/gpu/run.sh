@@ -1,0 +1,68 @@
+#!/bin/bash
+# The GPU checks of the CUDA backend, unattended, in one go (about 5 minutes on an H100 with a
+# warm build cache; the build is most of it). Run from the repository root on the GPU machine
+# after tests/gpu/prepare.sh here (it copies ../shared into .gpu/shared; carry ".gpu"):
+#   bash tests/gpu/run.sh            # logs and a summary under $OUT (default .gpu/out)
+# Steps: build (no gRPC there), device smoke, op tests (CUDA vs the C reference on fresh random
+# inputs, guards, NaN), communicators (in-process over CUDA, NCCL with one rank), parity on the
+# goldens in f32/f16/bf16 and at TP 2 in-process, the engine (greedy + beams + batching) on the
+# GPU, and the CLI under mpirun -np 1 (the NCCL path) against the goldens' greedy ids.
+set -u
+cd "$(dirname "$0")/../.."
+SHARED=${SHARED:-$PWD/.gpu/shared}
+OUT=${OUT:-$PWD/.gpu/out}
+BUILD=${BUILD:-build-gpu}
+mkdir -p "$OUT"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+pass=0
+fail=0
+summary="$OUT/gpu_summary.txt"
+: >"$summary"
+
+step() { # name timeout_s command...
+  local name=$1 t=$2
+  shift 2
+  local t0=$SECONDS
+  if timeout "$t" "$@" >"$OUT/$name.log" 2>&1; then
+    pass=$((pass + 1))
+    echo "PASS $name ($((SECONDS - t0)) s): $(tail -1 "$OUT/$name.log")" | tee -a "$summary"
+  else
+    fail=$((fail + 1))
+    echo "FAIL $name ($((SECONDS - t0)) s, rc $?):" | tee -a "$summary"
+    tail -15 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$summary"
+  fi
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -1
+} | tee -a "$summary"
+
+step configure 120 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_SHARED_DIR="$SHARED"
+step build 400 cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_gpu_smoke test_ops test_comm test_parity test_engine
+T=$BUILD/tests
+step gpu_smoke 30 "$T/test_gpu_smoke"
+step ops 120 "$T/test_ops"
+step comm 120 "$T/test_comm"
+step parity_f32 120 "$T/test_parity" --device cuda --dtype f32
+step parity_f16 120 "$T/test_parity" --device cuda --dtype f16
+step parity_bf16 120 "$T/test_parity" --device cuda --dtype bf16
+step parity_f16_tp2 120 "$T/test_parity" --device cuda --dtype f16 --tp 2
+step engine_f32 180 "$T/test_engine" --device cuda --dtype f32
+step engine_f16 180 "$T/test_engine" --device cuda --dtype f16
+
+# The CLI under mpirun -np 1: device context, NCCL communicator with one rank, the engine.
+FIX=$SHARED/fixtures
+ids="$(printf '50265,%.0s' $(seq 32))2,45641,35,141,171,10017,32,11,5,2170,116,31652,35"
+want="3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421"
+export BUILD FIX ids want
+step cli_nccl_np1 120 bash -c 'out=$(mpirun -np 1 "$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda \
+  --dtype f16 --pixel-values "$FIX/pixel_values.safetensors:chelsea" --input-ids "$ids" --max-new-tokens 12 --json) \
+  && echo "$out" && [[ "$out" == *"\"output_ids\": [$want]"* ]]'
+step cli_beam3_f32 120 bash -c 'out=$("$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda --dtype f32 \
+  --num-beams 3 --pixel-values "$FIX/pixel_values.safetensors:chelsea" --input-ids "$ids" --max-new-tokens 12 --json) \
+  && echo "$out"' 
+
+echo "$pass passed, $fail failed" | tee -a "$summary"
+[ "$fail" -eq 0 ]
