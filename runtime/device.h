@@ -32,6 +32,10 @@ int blip2_device_count(void);
  * on failure paths: callers agree on the outcome with blip2_tp_agree afterwards. */
 blip2_code blip2_device_open_tp(const char *name, blip2_tp *tp, blip2_device *d, blip2_comm **nccl, blip2_status *st);
 void blip2_device_close_tp(blip2_device *d, blip2_comm *nccl, blip2_tp *tp);
+/* The build switch (device_cuda.c or device_cpu.c): open/close a CUDA device, its op table. */
+blip2_code blip2_device_open_cuda(int index, blip2_device *d, blip2_status *st);
+void blip2_device_close_cuda(blip2_device *d);
+const blip2_ops *blip2_device_cuda_ops(void);
 /* "f32" | "f16" | "bf16" → BLIP2_W_*, or -1. */
 int blip2_wdtype_parse(const char *s);
 const char *blip2_wdtype_name(int wdtype);

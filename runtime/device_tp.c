@@ -1,9 +1,27 @@
-/* Device + communicator for one tensor-parallel rank (the part shared by blip2 generate, blip2
- * bench and blip2d). */
+/* Opening a device by name, and device + communicator for one tensor-parallel rank (the part
+ * shared by blip2 generate, blip2 bench and blip2d). */
 #include <stdlib.h>
 #include <string.h>
 
 #include "device.h"
+
+blip2_code blip2_device_open(const char *name, int index, blip2_device *d, blip2_status *st) {
+    memset(d, 0, sizeof *d);
+    if (strcmp(name, "cuda") == 0) return blip2_device_open_cuda(index, d, st);
+    if (strcmp(name, "cpu") != 0) return blip2_fail(st, BLIP2_EINVAL, "unknown device '%s' (cpu or cuda)", name);
+    d->ops = &blip2_cpu_ops;
+    strcpy(d->name, "cpu");
+    return BLIP2_OK;
+}
+
+void blip2_device_close(blip2_device *d) {
+    blip2_device_close_cuda(d);
+    memset(d, 0, sizeof *d);
+}
+
+const blip2_ops *blip2_device_ops(const char *name) {
+    return strcmp(name, "cpu") == 0 ? &blip2_cpu_ops : strcmp(name, "cuda") == 0 ? blip2_device_cuda_ops() : NULL;
+}
 
 /* The rank among the processes of this node: which GPU it drives. */
 static int local_rank(const blip2_tp *tp) {
