@@ -25,8 +25,9 @@ void blip2_matmul(float *out, const float *inp, const float *weight, const float
 
 /* The same with 16-bit weights (wdtype BLIP2_W_F16 or BLIP2_W_BF16; raw IEEE half / bfloat16
  * bits), fp32 accumulation, then act. The reference widens the weights exactly, so its result is
- * the fp32 matmul of the rounded weights; CUDA also rounds the activations to the weights' type
- * for the tensor cores (f16: beyond ±65504 they become inf). */
+ * the fp32 matmul of the rounded weights. CUDA: up to 8 rows a hand-written GEMV reads the fp32
+ * inputs as they are (decode: weight bandwidth is the whole cost); above that cuBLASLt, for which
+ * the activations are rounded to the weights' type (f16: beyond ±65504 they become inf). */
 void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
                     int wdtype, int act);
 

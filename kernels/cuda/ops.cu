@@ -4,7 +4,9 @@
  * synchronises except download, sync, blip2_argmax and the rare growth of a scratch buffer.
  *
  * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32); 16-bit-weight matmuls
- * round the fp32 activations to the weight's type (RNE) and accumulate in fp32; row reductions
+ * round the fp32 activations to the weight's type (RNE) and accumulate in fp32, except at
+ * T <= GEMV_MAX_T, where a GEMV kernel multiplies the fp32 activations by the widened weights
+ * (fp32 FMAs, no rounding of the activations; BLIP2_GEMV=0 sends those to cuBLASLt too); row reductions
  * (layernorm, softmax) accumulate in double like the C reference. No fast-math anywhere. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.cuh"
@@ -526,6 +529,243 @@ void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
     return c->act16;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * GEMV: 16-bit-weight matmuls at small T (decode, one row per sequence of a small batch).
+ * out[t, o] = act(Σ_c inp[t, c]·W[o, c] + bias[o]) for t < T <= GEMV_MAX_T. The cost is streaming
+ * W once, so W is read at 16 bytes a lane with an evict-first hint, and the fp32 inputs are read
+ * as they are (no rounding to 16 bits: more accurate than the tensor-core path) through the
+ * read-only path / L1, where they stay: every block reads all T·C of them, which is small. fp32
+ * accumulation (FMA); bias and activation are applied in the same kernel, so it is one launch.
+ *
+ * Work split: block b computes rows o0 = b·R .. o0 + R − 1, R = gemv_rows(T) (1, 2 or 4: each
+ * input value loaded serves R rows, which keeps the input reads within 4× the weight bytes even
+ * at T = 8), and all its threads split C between them (block-level split-K: few enough rows per
+ * block that OC = 2560 still gives hundreds of blocks). Each thread keeps T·R partial sums in
+ * registers; a warp-shuffle then a shared-memory reduction over the warps in a fixed order
+ * (deterministic for a given shape) ends in T·R threads adding the bias, applying act and writing.
+ * The rows of the last block past OC load row OC − 1 instead (valid memory, no divergence) and
+ * are not written.
+ *
+ * k_gemv_v8 (C % 8 == 0 and W 16-byte aligned, so every row is): thread i takes the 8-column
+ * chunks i, i + bs, i + 2·bs, ...; U = GEMV_LOADS / R chunks per iteration, whose U·R 16-byte
+ * weight loads are all issued before any arithmetic (64 bytes in flight per thread). The inputs
+ * are read as float4 when inp is 16-byte aligned (VIN), else one float at a time. k_gemv_s takes
+ * anything else (any C, any alignment) one column per thread and iteration. */
+constexpr int GEMV_MAX_T = 8;         /* matmul_h takes the GEMV path for 1 <= T <= this */
+constexpr int GEMV_MAX_THREADS = 256; /* block size ceiling (multiples of 32 below it are chosen per C) */
+constexpr int GEMV_LOADS = 4;         /* 16-byte weight loads in flight per thread and iteration */
+__host__ __device__ constexpr int gemv_rows(int T) { return T <= 2 ? 1 : T <= 4 ? 2 : 4; }
+/* Blocks of GEMV_MAX_THREADS per SM the register allocation must allow (at most 64 registers at
+ * T <= 4, 128 above): without it ptxas picks 80 registers and spills at T = 5. */
+__host__ __device__ constexpr int gemv_min_blocks(int T) { return T <= 4 ? 4 : 2; }
+static_assert(GEMV_MAX_T * gemv_rows(GEMV_MAX_T) <= 32, "the epilogue uses one thread per (t, row) of the first warp");
+
+/* Two 16-bit values packed in a 32-bit word (the lower address in the low half), widened exactly. */
+template <typename WT> __device__ __forceinline__ void widen2(unsigned u, float &lo, float &hi);
+template <> __device__ __forceinline__ void widen2<__half>(unsigned u, float &lo, float &hi) {
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+}
+template <> __device__ __forceinline__ void widen2<__nv_bfloat16>(unsigned u, float &lo, float &hi) {
+    lo = __uint_as_float(u << 16);
+    hi = __uint_as_float(u & 0xffff0000u);
+}
+template <typename WT> __device__ __forceinline__ float widen1(unsigned short u);
+template <> __device__ __forceinline__ float widen1<__half>(unsigned short u) { return __half2float(__ushort_as_half(u)); }
+template <> __device__ __forceinline__ float widen1<__nv_bfloat16>(unsigned short u) {
+    return __uint_as_float((unsigned)u << 16);
+}
+template <typename WT> __device__ __forceinline__ void widen8(const uint4 &q, float (&f)[8]) {
+    widen2<WT>(q.x, f[0], f[1]);
+    widen2<WT>(q.y, f[2], f[3]);
+    widen2<WT>(q.z, f[4], f[5]);
+    widen2<WT>(q.w, f[6], f[7]);
+}
+
+/* Eight consecutive inputs; p is 16-byte aligned when VIN. */
+template <bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const float *p) {
+    if constexpr (VIN) {
+        const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) x[j] = __ldg(p + j);
+    }
+}
+
+/* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
+ * (blockDim.x / 32)·T·R floats. */
+template <int T, int R>
+__device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, float *__restrict__ out,
+                                            const float *__restrict__ bias, int o0, int OC, int act) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int t = 0; t < T; t++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float v = warp_sum(acc[t][r]);
+            if (lane == 0) red[wid * (T * R) + t * R + r] = v;
+        }
+    __syncthreads();
+    const int i = threadIdx.x;
+    if (i < T * R) {
+        const int t = i / R, o = o0 + i % R;
+        if (o < OC) {
+            float s = 0.0f;
+            for (int k = 0; k < nw; k++) s += red[k * (T * R) + i];
+            if (bias) s += bias[o];
+            if (act == BLIP2_ACT_GELU) s = gelu_erf(s);
+            else if (act == BLIP2_ACT_RELU) s = s > 0.0f ? s : 0.0f;
+            out[(size_t)t * OC + o] = s;
+        }
+    }
+}
+
+template <int T, typename WT, bool VIN>
+__global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
+    k_gemv_v8(float *__restrict__ out, const float *__restrict__ inp, const uint16_t *__restrict__ w,
+              const float *__restrict__ bias, int C, int OC, int act) {
+    constexpr int R = gemv_rows(T), U = GEMV_LOADS / R;
+    __shared__ float red[GEMV_MAX_THREADS / 32 * T * R];
+    const int o0 = (int)blockIdx.x * R, nk = C >> 3, bs = (int)blockDim.x;
+    const uint4 *wr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)min(o0 + r, OC - 1) * C);
+    float acc[T][R];
+#pragma unroll
+    for (int t = 0; t < T; t++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[t][r] = 0.0f;
+    for (int k0 = (int)threadIdx.x; k0 < nk; k0 += U * bs) {
+        uint4 q[U][R];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = k0 + u * bs;
+#pragma unroll
+            for (int r = 0; r < R; r++) q[u][r] = k < nk ? __ldcs(wr[r] + k) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = k0 + u * bs;
+            if (k < nk) {
+                float wf[R][8];
+#pragma unroll
+                for (int r = 0; r < R; r++) widen8<WT>(q[u][r], wf[r]);
+#pragma unroll
+                for (int t = 0; t < T; t++) {
+                    float x[8];
+                    load_x8<VIN>(x, inp + (size_t)t * C + (size_t)k * 8);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[t][r] = fmaf(x[j], wf[r][j], acc[t][r]);
+                }
+            }
+        }
+    }
+    gemv_finish<T, R>(acc, red, out, bias, o0, OC, act);
+}
+
+template <int T, typename WT>
+__global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
+    k_gemv_s(float *__restrict__ out, const float *__restrict__ inp, const uint16_t *__restrict__ w,
+             const float *__restrict__ bias, int C, int OC, int act) {
+    constexpr int R = gemv_rows(T);
+    __shared__ float red[GEMV_MAX_THREADS / 32 * T * R];
+    const int o0 = (int)blockIdx.x * R, bs = (int)blockDim.x;
+    const unsigned short *wr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wr[r] = w + (size_t)min(o0 + r, OC - 1) * C;
+    float acc[T][R];
+#pragma unroll
+    for (int t = 0; t < T; t++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[t][r] = 0.0f;
+#pragma unroll 4
+    for (int c = (int)threadIdx.x; c < C; c += bs) {
+        float wf[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) wf[r] = widen1<WT>(__ldcs(wr[r] + c));
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            const float x = __ldg(inp + (size_t)t * C + c);
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[t][r] = fmaf(x, wf[r], acc[t][r]);
+        }
+    }
+    gemv_finish<T, R>(acc, red, out, bias, o0, OC, act);
+}
+
+/* Threads per block: of the multiples of 32 up to GEMV_MAX_THREADS, the smallest that covers n
+ * work items (per per thread and iteration) in the fewest iterations. */
+unsigned gemv_threads(long long n, int per) {
+    int best = 32;
+    long long best_it = (n + 32LL * per - 1) / (32LL * per);
+    for (int bs = 64; bs <= GEMV_MAX_THREADS; bs += 32) {
+        long long it = (n + (long long)bs * per - 1) / ((long long)bs * per);
+        if (it < best_it) best_it = it, best = bs;
+    }
+    return (unsigned)best;
+}
+
+/* BLIP2_GEMV=0 in the environment turns the GEMV path off (every 16-bit matmul goes to cuBLASLt),
+ * for comparing the two. Read once per process. */
+bool gemv_enabled() {
+    static const bool on = [] {
+        const char *e = getenv("BLIP2_GEMV");
+        return !(e && !strcmp(e, "0"));
+    }();
+    return on;
+}
+
+/* Whether matmul_h takes the GEMV path. The bound on C keeps the kernels' int loop indices (which
+ * run past C by less than 8·GEMV_LOADS·GEMV_MAX_THREADS) from overflowing. */
+bool gemv_use(int T, int C, int wdtype) {
+    return (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) && T >= 1 && T <= GEMV_MAX_T && C >= 0 &&
+           C <= INT_MAX - 8 * GEMV_LOADS * GEMV_MAX_THREADS && gemv_enabled();
+}
+
+template <int T, typename WT>
+void gemv_launch(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int C, int OC,
+                 int act) {
+    constexpr int R = gemv_rows(T);
+    const unsigned grid = (unsigned)(((long long)OC + R - 1) / R);
+    if (C % 8 == 0 && ((uintptr_t)w & 15) == 0) {
+        const unsigned bs = gemv_threads(C / 8, GEMV_LOADS / R);
+        if (((uintptr_t)inp & 15) == 0)
+            k_gemv_v8<T, WT, true><<<grid, bs, 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+        else
+            k_gemv_v8<T, WT, false><<<grid, bs, 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+    } else {
+        k_gemv_s<T, WT><<<grid, gemv_threads(C, 1), 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+    }
+    LAUNCH_CK(c, "k_gemv");
+}
+
+template <int T>
+void gemv_launch_wd(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int C,
+                    int OC, int wdtype, int act) {
+    if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, inp, w, bias, C, OC, act);
+    else gemv_launch<T, __nv_bfloat16>(c, out, inp, w, bias, C, OC, act);
+}
+
+/* out[T, OC] = act(inp[T, C] · w[OC, C]ᵀ + bias), 16-bit w, for gemv_use shapes. */
+void gemv(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int T, int C, int OC,
+          int wdtype, int act) {
+    static_assert(GEMV_MAX_T == 8, "the switch below covers T = 1 .. 8");
+    switch (T) {
+    case 1: gemv_launch_wd<1>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 2: gemv_launch_wd<2>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 3: gemv_launch_wd<3>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 4: gemv_launch_wd<4>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 5: gemv_launch_wd<5>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 6: gemv_launch_wd<6>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 7: gemv_launch_wd<7>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 8: gemv_launch_wd<8>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    default: blip2_cuda_record(c, "matmul_h: GEMV path called with T %d", T); break;
+    }
+}
+
 } /* namespace */
 
 /* ------------------------------------------------------------------------------------------------
@@ -544,6 +784,10 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
     if (!c || T <= 0 || OC <= 0) return;
     if (act != BLIP2_ACT_NONE && act != BLIP2_ACT_GELU && act != BLIP2_ACT_RELU) {
         blip2_cuda_record(c, "matmul_h: unknown activation %d", act);
+        return;
+    }
+    if (gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
+        gemv(c, out, inp, weight, bias, T, C, OC, wdtype, act);
         return;
     }
     int relu = act == BLIP2_ACT_RELU;
