@@ -108,9 +108,7 @@ static double bench_images(const blip2_model *m, int B, blip2_status *st) {
     double t = -1;
     for (int rep = 0; rep < 2; rep++) { /* the first run warms up (allocations, algorithm choice) */
         double t0 = now_s();
-        if (pix && vis && qf && pr && !blip2_vision_forward(m, pix, B, vis, st) && !blip2_qformer_forward(m, vis, B, qf, st) &&
-            !blip2_project(m, qf, B, pr, st))
-            t = now_s() - t0;
+        if (pix && vis && qf && pr && !blip2_encode_images(m, pix, B, vis, qf, pr, st)) t = now_s() - t0;
     }
     free(pix), free(vis), free(qf), free(pr);
     return t;
@@ -158,20 +156,21 @@ static blip2_code bench_request(const blip2_model *m, const blip2_tp *tp, int L,
     float *pix = malloc(sizeof(float) * px), *vis = malloc(sizeof(float) * c->vision.T * c->vision.C);
     float *qf = malloc(sizeof(float) * c->Q * c->qformer.C), *rows = malloc(sizeof(float) * c->Q * c->opt.C);
     int32_t *tab = malloc(sizeof(int32_t) * per), *ids = malloc(sizeof(int32_t) * L);
-    blip2_kv_pool kv;
+    blip2_kv_pool kv = {0};
     blip2_opt_ws ws;
-    blip2_code rc = blip2_kv_pool_init(&kv, m, per, bs, st);
+    blip2_code rc = pix && vis && qf && rows && tab && ids ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
+    if (!rc) rc = blip2_kv_pool_init(&kv, m, per, bs, st);
     if (!rc) rc = blip2_opt_ws_init(&ws, m, L, 1, L + new_tokens, st);
-    if (rc) return rc;
+    if (rc) {
+        free(pix), free(vis), free(qf), free(rows), free(tab), free(ids);
+        blip2_kv_pool_free(&kv);
+        return rc;
+    }
     blip2_kv_pool_alloc(&kv, per, tab);
     for (size_t i = 0; i < px; i++) pix[i] = (float)((i * 7919) % 1000) / 250.0f - 2.0f;
     for (int i = 0; i < L; i++) ids[i] = i < c->Q ? -1 : i == c->Q ? 2 : 100 + i; /* image rows, BOS, text */
     double t0 = now_s();
-    if (tp->rank == 0) {
-        rc = blip2_vision_forward(m, pix, 1, vis, st);
-        if (!rc) rc = blip2_qformer_forward(m, vis, 1, qf, st);
-        if (!rc) rc = blip2_project(m, qf, 1, rows, st);
-    }
+    if (tp->rank == 0) rc = blip2_encode_images(m, pix, 1, vis, qf, rows, st);
     rc = blip2_tp_agree(tp, rc, st);
     blip2_seq_step seq = {tab, 0, L};
     if (!rc) rc = blip2_opt_forward_batch(m, tp, &kv, &seq, 1, ids, rows, &ws, st);

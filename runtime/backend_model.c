@@ -44,11 +44,16 @@ static blip2_code upload_tensor(blip2_model *m, const float *src, size_t n, int 
     return BLIP2_OK;
 }
 
+/* A tensor this rank holds and uploads (a tied lm_head is embed_tokens: it goes up once). */
+static int held_here(const blip2_model *m, const blip2_weight_entry *e, int tied) {
+    return *e->field && !(tied && e->field == (float **)&m->opt.lm_head);
+}
+
+/* One line per tenth of the bytes (shown: the last tenth printed, -1 at first). */
 static void progress_line(const blip2_model *m, size_t done, size_t total, int *shown) {
     int pct = total ? (int)(100 * done / total) : 100;
-    if (pct / 10 <= *shown / 10 && pct != 100) return;
-    if (pct == *shown) return;
-    *shown = pct;
+    if (pct / 10 <= *shown) return;
+    *shown = pct / 10;
     fprintf(stderr, "blip2: rank %d: weights on %s: %3d%% (%.2f GiB)\n", m->shard.rank, m->ops->name, pct,
             m->dev_bytes / 1073741824.0);
 }
@@ -65,12 +70,11 @@ blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdty
     if (!rc && (!stage || !(m->dev_owned = blip2_calloc((size_t)n, sizeof *m->dev_owned, st)))) rc = BLIP2_ENOMEM;
     size_t total = 0, done = 0;
     for (int i = 0; !rc && i < n; i++)
-        if (*e[i].field && !(tied && e[i].field == (float **)&m->opt.lm_head)) total += blip2_weight_local_numel(m, &e[i]);
-    const blip2_ops *host = m->ops;
+        if (held_here(m, &e[i], tied)) total += blip2_weight_local_numel(m, &e[i]);
     m->ops = ops; /* from here on dev_owned holds backend buffers */
     int shown = -1;
     for (int i = 0; !rc && i < n; i++) {
-        if (!*e[i].field || (tied && e[i].field == (float **)&m->opt.lm_head)) continue;
+        if (!held_here(m, &e[i], tied)) continue;
         size_t k = blip2_weight_local_numel(m, &e[i]);
         void *d = NULL;
         rc = upload_tensor(m, *e[i].field, k, blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32, &d, stage, st);
@@ -82,7 +86,6 @@ blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdty
     if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "uploading weights: %s", err);
     if (tied) m->opt.lm_head = m->opt.wte;
     m->wdtype = wdtype;
-    (void)host;
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]); /* host copies are no longer read */
     m->n_owned = 0;
     blip2_checkpoint_close(&m->ckpt);
@@ -95,15 +98,6 @@ static uint64_t name_hash(const char *s) {
     uint64_t h = 1469598103934665603ull; /* FNV-1a */
     for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
     return h;
-}
-
-/* The random rule of blip2_weight_fill_random by name: LayerNorm weights 1, biases 0, else N(0, 0.02). */
-static void random_rule(const char *name, float *mean, float *std) {
-    size_t len = strlen(name);
-    int is_ln_w = (strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0) || strstr(name, "LayerNorm.weight");
-    int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
-    *mean = is_ln_w ? 1.0f : 0.0f;
-    *std = is_ln_w || is_bias ? 0.0f : 0.02f;
 }
 
 blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int world, uint64_t seed, const blip2_ops *ops,
@@ -122,7 +116,7 @@ blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int wor
         void *d = ops->alloc(k * blip2_wdtype_size(dt));
         rc = track(m, d, k * blip2_wdtype_size(dt), st);
         float mean, std;
-        random_rule(e[i].name, &mean, &std);
+        blip2_weight_random_rule(e[i].name, &mean, &std);
         if (!rc) ops->fill_normal(d, dt, k, seed ^ name_hash(e[i].name) ^ ((uint64_t)rank << 48), mean, std);
         if (!rc) *e[i].field = d;
         if (!rc && !e[i].rank0_only) m->opt_bytes += k * blip2_wdtype_size(dt);

@@ -355,9 +355,7 @@ static blip2_code encode_images(blip2_engine *e, blip2_status *st) {
     if (!B) return BLIP2_OK;
     int64_t t0 = blip2_now_ns();
     for (int b = 0; b < B; b++) memcpy(e->img_px + b * px, batch[b]->pixels, sizeof(float) * px);
-    blip2_code rc = blip2_vision_forward(e->m, e->img_px, B, e->img_vis, st);
-    if (!rc) rc = blip2_qformer_forward(e->m, e->img_vis, B, e->img_qf, st);
-    if (!rc) rc = blip2_project(e->m, e->img_qf, B, e->img_proj, st);
+    blip2_code rc = blip2_encode_images(e->m, e->img_px, B, e->img_vis, e->img_qf, e->img_proj, st);
     double ms = ms_between(t0, blip2_now_ns());
     for (int k = 0; !rc && k < B + D; k++) {
         req_t *r = k < B ? batch[k] : dup[k - B];

@@ -20,6 +20,11 @@ blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B
 /* query outputs [B, Q, Cq] → language_projection [B, Q, Ct] (host memory). */
 blip2_code blip2_project(const blip2_model *m, const float *query_out, int B, float *out, blip2_status *st);
 
+/* The three image stages in a row (rank 0): pixels [B, 3, H, W] → image [B, T, Cv] → qout
+ * [B, Q, Cq] → projected [B, Q, Ct], all host memory. */
+blip2_code blip2_encode_images(const blip2_model *m, const float *pixels, int B, float *image, float *qout,
+                               float *projected, blip2_status *st);
+
 /* The KV cache of a single sequence: a private paged pool holding max_T positions, T filled. */
 typedef struct {
     blip2_kv_pool pool;

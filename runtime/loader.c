@@ -444,16 +444,21 @@ static void fill_normal(float *x, size_t n, float std, blip2_rng *rng) {
     }
 }
 
-void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *rng) {
+void blip2_weight_random_rule(const char *name, float *mean, float *std) {
     size_t len = strlen(name);
-    int is_ln_w = strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0;
+    int is_ln_w = (strstr(name, "norm") && len > 7 && strcmp(name + len - 7, ".weight") == 0) || strstr(name, "LayerNorm.weight");
     int is_bias = len > 5 && strcmp(name + len - 5, ".bias") == 0;
-    if (is_ln_w || strstr(name, "LayerNorm.weight"))
-        for (size_t i = 0; i < n; i++) x[i] = 1.0f;
-    else if (is_bias)
-        memset(x, 0, n * sizeof(float));
+    *mean = is_ln_w ? 1.0f : 0.0f;
+    *std = is_ln_w || is_bias ? 0.0f : 0.02f;
+}
+
+void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *rng) {
+    float mean, std;
+    blip2_weight_random_rule(name, &mean, &std);
+    if (std == 0.0f)
+        for (size_t i = 0; i < n; i++) x[i] = mean;
     else
-        fill_normal(x, n, 0.02f, rng);
+        fill_normal(x, n, std, rng);
 }
 
 /* This rank's shape of an entry: rows or columns split as the loader would slice them. */

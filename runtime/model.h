@@ -171,6 +171,8 @@ blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int wor
 /* Random values for a checkpoint tensor by its name: LayerNorm weights 1, biases 0, others
  * N(0, 0.02) — activations stay O(1) through every layer. */
 void blip2_weight_fill_random(const char *name, float *x, size_t n, blip2_rng *rng);
+/* That rule as numbers: mean and standard deviation of the tensor `name` (std 0: constant). */
+void blip2_weight_random_rule(const char *name, float *mean, float *std);
 /* Random weights of a config's shapes in memory, no checkpoint (benchmarks): this rank's slices,
  * LayerNorm weights 1, biases 0, other weights N(0, 0.02). */
 blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world, uint64_t seed, blip2_model *m,
