@@ -28,7 +28,8 @@ if(BLIP2_HAVE_CUDA)
   find_package(CUDAToolkit REQUIRED)
   # The CUDA backend: device discovery, the per-thread context, the ops and the blip2_cuda_ops table.
   # PUBLIC BLIP2_HAVE_CUDA=1 lets C code that links it (tests, runtime) register the backend.
-  add_library(blip2_cuda STATIC kernels/cuda/device.cu kernels/cuda/context.cu kernels/cuda/ops.cu)
+  add_library(blip2_cuda STATIC kernels/cuda/device.cu kernels/cuda/context.cu kernels/cuda/ops.cu
+    kernels/cuda/graph.cu)
   set_target_properties(blip2_cuda PROPERTIES
     CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_EXTENSIONS OFF
     POSITION_INDEPENDENT_CODE ON)

@@ -34,10 +34,11 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
 /* out[T, C] = LN(inp[T, C]) · w[C] + b[C]; biased variance, eps inside the sqrt. out may equal inp. */
 void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps);
 
-/* res[T, C] += y[T, C], then out = LN(res) (the residual add fused with the next norm).
- * out may equal y (not res). */
-void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
-                              float eps);
+/* res[T, C] += y[T, C] + bias[C] (bias may be NULL: the bias of a row-parallel matmul, added once
+ * after its all-reduce, as (y + bias) first), then out = LN(res): the residual add fused with the
+ * next norm. out may equal y (not res). */
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
+                              int T, int C, float eps);
 
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
@@ -62,18 +63,21 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
 /* Causal attention of a batched step over paged keys/values. Sequence i (of n_seqs) owns rows
  * [meta[3i], meta[3i] + meta[3i+1]) of q and out (n_new rows, in order) and has meta[3i+2] = past
  * positions before them; its keys are positions 0 .. past + n_new − 1, position j at row j % BS of
- * block tables[i·max_blocks + j / BS] in k_pool / v_pool [n_blocks, BS, kv_stride] (one layer's
- * pool; the new rows are already written). Row r of sequence i sees keys j <= past + r.
- * q [rows, q_stride] → out [rows, NH·HS]. scratch holds max_ctx floats (host backends only). */
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
-                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
-                           int NH, int HS, int q_stride, int kv_stride, float scale);
+ * block tables[i·max_blocks + j / BS] in k_pool / v_pool [n_blocks, BS, kv_stride] of kvdtype
+ * (BLIP2_W_*: a 16-bit cache is widened on read; one layer's pool; the new rows are already
+ * written). Row r of sequence i sees keys j <= past + r. q [rows, q_stride] → out [rows, NH·HS].
+ * Each q element is multiplied by scale (rounded to fp32) before the dot products, as eager OPT
+ * scales its q projection. scratch holds max_ctx floats (host backends only). */
+void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
+                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale);
 
 /* Writes the new keys/values of a batched step into one layer's paged pool: row meta[3i] + t of
- * k and v [rows, C] goes to position meta[3i+2] + t of sequence i (t < meta[3i+1]), addressed as
- * in blip2_attention_paged. k_pool, v_pool [n_blocks, BS, C]. */
-void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
-                    const int32_t *meta, int n_seqs, int block_size, int C);
+ * k and v [rows, in_stride] (the first C columns) goes to position meta[3i+2] + t of sequence i
+ * (t < meta[3i+1]), addressed as in blip2_attention_paged. k_pool, v_pool [n_blocks, BS, C] of
+ * kvdtype (rounded to nearest even when 16-bit). */
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C);
 
 /* In place softmax over each of T rows of n values (max-subtracted). */
 void blip2_softmax(float *x, int T, int n);
@@ -130,11 +134,23 @@ typedef struct blip2_ops {
     void (*zero)(void *p, size_t bytes);
     /* Waits for the queued work; 0, or non-zero with the first error since the last call in err. */
     int (*sync)(char *err, size_t n);
+    /* Step graphs (CUDA graphs; all NULL on backends without them). capture_begin: from here on
+     * the calling thread's ops are recorded, not run (0, or non-zero when it cannot record).
+     * capture_end: stops and returns a replayable graph, or NULL with the reason in why (the
+     * recorded work is dropped and the errors it raised cleared: run it again without a graph).
+     * graph_launch: replays it on the stream; 0, 1 when the graph is stale (a scratch buffer it
+     * recorded was reallocated since: free it and record again), -1 on error (recorded). Uploads
+     * from pageable memory, downloads and syncs must stay outside a recording. */
+    int (*capture_begin)(void);
+    void *(*capture_end)(char *why, size_t n);
+    int (*graph_launch)(void *graph);
+    void (*graph_free)(void *graph);
 
     void (*matmul)(float *, const float *, const float *, const float *, int, int, int);
     void (*matmul_h)(float *, const float *, const uint16_t *, const float *, int, int, int, int, int);
     void (*layernorm)(float *, const float *, const float *, const float *, int, int, float);
-    void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, int, int, float);
+    void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, const float *, int, int,
+                               float);
     void (*residual_add)(float *, const float *, size_t);
     void (*add_bias)(float *, const float *, int, int);
     void (*scale)(float *, float, size_t);
@@ -142,10 +158,10 @@ typedef struct blip2_ops {
     void (*relu)(float *, size_t);
     void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
                       float, int);
-    void (*attention_paged)(float *, const float *, const float *, const float *, const int32_t *, int,
+    void (*attention_paged)(float *, const float *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, int, int, float *, int, int, int, int, int, float);
-    void (*kv_write)(float *, float *, const float *, const float *, const int32_t *, int, const int32_t *, int, int,
-                     int);
+    void (*kv_write)(void *, void *, int, const float *, const float *, int, const int32_t *, int, const int32_t *, int,
+                     int, int);
     void (*softmax)(float *, int, int);
     void (*im2col_patches)(float *, const float *, int, int, int, int);
     void (*embedding)(float *, const int32_t *, const float *, int, int);

@@ -34,6 +34,8 @@ struct blip2_comm {
     int rank, world;
     const char *backend; /* "self", "mpi", "inproc", "nccl" */
     int device_memory;   /* 1: allreduce_sum takes device pointers */
+    int graph_safe;      /* 1: allreduce_sum only queues work on the calling thread's stream (NCCL),
+                            so a step that uses it may be recorded as a CUDA graph */
     void *impl;
 };
 

@@ -153,6 +153,7 @@ blip2_code blip2_comm_nccl_create(blip2_comm *host, blip2_comm **out, blip2_stat
     c->world = host->world;
     c->backend = "nccl";
     c->device_memory = 1;
+    c->graph_safe = 1;
     c->impl = im;
     *out = c;
     return BLIP2_OK;

@@ -15,23 +15,32 @@ int blip2_weight_is_matrix(const blip2_weight_entry *e) {
     return e->ndim >= 2 && len > 7 && strcmp(e->name + len - 7, ".weight") == 0 && !strstr(e->name, "embed_positions");
 }
 
-static blip2_code track(blip2_model *m, void *p, size_t bytes, blip2_status *st) {
-    if (!p) return blip2_fail(st, BLIP2_ENOMEM, "%s: out of memory for %.1f MiB of weights (%.2f GiB held so far)", m->ops->name,
-                              bytes / 1048576.0, m->dev_bytes / 1073741824.0);
-    m->dev_owned[m->n_dev_owned++] = p;
-    m->dev_bytes += bytes;
-    return BLIP2_OK;
+/* Backend storage the model owns (released with it); ctx is the model. */
+static void *dev_alloc(void *ctx, size_t bytes) {
+    blip2_model *m = ctx;
+    void *p = m->ops->alloc(bytes);
+    if (p) m->dev_owned[m->n_dev_owned++] = p, m->dev_bytes += bytes;
+    return p;
+}
+
+/* Storage on the backend for entry e of n elements of es bytes (a fused part: its slice). */
+static blip2_code dev_storage(blip2_model *m, const blip2_weight_entry *e, size_t n, size_t es, void **dst,
+                              blip2_status *st) {
+    *dst = blip2_weight_storage(e, n, es, dev_alloc, m);
+    if (*dst) return BLIP2_OK;
+    return blip2_fail(st, BLIP2_ENOMEM, "%s: out of memory for %s (%.1f MiB; %.2f GiB of weights held so far)",
+                      m->ops->name, e->name, (double)n * es * (e->group ? e->parts : 1) / 1048576.0,
+                      m->dev_bytes / 1073741824.0);
 }
 
 /* One tensor: fp32 host → backend, as wdtype when it is a matrix. */
-static blip2_code upload_tensor(blip2_model *m, const float *src, size_t n, int wdtype, void **dst, uint16_t *stage,
-                                blip2_status *st) {
-    size_t bytes = n * blip2_wdtype_size(wdtype);
-    void *d = m->ops->alloc(bytes);
-    blip2_code rc = track(m, d, bytes, st);
+static blip2_code upload_tensor(blip2_model *m, const blip2_weight_entry *e, const float *src, size_t n, int wdtype,
+                                void **dst, uint16_t *stage, blip2_status *st) {
+    void *d;
+    blip2_code rc = dev_storage(m, e, n, blip2_wdtype_size(wdtype), &d, st);
     if (rc) return rc;
     if (wdtype == BLIP2_W_F32) {
-        m->ops->upload(d, src, bytes);
+        m->ops->upload(d, src, n * sizeof(float));
     } else {
         for (size_t off = 0; off < n; off += STAGE_ELEMS) {
             size_t k = n - off < STAGE_ELEMS ? n - off : STAGE_ELEMS;
@@ -77,7 +86,7 @@ blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdty
         if (!held_here(m, &e[i], tied)) continue;
         size_t k = blip2_weight_local_numel(m, &e[i]);
         void *d = NULL;
-        rc = upload_tensor(m, *e[i].field, k, blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32, &d, stage, st);
+        rc = upload_tensor(m, &e[i], *e[i].field, k, blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32, &d, stage, st);
         if (!rc) *e[i].field = d;
         done += k;
         if (progress) progress_line(m, done, total, &shown);
@@ -113,8 +122,8 @@ blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int wor
         if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
         size_t k = blip2_weight_local_numel(m, &e[i]);
         int dt = blip2_weight_is_matrix(&e[i]) ? wdtype : BLIP2_W_F32;
-        void *d = ops->alloc(k * blip2_wdtype_size(dt));
-        rc = track(m, d, k * blip2_wdtype_size(dt), st);
+        void *d = NULL;
+        rc = dev_storage(m, &e[i], k, blip2_wdtype_size(dt), &d, st);
         float mean, std;
         blip2_weight_random_rule(e[i].name, &mean, &std);
         if (!rc) ops->fill_normal(d, dt, k, seed ^ name_hash(e[i].name) ^ ((uint64_t)rank << 48), mean, std);

@@ -126,12 +126,12 @@ void step_exec_free(step_exec *x) {
  * fresh blocks, never a source of the same step. */
 static void copy_blocks(step_exec *x, const int32_t *pairs, int n) {
     blip2_kv_pool *kv = &x->kv;
-    size_t bsz = (size_t)kv->block_size * kv->C;
-    float *pools[2] = {kv->k, kv->v};
+    size_t bsz = blip2_kv_block_layer_bytes(kv);
+    void *pools[2] = {kv->k, kv->v};
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < kv->layers; l++) {
-            float *base = blip2_kv_layer(kv, pools[p], l);
-            for (int i = 0; i < n; i++) kv->ops->copy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, sizeof(float) * bsz);
+            char *base = blip2_kv_layer(kv, pools[p], l);
+            for (int i = 0; i < n; i++) kv->ops->copy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, bsz);
         }
 }
 

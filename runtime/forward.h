@@ -40,6 +40,12 @@ blip2_code blip2_opt_check_ids(const blip2_config *c, const int32_t *ids, int n,
 /* marked[t] = -1 where ids[t] is the image token, else ids[t]. */
 void blip2_opt_mark_image_rows(const blip2_config *c, const int32_t *ids, int n, int32_t *marked);
 
+/* A candidate of a vocab-parallel argmax: a row's best (value, id) on one rank. */
+typedef struct {
+    float value;
+    int32_t id;
+} blip2_scored_id;
+
 /* One sequence's part of a batched step: n_new positions after past ones, KV in `blocks`. */
 typedef struct {
     const int32_t *blocks;
@@ -51,17 +57,27 @@ typedef struct {
 typedef struct {
     const blip2_ops *ops;
     int max_tokens, max_seqs, max_ctx;
-    float *x, *a;            /* [max_tokens, Ct] */
-    float *q, *k, *v, *ctx;  /* [max_tokens, Cl] */
+    float *x;                /* [max_tokens, Ct] the residual stream */
+    float *a;                /* [max_tokens, Ct] a norm's output, or a row-parallel matmul's partial sum */
+    float *qkv;              /* [max_tokens, 3Cl] q | k | v of this rank's heads (one matmul) */
+    float *ctx;              /* [max_tokens, Cl] attention output */
     float *mlp;              /* [max_tokens, ffn_local] */
     float *scores;           /* [max_ctx] (host backends) */
     float *last;             /* [max_seqs, Ct] */
     float *logits;           /* [max_seqs, V_local]: the step's result, one row per sequence */
-    float *pick_val;         /* [max_seqs] */
-    int32_t *pick_idx;       /* [max_seqs] */
+    int32_t *pick;           /* [2·max_seqs] per-row argmax: n ids, then n values (float bits) */
     int32_t *idx;            /* backend copy of the step's index arrays (below) */
     int32_t *host_idx;       /* host staging: tokens [T] | positions [T] | last rows [S] | meta [3S] | tables [S·mb] */
     size_t idx_cap;          /* ints in idx / host_idx */
+    int32_t *host_pick;      /* [2·max_seqs] host copy of pick */
+    blip2_scored_id *host_all; /* [(world + 1)·max_seqs] every rank's (value, id) per row, then this rank's */
+    /* Decode steps as graphs (backends that have them, BLIP2_GRAPHS unset or not 0): one per batch
+     * size, recorded at its second use (the first runs eagerly: scratch buffers grow and matmul
+     * algorithms are chosen outside the recording) and replayed from then on. */
+    int graphs_on;
+    const void *graph_kv;    /* the KV pool the graphs address */
+    void **graphs;           /* [max_seqs + 1] */
+    uint8_t *graph_uses;     /* [max_seqs + 1] */
 } blip2_opt_ws;
 
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,

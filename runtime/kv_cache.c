@@ -4,7 +4,7 @@
 #include <string.h>
 
 size_t blip2_kv_block_bytes(const blip2_model *m, int block_size) {
-    return (size_t)2 * m->cfg.opt.layers * block_size * m->shard.C * sizeof(float);
+    return (size_t)2 * m->cfg.opt.layers * block_size * m->shard.C * blip2_wdtype_size(blip2_kv_dtype(m));
 }
 
 blip2_code blip2_kv_pool_init(blip2_kv_pool *p, const blip2_model *m, int n_blocks, int block_size, blip2_status *st) {
@@ -16,14 +16,15 @@ blip2_code blip2_kv_pool_init(blip2_kv_pool *p, const blip2_model *m, int n_bloc
     p->C = m->shard.C;
     p->block_size = block_size;
     p->n_blocks = n_blocks;
-    size_t n = (size_t)p->layers * n_blocks * block_size * p->C;
-    p->k = p->ops->alloc(sizeof(float) * n);
-    p->v = p->ops->alloc(sizeof(float) * n);
+    p->dtype = blip2_kv_dtype(m);
+    size_t n = (size_t)p->layers * n_blocks * block_size * p->C * blip2_wdtype_size(p->dtype); /* bytes */
+    p->k = p->ops->alloc(n);
+    p->v = p->ops->alloc(n);
     p->free_ids = malloc(sizeof(int32_t) * (size_t)n_blocks);
     if (!p->k || !p->v || !p->free_ids) {
         blip2_kv_pool_free(p);
         return blip2_fail(st, BLIP2_ENOMEM, "KV cache: out of %s memory for %d blocks (%.1f MiB)", m->ops->name,
-                          n_blocks, 2.0 * n * sizeof(float) / 1048576.0);
+                          n_blocks, 2.0 * n / 1048576.0);
     }
     for (int i = 0; i < n_blocks; i++) p->free_ids[i] = n_blocks - 1 - i; /* pop order 0, 1, 2, ... */
     p->n_free = n_blocks;

@@ -43,6 +43,12 @@ typedef struct {
     int split;        /* tensor-parallel slicing: BLIP2_SPLIT_* */
 } tmpl;
 
+/* Tensors stored stacked as parts of one fused field (same struct as the tmpl group). */
+typedef struct {
+    size_t field, fused; /* offsets */
+    int part, parts;
+} fused_part;
+
 #define F(type, field) offsetof(type, field)
 #define VEC(d) {d}
 #define MAT(a, b) {a, b}
@@ -145,6 +151,12 @@ static const tmpl opt_layer[] = {
     {OD "layers.%d.fc2.bias", OL(fc2_b), VEC(D_TC), NONE},
 };
 
+/* Each rank's q, k and v slices stacked into qkv_w / qkv_b: one matmul (one weight stream). */
+static const fused_part opt_qkv[] = {
+    {OL(q_w), OL(qkv_w), 0, 3}, {OL(k_w), OL(qkv_w), 1, 3}, {OL(v_w), OL(qkv_w), 2, 3},
+    {OL(q_b), OL(qkv_b), 0, 3}, {OL(k_b), OL(qkv_b), 1, 3}, {OL(v_b), OL(qkv_b), 2, 3},
+};
+
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 enum { OPTIONAL = 1, RANK0 = 2 }; /* add_group flags */
 
@@ -153,7 +165,17 @@ typedef struct {
     int n, cap;
 } table_builder;
 
-static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, int nt, void *base, int layer, int flags) {
+static void mark_fused(blip2_weight_entry *e, const tmpl *t, void *base, const fused_part *fp, int nfp) {
+    for (int j = 0; j < nfp; j++)
+        if (fp[j].field == t->offset) {
+            e->group = (float **)((char *)base + fp[j].fused);
+            e->part = fp[j].part;
+            e->parts = fp[j].parts;
+        }
+}
+
+static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, int nt, void *base, int layer, int flags,
+                     const fused_part *fp, int nfp) {
     for (int i = 0; i < nt; i++) {
         if (tb->n == tb->cap) {
             int cap = tb->cap ? 2 * tb->cap : 256;
@@ -170,8 +192,16 @@ static int add_group(table_builder *tb, const blip2_config *cfg, const tmpl *t, 
         e->optional = (flags & OPTIONAL) != 0;
         e->rank0_only = (flags & RANK0) != 0;
         e->split = t[i].split;
+        mark_fused(e, &t[i], base, fp, nfp);
     }
     return 1;
+}
+
+void *blip2_weight_storage(const blip2_weight_entry *e, size_t n, size_t es, void *(*alloc)(void *ctx, size_t bytes),
+                           void *ctx) {
+    if (!e->group) return alloc(ctx, n * es);
+    if (e->part == 0) *e->group = alloc(ctx, (size_t)e->parts * n * es);
+    return *e->group ? (char *)*e->group + (size_t)e->part * n * es : NULL;
 }
 
 blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int *n, blip2_status *st) {
@@ -182,19 +212,19 @@ blip2_code blip2_weight_table(blip2_model *m, blip2_weight_entry **entries, int 
     if (!m->vision.layers || !m->qformer.layers || !m->opt.layers) return BLIP2_ENOMEM;
     table_builder tb = {0};
     /* vision, Q-Former and projection run on rank 0 alone */
-    int ok = add_group(&tb, c, vision_top, COUNT(vision_top), &m->vision, 0, RANK0);
+    int ok = add_group(&tb, c, vision_top, COUNT(vision_top), &m->vision, 0, RANK0, NULL, 0);
     for (int l = 0; ok && l < c->vision.layers; l++)
-        ok = add_group(&tb, c, vision_layer, COUNT(vision_layer), &m->vision.layers[l], l, RANK0);
-    ok = ok && add_group(&tb, c, qformer_top, COUNT(qformer_top), &m->qformer, 0, RANK0);
+        ok = add_group(&tb, c, vision_layer, COUNT(vision_layer), &m->vision.layers[l], l, RANK0, NULL, 0);
+    ok = ok && add_group(&tb, c, qformer_top, COUNT(qformer_top), &m->qformer, 0, RANK0, NULL, 0);
     for (int l = 0; ok && l < c->qformer.layers; l++) {
         blip2_qformer_layer *L = &m->qformer.layers[l];
         L->has_cross = l % c->qformer.cross_freq == 0;
-        ok = add_group(&tb, c, qformer_layer, COUNT(qformer_layer), L, l, RANK0);
-        if (ok && L->has_cross) ok = add_group(&tb, c, qformer_cross, COUNT(qformer_cross), L, l, RANK0);
+        ok = add_group(&tb, c, qformer_layer, COUNT(qformer_layer), L, l, RANK0, NULL, 0);
+        if (ok && L->has_cross) ok = add_group(&tb, c, qformer_cross, COUNT(qformer_cross), L, l, RANK0, NULL, 0);
     }
-    ok = ok && add_group(&tb, c, opt_top, COUNT(opt_top), &m->opt, 0, 0);
-    ok = ok && add_group(&tb, c, &opt_lm_head, 1, &m->opt, 0, OPTIONAL);
-    for (int l = 0; ok && l < c->opt.layers; l++) ok = add_group(&tb, c, opt_layer, COUNT(opt_layer), &m->opt.layers[l], l, 0);
+    ok = ok && add_group(&tb, c, opt_top, COUNT(opt_top), &m->opt, 0, 0, NULL, 0);
+    ok = ok && add_group(&tb, c, &opt_lm_head, 1, &m->opt, 0, OPTIONAL, NULL, 0);
+    for (int l = 0; ok && l < c->opt.layers; l++) ok = add_group(&tb, c, opt_layer, COUNT(opt_layer), &m->opt.layers[l], l, 0, opt_qkv, COUNT(opt_qkv));
     if (!ok) {
         free(tb.e);
         return blip2_fail(st, BLIP2_ENOMEM, "out of memory building the weight table");
@@ -299,22 +329,31 @@ static blip2_code check_shape(const blip2_weight_entry *e, const blip2_st_tensor
     return blip2_fail(st, BLIP2_EFORMAT, "%s: tensor '%s': expected shape %s, found %s", t->file, e->name, want, got);
 }
 
-static float *own_buffer(blip2_model *m, size_t n, blip2_status *st) {
-    float *buf = blip2_malloc(n * sizeof(float), st);
+/* Host fp32 storage the model owns (freed with it); ctx is the model. */
+static void *own_alloc(void *ctx, size_t bytes) {
+    blip2_model *m = ctx;
+    void *buf = malloc(bytes ? bytes : 1);
     if (buf) m->owned[m->n_owned++] = buf;
     return buf;
 }
 
+static float *own_buffer(blip2_model *m, const blip2_weight_entry *e, size_t n, blip2_status *st) {
+    float *buf = blip2_weight_storage(e, n, sizeof(float), own_alloc, m);
+    if (!buf) blip2_fail(st, BLIP2_ENOMEM, "out of memory for %s (%zu floats)", e->name, n);
+    return buf;
+}
+
 /* This rank's rows [r0, r0 + nr) of a [rows, cols] tensor (a vector is [rows, 1]): contiguous,
- * so F32 tensors aligned for float access are used in place (zero copy); others are converted. */
+ * so F32 tensors aligned for float access are used in place (zero copy) unless they are part of a
+ * fused tensor; others are converted. */
 static blip2_code bind_rows(blip2_model *m, const blip2_weight_entry *e, const blip2_st_tensor *t, size_t r0, size_t nr,
                             size_t cols, blip2_status *st) {
     const float *p = (const float *)t->data + r0 * cols;
-    if (t->dtype == BLIP2_DT_F32 && ((uintptr_t)p % sizeof(float)) == 0) {
+    if (t->dtype == BLIP2_DT_F32 && ((uintptr_t)p % sizeof(float)) == 0 && !e->group) {
         *e->field = (float *)p;
         return BLIP2_OK;
     }
-    float *buf = own_buffer(m, nr * cols, st);
+    float *buf = own_buffer(m, e, nr * cols, st);
     if (!buf) return BLIP2_ENOMEM;
     *e->field = buf;
     blip2_code rc = blip2_st_read_f32(t, r0 * cols, nr * cols, buf, st);
@@ -327,7 +366,7 @@ static blip2_code bind_rows(blip2_model *m, const blip2_weight_entry *e, const b
 static blip2_code bind_cols(blip2_model *m, const blip2_weight_entry *e, const blip2_st_tensor *t, size_t c0, size_t nc,
                             blip2_status *st) {
     size_t rows = (size_t)t->shape[0], cols = (size_t)t->shape[1];
-    float *buf = own_buffer(m, rows * nc, st);
+    float *buf = own_buffer(m, e, rows * nc, st);
     if (!buf) return BLIP2_ENOMEM;
     *e->field = buf;
     for (size_t r = 0; r < rows; r++) {
@@ -491,7 +530,7 @@ blip2_code blip2_model_init_random(const blip2_config *cfg, int rank, int world,
     for (int i = 0; !rc && i < n; i++) {
         if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
         size_t k = blip2_weight_local_numel(m, &e[i]);
-        float *buf = own_buffer(m, k, st);
+        float *buf = own_buffer(m, &e[i], k, st);
         if (!buf) rc = BLIP2_ENOMEM;
         else blip2_weight_fill_random(e[i].name, buf, k, &rng), *e[i].field = buf;
         if (!e[i].rank0_only) m->opt_bytes += k * sizeof(float);

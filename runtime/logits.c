@@ -6,10 +6,7 @@
 #include "backend.h"
 #include "forward.h"
 
-typedef struct {
-    float value;
-    int32_t id;
-} scored_id;
+typedef blip2_scored_id scored_id;
 
 /* a beats b: larger value; on equal values the lower id; NaN never wins. */
 static int beats(scored_id a, scored_id b) {
@@ -22,22 +19,16 @@ blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_w
                            blip2_status *st) {
     const blip2_opt_shard *s = &m->shard;
     if (n < 1 || n > ws->max_seqs) return blip2_fail(st, BLIP2_EINTERNAL, "argmax of %d rows", n);
-    scored_id *all = blip2_malloc(sizeof *all * (size_t)n * (tp->world + 1), st);
-    float *val = blip2_malloc(sizeof(float) * (size_t)n, st);
-    int32_t *idx = blip2_malloc(sizeof(int32_t) * (size_t)n, st);
-    blip2_code rc = all && val && idx ? BLIP2_OK : BLIP2_ENOMEM;
-    if (!all) {
-        free(val), free(idx);
-        return rc;
+    /* each row's local winner on the backend; only (id, value) pairs come back, in one copy */
+    ws->ops->argmax_rows(ws->pick, (float *)(ws->pick + n), ws->logits, n, s->V);
+    ws->ops->download(ws->host_pick, ws->pick, sizeof(int32_t) * 2 * (size_t)n);
+    blip2_code rc = blip2_backend_check(ws->ops, "argmax", st);
+    scored_id *all = ws->host_all, *mine = all + (size_t)n * tp->world;
+    for (int i = 0; i < n; i++) {
+        float v;
+        memcpy(&v, ws->host_pick + n + i, sizeof v);
+        mine[i] = rc ? (scored_id){NAN, 0} : (scored_id){v, s->v0 + ws->host_pick[i]};
     }
-    if (!rc) { /* each row's local winner on the backend; only (value, id) pairs come back */
-        ws->ops->argmax_rows(ws->pick_idx, ws->pick_val, ws->logits, n, s->V);
-        ws->ops->download(idx, ws->pick_idx, sizeof(int32_t) * n);
-        ws->ops->download(val, ws->pick_val, sizeof(float) * n);
-        rc = blip2_backend_check(ws->ops, "argmax", st);
-    }
-    scored_id *mine = all + (size_t)n * tp->world;
-    for (int i = 0; i < n; i++) mine[i] = rc ? (scored_id){NAN, 0} : (scored_id){val[i], s->v0 + idx[i]};
     blip2_code g = tp->comm->ops->allgather(tp->comm, mine, all, sizeof *mine * (size_t)n, st); /* even after a local
                                                                      failure: the peers are waiting in it */
     if (!rc) rc = g;
@@ -47,9 +38,6 @@ blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_w
             if (beats(all[(size_t)r * n + i], best)) best = all[(size_t)r * n + i];
         ids[i] = best.id;
     }
-    free(all);
-    free(val);
-    free(idx);
     return rc;
 }
 

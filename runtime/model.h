@@ -66,9 +66,11 @@ typedef struct {
 /* Shapes are global; under TP "Cl" is the rank's attention width and ffn its fc1 part. */
 typedef struct {
     float *ln1_w, *ln1_b; /* [Ct] self_attn_layer_norm */
-    float *q_w, *q_b;     /* [Cl, Ct], [Cl] */
-    float *k_w, *k_b;     /* [Cl, Ct], [Cl] */
-    float *v_w, *v_b;     /* [Cl, Ct], [Cl] */
+    float *qkv_w, *qkv_b; /* [3Cl, Ct], [3Cl]: q, k, v of this rank's heads stacked, so one matmul
+                             (one weight stream in decode) makes all three; q_w.. point into it */
+    float *q_w, *q_b;     /* [Cl, Ct], [Cl] = qkv_w rows [0, Cl), qkv_b [0, Cl) */
+    float *k_w, *k_b;     /* [Cl, Ct], [Cl] = rows [Cl, 2Cl) */
+    float *v_w, *v_b;     /* [Cl, Ct], [Cl] = rows [2Cl, 3Cl) */
     float *o_w, *o_b;     /* [Ct, Cl], [Ct] out_proj (bias whole) */
     float *ln2_w, *ln2_b; /* [Ct] final_layer_norm (the per-layer FFN pre-LN) */
     float *fc1_w, *fc1_b; /* [ffn, Ct], [ffn] */
@@ -137,7 +139,15 @@ typedef struct {
     int optional;   /* lm_head.weight: absent means tied to embed_tokens */
     int rank0_only; /* vision, Q-Former, projection */
     int split;      /* BLIP2_SPLIT_*: which slice a tensor-parallel rank holds */
+    float **group;  /* a part of a fused tensor (OPT q/k/v → qkv): the fused field, else NULL */
+    int part, parts; /* this entry is part `part` (0-based) of `parts` equal, consecutive entries */
 } blip2_weight_entry;
+
+/* Where an entry's n elements of es bytes go: a new buffer from alloc(ctx, bytes) (NULL: out of
+ * memory), or, for a part of a fused group, its slice of the group's buffer, which the first part
+ * allocates (parts * n elements) and stores in *e->group. The caller sets *e->field. */
+void *blip2_weight_storage(const blip2_weight_entry *e, size_t n, size_t es, void *(*alloc)(void *ctx, size_t bytes),
+                           void *ctx);
 
 /* Builds the table for m->cfg (fields point into m's structs; it allocates the layer arrays when
  * they are not there yet, so it can be called again on a loaded model). */

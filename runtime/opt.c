@@ -2,6 +2,7 @@
  * batching). A decode step is one row per sequence: matrix-vector work bound by weight
  * bandwidth; a prefill chunk is many rows of one or more sequences. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,12 +54,17 @@ static size_t idx_ints(int max_tokens, int max_seqs, int max_ctx) {
     return 2 * (size_t)max_tokens + 4 * (size_t)max_seqs + (size_t)max_seqs * max_ctx;
 }
 
+static int graphs_wanted(const blip2_ops *o) {
+    const char *env = getenv("BLIP2_GRAPHS");
+    return o->capture_begin && !(env && strcmp(env, "0") == 0);
+}
+
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,
                              blip2_status *st) {
     memset(ws, 0, sizeof *ws);
     const blip2_ops *o = m->ops;
     const blip2_opt_shard *s = &m->shard;
-    size_t T = (size_t)max_tokens, C = (size_t)m->cfg.opt.C;
+    size_t T = (size_t)max_tokens, C = (size_t)m->cfg.opt.C, S = (size_t)max_seqs;
     ws->ops = o;
     ws->max_tokens = max_tokens;
     ws->max_seqs = max_seqs;
@@ -66,34 +72,47 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->idx_cap = idx_ints(max_tokens, max_seqs, max_ctx);
     ws->x = o->alloc(sizeof(float) * T * C);
     ws->a = o->alloc(sizeof(float) * T * C);
-    ws->q = o->alloc(sizeof(float) * T * s->C);
-    ws->k = o->alloc(sizeof(float) * T * s->C);
-    ws->v = o->alloc(sizeof(float) * T * s->C);
+    ws->qkv = o->alloc(sizeof(float) * T * 3 * s->C);
     ws->ctx = o->alloc(sizeof(float) * T * s->C);
     ws->mlp = o->alloc(sizeof(float) * T * s->ffn);
     ws->scores = o->alloc(sizeof(float) * (size_t)max_ctx);
-    ws->last = o->alloc(sizeof(float) * (size_t)max_seqs * C);
-    ws->logits = o->alloc(sizeof(float) * (size_t)max_seqs * s->V);
-    ws->pick_val = o->alloc(sizeof(float) * (size_t)max_seqs);
-    ws->pick_idx = o->alloc(sizeof(int32_t) * (size_t)max_seqs);
+    ws->last = o->alloc(sizeof(float) * S * C);
+    ws->logits = o->alloc(sizeof(float) * S * s->V);
+    ws->pick = o->alloc(sizeof(int32_t) * 2 * S);
     ws->idx = o->alloc(sizeof(int32_t) * ws->idx_cap);
     ws->host_idx = malloc(sizeof(int32_t) * ws->idx_cap);
-    if (!ws->x || !ws->a || !ws->q || !ws->k || !ws->v || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits ||
-        !ws->pick_val || !ws->pick_idx || !ws->idx || !ws->host_idx) {
+    ws->host_pick = malloc(sizeof(int32_t) * 2 * S);
+    ws->host_all = malloc(sizeof(blip2_scored_id) * S * (size_t)(s->world + 1));
+    ws->graphs_on = graphs_wanted(o);
+    ws->graphs = calloc(S + 1, sizeof *ws->graphs);
+    ws->graph_uses = calloc(S + 1, 1);
+    if (!ws->x || !ws->a || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits || !ws->pick ||
+        !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all || !ws->graphs || !ws->graph_uses) {
         blip2_opt_ws_free(ws);
         return blip2_fail(st, BLIP2_ENOMEM, "OPT workspace: out of %s memory for %d tokens per step", o->name, max_tokens);
     }
     return BLIP2_OK;
 }
 
+static void drop_graphs(blip2_opt_ws *ws) {
+    for (int n = 0; ws->graphs && n <= ws->max_seqs; n++) {
+        if (ws->graphs[n]) ws->ops->graph_free(ws->graphs[n]);
+        ws->graphs[n] = NULL;
+    }
+}
+
 void blip2_opt_ws_free(blip2_opt_ws *ws) {
     const blip2_ops *o = ws->ops;
     if (o) {
-        void *bufs[] = {ws->x, ws->a, ws->q, ws->k, ws->v, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits,
-                        ws->pick_val, ws->pick_idx, ws->idx};
+        void *bufs[] = {ws->x, ws->a, ws->qkv, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits, ws->pick, ws->idx};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) o->release(bufs[i]);
+        drop_graphs(ws);
     }
     free(ws->host_idx);
+    free(ws->host_pick);
+    free(ws->host_all);
+    free(ws->graphs);
+    free(ws->graph_uses);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -106,14 +125,10 @@ typedef struct {
 } step_idx;
 
 /* Packs tokens, positions (+2: OPT's learned-position offset), last rows, meta and block tables
- * into host staging and uploads them in one copy. */
+ * (mb entries per sequence: at least the longest sequence's blocks) into host staging and
+ * uploads them in one copy. */
 static void upload_step(const blip2_kv_pool *kv, const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens, int T,
-                        blip2_opt_ws *ws, step_idx *ix) {
-    int mb = 1;
-    for (int i = 0; i < n_seqs; i++) {
-        int need = blip2_kv_blocks_for(seqs[i].past + seqs[i].n_new, kv->block_size);
-        mb = need > mb ? need : mb;
-    }
+                        int mb, blip2_opt_ws *ws, step_idx *ix) {
     int32_t *h = ws->host_idx;
     size_t o_pos = (size_t)T, o_last = 2 * (size_t)T, o_meta = o_last + n_seqs, o_tab = o_meta + 3 * (size_t)n_seqs;
     memcpy(h, tokens, sizeof(int32_t) * T);
@@ -131,13 +146,14 @@ static void upload_step(const blip2_kv_pool *kv, const blip2_seq_step *seqs, int
 }
 
 /* Vocab-parallel embedding: each rank writes the rows it owns (its vocab slice; rank 0 also the
- * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x). */
+ * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x).
+ * Ends with a = LN1 of layer 0. */
 static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int32_t *tokens, const float *image_rows,
                             blip2_opt_ws *ws, const step_idx *ix, blip2_status *st) {
     const blip2_ops *o = m->ops;
     int C = m->cfg.opt.C;
     o->embedding_vp(ws->x, ix->tokens, m->opt.wte, m->wdtype, ix->T, C, m->shard.v0, m->shard.V);
-    for (int t = 0, q = 0; tp->rank == 0 && t < ix->T;) { /* runs of image rows, one upload each */
+    for (int t = 0, q = 0; tp->rank == 0 && image_rows && t < ix->T;) { /* runs of image rows, one upload each */
         if (tokens[t] >= 0) {
             t++;
             continue;
@@ -148,32 +164,33 @@ static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int3
         t += run, q += run;
     }
     blip2_code rc = tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, ws->x, (size_t)ix->T * C, st) : BLIP2_OK;
-    if (!rc) o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
-    return rc;
+    if (rc) return rc;
+    o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
+    o->layernorm(ws->a, ws->x, m->opt.layers[0].ln1_w, m->opt.layers[0].ln1_b, ix->T, C, m->cfg.opt.eps);
+    return BLIP2_OK;
 }
 
-/* y = all-reduce(partial) + bias: the row-parallel matmul's bias is added once, after the sum. */
-static blip2_code reduce_bias(const blip2_model *m, const blip2_tp *tp, float *y, const float *bias, int T,
-                              blip2_status *st) {
-    int C = m->cfg.opt.C;
-    blip2_code rc = tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, y, (size_t)T * C, st) : BLIP2_OK;
-    if (!rc) m->ops->add_bias(y, bias, T, C);
-    return rc;
+/* The sum of the ranks' partial products of a row-parallel matmul (in place). */
+static blip2_code reduce(const blip2_tp *tp, float *y, size_t n, blip2_status *st) {
+    return tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, y, n, st) : BLIP2_OK;
 }
 
 /* New keys/values into the layer's blocks, then every sequence attends over its own. */
 static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, const step_idx *ix, blip2_opt_ws *ws) {
     const blip2_ops *o = m->ops;
     int Cl = m->shard.C;
-    float *kp = blip2_kv_layer(kv, kv->k, layer), *vp = blip2_kv_layer(kv, kv->v, layer);
-    o->kv_write(kp, vp, ws->k, ws->v, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size, Cl);
-    o->scale(ws->q, 1.0f / sqrtf((float)m->cfg.opt.HS), (size_t)ix->T * Cl); /* eager OPT scales q before q·kᵀ */
-    o->attention_paged(ws->ctx, ws->q, kp, vp, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size,
-                       ws->scores, ws->max_ctx, m->shard.NH, m->cfg.opt.HS, Cl, Cl, 1.0f);
+    void *kp = blip2_kv_layer(kv, kv->k, layer), *vp = blip2_kv_layer(kv, kv->v, layer);
+    const float *q = ws->qkv, *k = ws->qkv + Cl, *v = ws->qkv + 2 * Cl; /* rows of 3Cl */
+    o->kv_write(kp, vp, kv->dtype, k, v, 3 * Cl, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size, Cl);
+    o->attention_paged(ws->ctx, q, kp, vp, kv->dtype, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size,
+                       ws->scores, ws->max_ctx, m->shard.NH, m->cfg.opt.HS, 3 * Cl, Cl,
+                       1.0f / sqrtf((float)m->cfg.opt.HS)); /* eager OPT scales q before q·kᵀ */
 }
 
-/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice; two
- * all-reduces (after out_proj and fc2). */
+/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice. On entry a =
+ * LN1(x); on exit a = the next layer's LN1(x), or the final norm's after the last layer. Eight
+ * launches (qkv, kv write, attention, out_proj, add+norm, fc1+ReLU, fc2, add+norm) and two
+ * all-reduces; the row-parallel biases are added once, after the sums, inside the add+norm. */
 static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, int layer,
                                     const step_idx *ix, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
@@ -181,55 +198,117 @@ static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, bl
     const blip2_opt_layer *L = &m->opt.layers[layer];
     const blip2_ops *o = m->ops;
     int C = c->C, Cl = s->C, T = ix->T;
-    o->layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, T, C, c->eps);
-    blip2_mm(m, ws->q, ws->a, L->q_w, L->q_b, T, C, Cl, BLIP2_ACT_NONE);
-    blip2_mm(m, ws->k, ws->a, L->k_w, L->k_b, T, C, Cl, BLIP2_ACT_NONE);
-    blip2_mm(m, ws->v, ws->a, L->v_w, L->v_b, T, C, Cl, BLIP2_ACT_NONE);
+    size_t n = (size_t)T * C;
+    blip2_mm(m, ws->qkv, ws->a, L->qkv_w, L->qkv_b, T, C, 3 * Cl, BLIP2_ACT_NONE);
     opt_attention(m, kv, layer, ix, ws);
     blip2_mm(m, ws->a, ws->ctx, L->o_w, NULL, T, Cl, C, BLIP2_ACT_NONE);
-    blip2_code rc = reduce_bias(m, tp, ws->a, L->o_b, T, st);
+    blip2_code rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;
-    o->residual_layernorm(ws->x, ws->a, ws->a, L->ln2_w, L->ln2_b, T, C, c->eps); /* x += a; a = LN2(x) */
+    o->residual_layernorm(ws->x, ws->a, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps); /* x += a + o_b; a = LN2(x) */
     blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, T, C, s->ffn, BLIP2_ACT_RELU);
     blip2_mm(m, ws->a, ws->mlp, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
-    rc = reduce_bias(m, tp, ws->a, L->fc2_b, T, st);
-    if (!rc) o->residual_add(ws->x, ws->a, (size_t)T * C);
-    return rc;
+    rc = reduce(tp, ws->a, n, st);
+    if (rc) return rc;
+    const blip2_opt_layer *next = layer + 1 < c->layers ? &m->opt.layers[layer + 1] : NULL;
+    const float *nw = next ? next->ln1_w : m->opt.ln_f_w, *nb = next ? next->ln1_b : m->opt.ln_f_b;
+    o->residual_layernorm(ws->x, ws->a, ws->a, L->fc2_b, nw, nb, T, C, c->eps); /* x += a + fc2_b; a = LN(x) */
+    return BLIP2_OK;
 }
 
 static blip2_code check_step(const blip2_model *m, const blip2_kv_pool *kv, const blip2_seq_step *seqs, int n_seqs,
-                             const blip2_opt_ws *ws, int *T, blip2_status *st) {
-    *T = 0;
+                             const blip2_opt_ws *ws, int *T, int *mb, blip2_status *st) {
+    *T = 0, *mb = 1;
     if (n_seqs < 1 || n_seqs > ws->max_seqs) return blip2_fail(st, BLIP2_EINTERNAL, "step of %d sequences", n_seqs);
     if (kv->ops != m->ops || ws->ops != m->ops)
         return blip2_fail(st, BLIP2_EINTERNAL, "KV cache or workspace on another backend than the model");
+    if (kv->dtype != blip2_kv_dtype(m)) return blip2_fail(st, BLIP2_EINTERNAL, "KV cache of another type than the model's");
     for (int i = 0; i < n_seqs; i++) {
         int len = seqs[i].past + seqs[i].n_new;
         if (seqs[i].n_new < 1 || seqs[i].past < 0 || len > m->cfg.opt.max_pos || len > ws->max_ctx)
             return blip2_fail(st, BLIP2_ERANGE, "sequence of %d positions exceeds the limit (context %d, model %d)", len,
                               ws->max_ctx, m->cfg.opt.max_pos);
         *T += seqs[i].n_new;
+        int need = blip2_kv_blocks_for(len, kv->block_size);
+        *mb = need > *mb ? need : *mb;
     }
     if (*T > ws->max_tokens) return blip2_fail(st, BLIP2_EINTERNAL, "step of %d tokens > workspace %d", *T, ws->max_tokens);
     return BLIP2_OK;
 }
 
+/* Everything between the index upload and the logits: embed, the layers, the LM head. */
+static blip2_code step_body(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, const int32_t *tokens,
+                            const float *image_rows, blip2_opt_ws *ws, const step_idx *ix, blip2_status *st) {
+    const blip2_opt_config *c = &m->cfg.opt;
+    blip2_code rc = opt_embed(m, tp, tokens, image_rows, ws, ix, st);
+    for (int l = 0; !rc && l < c->layers; l++) rc = opt_layer_forward(m, tp, kv, l, ix, ws, st);
+    if (rc) return rc;
+    m->ops->gather_rows(ws->last, ws->a, ix->last, ix->n_seqs, c->C); /* only each sequence's last row needs logits */
+    blip2_mm(m, ws->logits, ws->last, m->opt.lm_head, NULL, ix->n_seqs, c->C, m->shard.V, BLIP2_ACT_NONE); /* vocab slice */
+    return BLIP2_OK;
+}
+
+/* A decode step (one new row per sequence, no image rows) whose every launch has fixed arguments
+ * for a given batch size, once its block tables have a fixed stride: it can be a graph. */
+static int graph_step(const blip2_tp *tp, const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens,
+                      const blip2_opt_ws *ws) {
+    if (!ws->graphs_on || (tp->world > 1 && !tp->comm->graph_safe)) return 0;
+    for (int i = 0; i < n_seqs; i++)
+        if (seqs[i].n_new != 1 || tokens[i] < 0) return 0;
+    return 1;
+}
+
+/* Runs the step body as the batch size's graph: replayed if recorded, recorded at the second use.
+ * 1 when it ran (rc set), 0 when the caller must run it eagerly. A failed recording turns graphs
+ * off for this workspace, with one line on stderr. */
+static int run_graph(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, const int32_t *tokens,
+                     blip2_opt_ws *ws, const step_idx *ix, blip2_code *rc, blip2_status *st) {
+    const blip2_ops *o = m->ops;
+    if (ws->graph_kv != kv) { /* graphs hold the pool's addresses: another pool, other graphs */
+        drop_graphs(ws);
+        ws->graph_kv = kv;
+    }
+    void **g = &ws->graphs[ix->n_seqs];
+    if (*g) {
+        int r = o->graph_launch(*g);
+        if (r <= 0) {
+            *rc = r ? blip2_backend_check(o, "decode graph", st) : BLIP2_OK;
+            return 1;
+        }
+        o->graph_free(*g); /* stale: record it again */
+        *g = NULL;
+    }
+    if (!ws->graph_uses[ix->n_seqs]) {
+        ws->graph_uses[ix->n_seqs] = 1;
+        return 0;
+    }
+    if (o->capture_begin()) return 0;
+    *rc = step_body(m, tp, kv, tokens, NULL, ws, ix, st);
+    char why[256] = "";
+    *g = o->capture_end(why, sizeof why);
+    if (*rc) return 1; /* a collective failed while recording: nothing more to try */
+    if (!*g || o->graph_launch(*g) != 0) {
+        fprintf(stderr, "blip2: %s: recording the decode step of batch %d as a graph failed (%s); steps run without graphs\n",
+                o->name, ix->n_seqs, *g ? "launch" : why);
+        if (*g) o->graph_free(*g);
+        *g = NULL;
+        ws->graphs_on = 0;
+        return 0;
+    }
+    return 1;
+}
+
 blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv,
                                    const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens,
                                    const float *image_rows, blip2_opt_ws *ws, blip2_status *st) {
-    const blip2_opt_config *c = &m->cfg.opt;
-    int T;
+    int T, mb;
     step_idx ix;
-    blip2_code rc = check_step(m, kv, seqs, n_seqs, ws, &T, st);
+    blip2_code rc = check_step(m, kv, seqs, n_seqs, ws, &T, &mb, st);
     if (rc) return rc;
-    upload_step(kv, seqs, n_seqs, tokens, T, ws, &ix);
-    rc = opt_embed(m, tp, tokens, image_rows, ws, &ix, st);
-    for (int l = 0; !rc && l < c->layers; l++) rc = opt_layer_forward(m, tp, kv, l, &ix, ws, st);
-    if (rc) return rc;
-    m->ops->gather_rows(ws->last, ws->x, ix.last, n_seqs, c->C); /* only each sequence's last row needs logits */
-    m->ops->layernorm(ws->last, ws->last, m->opt.ln_f_w, m->opt.ln_f_b, n_seqs, c->C, c->eps);
-    blip2_mm(m, ws->logits, ws->last, m->opt.lm_head, NULL, n_seqs, c->C, m->shard.V, BLIP2_ACT_NONE); /* vocab slice */
-    return BLIP2_OK;
+    int graph = graph_step(tp, seqs, n_seqs, tokens, ws);
+    if (graph) mb = blip2_kv_blocks_for(ws->max_ctx, kv->block_size); /* a fixed table stride: fixed launches */
+    upload_step(kv, seqs, n_seqs, tokens, T, mb, ws, &ix);
+    if (graph && run_graph(m, tp, kv, tokens, ws, &ix, &rc, st)) return rc;
+    return step_body(m, tp, kv, tokens, image_rows, ws, &ix, st);
 }
 
 blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_cache *kv, const int32_t *tokens, int T,

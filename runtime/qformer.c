@@ -30,7 +30,7 @@ static void qformer_attn(const blip2_model *m, const blip2_qformer_attn *A, int 
         o->attention(ws->ctx + (size_t)b * Q * C, ws->q + (size_t)b * Q * C, ws->k + (size_t)b * Tk * C,
                      ws->v + (size_t)b * Tk * C, ws->scores, Q, Tk, c->NH, c->HS, C, C, scale, 0);
     blip2_mm(m, ws->o, ws->ctx, A->o_w, A->o_b, B * Q, C, C, BLIP2_ACT_NONE);
-    o->residual_layernorm(ws->o, ws->x, ws->x, A->ln_w, A->ln_b, B * Q, C, c->eps); /* o += x; x = LN(o) */
+    o->residual_layernorm(ws->o, ws->x, ws->x, NULL, A->ln_w, A->ln_b, B * Q, C, c->eps); /* o += x; x = LN(o) */
 }
 
 static void qformer_layer_forward(const blip2_model *m, const blip2_qformer_layer *L, int B, qformer_ws *ws) {
@@ -40,7 +40,7 @@ static void qformer_layer_forward(const blip2_model *m, const blip2_qformer_laye
     if (L->has_cross) qformer_attn(m, &L->cross, B, Q, ws->image, m->cfg.vision.T, c->enc_C, ws);
     blip2_mm(m, ws->mlp, ws->x, L->fc1_w, L->fc1_b, B * Q, C, c->mlp, BLIP2_ACT_GELU);
     blip2_mm(m, ws->o, ws->mlp, L->fc2_w, L->fc2_b, B * Q, c->mlp, C, BLIP2_ACT_NONE);
-    m->ops->residual_layernorm(ws->o, ws->x, ws->x, L->ln_w, L->ln_b, B * Q, C, c->eps);
+    m->ops->residual_layernorm(ws->o, ws->x, ws->x, NULL, L->ln_w, L->ln_b, B * Q, C, c->eps);
 }
 
 blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B, float *out, blip2_status *st) {

@@ -45,7 +45,7 @@ static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer 
                      3 * C, scale, 0);
     }
     blip2_mm(m, ws->a, ws->ctx, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
-    o->residual_layernorm(ws->x, ws->a, ws->a, L->ln2_w, L->ln2_b, BT, C, c->eps); /* x += a; a = LN2(x) */
+    o->residual_layernorm(ws->x, ws->a, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps); /* x += a; a = LN2(x) */
     blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, BT, C, c->mlp, BLIP2_ACT_GELU);
     blip2_mm(m, ws->a, ws->mlp, L->fc2_w, L->fc2_b, BT, c->mlp, C, BLIP2_ACT_NONE);
     o->residual_add(ws->x, ws->a, (size_t)BT * C);

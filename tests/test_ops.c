@@ -149,7 +149,8 @@ typedef struct {
     int rows, row_len;   /* the output as rows × row_len, for sampled checking */
     int row_step;        /* rows r with r % row_step == 0, and the last row, have a reference */
     double *ref;         /* [rows × row_len], filled on the checked rows */
-    int out2;            /* a second fp32 output checked in full against ref2 (-1: none) */
+    int out2;            /* a second output (of out2_type) checked in full against ref2 (-1: none) */
+    int out2_type;
     size_t n2;
     double *ref2, tol2;
     void *aux;           /* setup's data for extra (freed with the case) */
@@ -162,7 +163,7 @@ typedef struct op_case {
     void (*setup)(op_ctx *);
     void (*exec)(op_ctx *);
     void (*extra)(op_ctx *); /* optional checks beyond the generic ones (runs on the host copies) */
-    int p[8];
+    int p[10];
     float f;        /* eps, scale or amplitude, per op */
     double tol;     /* relative L2 bound; 0 = bitwise equal */
     double tol_dev; /* the bound on device backends, when looser (0: tol) */
@@ -639,35 +640,43 @@ static void extra_attention_rel(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * residual_layernorm: p = {T, C, alias, variant}, f = eps. res += y, then out = LN(res); alias: out
- * is y itself. variant 0: res and y N(0, 1); 1: even rows have y = −res (the sum is exactly 0, a
- * constant row: variance 0, out = b); 2: res around 50 (a one-pass variance in float fails).
- * out is checked against the double LN of the float sum; res (the second output) bitwise. */
+ * residual_layernorm: p = {T, C, alias, variant, bias}, f = eps. res += y (+ bias: y + bias first),
+ * then out = LN(res); alias: out is y itself. variant 0: res and y N(0, 1); 1: even rows sum to
+ * exactly 0 (a constant row: variance 0, out = b); 2: res around 50
+ * (a one-pass variance in float fails). out is checked against the double LN of the float sum; res
+ * (the second output) bitwise. */
 static void setup_residual_layernorm(op_ctx *x) {
-    int T = x->c->p[0], C = x->c->p[1], alias = x->c->p[2], variant = x->c->p[3];
+    int T = x->c->p[0], C = x->c->p[1], alias = x->c->p[2], variant = x->c->p[3], with_bias = x->c->p[4];
     float eps = x->c->f;
-    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s", T, C, eps, alias ? " out=y" : "",
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s%s", T, C, eps, alias ? " out=y" : "", with_bias ? " +bias" : "",
              variant == 1 ? " zero-sum-rows" : variant == 2 ? " offset-rows" : "");
     size_t n = (size_t)T * C;
     int res = buf_new(x, B_INOUT, n), y = buf_new(x, alias ? B_INOUT : B_IN, n);
-    int w = buf_new(x, B_IN, C), b = buf_new(x, B_IN, C);
+    int w = buf_new(x, B_IN, C), b = buf_new(x, B_IN, C), bias = with_bias ? buf_new(x, B_IN, C) : -1;
     int out = alias ? y : buf_new(x, B_OUT, n);
-    float *R = H(x, res), *Y = H(x, y);
+    float *R = H(x, res), *Y = H(x, y), *BI = with_bias ? H(x, bias) : NULL;
+    if (BI) fill_normal(&x->rng, BI, C, 0.0f, 0.5f);
     for (int t = 0; t < T; t++) {
         float *r = R + (size_t)t * C, *yy = Y + (size_t)t * C;
         fill_normal(&x->rng, r, C, variant == 2 ? 50.0f : 0.0f, 1.0f);
         fill_normal(&x->rng, yy, C, 0.0f, variant == 2 ? 0.1f : 1.0f);
-        if (variant == 1 && t % 2 == 0)
-            for (int i = 0; i < C; i++) yy[i] = -r[i];
+        if (variant == 1 && t % 2 == 0) /* a sum of exactly 0: y = −r, or with a bias y = 0 and r = −bias */
+            for (int i = 0; i < C; i++) {
+                yy[i] = BI ? 0.0f : -r[i];
+                if (BI) r[i] = -BI[i];
+            }
     }
     fill_normal(&x->rng, H(x, w), C, 1.0f, 0.1f);
     fill_normal(&x->rng, H(x, b), C, 0.0f, 0.5f);
-    x->a[0] = res, x->a[1] = out, x->a[2] = y, x->a[3] = w, x->a[4] = b;
+    x->a[0] = res, x->a[1] = out, x->a[2] = y, x->a[3] = w, x->a[4] = b, x->a[5] = bias;
     x->out = out;
     plan_rows(x, T, C, 4.0 * C);
     double *rs = plan_out2(x, res, n, 0);
     const float *W = H(x, w), *B = H(x, b);
-    for (size_t i = 0; i < n; i++) rs[i] = (float)(R[i] + Y[i]); /* one float add: exactly rounded */
+    for (size_t i = 0; i < n; i++) {
+        float yb = BI ? Y[i] + BI[i % C] : Y[i]; /* one float add each: exactly rounded */
+        rs[i] = (float)(R[i] + yb);
+    }
     for (int t = 0; t < T; t++) {
         const double *row = rs + (size_t)t * C;
         double mean = 0, var = 0;
@@ -682,8 +691,8 @@ static void setup_residual_layernorm(op_ctx *x) {
     x->bytes = 4.0 * (4.0 * n + 2.0 * C);
 }
 static void exec_residual_layernorm(op_ctx *x) {
-    x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), D(x, x->a[4]), x->c->p[0],
-                              x->c->p[1], x->c->f);
+    x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
+                              D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -800,29 +809,41 @@ static void kv_fill_tables(op_ctx *x, const kv_layout *L, int BS, int32_t *meta,
 }
 static size_t kv_pool_row(const int32_t *table, int BS, int pos) { return (size_t)table[pos / BS] * BS + pos % BS; }
 
-/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order}, f = scale (0: 1/√HS). mix 0 is one
- * sequence of Tq new rows after Tk − Tq past ones; otherwise kv_mixes[mix]. kv_stride = NH·HS + pad.
- * max_ctx is the longest context exactly for odd mixes and 5 more otherwise. */
+/* Element i of buffer b of type wd set to v (rounded to nearest even when 16-bit). */
+static void put_elem(op_ctx *x, int b, int wd, size_t i, float v) {
+    if (wd == BLIP2_W_F32) H(x, b)[i] = v;
+    else H16(x, b)[i] = t_to16(v, wd);
+}
+
+/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order, kvdtype, qpad}, f = scale (0: 1/√HS).
+ * mix 0 is one sequence of Tq new rows after Tk − Tq past ones; otherwise kv_mixes[mix].
+ * kv_stride = NH·HS + pad, q_stride = kv_stride + qpad (OPT reads q out of the fused qkv rows). The
+ * pools hold kvdtype (a 16-bit cache); the reference reads their widened values and scales q in
+ * float first, as the op does. max_ctx is the longest context exactly for odd mixes and 5 more
+ * otherwise. */
 static void setup_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
-    int NH = p[2], HS = p[3], BS = p[4], pad = p[5], mix = p[6], order = p[7], C = NH * HS, stride = C + pad;
+    int NH = p[2], HS = p[3], BS = p[4], pad = p[5], mix = p[6], order = p[7], kvd = p[8], C = NH * HS,
+        stride = C + pad, qstride = stride + p[9];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
     kv_layout L = kv_plan(x, mix, p[0], p[1], BS, order);
     int max_ctx = L.max_ctx + (mix % 2 ? 0 : 5);
-    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, NH=%d HS=%d BS=%d pad=%d scale=%.4g max_ctx=%d%s",
-             kv_mixes[mix].name, L.n_seqs, L.rows, NH, HS, BS, pad, scale, max_ctx, order ? " rows reversed" : "");
+    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, NH=%d HS=%d BS=%d pad=%d qpad=%d %s KV scale=%.4g max_ctx=%d%s",
+             kv_mixes[mix].name, L.n_seqs, L.rows, NH, HS, BS, pad, p[9], wd_name(kvd), scale, max_ctx,
+             order ? " rows reversed" : "");
     if (mix == 0)
-        snprintf(x->desc, sizeof x->desc, "Tq=%d Tk=%d NH=%d HS=%d BS=%d pad=%d scale=%.4g, %d of %d blocks", p[0], p[1],
-                 NH, HS, BS, pad, scale, L.n_blocks - 2, L.n_blocks);
-    int qb = buf_new(x, B_IN, (size_t)(L.rows + 2) * stride);
-    int kp = buf_new(x, B_IN, (size_t)L.n_blocks * BS * stride), vp = buf_new(x, B_IN, (size_t)L.n_blocks * BS * stride);
+        snprintf(x->desc, sizeof x->desc, "Tq=%d Tk=%d NH=%d HS=%d BS=%d pad=%d qpad=%d %s KV scale=%.4g, %d of %d blocks",
+                 p[0], p[1], NH, HS, BS, pad, p[9], wd_name(kvd), scale, L.n_blocks - 2, L.n_blocks);
+    size_t pool = (size_t)L.n_blocks * BS * stride;
+    int qb = buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride);
+    int kp = buf_new_w(x, B_IN, pool, kvd), vp = buf_new_w(x, B_IN, pool, kvd);
     int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
     int sc = buf_new(x, B_SCRATCH, max_ctx), out = buf_new(x, B_OUT, (size_t)L.rows * C);
     kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
-    float *Q = H(x, qb), *K = H(x, kp), *V = H(x, vp);
+    float *Q = H(x, qb);
     for (size_t i = 0; i < x->b[qb].n; i++)
-        Q[i] = ((int)(i / stride) < L.rows && (int)(i % stride) < C) ? rng_normal(&x->rng) : NAN;
-    for (size_t i = 0; i < x->b[kp].n; i++) K[i] = V[i] = NAN;
+        Q[i] = ((int)(i / qstride) < L.rows && (int)(i % qstride) < C) ? rng_normal(&x->rng) : NAN;
+    for (size_t i = 0; i < pool; i++) put_elem(x, kp, kvd, i, NAN), put_elem(x, vp, kvd, i, NAN);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kp, x->a[3] = vp, x->a[4] = tb, x->a[5] = mb, x->a[6] = sc;
     x->a[7] = L.n_seqs, x->a[8] = L.max_blocks, x->a[9] = max_ctx;
     x->out = out;
@@ -831,18 +852,21 @@ static void setup_attention_paged(op_ctx *x) {
     for (int i = 0; i < L.n_seqs; i++) {
         int n_new = L.s[i].n_new, ctx = L.s[i].past + n_new;
         const int32_t *table = HI(x, tb) + (size_t)i * L.max_blocks;
-        /* Contiguous copies in logical order, for the reference. */
+        /* Contiguous copies in logical order (the stored values, widened), for the reference. */
         float *kc = xmalloc(sizeof(float) * (size_t)ctx * C), *vc = xmalloc(sizeof(float) * (size_t)ctx * C);
         float *qc = xmalloc(sizeof(float) * (size_t)n_new * C);
         for (int j = 0; j < ctx; j++) {
             size_t row = kv_pool_row(table, BS, j) * stride;
             for (int c = 0; c < C; c++) {
-                K[row + c] = kc[(size_t)j * C + c] = rng_normal(&x->rng);
-                V[row + c] = vc[(size_t)j * C + c] = rng_uniform(&x->rng, -1, 1);
+                put_elem(x, kp, kvd, row + c, rng_normal(&x->rng));
+                put_elem(x, vp, kvd, row + c, rng_uniform(&x->rng, -1, 1));
+                kc[(size_t)j * C + c] = elem(x, kp, kvd, row + c);
+                vc[(size_t)j * C + c] = elem(x, vp, kvd, row + c);
             }
         }
-        for (int r = 0; r < n_new; r++) memcpy(qc + (size_t)r * C, Q + (size_t)(L.row0[i] + r) * stride, sizeof(float) * C);
-        attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, scale};
+        for (int r = 0; r < n_new; r++)
+            for (int c = 0; c < C; c++) qc[(size_t)r * C + c] = Q[(size_t)(L.row0[i] + r) * qstride + c] * scale;
+        attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, 1.0f};
         for (int r = 0; r < n_new; r++) {
             keys += L.s[i].past + r + 1;
             if (row_checked(x, L.row0[i] + r)) attn_ref_row(x->ref + (size_t)(L.row0[i] + r) * C, qc, kc, vc, &sh, r);
@@ -850,51 +874,65 @@ static void setup_attention_paged(op_ctx *x) {
         free(kc), free(vc), free(qc);
     }
     x->flops = 4.0 * keys * C;
-    x->bytes = 4.0 * (2.0 * L.rows * C + 2.0 * keys * C);
+    x->bytes = 4.0 * 2.0 * L.rows * C + 2.0 * keys * C * blip2_wdtype_size(kvd);
 }
 static void exec_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
     int HS = p[3], stride = p[2] * HS + p[5];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
-    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), DI(x, x->a[4]), x->a[8],
-                           DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride, stride, scale);
+    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), p[8], DI(x, x->a[4]), x->a[8],
+                           DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride + p[9], stride, scale);
 }
 
-/* kv_write: p = {mix, C, BS, order}. The pools start with random old contents; exactly the new
- * positions of each sequence change (k pool checked as the output, v pool as the second). */
+/* kv_write: p = {mix, C, BS, order, kvdtype, pad}. k and v rows have C + pad columns (pad NaN: OPT
+ * writes from the fused qkv rows). The pools (kvdtype) start with random old contents; exactly
+ * the new positions of each sequence change, to the rounded values (k pool checked as the output,
+ * v pool as the second). */
 static void setup_kv_write(op_ctx *x) {
     const int *p = x->c->p;
-    int mix = p[0], C = p[1], BS = p[2], order = p[3];
+    int mix = p[0], C = p[1], BS = p[2], order = p[3], kvd = p[4], in_stride = C + p[5];
     kv_layout L = kv_plan(x, mix, 0, 0, BS, order);
-    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, C=%d BS=%d%s", kv_mixes[mix].name, L.n_seqs, L.rows, C, BS,
-             order ? " rows reversed" : "");
-    size_t pool = (size_t)L.n_blocks * BS * C;
-    int kb = buf_new(x, B_IN, (size_t)L.rows * C), vb = buf_new(x, B_IN, (size_t)L.rows * C);
-    int kp = buf_new(x, B_INOUT, pool), vp = buf_new(x, B_INOUT, pool);
+    snprintf(x->desc, sizeof x->desc, "%s: %d seqs, %d rows, C=%d pad=%d BS=%d %s%s", kv_mixes[mix].name, L.n_seqs, L.rows,
+             C, p[5], BS, wd_name(kvd), order ? " rows reversed" : "");
+    size_t pool = (size_t)L.n_blocks * BS * C, in = (size_t)L.rows * in_stride;
+    int kb = buf_new(x, B_IN, in), vb = buf_new(x, B_IN, in);
+    int kp = buf_new_w(x, B_INOUT, pool, kvd), vp = buf_new_w(x, B_INOUT, pool, kvd);
     int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
     kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
-    fill_normal(&x->rng, H(x, kb), (size_t)L.rows * C, 0, 1);
-    fill_normal(&x->rng, H(x, vb), (size_t)L.rows * C, 0, 1);
-    fill_normal(&x->rng, H(x, kp), pool, 5, 1);
-    fill_normal(&x->rng, H(x, vp), pool, -5, 1);
+    for (size_t i = 0; i < in; i++) {
+        int col = (int)(i % in_stride);
+        H(x, kb)[i] = col < C ? rng_normal(&x->rng) : NAN;
+        H(x, vb)[i] = col < C ? rng_normal(&x->rng) : NAN;
+    }
+    for (size_t i = 0; i < pool; i++) {
+        put_elem(x, kp, kvd, i, 5 + rng_normal(&x->rng));
+        put_elem(x, vp, kvd, i, -5 + rng_normal(&x->rng));
+    }
     x->a[0] = kp, x->a[1] = vp, x->a[2] = kb, x->a[3] = vb, x->a[4] = tb, x->a[5] = mb;
     x->a[6] = L.max_blocks, x->a[7] = L.n_seqs;
     x->out = kp;
+    x->out_type = kvd;
     plan_rows(x, L.n_blocks * BS, C, C);
     double *rv = plan_out2(x, vp, pool, 0);
-    for (size_t i = 0; i < pool; i++) x->ref[i] = H(x, kp)[i], rv[i] = H(x, vp)[i];
+    x->out2_type = kvd;
+    for (size_t i = 0; i < pool; i++) x->ref[i] = elem(x, kp, kvd, i), rv[i] = elem(x, vp, kvd, i);
     for (int i = 0; i < L.n_seqs; i++) {
         const int32_t *table = HI(x, tb) + (size_t)i * L.max_blocks;
         for (int t = 0; t < L.s[i].n_new; t++) {
-            size_t dst = kv_pool_row(table, BS, L.s[i].past + t) * C, src = (size_t)(L.row0[i] + t) * C;
-            for (int c = 0; c < C; c++) x->ref[dst + c] = H(x, kb)[src + c], rv[dst + c] = H(x, vb)[src + c];
+            size_t dst = kv_pool_row(table, BS, L.s[i].past + t) * C, src = (size_t)(L.row0[i] + t) * in_stride;
+            for (int c = 0; c < C; c++) {
+                float k = H(x, kb)[src + c], v = H(x, vb)[src + c];
+                x->ref[dst + c] = kvd == BLIP2_W_F32 ? k : t_from16(t_to16(k, kvd), kvd);
+                rv[dst + c] = kvd == BLIP2_W_F32 ? v : t_from16(t_to16(v, kvd), kvd);
+            }
         }
     }
-    x->bytes = 16.0 * L.rows * C;
+    x->bytes = (8.0 + 2.0 * blip2_wdtype_size(kvd)) * L.rows * C;
 }
 static void exec_kv_write(op_ctx *x) {
-    x->be->kv_write(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), DI(x, x->a[4]), x->a[6], DI(x, x->a[5]),
-                    x->a[7], x->c->p[2], x->c->p[1]);
+    const int *p = x->c->p;
+    x->be->kv_write(D(x, x->a[0]), D(x, x->a[1]), p[4], D(x, x->a[2]), D(x, x->a[3]), p[1] + p[5], DI(x, x->a[4]),
+                    x->a[6], DI(x, x->a[5]), x->a[7], p[2], p[1]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1257,17 +1295,18 @@ static void extra_fill_normal(op_ctx *x) {
 #define MMH(T, C, OC, b, wd, act, note) \
     {"matmul_h", note, setup_matmul_h, exec_matmul_h, extra_matmul_h, {T, C, OC, b, wd, act}, 0, 1e-5, 1e-2, 0}
 #define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5, 0, 0}
-#define RLN(T, C, alias, var, eps, note) \
-    {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var}, eps, 1e-5, 0, 0}
+#define RLN(T, C, alias, var, bias, eps, note) \
+    {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var, bias}, eps, 1e-5, 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp}, scale, 1e-5, 0, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
-    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0}, scale, 1e-5, 0, 0}
-#define PAGEDM(mix, order, NH, HS, BS, pad, note) \
-    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order}, 0, 1e-5, 0, 0}
-#define KVW(mix, C, BS, order, note) {"kv_write", note, setup_kv_write, exec_kv_write, NULL, {mix, C, BS, order}, 0, 0, 0, 0}
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0, F32, 0}, scale, 1e-5, 0, 0}
+#define PAGEDM(mix, order, NH, HS, BS, pad, kvd, qpad, note) \
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad}, 0, 1e-5, 0, 0}
+#define KVW(mix, C, BS, order, kvd, pad, note) \
+    {"kv_write", note, setup_kv_write, exec_kv_write, NULL, {mix, C, BS, order, kvd, pad}, 0, 0, 0, 0}
 #define SM(T, n, var, note) {"softmax", note, setup_softmax, exec_softmax, NULL, {T, n, var}, 0, 1e-5, 0, 0}
 #define UN(op, n, tol, note) {#op, note, setup_##op, exec_##op, NULL, {n}, 0, tol, 0, 0}
 #define RES(n, note) {"residual_add", note, setup_residual_add, exec_residual_add, NULL, {n}, 0, 0, 0, 0}
@@ -1357,16 +1396,18 @@ static const op_case cases[] = {
     LN(3, 7, 0, 0, 1e-12f, "odd"),
     LN(65, 13, 1, 0, 1e-6f, "odd"),
 
-    RLN(45, 2560, 0, 0, 1e-5f, "OPT prefill"),
-    RLN(45, 2560, 1, 0, 1e-5f, "OPT prefill, out aliases y"),
-    RLN(1, 2560, 1, 0, 1e-5f, "OPT decode, out aliases y"),
-    RLN(257, 1408, 0, 0, 1e-6f, "vision"),
-    RLN(32, 768, 1, 0, 1e-12f, "Q-Former, out aliases y"),
-    RLN(13, 2560, 0, 1, 1e-5f, "variance 0 rows"),
-    RLN(7, 2560, 1, 2, 1e-5f, "large mean, out aliases y"),
-    RLN(1, 1, 0, 0, 1e-5f, "odd"),
-    RLN(3, 7, 1, 0, 1e-12f, "odd"),
-    RLN(65, 13, 0, 1, 1e-6f, "odd"),
+    RLN(45, 2560, 0, 0, 1, 1e-5f, "OPT prefill: + out_proj/fc2 bias"),
+    RLN(45, 2560, 1, 0, 1, 1e-5f, "OPT prefill, out aliases y"),
+    RLN(1, 2560, 1, 0, 1, 1e-5f, "OPT decode, out aliases y"),
+    RLN(64, 2560, 1, 0, 1, 1e-5f, "OPT decode batch 64"),
+    RLN(257, 1408, 0, 0, 0, 1e-6f, "vision"),
+    RLN(32, 768, 1, 0, 0, 1e-12f, "Q-Former, out aliases y"),
+    RLN(13, 2560, 0, 1, 0, 1e-5f, "variance 0 rows"),
+    RLN(13, 2560, 0, 1, 1, 1e-5f, "variance 0 rows with a bias"),
+    RLN(7, 2560, 1, 2, 1, 1e-5f, "large mean, out aliases y"),
+    RLN(1, 1, 0, 0, 1, 1e-5f, "odd"),
+    RLN(3, 7, 1, 0, 0, 1e-12f, "odd"),
+    RLN(65, 13, 0, 1, 1, 1e-6f, "odd"),
 
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
@@ -1393,22 +1434,29 @@ static const op_case cases[] = {
     PAGED(13, 65, 2, 3, 7, 2, 0, "odd"),
     PAGED(65, 65, 4, 13, 65, 0, 0, "odd, one block"),
     PAGED(2, 300, 2, 128, 16, 4, 0, "HS=128 (the kernel's limit), long context"),
-    PAGEDM(1, 0, 32, 80, 16, 0, "OPT batched step"),
-    PAGEDM(1, 1, 32, 80, 16, 3, "OPT batched step, rows reversed"),
-    PAGEDM(2, 0, 32, 80, 16, 0, "OPT decode batch"),
-    PAGEDM(3, 0, 4, 64, 16, 1, "chunked prefill"),
-    PAGEDM(3, 1, 3, 33, 5, 2, "chunked prefill, odd"),
-    PAGEDM(4, 0, 3, 5, 2, 1, "odd"),
-    PAGEDM(4, 1, 1, 1, 1, 0, "odd, one-position blocks"),
-
-    KVW(1, 2560, 16, 0, "OPT batched step"),
-    KVW(1, 2560, 16, 1, "OPT batched step, rows reversed"),
-    KVW(2, 2560, 16, 0, "OPT decode batch"),
-    KVW(5, 2560, 16, 0, "OPT prefill"),
-    KVW(6, 2560, 16, 0, "OPT decode"),
-    KVW(3, 65, 7, 1, "odd"),
-    KVW(4, 13, 1, 0, "odd, one-position blocks"),
-    KVW(4, 1, 3, 1, "odd, C=1"),
+    PAGEDM(1, 0, 32, 80, 16, 0, F32, 0, "OPT batched step"),
+    PAGEDM(1, 1, 32, 80, 16, 3, F32, 0, "OPT batched step, rows reversed"),
+    PAGEDM(1, 0, 32, 80, 16, 0, F16, 5120, "OPT batched step: f16 cache, q in the fused qkv rows"),
+    PAGEDM(1, 1, 32, 80, 16, 0, BF16, 5120, "OPT batched step: bf16 cache, q in the fused qkv rows"),
+    PAGEDM(2, 0, 32, 80, 16, 0, F32, 0, "OPT decode batch"),
+    PAGEDM(2, 0, 32, 80, 16, 0, F16, 5120, "OPT decode batch, f16 cache"),
+    PAGEDM(3, 0, 4, 64, 16, 1, F32, 0, "chunked prefill"),
+    PAGEDM(3, 1, 3, 33, 5, 2, BF16, 3, "chunked prefill, odd, bf16 cache"),
+    PAGEDM(4, 0, 3, 5, 2, 1, F16, 1, "odd, f16 cache"),
+    PAGEDM(4, 1, 1, 1, 1, 0, F32, 0, "odd, one-position blocks"),
+    PAGEDM(4, 1, 1, 1, 1, 0, BF16, 0, "odd, one-position blocks, bf16 cache"),
+    /* kv_write */
+    KVW(1, 2560, 16, 0, F32, 0, "OPT batched step"),
+    KVW(1, 2560, 16, 1, F32, 0, "OPT batched step, rows reversed"),
+    KVW(1, 2560, 16, 0, F16, 5120, "OPT batched step from fused qkv rows, f16 cache"),
+    KVW(1, 2560, 16, 1, BF16, 5120, "OPT batched step from fused qkv rows, bf16 cache"),
+    KVW(2, 2560, 16, 0, F32, 0, "OPT decode batch"),
+    KVW(5, 2560, 16, 0, F16, 5120, "OPT prefill, f16 cache"),
+    KVW(6, 2560, 16, 0, F32, 0, "OPT decode"),
+    KVW(3, 65, 7, 1, F32, 3, "odd"),
+    KVW(3, 65, 7, 1, F16, 1, "odd, f16 cache"),
+    KVW(4, 13, 1, 0, BF16, 0, "odd, one-position blocks, bf16 cache"),
+    KVW(4, 1, 3, 1, F32, 0, "odd, C=1"),
 
     SM(2 * 257, 257, 0, "attention rows"),
     SM(45, 45, 1, "masked rows"),
@@ -1563,7 +1611,7 @@ static void verify(op_ctx *x) {
                   be, op, x->desc, i);
     }
     if (x->out >= 0) compare_out(x, x->out, x->out_type, x->ref, x->rows, x->row_len, 1, case_tol(x), "output");
-    if (x->out2 >= 0) compare_out(x, x->out2, BLIP2_W_F32, x->ref2, 1, (int)x->n2, 0, x->tol2, "second output");
+    if (x->out2 >= 0) compare_out(x, x->out2, x->out2_type, x->ref2, 1, (int)x->n2, 0, x->tol2, "second output");
 }
 
 static void run_case(const op_case *c, const blip2_ops *be, int idx) {
@@ -1574,6 +1622,7 @@ static void run_case(const op_case *c, const blip2_ops *be, int idx) {
     x.rng = g_seed * 0x100000001b3ull + (uint64_t)idx * 7919u + 1;
     x.out = -1;
     x.out2 = -1;
+    x.out2_type = BLIP2_W_F32;
     c->setup(&x);
     ctx_commit(&x);
     c->exec(&x);

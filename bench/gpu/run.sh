@@ -23,6 +23,10 @@ CFG=$SHARED/hub/blip2-opt-2.7b/config.json
 timeout 240 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
   --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --json >"$OUT/ours.json" 2>"$OUT/ours.log"
 echo "ours: rc $? $(head -c 600 "$OUT/ours.json")"
+# The same decode without CUDA graphs (what the graphs buy, side by side).
+BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
+  --batch 1,64 --images 1 --prompt-len 45 --steps 32 --json >"$OUT/ours_nographs.json" 2>"$OUT/ours_nographs.log"
+echo "ours without graphs: rc $? $(head -c 400 "$OUT/ours_nographs.json")"
 timeout 120 "$BUILD/tests/test_ops" --perf --op matmul_h >"$OUT/ops_perf.log" 2>&1
 echo "ops perf: rc $? $(grep -c . "$OUT/ops_perf.log") lines"
 timeout 120 python3 "$SHARED/tools/gemm_floor.py" >"$OUT/gemm_floor.log" 2>&1

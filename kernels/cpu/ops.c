@@ -62,20 +62,37 @@ void blip2_softmax(float *x, int T, int n) {
     }
 }
 
+/* Element i of x of wdtype (any BLIP2_W_*), as fp32 (exact). */
+static inline float widen(const void *x, int wdtype, size_t i) {
+    if (wdtype == BLIP2_W_F32) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    return wdtype == BLIP2_W_F16 ? blip2_f16_to_f32(h) : blip2_bf16_to_f32(h);
+}
+
 /* Key/value row j of a paged pool: row j % bs of block table[j / bs]. */
 static inline size_t kv_offset(const int32_t *table, int bs, int j, int stride) {
     return ((size_t)table[j / bs] * bs + j % bs) * stride;
 }
 
-/* One head of one query row: scores over the visible keys, softmax, weighted sum of values. */
-static void attend_row(float *out, const float *q, const float *k, const float *v, const int32_t *table, int bs,
-                       int n_keys, int HS, int kv_stride, float scale, float *scores) {
+/* One head of one query row: scores over the visible keys, softmax, weighted sum of values. k and
+ * v point at the head's first column of a pool of kvdtype (off: that column's element offset). */
+typedef struct {
+    const void *k, *v;
+    size_t off;
+    int kvdtype, bs, HS, stride;
+} head_pool;
+
+static void attend_row(float *out, const float *q, const head_pool *p, const int32_t *table, int n_keys, float scale,
+                       float *scores) {
+    int HS = p->HS;
+    float qs[HS > 0 ? HS : 1];
+    for (int d = 0; d < HS; d++) qs[d] = q[d] * scale; /* as OPT: q · scaling, then q·kᵀ */
     float mx = -INFINITY;
     for (int j = 0; j < n_keys; j++) {
-        const float *kj = k + kv_offset(table, bs, j, kv_stride);
+        size_t kj = kv_offset(table, p->bs, j, p->stride) + p->off;
         float s = 0;
-        for (int d = 0; d < HS; d++) s += q[d] * kj[d];
-        scores[j] = s * scale;
+        for (int d = 0; d < HS; d++) s += qs[d] * widen(p->k, p->kvdtype, kj + d);
+        scores[j] = s;
         mx = scores[j] > mx ? scores[j] : mx;
     }
     double sum = 0;
@@ -86,34 +103,46 @@ static void attend_row(float *out, const float *q, const float *k, const float *
     float inv = (float)(1.0 / sum);
     for (int d = 0; d < HS; d++) out[d] = 0;
     for (int j = 0; j < n_keys; j++) {
-        float p = scores[j] * inv;
-        const float *vj = v + kv_offset(table, bs, j, kv_stride);
-        for (int d = 0; d < HS; d++) out[d] += p * vj[d];
+        float pj = scores[j] * inv;
+        size_t vj = kv_offset(table, p->bs, j, p->stride) + p->off;
+        for (int d = 0; d < HS; d++) out[d] += pj * widen(p->v, p->kvdtype, vj + d);
     }
 }
 
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
-                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
-                           int NH, int HS, int q_stride, int kv_stride, float scale) {
+void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
+                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
     (void)max_ctx;
     for (int i = 0; i < n_seqs; i++) {
         int row0 = meta[3 * i], n_new = meta[3 * i + 1], past = meta[3 * i + 2];
         const int32_t *table = tables + (size_t)i * max_blocks;
         for (int r = 0; r < n_new; r++)
-            for (int h = 0; h < NH; h++)
-                attend_row(out + (size_t)(row0 + r) * NH * HS + h * HS, q + (size_t)(row0 + r) * q_stride + h * HS,
-                           k_pool + h * HS, v_pool + h * HS, table, block_size, past + r + 1, HS, kv_stride, scale, scratch);
+            for (int h = 0; h < NH; h++) {
+                head_pool p = {k_pool, v_pool, (size_t)h * HS, kvdtype, block_size, HS, kv_stride};
+                attend_row(out + (size_t)(row0 + r) * NH * HS + h * HS, q + (size_t)(row0 + r) * q_stride + h * HS, &p,
+                           table, past + r + 1, scale, scratch);
+            }
     }
 }
 
-void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
-                    const int32_t *meta, int n_seqs, int block_size, int C) {
+/* Stores n values of a row as kvdtype at element offset dst of pool. */
+static void store_row(void *pool, int kvdtype, size_t dst, const float *x, int n) {
+    if (kvdtype == BLIP2_W_F32) {
+        memcpy((float *)pool + dst, x, sizeof(float) * n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)pool + dst;
+    for (int i = 0; i < n; i++) h[i] = kvdtype == BLIP2_W_F16 ? blip2_f32_to_f16(x[i]) : blip2_f32_to_bf16(x[i]);
+}
+
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C) {
     for (int i = 0; i < n_seqs; i++) {
         const int32_t *table = tables + (size_t)i * max_blocks;
         for (int t = 0; t < meta[3 * i + 1]; t++) {
-            size_t dst = kv_offset(table, block_size, meta[3 * i + 2] + t, C), src = (size_t)(meta[3 * i] + t) * C;
-            memcpy(k_pool + dst, k + src, sizeof(float) * C);
-            memcpy(v_pool + dst, v + src, sizeof(float) * C);
+            size_t dst = kv_offset(table, block_size, meta[3 * i + 2] + t, C), src = (size_t)(meta[3 * i] + t) * in_stride;
+            store_row(k_pool, kvdtype, dst, k + src, C);
+            store_row(v_pool, kvdtype, dst, v + src, C);
         }
     }
 }
@@ -218,12 +247,6 @@ uint16_t blip2_f32_to_f16(float f) {
     return (uint16_t)(sign | (r >> 13));
 }
 
-static inline float widen(const void *table, int wdtype, size_t i) {
-    if (wdtype == BLIP2_W_F32) return ((const float *)table)[i];
-    uint16_t h = ((const uint16_t *)table)[i];
-    return wdtype == BLIP2_W_F16 ? blip2_f16_to_f32(h) : blip2_bf16_to_f32(h);
-}
-
 static void apply_act(float *x, size_t n, int act) {
     if (act == BLIP2_ACT_GELU) blip2_gelu(x, n);
     if (act == BLIP2_ACT_RELU) blip2_relu(x, n);
@@ -245,10 +268,15 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
     apply_act(out, (size_t)T * OC, act);
 }
 
-void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
-                              float eps) {
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
+                              int T, int C, float eps) {
     for (int t = 0; t < T; t++) {
-        blip2_residual_add(res + (size_t)t * C, y + (size_t)t * C, (size_t)C);
+        float *r = res + (size_t)t * C;
+        const float *yy = y + (size_t)t * C;
+        if (bias)
+            for (int i = 0; i < C; i++) r[i] += yy[i] + bias[i];
+        else
+            blip2_residual_add(r, yy, (size_t)C);
         blip2_layernorm(out + (size_t)t * C, res + (size_t)t * C, w, b, 1, C, eps);
     }
 }

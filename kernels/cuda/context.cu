@@ -116,6 +116,9 @@ extern "C" blip2_cuda_ctx *blip2_cuda_ctx_create(int device, char *err, size_t n
     /* Default math: no TF32 for the fp32 routines (the attention gemms stay within 1e-5). */
     STEP_BLAS(cublasSetMathMode(ctx->blas, CUBLAS_DEFAULT_MATH));
     STEP_CUDA(cudaMalloc(&ctx->lt_ws, BLIP2_LT_WORKSPACE));
+    /* cuBLAS (the fallback of gemm, the attention gemms) shares it: one stream orders them, and a
+     * handle with its own workspace never allocates while a graph is recorded. */
+    STEP_BLAS(cublasSetWorkspace(ctx->blas, ctx->lt_ws, BLIP2_LT_WORKSPACE));
     STEP_CUDA(cudaMalloc((void **)&ctx->am_idx, sizeof(int32_t)));
     STEP_CUDA(cudaMalloc((void **)&ctx->am_val, sizeof(float)));
     STEP_CUDA(cudaMallocHost((void **)&ctx->am_host_idx, sizeof(int32_t)));

@@ -39,6 +39,8 @@ struct blip2_cuda_ctx {
     int lt_next; /* round-robin replacement slot */
     void *act16;  /* device scratch: fp32 activations converted to 16 bits before a 16-bit matmul */
     size_t act16_bytes;
+    unsigned scratch_gen; /* bumped whenever a scratch buffer (act16) moves: graphs recorded before are stale */
+    int capturing;        /* a graph is being recorded on the stream */
     void *stage[2]; /* pinned staging chunks for uploads (allocated on first use) */
     cudaEvent_t stage_ev[2];
     int stage_next;
@@ -52,6 +54,12 @@ struct blip2_cuda_ctx {
 
 /* Records an error on ctx (the first one since the last sync wins). */
 void blip2_cuda_record(blip2_cuda_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The graph hooks of blip2_cuda_ops (graph.cu). */
+int blip2_cuda_capture_begin(void);
+void *blip2_cuda_capture_end(char *why, size_t n);
+int blip2_cuda_graph_launch(void *graph);
+void blip2_cuda_graph_free(void *graph);
 
 /* cuBLAS status as text. */
 const char *blip2_cublas_status_str(cublasStatus_t s);

@@ -219,16 +219,16 @@ __global__ void __launch_bounds__(NT) k_layernorm(float *out, const float *inp, 
     for (int i = threadIdx.x; i < C; i += blockDim.x) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-/* res += y, then out = LN(res); out may alias y. */
-__global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, float *out, const float *y, const float *w,
-                                                           const float *b, int C, float eps) {
+/* res += y + bias (bias may be NULL), then out = LN(res); out may alias y. */
+__global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, float *out, const float *y, const float *bias,
+                                                           const float *w, const float *b, int C, float eps) {
     __shared__ double red[32];
     float *r = res + (size_t)blockIdx.x * C;
     const float *yy = y + (size_t)blockIdx.x * C;
     float *o = out + (size_t)blockIdx.x * C;
     double s = 0;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float v = r[i] + yy[i];
+        float v = r[i] + (bias ? yy[i] + bias[i] : yy[i]);
         r[i] = v;
         s += v;
     }
@@ -326,28 +326,41 @@ __device__ __forceinline__ size_t pool_row(const int32_t *tbl, int BS, int pos) 
     return (size_t)tbl[pos / BS] * BS + (size_t)(pos % BS);
 }
 
+/* KV cache elements: fp32, or 16-bit (a 16-bit model keeps a 16-bit cache: half the bytes that
+ * decode attention streams). Round to nearest even on store, exact widening on load. */
+__device__ __forceinline__ float kv_load(const float *p) { return *p; }
+__device__ __forceinline__ float kv_load(const __half *p) { return __half2float(*p); }
+__device__ __forceinline__ float kv_load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void kv_store(float *p, float v) { *p = v; }
+__device__ __forceinline__ void kv_store(__half *p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void kv_store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
 /* grid (n_seqs, Z), NT threads: block (s, z) copies rows z, z + Z, ... of sequence s. */
-__global__ void __launch_bounds__(NT) k_kv_write(float *kp, float *vp, const float *k, const float *v,
+template <typename KT>
+__global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k, const float *v, int in_stride,
                                                  const int32_t *tables, int max_blocks, const int32_t *meta, int BS,
                                                  int C) {
     int s = blockIdx.x;
     int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
     for (int r = blockIdx.y; r < n_new; r += gridDim.y) {
-        size_t dst = pool_row(tbl, BS, past + r) * C, src = (size_t)(row0 + r) * C;
+        size_t dst = pool_row(tbl, BS, past + r) * C, src = (size_t)(row0 + r) * in_stride;
         for (int c = threadIdx.x; c < C; c += blockDim.x) {
-            kp[dst + c] = k[src + c];
-            vp[dst + c] = v[src + c];
+            kv_store(kp + dst + c, k[src + c]);
+            kv_store(vp + dst + c, v[src + c]);
         }
     }
 }
 
 /* grid (NH, n_seqs, Z), NT threads, dynamic shared memory max_ctx floats (the scores of one row).
  * Block (h, s, z) handles head h of rows z, z + Z, ... of sequence s: warp w takes keys w, w + 8,
- * ..., its lanes split the head dimension (HS <= 128: four per lane at most). A row that would
- * need more than max_ctx keys is written as NaN instead of overflowing shared memory. */
-__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, const float *k_pool,
-                                                        const float *v_pool, const int32_t *tables, int max_blocks,
+ * ..., its lanes split the head dimension (HS <= 128: four per lane at most). q is scaled as it is
+ * loaded (q·scale, then q·kᵀ, as OPT). A row that would need more than max_ctx keys is written as
+ * NaN instead of overflowing shared memory. Time goes to streaming the keys and values: one pass
+ * over each, read once per (head, row). */
+template <typename KT>
+__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, const KT *k_pool,
+                                                        const KT *v_pool, const int32_t *tables, int max_blocks,
                                                         const int32_t *meta, int BS, int max_ctx, int NH, int HS,
                                                         int q_stride, int kv_stride, float scale) {
     extern __shared__ float sc[];
@@ -359,7 +372,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
-    const float *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
         size_t row = (size_t)(row0 + r);
         float *o = out + row * NH * HS + (size_t)h * HS;
@@ -369,14 +382,14 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
             continue;
         }
         __syncthreads(); /* the previous row is done with qs, sc and part */
-        for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = q[row * q_stride + (size_t)h * HS + d];
+        for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = q[row * q_stride + (size_t)h * HS + d] * scale;
         __syncthreads();
         float lmax = -INFINITY;
         for (int j = warp; j < nk; j += NWARPS) { /* uniform over the warp */
-            const float *kr = kh + pool_row(tbl, BS, j) * kv_stride;
+            const KT *kr = kh + pool_row(tbl, BS, j) * kv_stride;
             float p = 0.0f;
-            for (int d = lane; d < HS; d += 32) p += qs[d] * kr[d];
-            p = warp_sum(p) * scale;
+            for (int d = lane; d < HS; d += 32) p += qs[d] * kv_load(kr + d);
+            p = warp_sum(p);
             if (lane == 0) sc[j] = p;
             lmax = fmaxf(lmax, p);
         }
@@ -391,12 +404,12 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         float inv = (float)(1.0 / sum);
         float acc[PAGED_MAX_HS / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = warp; j < nk; j += NWARPS) {
-            const float *vr = vh + pool_row(tbl, BS, j) * kv_stride;
+            const KT *vr = vh + pool_row(tbl, BS, j) * kv_stride;
             float p = sc[j] * inv;
 #pragma unroll
             for (int u = 0; u < PAGED_MAX_HS / 32; u++) {
                 int d = lane + 32 * u;
-                if (d < HS) acc[u] += p * vr[d];
+                if (d < HS) acc[u] += p * kv_load(vr + d);
             }
         }
 #pragma unroll
@@ -517,10 +530,15 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
 void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
     if (bytes <= c->act16_bytes) return c->act16;
     size_t want = bytes < ((size_t)1 << 20) ? ((size_t)1 << 20) : bytes + bytes / 4;
+    if (c->capturing) { /* a recorded graph must not see the buffer move under it */
+        blip2_cuda_record(c, "matmul_h: the 16-bit scratch must grow to %zu bytes while a graph is recorded", bytes);
+        return NULL;
+    }
     if (!CUDA_CK(c, cudaStreamSynchronize(c->stream))) return NULL;
     if (c->act16) cudaFree(c->act16);
     c->act16 = NULL;
     c->act16_bytes = 0;
+    c->scratch_gen++;
     if (!CUDA_CK(c, cudaMalloc(&c->act16, want))) {
         c->act16 = NULL;
         return NULL;
@@ -821,11 +839,11 @@ void blip2_layernorm(float *out, const float *inp, const float *w, const float *
     LAUNCH_CK(c, "k_layernorm");
 }
 
-void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
-                              float eps) {
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
+                              int T, int C, float eps) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
     if (!c || T <= 0 || C <= 0) return;
-    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, y, w, b, C, eps);
+    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
 }
 
@@ -887,9 +905,49 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
                                            scratch, Tk, st_s, &zero, out, NH * HS, st_qkv, NH));
 }
 
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
-                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
-                           int NH, int HS, int q_stride, int kv_stride, float scale) {
+/* Shared memory for k_attention_paged<KT> at max_ctx: checked against the device, and the opt-in
+ * above 48 KiB set once to the device's largest value (so contexts on other threads never lower
+ * it under a launch). 0 when it does not fit (recorded). */
+template <typename KT> size_t paged_smem(blip2_cuda_ctx *c, int max_ctx) {
+    size_t smem = (size_t)max_ctx * sizeof(float);
+    if (smem <= 40 * 1024) return smem; /* static + dynamic under 48 KiB: no opt-in needed */
+    int optin = 0;
+    if (!CUDA_CK(c, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device))) return 0;
+    cudaFuncAttributes fa;
+    if (!CUDA_CK(c, cudaFuncGetAttributes(&fa, k_attention_paged<KT>))) return 0;
+    if (smem + fa.sharedSizeBytes > (size_t)optin) {
+        blip2_cuda_record(c, "attention_paged: max_ctx %d needs %zu bytes of shared memory, the device has %d", max_ctx,
+                          smem + fa.sharedSizeBytes, optin);
+        return 0;
+    }
+    int most = optin - (int)fa.sharedSizeBytes;
+    if (!CUDA_CK(c, cudaFuncSetAttribute(k_attention_paged<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize, most)))
+        return 0;
+    return smem;
+}
+
+template <typename KT>
+void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void *k_pool, const void *v_pool,
+                       const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                       int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
+    size_t smem = paged_smem<KT>(c, max_ctx);
+    if (!smem) return;
+    /* Row parallelism per (head, sequence): enough blocks in all for a prefill chunk, few empty ones
+     * for a large decode batch (one row per sequence). */
+    long long z = (2048 + (long long)NH * n_seqs - 1) / ((long long)NH * n_seqs);
+    if (z > 16) z = 16;
+    if (z > max_ctx) z = max_ctx;
+    if (z < 1) z = 1;
+    dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
+    k_attention_paged<KT><<<grid, NT, smem, c->stream>>>(out, q, (const KT *)k_pool, (const KT *)v_pool, tables,
+                                                         max_blocks, meta, block_size, max_ctx, NH, HS, q_stride,
+                                                         kv_stride, scale);
+    LAUNCH_CK(c, "k_attention_paged");
+}
+
+void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
+                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
     (void)scratch; /* the scores live in shared memory */
     blip2_cuda_ctx *c = cur("attention_paged");
     if (!c || n_seqs <= 0 || NH <= 0 || HS <= 0) return;
@@ -898,48 +956,40 @@ void blip2_attention_paged(float *out, const float *q, const float *k_pool, cons
                           block_size, max_ctx, PAGED_MAX_HS);
         return;
     }
-    size_t smem = (size_t)max_ctx * sizeof(float);
-    /* Static + dynamic shared memory above 48 KiB needs the opt-in (the static part is about 5 KiB). */
-    if (smem > 40 * 1024) {
-        int optin = 0;
-        if (!CUDA_CK(c, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device))) return;
-        cudaFuncAttributes fa;
-        if (!CUDA_CK(c, cudaFuncGetAttributes(&fa, k_attention_paged))) return;
-        if (smem + fa.sharedSizeBytes > (size_t)optin) {
-            blip2_cuda_record(c, "attention_paged: max_ctx %d needs %zu bytes of shared memory, the device has %d",
-                              max_ctx, smem + fa.sharedSizeBytes, optin);
-            return;
-        }
-        /* Always the device's largest value, so contexts on other threads never lower it under a launch. */
-        int most = optin - (int)fa.sharedSizeBytes;
-        if (!CUDA_CK(c, cudaFuncSetAttribute(k_attention_paged, cudaFuncAttributeMaxDynamicSharedMemorySize, most)))
-            return;
-    }
-    /* Row parallelism per (head, sequence): enough blocks in all for a prefill chunk, few empty ones
-     * for a large decode batch (one row per sequence). */
-    long long z = (2048 + (long long)NH * n_seqs - 1) / ((long long)NH * n_seqs);
-    if (z > 16) z = 16;
-    if (z > max_ctx) z = max_ctx;
-    if (z < 1) z = 1;
-    dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
-    k_attention_paged<<<grid, NT, smem, c->stream>>>(out, q, k_pool, v_pool, tables, max_blocks, meta, block_size,
-                                                     max_ctx, NH, HS, q_stride, kv_stride, scale);
-    LAUNCH_CK(c, "k_attention_paged");
+    if (kvdtype == BLIP2_W_F32)
+        attention_paged_t<float>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size, max_ctx, NH,
+                                 HS, q_stride, kv_stride, scale);
+    else if (kvdtype == BLIP2_W_F16)
+        attention_paged_t<__half>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size, max_ctx, NH,
+                                  HS, q_stride, kv_stride, scale);
+    else if (kvdtype == BLIP2_W_BF16)
+        attention_paged_t<__nv_bfloat16>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size,
+                                         max_ctx, NH, HS, q_stride, kv_stride, scale);
+    else
+        blip2_cuda_record(c, "attention_paged: unknown KV type %d", kvdtype);
 }
 
-void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
-                    const int32_t *meta, int n_seqs, int block_size, int C) {
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C) {
     blip2_cuda_ctx *c = cur("kv_write");
     if (!c || n_seqs <= 0 || C <= 0) return;
-    if (block_size <= 0) {
-        blip2_cuda_record(c, "kv_write: block_size %d", block_size);
+    if (block_size <= 0 || kvdtype < BLIP2_W_F32 || kvdtype > BLIP2_W_BF16) {
+        blip2_cuda_record(c, "kv_write: block_size %d, KV type %d", block_size, kvdtype);
         return;
     }
     long long z = (1024 + n_seqs - 1) / n_seqs;
     if (z > 64) z = 64;
     if (z < 1) z = 1;
     dim3 grid((unsigned)n_seqs, (unsigned)z);
-    k_kv_write<<<grid, NT, 0, c->stream>>>(k_pool, v_pool, k, v, tables, max_blocks, meta, block_size, C);
+    if (kvdtype == BLIP2_W_F32)
+        k_kv_write<float><<<grid, NT, 0, c->stream>>>((float *)k_pool, (float *)v_pool, k, v, in_stride, tables,
+                                                       max_blocks, meta, block_size, C);
+    else if (kvdtype == BLIP2_W_F16)
+        k_kv_write<__half><<<grid, NT, 0, c->stream>>>((__half *)k_pool, (__half *)v_pool, k, v, in_stride, tables,
+                                                        max_blocks, meta, block_size, C);
+    else
+        k_kv_write<__nv_bfloat16><<<grid, NT, 0, c->stream>>>((__nv_bfloat16 *)k_pool, (__nv_bfloat16 *)v_pool, k, v,
+                                                               in_stride, tables, max_blocks, meta, block_size, C);
     LAUNCH_CK(c, "k_kv_write");
 }
 
@@ -1144,6 +1194,10 @@ constexpr blip2_ops make_cuda_ops() {
     t.copy = mem_copy;
     t.zero = mem_zero;
     t.sync = be_sync;
+    t.capture_begin = blip2_cuda_capture_begin;
+    t.capture_end = blip2_cuda_capture_end;
+    t.graph_launch = blip2_cuda_graph_launch;
+    t.graph_free = blip2_cuda_graph_free;
     t.matmul = cuda::blip2_matmul;
     t.matmul_h = cuda::blip2_matmul_h;
     t.layernorm = cuda::blip2_layernorm;

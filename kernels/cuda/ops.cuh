@@ -15,8 +15,8 @@ void blip2_matmul(float *out, const float *inp, const float *weight, const float
 void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
                     int wdtype, int act);
 void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps);
-void blip2_residual_layernorm(float *res, float *out, const float *y, const float *w, const float *b, int T, int C,
-                              float eps);
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
+                              int T, int C, float eps);
 void blip2_residual_add(float *x, const float *y, size_t n);
 void blip2_add_bias(float *x, const float *bias, int T, int C);
 void blip2_scale(float *x, float s, size_t n);
@@ -25,11 +25,11 @@ void blip2_relu(float *x, size_t n);
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 /* scratch is ignored (the scores live in shared memory: max_ctx floats per block); HS <= 128. */
-void blip2_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool, const int32_t *tables,
-                           int max_blocks, const int32_t *meta, int n_seqs, int block_size, float *scratch, int max_ctx,
-                           int NH, int HS, int q_stride, int kv_stride, float scale);
-void blip2_kv_write(float *k_pool, float *v_pool, const float *k, const float *v, const int32_t *tables, int max_blocks,
-                    const int32_t *meta, int n_seqs, int block_size, int C);
+void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
+                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale);
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C);
 void blip2_softmax(float *x, int T, int n);
 void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS);
 void blip2_embedding(float *out, const int32_t *ids, const float *table, int T, int C);

@@ -6,7 +6,8 @@
 # Steps: build (no gRPC there), device smoke, op tests (CUDA vs the C reference on fresh random
 # inputs, guards, NaN), communicators (in-process over CUDA, NCCL with one rank), parity on the
 # goldens in f32/f16/bf16 and at TP 2 in-process, the engine (greedy + beams + batching) on the
-# GPU, and the CLI under mpirun -np 1 (the NCCL path) against the goldens' greedy ids.
+# GPU with and without decode graphs, and the CLI under mpirun -np 1 (the NCCL path) against the
+# goldens' greedy ids.
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
@@ -51,6 +52,10 @@ step parity_bf16 120 "$T/test_parity" --device cuda --dtype bf16
 step parity_f16_tp2 120 "$T/test_parity" --device cuda --dtype f16 --tp 2
 step engine_f32 180 "$T/test_engine" --device cuda --dtype f32
 step engine_f16 180 "$T/test_engine" --device cuda --dtype f16
+# Decode steps replay CUDA graphs by default; the same checks without them tell a graph bug from
+# a kernel bug (BLIP2_GEMV=0 likewise sends the small-batch matmuls to cuBLASLt).
+step engine_f16_nographs 180 env BLIP2_GRAPHS=0 "$T/test_engine" --device cuda --dtype f16
+step engine_bf16_nogemv 180 env BLIP2_GEMV=0 "$T/test_engine" --device cuda --dtype bf16
 
 # The CLI under mpirun -np 1: device context, NCCL communicator with one rank, the engine.
 FIX=$SHARED/fixtures
@@ -58,6 +63,9 @@ ids="$(printf '50265,%.0s' $(seq 32))2,45641,35,141,171,10017,32,11,5,2170,116,3
 want="3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421"
 export BUILD FIX ids want
 step cli_nccl_np1 120 bash -c 'out=$(mpirun -np 1 "$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda \
+  --dtype f16 --pixel-values "$FIX/pixel_values.safetensors:chelsea" --input-ids "$ids" --max-new-tokens 12 --json) \
+  && echo "$out" && [[ "$out" == *"\"output_ids\": [$want]"* ]]'
+step cli_nographs 120 bash -c 'out=$(BLIP2_GRAPHS=0 "$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda \
   --dtype f16 --pixel-values "$FIX/pixel_values.safetensors:chelsea" --input-ids "$ids" --max-new-tokens 12 --json) \
   && echo "$out" && [[ "$out" == *"\"output_ids\": [$want]"* ]]'
 step cli_beam3_f32 120 bash -c 'out=$("$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda --dtype f32 \
