@@ -53,11 +53,13 @@ void blip2_scale(float *x, float s, size_t n);
 void blip2_gelu(float *x, size_t n);
 void blip2_relu(float *x, size_t n);
 
-/* Multi-head attention for one sequence. q [Tq, q_stride], k and v [Tk, kv_stride]; head h reads
- * columns [h·HS, (h+1)·HS) of each. out [Tq, NH·HS] (heads concatenated h-major).
- * scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its own past).
- * scratch holds NH·Tq·Tk floats (the score matrices of all heads). */
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+/* Multi-head attention for B sequences of equal length (a batch of images). Sequence b has q
+ * [Tq, q_stride] at q + b·Tq·q_stride, k and v [Tk, kv_stride] at k, v + b·Tk·kv_stride, out
+ * [Tq, NH·HS] at out + b·Tq·NH·HS (heads concatenated h-major); head h reads columns
+ * [h·HS, (h+1)·HS). scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its
+ * own past). scratch holds max(B, NH)·Tq·Tk floats (score matrices: the device batches over heads
+ * or over sequences, whichever is more). */
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 
 /* Causal attention of a batched step over paged keys/values. Sequence i (of n_seqs) owns rows
@@ -157,7 +159,7 @@ typedef struct blip2_ops {
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);
     void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
-                      float, int);
+                      int, float, int);
     void (*attention_paged)(float *, const float *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, int, int, float *, int, int, int, int, int, float);
     void (*kv_write)(void *, void *, int, const float *, const float *, int, const int32_t *, int, const int32_t *, int,

@@ -355,7 +355,7 @@ static blip2_code encode_images(blip2_engine *e, blip2_status *st) {
     if (!B) return BLIP2_OK;
     int64_t t0 = blip2_now_ns();
     for (int b = 0; b < B; b++) memcpy(e->img_px + b * px, batch[b]->pixels, sizeof(float) * px);
-    blip2_code rc = blip2_encode_images(e->m, e->img_px, B, e->img_vis, e->img_qf, e->img_proj, st);
+    blip2_code rc = blip2_encode_images(e->m, &e->enc, e->img_px, B, NULL, NULL, e->img_proj, st);
     double ms = ms_between(t0, blip2_now_ns());
     for (int k = 0; !rc && k < B + D; k++) {
         req_t *r = k < B ? batch[k] : dup[k - B];
@@ -518,8 +518,6 @@ static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     e->refs = calloc((size_t)e->x.kv.n_blocks, sizeof *e->refs);
     e->act = calloc((size_t)e->o.max_batch, sizeof *e->act);
     e->img_px = malloc(sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
-    e->img_vis = malloc(sizeof(float) * B * c->vision.T * c->vision.C);
-    e->img_qf = malloc(sizeof(float) * B * c->Q * c->qformer.C);
     e->img_proj = malloc(sizeof(float) * B * c->Q * c->opt.C);
     e->scratch = malloc(sizeof(float) * 2 * (size_t)c->opt.V);
     e->tokens = malloc(sizeof(int32_t) * T);
@@ -527,10 +525,10 @@ static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     e->refs_step = malloc(sizeof *e->refs_step * (size_t)e->o.max_batch);
     e->copies = malloc(sizeof(int32_t) * 2 * (size_t)e->o.max_batch);
     e->hist = malloc(sizeof(int32_t) * (size_t)c->opt.max_pos);
-    if (!e->hist || !e->refs || !e->act || !e->img_px || !e->img_vis || !e->img_qf || !e->img_proj || !e->scratch || !e->tokens ||
+    if (!e->hist || !e->refs || !e->act || !e->img_px || !e->img_proj || !e->scratch || !e->tokens ||
         !e->img_rows || !e->refs_step || !e->copies)
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory");
-    return BLIP2_OK;
+    return blip2_encoder_ws_init(&e->enc, e->m, e->o.max_images_per_step, st); /* the engine runs on rank 0 */
 }
 
 blip2_code blip2_engine_create(const blip2_model *m, const blip2_tp *tp, const blip2_inputs *in,
@@ -569,8 +567,7 @@ void blip2_engine_destroy(blip2_engine *e) {
     free(e->refs);
     free(e->act);
     free(e->img_px);
-    free(e->img_vis);
-    free(e->img_qf);
+    blip2_encoder_ws_free(&e->enc);
     free(e->img_proj);
     free(e->scratch);
     free(e->tokens);

@@ -75,7 +75,8 @@ struct blip2_engine {
     int n_act, seqs_used;
     blip2_image_cache cache;
     blip2_engine_stats stats;
-    float *img_px, *img_vis, *img_qf, *img_proj; /* batched image encoding */
+    float *img_px, *img_proj;                    /* batched image encoding: pixels in, projected rows out (host) */
+    blip2_encoder_ws enc;                        /* its activations on the backend */
     float *scratch;                              /* [2V] sampling */
     int32_t *tokens;                             /* [max_step_tokens] the step's ids */
     float *img_rows;                             /* [max_step_tokens, Ct] the step's image rows */

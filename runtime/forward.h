@@ -11,19 +11,48 @@
 #include "kv_cache.h"
 #include "model.h"
 
-/* pixels [B, 3, H, W] → image embeddings after post_layernorm [B, T, Cv] (host memory). */
+/* Activations of the image stages (vision → Q-Former → projection) for up to max_B images at a
+ * time, allocated once in the model's backend memory: each stage hands its output to the next
+ * without leaving the device, and no call allocates. Shapes use the config's letters (T vision
+ * tokens, P patches, Q queries; Cv, Cq, Ct vision / Q-Former / OPT channels). */
+typedef struct {
+    const blip2_ops *ops;
+    int max_B;
+    float *pixels;        /* [B, 3, H, W] */
+    float *patches;       /* [P, 3·PS·PS] one image's patches as matmul rows */
+    float *x, *a, *ctx;   /* [B·T, Cv] residual stream, norm / matmul output, attention output */
+    float *qkv;           /* [B·T, 3Cv] */
+    float *mlp;           /* [B·T, mlp_v] */
+    float *scores;        /* attention scores: [max(B, NH)·Tq·Tk] of either encoder */
+    float *image;         /* [B·T, Cv] vision output (post-LN): the Q-Former's cross-attention input */
+    float *qx;            /* [B·Q, Cq] query states: the Q-Former output */
+    float *qq, *qctx, *qo; /* [B·Q, Cq] */
+    float *qk, *qv;       /* [B·max(Q, T), Cq] keys / values (the image's for cross-attention) */
+    float *qmlp;          /* [B·Q, mlp_q] */
+    float *proj;          /* [B·Q, Ct] the language projection: OPT's image rows */
+} blip2_encoder_ws;
+
+blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int max_B, blip2_status *st);
+void blip2_encoder_ws_free(blip2_encoder_ws *ws);
+
+/* The stages on the backend, B <= max_B images: ws->pixels → ws->image; ws->image → ws->qx;
+ * ws->qx → ws->proj. They queue work and return (errors surface at the next backend check). */
+void blip2_vision_run(const blip2_model *m, blip2_encoder_ws *ws, int B);
+void blip2_qformer_run(const blip2_model *m, blip2_encoder_ws *ws, int B);
+void blip2_project_run(const blip2_model *m, blip2_encoder_ws *ws, int B);
+
+/* The three stages in a row (rank 0): pixels [B, 3, H, W] (host) → projected [B, Q, Ct] (host);
+ * image [B, T, Cv] and qout [B, Q, Cq] (host, each may be NULL) receive the intermediate outputs.
+ * One upload, one download per output, one wait. */
+blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
+                               float *qout, float *projected, blip2_status *st);
+
+/* One stage at a time, host memory in and out, with a workspace of their own (per-stage timing in
+ * bench/): pixels [B, 3, H, W] → image embeddings [B, T, Cv]; → query outputs [B, Q, Cq]; →
+ * language_projection [B, Q, Ct]. */
 blip2_code blip2_vision_forward(const blip2_model *m, const float *pixels, int B, float *out, blip2_status *st);
-
-/* image embeddings [B, T, Cv] → query outputs [B, Q, Cq] (host memory). */
 blip2_code blip2_qformer_forward(const blip2_model *m, const float *image, int B, float *out, blip2_status *st);
-
-/* query outputs [B, Q, Cq] → language_projection [B, Q, Ct] (host memory). */
 blip2_code blip2_project(const blip2_model *m, const float *query_out, int B, float *out, blip2_status *st);
-
-/* The three image stages in a row (rank 0): pixels [B, 3, H, W] → image [B, T, Cv] → qout
- * [B, Q, Cq] → projected [B, Q, Ct], all host memory. */
-blip2_code blip2_encode_images(const blip2_model *m, const float *pixels, int B, float *image, float *qout,
-                               float *projected, blip2_status *st);
 
 /* The KV cache of a single sequence: a private paged pool holding max_T positions, T filled. */
 typedef struct {

@@ -11,25 +11,14 @@ const char *blip2_finish_name(blip2_finish f) {
     return f >= 0 && f <= BLIP2_FINISH_CANCELLED ? names[f] : "?";
 }
 
-blip2_code blip2_encode_images(const blip2_model *m, const float *pixels, int B, float *image, float *qout,
-                               float *projected, blip2_status *st) {
-    blip2_code rc = blip2_vision_forward(m, pixels, B, image, st);
-    if (!rc) rc = blip2_qformer_forward(m, image, B, qout, st);
-    return rc ? rc : blip2_project(m, qout, B, projected, st);
-}
-
 /* Image → projected query embeddings on rank 0, recording the intermediates asked for. */
 static blip2_code encode_image(const blip2_model *m, const float *pixels, float *projected, blip2_trace *tr,
                                blip2_status *st) {
-    const blip2_config *c = &m->cfg;
-    float *image = malloc(sizeof(float) * c->vision.T * c->vision.C), *qout = malloc(sizeof(float) * c->Q * c->qformer.C);
-    blip2_code rc = image && qout ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
-    if (!rc) rc = blip2_encode_images(m, pixels, 1, image, qout, projected, st);
-    if (!rc && tr->vision_out) memcpy(tr->vision_out, image, sizeof(float) * c->vision.T * c->vision.C);
-    if (!rc && tr->qformer_out) memcpy(tr->qformer_out, qout, sizeof(float) * c->Q * c->qformer.C);
-    if (!rc && tr->projected) memcpy(tr->projected, projected, sizeof(float) * c->Q * c->opt.C);
-    free(image);
-    free(qout);
+    blip2_encoder_ws ws;
+    blip2_code rc = blip2_encoder_ws_init(&ws, m, 1, st);
+    if (!rc) rc = blip2_encode_images(m, &ws, pixels, 1, tr->vision_out, tr->qformer_out, projected, st);
+    if (!rc && tr->projected) memcpy(tr->projected, projected, sizeof(float) * m->cfg.Q * m->cfg.opt.C);
+    blip2_encoder_ws_free(&ws);
     return rc;
 }
 

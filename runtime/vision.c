@@ -1,23 +1,10 @@
 /* EVA ViT-g/14 encoder (spec §3.1). Time goes to the four matmuls of each layer. */
 #include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "backend.h"
 #include "forward.h"
 
-typedef struct {
-    float *x;       /* [B·T, Cv] residual stream */
-    float *a;       /* [B·T, Cv] layer-norm output / matmul result */
-    float *qkv;     /* [B·T, 3Cv] */
-    float *ctx;     /* [B·T, Cv] */
-    float *mlp;     /* [B·T, mlp] */
-    float *pixels;  /* [B, 3, H, W] */
-    float *patches; /* [P, 3·PS·PS] */
-    float *scores;  /* [NH, T, T] attention scores of all heads */
-} vision_ws;
-
-static void vision_embed(const blip2_model *m, int B, vision_ws *ws) {
+static void vision_embed(const blip2_model *m, int B, blip2_encoder_ws *ws) {
     const blip2_vision_config *c = &m->cfg.vision;
     const blip2_vision_weights *w = &m->vision;
     const blip2_ops *o = m->ops;
@@ -32,18 +19,16 @@ static void vision_embed(const blip2_model *m, int B, vision_ws *ws) {
     }
 }
 
-static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer *L, int B, vision_ws *ws) {
+/* One pre-LN layer over all B·T rows; attention batched over the images. */
+static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer *L, int B, blip2_encoder_ws *ws) {
     const blip2_vision_config *c = &m->cfg.vision;
     const blip2_ops *o = m->ops;
     int BT = B * c->T, C = c->C;
     float scale = 1.0f / sqrtf((float)c->HS); /* HF: scores · head_dim^-0.5 */
     o->layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, BT, C, c->eps);
     blip2_mm(m, ws->qkv, ws->a, L->qkv_w, L->qkv_b, BT, C, 3 * C, BLIP2_ACT_NONE);
-    for (int b = 0; b < B; b++) {
-        const float *q = ws->qkv + (size_t)b * c->T * 3 * C;
-        o->attention(ws->ctx + (size_t)b * c->T * C, q, q + C, q + 2 * C, ws->scores, c->T, c->T, c->NH, c->HS, 3 * C,
-                     3 * C, scale, 0);
-    }
+    o->attention(ws->ctx, ws->qkv, ws->qkv + C, ws->qkv + 2 * C, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
+                 scale, 0);
     blip2_mm(m, ws->a, ws->ctx, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
     o->residual_layernorm(ws->x, ws->a, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps); /* x += a; a = LN2(x) */
     blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, BT, C, c->mlp, BLIP2_ACT_GELU);
@@ -51,31 +36,9 @@ static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer 
     o->residual_add(ws->x, ws->a, (size_t)BT * C);
 }
 
-blip2_code blip2_vision_forward(const blip2_model *m, const float *pixels, int B, float *out, blip2_status *st) {
+void blip2_vision_run(const blip2_model *m, blip2_encoder_ws *ws, int B) {
     const blip2_vision_config *c = &m->cfg.vision;
-    size_t BT = (size_t)B * c->T, px = (size_t)B * c->channels * c->image_size * c->image_size;
-    blip2_bufs bufs = {.ops = m->ops};
-    vision_ws ws = {
-        .x = blip2_bufs_get(&bufs, sizeof(float) * BT * c->C),
-        .a = blip2_bufs_get(&bufs, sizeof(float) * BT * c->C),
-        .qkv = blip2_bufs_get(&bufs, sizeof(float) * BT * 3 * c->C),
-        .ctx = blip2_bufs_get(&bufs, sizeof(float) * BT * c->C),
-        .mlp = blip2_bufs_get(&bufs, sizeof(float) * BT * c->mlp),
-        .pixels = blip2_bufs_get(&bufs, sizeof(float) * px),
-        .patches = blip2_bufs_get(&bufs, sizeof(float) * c->P * c->channels * c->patch_size * c->patch_size),
-        .scores = blip2_bufs_get(&bufs, sizeof(float) * c->NH * c->T * c->T),
-    };
-    blip2_code rc = BLIP2_OK;
-    if (bufs.failed) {
-        rc = blip2_fail(st, BLIP2_ENOMEM, "vision encoder: out of %s memory for a batch of %d", m->ops->name, B);
-    } else {
-        m->ops->upload(ws.pixels, pixels, sizeof(float) * px);
-        vision_embed(m, B, &ws);
-        for (int l = 0; l < c->layers; l++) vision_layer_forward(m, &m->vision.layers[l], B, &ws);
-        m->ops->layernorm(ws.a, ws.x, m->vision.post_ln_w, m->vision.post_ln_b, (int)BT, c->C, c->eps);
-        m->ops->download(out, ws.a, sizeof(float) * BT * c->C);
-        rc = blip2_backend_check(m->ops, "vision encoder", st);
-    }
-    blip2_bufs_release(&bufs);
-    return rc;
+    vision_embed(m, B, ws);
+    for (int l = 0; l < c->layers; l++) vision_layer_forward(m, &m->vision.layers[l], B, ws);
+    m->ops->layernorm(ws->image, ws->x, m->vision.post_ln_w, m->vision.post_ln_b, B * c->T, c->C, c->eps);
 }

@@ -524,27 +524,28 @@ static void exec_gelu(op_ctx *x) { x->be->gelu(D(x, x->a[0]), (size_t)x->c->p[0]
 static void exec_relu(op_ctx *x) { x->be->relu(D(x, x->a[0]), (size_t)x->c->p[0]); }
 
 /* ------------------------------------------------------------------------------------------------
- * attention: p = {Tq, Tk, NH, HS, causal, layout, pad}, f = scale (0: 1/√HS), amplitude in p[7]
- * (std of q and k; 0 means 1).
- * layout 0: separate q [Tq+2, C+pad], k and v [Tk+3, C+pad] buffers (Q-Former cross-attention, the
- *           OPT KV cache); rows past Tq / Tk and the pad columns hold NaN.
- * layout 1: one fused qkv buffer [T, 3C+pad] with k at column C and v at 2C (vision self-attention);
- *           needs Tq == Tk. */
+ * attention: p = {Tq, Tk, NH, HS, causal, layout, pad, amp, B}, f = scale (0: 1/√HS); amp is the
+ * std of q and k (0 means 1); B sequences one after the other (0 means 1; the op loops over the
+ * images or over the heads, whichever is fewer, so B > NH and B < NH are both cases).
+ * layout 0: separate q [B·Tq+2, C+pad], k and v [B·Tk+3, C+pad] buffers (Q-Former cross-attention,
+ *           the OPT KV cache); rows past B·Tq / B·Tk and the pad columns hold NaN.
+ * layout 1: one fused qkv buffer [B·T, 3C+pad] with k at column C and v at 2C (vision
+ *           self-attention); needs Tq == Tk. */
 typedef struct {
-    int Tq, Tk, NH, HS, C, causal, qs, kvs;
+    int Tq, Tk, NH, HS, C, causal, qs, kvs, B;
     float scale;
 } attn_shape;
 
 static attn_shape attn_get(const op_ctx *x) {
     const int *p = x->c->p;
-    attn_shape s = {p[0], p[1], p[2], p[3], p[2] * p[3], p[4], 0, 0, x->c->f};
+    attn_shape s = {p[0], p[1], p[2], p[3], p[2] * p[3], p[4], 0, 0, p[8] > 0 ? p[8] : 1, x->c->f};
     if (s.scale == 0) s.scale = 1.0f / sqrtf((float)s.HS);
     if (p[5] == 1) s.qs = s.kvs = 3 * s.C + p[6];
     else s.qs = s.kvs = s.C + p[6];
     return s;
 }
 
-/* Reference for one query row into ref[NH·HS]. */
+/* Reference for query row i of one sequence into ref[NH·HS]. */
 static void attn_ref_row(double *ref, const float *q, const float *k, const float *v, const attn_shape *s, int i) {
     int n_keys = s->causal ? i + (s->Tk - s->Tq) + 1 : s->Tk;
     double *sc = malloc(sizeof(double) * (size_t)s->Tk);
@@ -567,24 +568,24 @@ static void attn_ref_row(double *ref, const float *q, const float *k, const floa
 
 static void setup_attention(op_ctx *x) {
     attn_shape s = attn_get(x);
-    int fused = x->c->p[5] == 1, pad = x->c->p[6];
+    int fused = x->c->p[5] == 1, pad = x->c->p[6], rq = s.B * s.Tq, rk = s.B * s.Tk;
     float amp = x->c->p[7] ? (float)x->c->p[7] : 1.0f;
-    snprintf(x->desc, sizeof x->desc, "Tq=%d Tk=%d NH=%d HS=%d%s %s pad=%d scale=%.4g%s", s.Tq, s.Tk, s.NH, s.HS,
-             s.causal ? " causal" : "", fused ? "fused-qkv" : "q,k,v", pad, s.scale, amp != 1 ? " big-scores" : "");
+    snprintf(x->desc, sizeof x->desc, "B=%d Tq=%d Tk=%d NH=%d HS=%d%s %s pad=%d scale=%.4g%s", s.B, s.Tq, s.Tk, s.NH,
+             s.HS, s.causal ? " causal" : "", fused ? "fused-qkv" : "q,k,v", pad, s.scale, amp != 1 ? " big-scores" : "");
     int qb, kb, vb;
     const float qnan = NAN;
     if (fused) {
-        qb = kb = vb = buf_new(x, B_IN, (size_t)s.Tq * s.qs);
+        qb = kb = vb = buf_new(x, B_IN, (size_t)rq * s.qs);
         float *Q = H(x, qb);
-        for (int t = 0; t < s.Tq; t++)
+        for (int t = 0; t < rq; t++)
             for (int c = 0; c < s.qs; c++)
                 Q[(size_t)t * s.qs + c] = c < 2 * s.C ? amp * rng_normal(&x->rng) : c < 3 * s.C ? rng_uniform(&x->rng, -1, 1) : qnan;
     } else {
-        qb = buf_new(x, B_IN, (size_t)(s.Tq + 2) * s.qs);
-        kb = buf_new(x, B_IN, (size_t)(s.Tk + 3) * s.kvs);
-        vb = buf_new(x, B_IN, (size_t)(s.Tk + 3) * s.kvs);
+        qb = buf_new(x, B_IN, (size_t)(rq + 2) * s.qs);
+        kb = buf_new(x, B_IN, (size_t)(rk + 3) * s.kvs);
+        vb = buf_new(x, B_IN, (size_t)(rk + 3) * s.kvs);
         for (int which = 0; which < 3; which++) {
-            int b = which == 0 ? qb : which == 1 ? kb : vb, rows = which == 0 ? s.Tq : s.Tk;
+            int b = which == 0 ? qb : which == 1 ? kb : vb, rows = which == 0 ? rq : rk;
             int stride = which == 0 ? s.qs : s.kvs;
             float *M = H(x, b);
             for (size_t i = 0; i < x->b[b].n; i++) {
@@ -593,26 +594,31 @@ static void setup_attention(op_ctx *x) {
             }
         }
     }
-    int sc = buf_new(x, B_SCRATCH, (size_t)s.NH * s.Tq * s.Tk); /* the score matrices of all heads */
-    int out = buf_new(x, B_OUT, (size_t)s.Tq * s.C);
+    int most = s.B > s.NH ? s.B : s.NH;
+    int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * s.Tk); /* the score matrices of one batched product */
+    int out = buf_new(x, B_OUT, (size_t)rq * s.C);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;
-    plan_rows(x, s.Tq, s.C, 2.0 * s.Tk * s.C);
+    plan_rows(x, rq, s.C, 2.0 * s.Tk * s.C);
     const float *q = H(x, qb), *k = H(x, kb) + (fused ? s.C : 0), *v = H(x, vb) + (fused ? 2 * s.C : 0);
     double keys = 0;
-    for (int i = 0; i < s.Tq; i++) {
+    for (int r = 0; r < rq; r++) {
+        int b = r / s.Tq, i = r % s.Tq;
         keys += s.causal ? i + (s.Tk - s.Tq) + 1 : s.Tk;
-        if (row_checked(x, i)) attn_ref_row(x->ref + (size_t)i * s.C, q, k, v, &s, i);
+        if (row_checked(x, r))
+            attn_ref_row(x->ref + (size_t)r * s.C, q + (size_t)b * s.Tq * s.qs, k + (size_t)b * s.Tk * s.kvs,
+                         v + (size_t)b * s.Tk * s.kvs, &s, i);
     }
     x->flops = 4.0 * keys * s.C;
-    x->bytes = 4.0 * ((double)s.Tq * s.C * 2 + 2.0 * s.Tk * s.C);
+    x->bytes = 4.0 * ((double)rq * s.C * 2 + 2.0 * rk * s.C);
 }
 
 static void exec_attention(op_ctx *x) {
     attn_shape s = attn_get(x);
     int fused = x->a[5];
     float *q = D(x, x->a[1]), *k = D(x, x->a[2]) + (fused ? s.C : 0), *v = D(x, x->a[3]) + (fused ? 2 * s.C : 0);
-    x->be->attention(D(x, x->a[0]), q, k, v, D(x, x->a[4]), s.Tq, s.Tk, s.NH, s.HS, s.qs, s.kvs, s.scale, s.causal);
+    x->be->attention(D(x, x->a[0]), q, k, v, D(x, x->a[4]), s.B, s.Tq, s.Tk, s.NH, s.HS, s.qs, s.kvs, s.scale,
+                     s.causal);
 }
 
 /* Causal semantics from the op itself, independent of the reference: row i of a causal call must
@@ -629,7 +635,7 @@ static void exec_attention_rel(op_ctx *x) {
     for (int i = 0; i < s.Tq; i++) {
         int n_keys = i + (s.Tk - s.Tq) + 1;
         x->be->attention(D(x, x->a[6]) + (size_t)i * s.C, D(x, x->a[1]) + (size_t)i * s.qs, D(x, x->a[2]), D(x, x->a[3]),
-                         D(x, x->a[4]), 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0);
+                         D(x, x->a[4]), 1, 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0);
     }
 }
 static void extra_attention_rel(op_ctx *x) {
@@ -866,7 +872,7 @@ static void setup_attention_paged(op_ctx *x) {
         }
         for (int r = 0; r < n_new; r++)
             for (int c = 0; c < C; c++) qc[(size_t)r * C + c] = Q[(size_t)(L.row0[i] + r) * qstride + c] * scale;
-        attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, 1.0f};
+        attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, 1, 1.0f};
         for (int r = 0; r < n_new; r++) {
             keys += L.s[i].past + r + 1;
             if (row_checked(x, L.row0[i] + r)) attn_ref_row(x->ref + (size_t)(L.row0[i] + r) * C, qc, kc, vc, &sh, r);
@@ -1297,8 +1303,9 @@ static void extra_fill_normal(op_ctx *x) {
 #define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5, 0, 0}
 #define RLN(T, C, alias, var, bias, eps, note) \
     {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var, bias}, eps, 1e-5, 0, 0}
-#define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
-    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp}, scale, 1e-5, 0, 0}
+#define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
+#define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B}, scale, 1e-5, 0, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
@@ -1410,6 +1417,11 @@ static const op_case cases[] = {
     RLN(65, 13, 0, 1, 1, 1e-6f, "odd"),
 
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
+    ATTB(4, 257, 257, 16, 88, 0, 1, 0, 0, 0, "vision, 4 images (a loop over images)"),
+    ATTB(20, 257, 257, 16, 88, 0, 1, 0, 0, 0, "vision, 20 images (a loop over heads)"),
+    ATTB(3, 32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention, 3 images"),
+    ATTB(5, 7, 13, 2, 5, 1, 0, 3, 0, 1.0f, "odd, 5 sequences over 2 heads, causal with a cache"),
+    ATTB(3, 9, 9, 4, 3, 0, 1, 2, 0, 0, "odd, 3 sequences, fused"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),

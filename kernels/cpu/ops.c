@@ -147,19 +147,24 @@ void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, con
     }
 }
 
-/* Contiguous keys: per head, S = scale·Q·Kᵀ and O = softmax(S)·V as two sgemms, so the vision
- * encoder's 257×257 attention runs at matmul speed instead of a scalar loop. */
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+/* Contiguous keys: per sequence and head, S = scale·Q·Kᵀ and O = softmax(S)·V as two sgemms, so
+ * the vision encoder's 257×257 attention runs at matmul speed instead of a scalar loop. */
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
     int ld_out = NH * HS;
-    for (int h = 0; h < NH; h++) { /* one head's Tq·Tk of the scratch is enough here */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tq, Tk, HS, scale, q + h * HS, q_stride, k + h * HS,
-                    kv_stride, 0.0f, scratch, Tk);
-        for (int i = 0; causal && i < Tq; i++)
-            for (int j = i + (Tk - Tq) + 1; j < Tk; j++) scratch[(size_t)i * Tk + j] = -INFINITY;
-        blip2_softmax(scratch, Tq, Tk);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tq, HS, Tk, 1.0f, scratch, Tk, v + h * HS, kv_stride, 0.0f,
-                    out + h * HS, ld_out);
+    for (int b = 0; b < B; b++) {
+        const float *qb = q + (size_t)b * Tq * q_stride, *kb = k + (size_t)b * Tk * kv_stride;
+        const float *vb = v + (size_t)b * Tk * kv_stride;
+        float *ob = out + (size_t)b * Tq * ld_out;
+        for (int h = 0; h < NH; h++) { /* one head's Tq·Tk of the scratch is enough here */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tq, Tk, HS, scale, qb + h * HS, q_stride, kb + h * HS,
+                        kv_stride, 0.0f, scratch, Tk);
+            for (int i = 0; causal && i < Tq; i++)
+                for (int j = i + (Tk - Tq) + 1; j < Tk; j++) scratch[(size_t)i * Tk + j] = -INFINITY;
+            blip2_softmax(scratch, Tq, Tk);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tq, HS, Tk, 1.0f, scratch, Tk, vb + h * HS, kv_stride,
+                        0.0f, ob + h * HS, ld_out);
+        }
     }
 }
 

@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
     softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
 }
 
-/* Scores [NH, Tq, Tk]: row blockIdx.x = h·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
+/* Scores [batch, Tq, Tk]: row blockIdx.x = n·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
 __global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int causal) {
     __shared__ float shf[32];
     __shared__ double shd[32];
@@ -886,23 +886,36 @@ void blip2_relu(float *x, size_t n) {
 /* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
  * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
  * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
     blip2_cuda_ctx *c = cur("attention");
-    if (!c || Tq <= 0 || NH <= 0 || HS <= 0) return;
+    if (!c || B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0) return;
     if (Tk <= 0) {
-        CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)Tq * NH * HS * sizeof(float), c->stream));
+        CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * sizeof(float), c->stream));
         return;
     }
+    /* Two strided-batched products and a softmax per image (batched over its heads) or per head
+     * (batched over the images), whichever loop is shorter: 3·min(B, NH) launches. */
     const float one = 1.0f, zero = 0.0f;
-    long long st_qkv = HS, st_s = (long long)Tq * Tk;
-    if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k, kv_stride,
-                                                st_qkv, q, q_stride, st_qkv, &zero, scratch, Tk, st_s, NH)))
-        return;
-    k_attn_softmax<<<(unsigned)(NH * Tq), NT, 0, c->stream>>>(scratch, Tq, Tk, causal);
-    if (!LAUNCH_CK(c, "k_attn_softmax")) return;
-    CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v, kv_stride, st_qkv,
-                                           scratch, Tk, st_s, &zero, out, NH * HS, st_qkv, NH));
+    const bool per_image = B <= NH;
+    const int outer = per_image ? B : NH, batch = per_image ? NH : B;
+    const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
+    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * Tk;
+    for (int i = 0; i < outer; i++) {
+        size_t oq = per_image ? (size_t)i * Tq * q_stride : (size_t)i * HS;
+        size_t okv = per_image ? (size_t)i * Tk * kv_stride : (size_t)i * HS;
+        size_t oo = per_image ? (size_t)i * Tq * NH * HS : (size_t)i * HS;
+        if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
+                                                    kv_stride, skv, q + oq, q_stride, sq, &zero, scratch, Tk, st_s,
+                                                    batch)))
+            return;
+        k_attn_softmax<<<(unsigned)(batch * Tq), NT, 0, c->stream>>>(scratch, Tq, Tk, causal);
+        if (!LAUNCH_CK(c, "k_attn_softmax")) return;
+        if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
+                                                    kv_stride, skv, scratch, Tk, st_s, &zero, out + oo, NH * HS, so,
+                                                    batch)))
+            return;
+    }
 }
 
 /* Shared memory for k_attention_paged<KT> at max_ctx: checked against the device, and the opt-in

@@ -22,7 +22,7 @@ void blip2_add_bias(float *x, const float *bias, int T, int C);
 void blip2_scale(float *x, float s, size_t n);
 void blip2_gelu(float *x, size_t n);
 void blip2_relu(float *x, size_t n);
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int Tq, int Tk,
+void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
 /* scratch is ignored (the scores live in shared memory: max_ctx floats per block); HS <= 128. */
 void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
