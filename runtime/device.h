@@ -26,6 +26,9 @@ void blip2_device_close(blip2_device *d);
 const blip2_ops *blip2_device_ops(const char *name);
 /* GPUs visible to this process (0 without CUDA). */
 int blip2_device_count(void);
+/* The GPU ordinal of the calling thread's CUDA context (0 without one): another thread opens the
+ * same device with blip2_device_open(ops->name, this) to get a queue of its own. */
+int blip2_device_current_index(void);
 /* For a rank of a tensor-parallel group: opens GPU (local rank mod GPUs) and, for CUDA under
  * mpirun, puts a NCCL communicator over tp->comm in its place (*nccl, freed by close_tp; the
  * original stays the host plane). CPU or a single process: tp is left as it is. Not collective

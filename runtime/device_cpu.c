@@ -8,4 +8,5 @@ blip2_code blip2_device_open_cuda(int index, blip2_device *d, blip2_status *st) 
 
 void blip2_device_close_cuda(blip2_device *d) { (void)d; }
 int blip2_device_count(void) { return 0; }
+int blip2_device_current_index(void) { return 0; }
 const blip2_ops *blip2_device_cuda_ops(void) { return NULL; }

@@ -23,4 +23,9 @@ void blip2_device_close_cuda(blip2_device *d) {
 }
 
 int blip2_device_count(void) { return blip2_cuda_device_count(); }
+
+int blip2_device_current_index(void) {
+    blip2_cuda_ctx *c = blip2_cuda_ctx_current();
+    return c ? blip2_cuda_ctx_device(c) : 0;
+}
 const blip2_ops *blip2_device_cuda_ops(void) { return &blip2_cuda_ops; }

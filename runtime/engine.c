@@ -169,6 +169,7 @@ blip2_code blip2_engine_submit(blip2_engine *e, const blip2_job *job, const blip
     else if (e->qlen >= e->o.max_queue)
         rc = blip2_fail(st, BLIP2_EBUSY, "the queue is full (%d requests waiting): try again later", e->qlen);
     if (!rc) {
+        r->id = ++e->next_id;
         if (e->qt) e->qt->next = r; else e->qh = r;
         e->qt = r;
         e->qlen++;
@@ -318,60 +319,6 @@ static void check_active(blip2_engine *e, int64_t now, int cancel_all) {
     }
 }
 
-/* Same image bytes (hash first, then every byte, as the cache does). */
-static int same_image(const req_t *a, const req_t *b) {
-    return a->img && b->img && a->hash == b->hash && a->img_len == b->img_len && memcmp(a->img, b->img, a->img_len) == 0;
-}
-
-/* An image encoded since this request was submitted: take its embedding from the cache. */
-static int take_cached(blip2_engine *e, req_t *r, size_t emb) {
-    if (!r->img || !(r->projected = malloc(sizeof(float) * emb))) return 0;
-    if (!blip2_image_cache_retry(&e->cache, r->img, r->img_len, r->hash, r->projected)) {
-        free(r->projected);
-        r->projected = NULL;
-        return 0;
-    }
-    r->cached = 1;
-    free(r->pixels);
-    r->pixels = NULL;
-    return 1;
-}
-
-/* Vision + Q-Former + projection for newly admitted requests, batched; an image that several of
- * them share (sent together, or since cached) is encoded once. */
-static blip2_code encode_images(blip2_engine *e, blip2_status *st) {
-    const blip2_config *c = &e->m->cfg;
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size, emb = (size_t)c->Q * c->opt.C;
-    req_t *batch[64], *dup[64];
-    int B = 0, D = 0, src[64];
-    for (int i = 0; i < e->n_act && B < e->o.max_images_per_step && D < 64; i++) {
-        req_t *r = e->act[i];
-        if (r->projected || take_cached(e, r, emb)) continue;
-        int j = 0;
-        while (j < B && !same_image(batch[j], r)) j++;
-        if (j < B) dup[D] = r, src[D++] = j;
-        else batch[B++] = r;
-    }
-    if (!B) return BLIP2_OK;
-    int64_t t0 = blip2_now_ns();
-    for (int b = 0; b < B; b++) memcpy(e->img_px + b * px, batch[b]->pixels, sizeof(float) * px);
-    blip2_code rc = blip2_encode_images(e->m, &e->enc, e->img_px, B, NULL, NULL, e->img_proj, st);
-    double ms = ms_between(t0, blip2_now_ns());
-    for (int k = 0; !rc && k < B + D; k++) {
-        req_t *r = k < B ? batch[k] : dup[k - B];
-        int row = k < B ? k : src[k - B];
-        r->projected = blip2_malloc(sizeof(float) * emb, st);
-        if (!r->projected) return BLIP2_ENOMEM;
-        memcpy(r->projected, e->img_proj + row * emb, sizeof(float) * emb);
-        r->image_ms = k < B ? ms : 0;
-        r->cached = k >= B; /* shared another request's encoding */
-        free(r->pixels);
-        r->pixels = NULL;
-        if (k < B && r->img) blip2_image_cache_put(&e->cache, r->img, r->img_len, r->hash, r->projected);
-    }
-    return rc;
-}
-
 static int ready(const req_t *r) { return r->projected != NULL; }
 
 /* Decode rows first (one per live sequence), then prefill chunks within the token budget. */
@@ -453,14 +400,22 @@ static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
     pthread_mutex_unlock(&e->mu);
     fail_list(e, dropped, now, cancel_all);
     check_active(e, now, cancel_all);
-    *rc = encode_images(e, st);
-    if (*rc) return 0;
+    engine_collect_images(e); /* rows encoded while the last step ran */
+    engine_hand_images(e);    /* new images go to the encoder; the step below does not wait for them */
     int n_rows = build_step(e);
     if (n_rows < 0) {
         *rc = blip2_fail(st, BLIP2_EINTERNAL, "KV block accounting failed");
         return 0;
     }
-    if (n_rows > 0 || e->x.desc.buf[3] > 0) *rc = run_step(e, n_rows, st);
+    int encoding = engine_encoder_busy(e);
+    if (n_rows > 0 || e->x.desc.buf[3] > 0) {
+        *rc = run_step(e, n_rows, st);
+        pthread_mutex_lock(&e->mu);
+        e->stats.steps++, e->stats.steps_while_encoding += encoding;
+        pthread_mutex_unlock(&e->mu);
+    } else if (encoding) {
+        engine_encoder_wait(e, 20); /* nothing to run until images arrive */
+    }
     return *rc == BLIP2_OK;
 }
 
@@ -514,21 +469,18 @@ static blip2_code check_opts(const blip2_engine_opts *o, blip2_status *st) {
 
 static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     const blip2_config *c = &e->m->cfg;
-    size_t B = (size_t)e->o.max_images_per_step, T = (size_t)e->o.max_step_tokens;
+    size_t T = (size_t)e->o.max_step_tokens;
     e->refs = calloc((size_t)e->x.kv.n_blocks, sizeof *e->refs);
     e->act = calloc((size_t)e->o.max_batch, sizeof *e->act);
-    e->img_px = malloc(sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
-    e->img_proj = malloc(sizeof(float) * B * c->Q * c->opt.C);
     e->scratch = malloc(sizeof(float) * 2 * (size_t)c->opt.V);
     e->tokens = malloc(sizeof(int32_t) * T);
     e->img_rows = malloc(sizeof(float) * T * c->opt.C);
     e->refs_step = malloc(sizeof *e->refs_step * (size_t)e->o.max_batch);
     e->copies = malloc(sizeof(int32_t) * 2 * (size_t)e->o.max_batch);
     e->hist = malloc(sizeof(int32_t) * (size_t)c->opt.max_pos);
-    if (!e->hist || !e->refs || !e->act || !e->img_px || !e->img_proj || !e->scratch || !e->tokens ||
-        !e->img_rows || !e->refs_step || !e->copies)
+    if (!e->hist || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies)
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory");
-    return blip2_encoder_ws_init(&e->enc, e->m, e->o.max_images_per_step, st); /* the engine runs on rank 0 */
+    return engine_encoder_start(e, st); /* the engine runs on rank 0 */
 }
 
 blip2_code blip2_engine_create(const blip2_model *m, const blip2_tp *tp, const blip2_inputs *in,
@@ -556,6 +508,7 @@ blip2_code blip2_engine_create(const blip2_model *m, const blip2_tp *tp, const b
 
 void blip2_engine_destroy(blip2_engine *e) {
     if (!e) return;
+    engine_encoder_stop(e); /* first: it reads the model and the batch buffers */
     while (e->qh) {
         req_t *r = e->qh;
         e->qh = r->next;
@@ -566,9 +519,6 @@ void blip2_engine_destroy(blip2_engine *e) {
     blip2_image_cache_free(&e->cache);
     free(e->refs);
     free(e->act);
-    free(e->img_px);
-    blip2_encoder_ws_free(&e->enc);
-    free(e->img_proj);
     free(e->scratch);
     free(e->tokens);
     free(e->img_rows);

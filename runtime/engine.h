@@ -81,6 +81,7 @@ typedef struct {
     uint64_t image_hits, image_misses;
     size_t image_cache_bytes;
     uint64_t completed, failed;
+    uint64_t steps, steps_while_encoding; /* steps run; of those, while the image encoder was busy */
 } blip2_engine_stats;
 
 typedef struct blip2_engine blip2_engine;

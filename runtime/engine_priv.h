@@ -56,7 +56,30 @@ typedef struct req {
     hyp_t hyps[MAX_BEAMS];
     int n_hyps;
     blip2_finish finish;
+    uint64_t id;  /* unique in the engine: how the image encoder's results find their request */
+    int encoding; /* its image is with the encoder */
 } req_t;
+
+/* The image encoder thread and what it shares with the engine thread (engine_images.c): the
+ * fields below `mu` are read and written under it. */
+#define ENC_MAX_REQS 128
+typedef struct {
+    pthread_t thread;
+    int inited, started;
+    char device[16];      /* backend name and GPU of the model: the thread opens its own queue there */
+    int device_index;
+    blip2_encoder_ws ws;  /* the thread's */
+    float *px, *proj;     /* [max_images_per_step, 3, S, S] in, [max_images_per_step, Q, Ct] out (host) */
+    int n_req;            /* requests of the batch (engine thread only): id, row, brought the image */
+    uint64_t req_id[ENC_MAX_REQS];
+    int req_row[ENC_MAX_REQS], req_first[ENC_MAX_REQS];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int ready, quit, state, B;
+    blip2_code rc;
+    blip2_status st;
+    double ms;
+} engine_encoder;
 
 struct blip2_engine {
     const blip2_model *m;
@@ -75,8 +98,8 @@ struct blip2_engine {
     int n_act, seqs_used;
     blip2_image_cache cache;
     blip2_engine_stats stats;
-    float *img_px, *img_proj;                    /* batched image encoding: pixels in, projected rows out (host) */
-    blip2_encoder_ws enc;                        /* its activations on the backend */
+    engine_encoder encoder;                      /* vision + Q-Former beside the steps */
+    uint64_t next_id;
     float *scratch;                              /* [2V] sampling */
     int32_t *tokens;                             /* [max_step_tokens] the step's ids */
     float *img_rows;                             /* [max_step_tokens, Ct] the step's image rows */
@@ -95,5 +118,17 @@ int engine_table_grow(blip2_engine *e, seq_t *s, int positions);
 void engine_retire(blip2_engine *e, int idx, blip2_code code, const char *msg);
 /* After a step: every row that produced logits decides its request's next move. */
 void decide_all(blip2_engine *e, int n_rows);
+
+/* The image encoder (engine_images.c). start: the thread, its device queue and workspace (an
+ * error if any of them fails); stop: joins it. hand: gives the idle encoder the admitted requests
+ * still without image rows (pixels copied); collect: puts finished rows into their requests (a
+ * failed batch fails its requests only); busy / wait: whether a batch is out, waiting up to ms
+ * for it. All on the engine thread. */
+blip2_code engine_encoder_start(blip2_engine *e, blip2_status *st);
+void engine_encoder_stop(blip2_engine *e);
+void engine_hand_images(blip2_engine *e);
+void engine_collect_images(blip2_engine *e);
+int engine_encoder_busy(blip2_engine *e);
+void engine_encoder_wait(blip2_engine *e, int ms);
 
 #endif

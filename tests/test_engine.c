@@ -315,6 +315,62 @@ static void test_image_cache(env_t *env, const char *name) {
     free(img);
 }
 
+/* Images are encoded beside the steps: while a long request decodes, requests with new images
+ * arrive (a few ms apart); steps go on while their images are encoded, and every answer is the
+ * one it gets alone. */
+typedef struct {
+    blip2_engine *e;
+    blip2_job *jobs;
+    outcome *out;
+    int n;
+} overlap_arg;
+
+static void *overlap_submitter(void *p) {
+    overlap_arg *a = p;
+    submit_one(a->e, &a->jobs[0], &a->out[0]);
+    while (!__atomic_load_n(&a->out[0].done, __ATOMIC_ACQUIRE) && __atomic_load_n(&a->out[0].tokens_seen, __ATOMIC_ACQUIRE) < 2)
+        usleep(200); /* the long one is decoding */
+    for (int i = 1; i < a->n; i++) {
+        submit_one(a->e, &a->jobs[i], &a->out[i]);
+        usleep(2000);
+    }
+    pthread_mutex_lock(&mu);
+    while (n_done < a->n) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    blip2_engine_stop(a->e, 60000);
+    return NULL;
+}
+
+static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+    enum { N = 9 };
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 12;
+    blip2_job jobs[N];
+    outcome out[N];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+    jobs[0].dec.max_new_tokens = 40;
+    blip2_engine *e = make_engine(env);
+    if (!e) return;
+    n_done = 0;
+    overlap_arg a = {e, jobs, out, N};
+    pthread_t t;
+    pthread_create(&t, NULL, overlap_submitter, &a);
+    blip2_status st = {0};
+    CHECK(blip2_engine_run(e, &st) == BLIP2_OK, "engine: %s", st.msg);
+    pthread_join(t, NULL);
+    blip2_engine_stats s;
+    blip2_engine_get_stats(e, &s);
+    blip2_engine_destroy(e);
+    int equal = 0;
+    for (int i = 1; i < N; i++) equal += same_ids(&out[i], &solo[i % nc]);
+    CHECK(equal == N - 1 && out[0].code == BLIP2_OK, "%s: overlap: %d of %d answers as alone", name, equal, N - 1);
+    if (getenv("BLIP2_TEST_VERBOSE")) printf("%s: %llu of %llu steps while encoding\n", name, (unsigned long long)s.steps_while_encoding, (unsigned long long)s.steps);
+    CHECK(s.steps_while_encoding > 0 && s.blocks_in_use == 0,
+          "%s: %llu of %llu steps ran while images were encoded (want > 0), %d blocks in use", name,
+          (unsigned long long)s.steps_while_encoding, (unsigned long long)s.steps, s.blocks_in_use);
+}
+
 /* test_engine [--device cpu|cuda] [--dtype f32|f16|bf16]: the same checks on another backend. */
 int main(int argc, char **argv) {
     const char *device = "cpu";
@@ -364,6 +420,7 @@ int main(int argc, char **argv) {
         test_batch_invariance(&env, names[k], cases, nc, solo);
         test_capacity(&env, names[k], cases, solo);
         test_image_cache(&env, names[k]);
+        test_encode_overlap(&env, names[k], cases, nc, solo);
         for (int i = 0; i < nc; i++) free(cases[i].ids);
         blip2_inputs_free(&in);
         blip2_model_free(&m);
