@@ -112,6 +112,12 @@ int blip2_argmax(const float *x, int n);
  * row is NaN). */
 void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n);
 
+/* Per row of x [T, n]: the k best (value, index) pairs in argmax order (larger value first, the
+ * lower index on ties, NaN after every number), 1 <= k <= min(n, BLIP2_TOPK_MAX): idx and val
+ * [T, k]. Sampling with top-k needs only these from the device (and from each vocab slice). */
+#define BLIP2_TOPK_MAX 64
+void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int k);
+
 /* x[0..n) of wdtype = mean + std·N(0, 1), element i drawn from a counter-based generator of
  * (seed, i) alone, so any backend and any split of the work gives the same numbers up to the last
  * bit of the libm used. std = 0 fills the constant mean (LayerNorm weights 1, biases 0). */
@@ -172,6 +178,7 @@ typedef struct blip2_ops {
     void (*add_rows_at)(float *, const float *, const int32_t *, int, int);
     void (*gather_rows)(float *, const float *, const int32_t *, int, int);
     void (*argmax_rows)(int32_t *, float *, const float *, int, int);
+    void (*topk_rows)(int32_t *, float *, const float *, int, int, int);
     void (*fill_normal)(void *, int, size_t, uint64_t, float, float);
 } blip2_ops;
 

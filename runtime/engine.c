@@ -132,7 +132,8 @@ static blip2_code prepare(blip2_engine *e, const blip2_job *job, req_t *r, blip2
     blip2_code rc = blip2_decoding_validate(&r->dec, e->o.max_new_tokens_limit, st);
     if (rc) return rc;
     r->max_new = r->dec.max_new_tokens ? r->dec.max_new_tokens : e->m->cfg.max_new_tokens;
-    r->mode = blip2_decoding_needs_full_logits(&r->dec) ? LOGITS_FULL : LOGITS_ARGMAX;
+    int cand = blip2_decoding_candidates(&r->dec); /* the device's top-k instead of the whole row, when it decides exactly */
+    r->mode = !blip2_decoding_needs_full_logits(&r->dec) ? LOGITS_ARGMAX : cand ? LOGITS_TOPK + cand : LOGITS_FULL;
     if (r->dec.num_beams > e->o.max_batch)
         return blip2_fail(st, BLIP2_ERANGE, "num_beams %d exceeds the server's batch of %d", r->dec.num_beams, e->o.max_batch);
     rc = copy_stops(r, job, st);

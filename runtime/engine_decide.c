@@ -58,19 +58,25 @@ static int stream_token(req_t *r, int32_t id) {
     return 0;
 }
 
-static int32_t choose(blip2_engine *e, req_t *r, float *logits, int32_t pick) {
+/* The next id of a single-sequence request from its step row `i`: the argmax pick, the
+ * candidates, or the full row (logits). */
+static int32_t choose(blip2_engine *e, req_t *r, int i, float *logits, int32_t pick) {
     if (r->mode == LOGITS_ARGMAX) return pick;
     const blip2_config *c = &e->m->cfg;
     seq_t *q = &r->seq[0];
+    int kn = logits_topk_n(r->mode);
+    if (kn && e->x.cand_ok[i])
+        return blip2_sample_candidates(&r->dec, e->x.cand_ids + (size_t)i * BLIP2_TOPK_MAX,
+                                       e->x.cand_vals + (size_t)i * BLIP2_TOPK_MAX, kn, q->n_gen, c->eos_id, &r->rng);
     blip2_logits_process(&r->dec, logits, c->opt.V, e->hist, history(e, r, q), q->n_gen, c->eos_id);
     if (r->dec.do_sample) return blip2_sample(&r->dec, logits, c->opt.V, &r->rng, e->scratch);
     return blip2_argmax(logits, c->opt.V);
 }
 
-static void decide_single(blip2_engine *e, req_t *r, float *logits, int32_t pick) {
+static void decide_single(blip2_engine *e, req_t *r, int i, float *logits, int32_t pick) {
     const blip2_config *c = &e->m->cfg;
     seq_t *q = &r->seq[0];
-    int32_t id = choose(e, r, logits, pick);
+    int32_t id = choose(e, r, i, logits, pick);
     if (!r->t_first) r->t_first = blip2_now_ns();
     q->gen[q->n_gen++] = id;
     q->next = id;
@@ -225,13 +231,13 @@ void decide_all(blip2_engine *e, int n_rows) {
             i++;
             if (mode == LOGITS_NONE) continue;
             if (r->dec.num_beams > 1) decide_beams(e, r, row, 1);
-            else decide_single(e, r, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
+            else decide_single(e, r, i - 1, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
             continue;
         }
         int n = 0;
         while (i + n < n_rows && e->refs_step[i + n].r == r) r->seq[e->refs_step[i + n++].seq].len++;
         if (r->dec.num_beams > 1) decide_beams(e, r, row, n);
-        else decide_single(e, r, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
+        else decide_single(e, r, i, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
         i += n;
     }
 }

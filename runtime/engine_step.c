@@ -2,6 +2,7 @@
 
 #include "backend.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -104,7 +105,15 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
     x->full = malloc(sizeof(float) * max_batch * (size_t)m->cfg.opt.V);
     x->picks = malloc(sizeof(int32_t) * max_batch);
     x->all_picks = malloc(sizeof(int32_t) * max_batch);
-    if (!x->row || !x->full || !x->picks || !x->all_picks) {
+    size_t nk = (size_t)max_batch * BLIP2_TOPK_MAX;
+    x->cand_ids = malloc(sizeof(int32_t) * nk);
+    x->cand_vals = malloc(sizeof(float) * nk);
+    x->cand_ok = malloc((size_t)max_batch);
+    x->cand_dev = m->ops->alloc(sizeof(int32_t) * 2 * nk);
+    x->cand_host = malloc(sizeof(int32_t) * 2 * nk);
+    x->cand_all = malloc(sizeof(blip2_scored_id) * nk * (size_t)(tp->world + 1));
+    if (!x->row || !x->full || !x->picks || !x->all_picks || !x->cand_ids || !x->cand_vals || !x->cand_ok || !x->cand_dev ||
+        !x->cand_host || !x->cand_all) {
         step_exec_free(x);
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for step buffers");
     }
@@ -119,6 +128,12 @@ void step_exec_free(step_exec *x) {
     free(x->full);
     free(x->picks);
     free(x->all_picks);
+    free(x->cand_ids);
+    free(x->cand_vals);
+    free(x->cand_ok);
+    if (x->m) x->m->ops->release(x->cand_dev);
+    free(x->cand_host);
+    free(x->cand_all);
     memset(x, 0, sizeof *x);
 }
 
@@ -147,18 +162,70 @@ static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_sta
     return BLIP2_OK;
 }
 
+/* Argmax order of two candidates: numbers before NaN, larger first, then the lower id. */
+static int cand_before(blip2_scored_id a, blip2_scored_id b) {
+    if (isnan(a.value) != isnan(b.value)) return isnan(b.value);
+    if (!isnan(a.value) && a.value != b.value) return a.value > b.value;
+    return a.id < b.id;
+}
+
+/* The k best logits of every row on the backend (each rank over its vocab slice), one download,
+ * one all-gather, then per LOGITS_TOPK row the k best of all ranks' and whether they decide
+ * exactly (the same answer on every rank). A few hundred bytes per row instead of the V floats. */
+static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2_status *st) {
+    const blip2_model *m = x->m;
+    int n = v->n_seqs, Vl = m->shard.V, W = x->tp->world;
+    size_t nk = (size_t)n * k;
+    if (k > Vl || W > 64) return blip2_fail(st, BLIP2_EINTERNAL, "%d candidates from %d vocab slices of %d", k, W, Vl);
+    m->ops->topk_rows(x->cand_dev, (float *)(x->cand_dev + nk), x->ws.logits, n, Vl, k);
+    m->ops->download(x->cand_host, x->cand_dev, sizeof(int32_t) * 2 * nk);
+    blip2_code rc = blip2_backend_check(m->ops, "top-k candidates", st);
+    blip2_scored_id *all = x->cand_all, *mine = all + nk * W;
+    for (size_t i = 0; i < nk; i++) {
+        float val;
+        memcpy(&val, x->cand_host + nk + i, sizeof val);
+        mine[i] = rc ? (blip2_scored_id){NAN, 0} : (blip2_scored_id){val, m->shard.v0 + x->cand_host[i]};
+    }
+    blip2_code g = x->tp->comm->ops->allgather(x->tp->comm, mine, all, sizeof *mine * nk, st); /* joined even after rc */
+    if (!rc) rc = g;
+    for (int i = 0; !rc && i < n; i++) {
+        int kn = logits_topk_n(v->modes[i]);
+        if (!kn) continue;
+        int32_t *ids = x->cand_ids + (size_t)i * BLIP2_TOPK_MAX;
+        float *vals = x->cand_vals + (size_t)i * BLIP2_TOPK_MAX;
+        int head[64] = {0}; /* merge: rank r's list of row i is all[(r·n + i)·k ..] */
+        for (int j = 0; j < kn; j++) {
+            int best = -1;
+            for (int r = 0; r < W; r++)
+                if (head[r] < k && (best < 0 || cand_before(all[((size_t)r * n + i) * k + head[r]],
+                                                             all[((size_t)best * n + i) * k + head[best]])))
+                    best = r;
+            blip2_scored_id c = all[((size_t)best * n + i) * k + head[best]++];
+            ids[j] = c.id, vals[j] = c.value;
+        }
+        x->cand_ok[i] = (uint8_t)blip2_candidates_exact(vals, kn);
+    }
+    return rc;
+}
+
 /* Argmax picks of every row in one all-gather (cheap: only (value, id) pairs leave the device),
- * kept for the LOGITS_ARGMAX rows in order; full rows fetched and gathered one by one. */
+ * kept for the LOGITS_ARGMAX rows in order; candidates for the LOGITS_TOPK rows; full rows
+ * fetched and gathered one by one (LOGITS_FULL, and LOGITS_TOPK rows the candidates cannot
+ * decide). */
 static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st) {
     size_t Vl = (size_t)x->m->shard.V, V = (size_t)x->m->cfg.opt.V;
-    int any_arg = 0;
+    int any_arg = 0, k = 0;
     blip2_code rc = BLIP2_OK;
-    for (int i = 0; i < v->n_seqs; i++) any_arg |= v->modes[i] == LOGITS_ARGMAX;
+    for (int i = 0; i < v->n_seqs; i++) {
+        any_arg |= v->modes[i] == LOGITS_ARGMAX;
+        k = logits_topk_n(v->modes[i]) > k ? logits_topk_n(v->modes[i]) : k;
+    }
     if (any_arg) rc = blip2_tp_argmax(x->m, x->tp, &x->ws, v->n_seqs, x->all_picks, st);
     for (int i = 0, n_arg = 0; !rc && i < v->n_seqs; i++)
         if (v->modes[i] == LOGITS_ARGMAX) x->picks[n_arg++] = x->all_picks[i];
+    if (!rc && k) rc = pick_candidates(x, v, k, st);
     for (int i = 0; !rc && i < v->n_seqs; i++) {
-        if (v->modes[i] != LOGITS_FULL) continue;
+        if (v->modes[i] != LOGITS_FULL && !(logits_topk_n(v->modes[i]) && !x->cand_ok[i])) continue;
         x->ws.ops->download(x->row, x->ws.logits + i * Vl, sizeof(float) * Vl);
         blip2_code d = blip2_backend_check(x->ws.ops, "logits", st);
         rc = blip2_tp_gather_logits(x->m, x->tp, x->row, x->full + i * V, st); /* collective: joined even after d */

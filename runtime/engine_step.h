@@ -10,7 +10,10 @@
 #include "kv_cache.h"
 
 enum { STEP_OP_RUN = 1, STEP_OP_STOP = 2 };
-enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2 }; /* what a sequence's step needs */
+/* What a sequence's step needs: nothing, the argmax, the whole row, or (LOGITS_TOPK + n) the
+ * row's n best logits (sampling with top-k, greedy with min_new_tokens: blip2_decoding_candidates). */
+enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2, LOGITS_TOPK = 16 };
+static inline int logits_topk_n(int mode) { return mode > LOGITS_TOPK && mode <= LOGITS_TOPK + BLIP2_TOPK_MAX ? mode - LOGITS_TOPK : 0; }
 
 typedef struct {
     int max_batch, max_tokens, max_blocks_per_seq, max_copies;
@@ -48,6 +51,15 @@ typedef struct {
     float *full;         /* [max_batch, V]: gathered rows of LOGITS_FULL sequences */
     int32_t *picks;      /* [max_batch]: argmax id of each LOGITS_ARGMAX sequence (in sequence order) */
     int32_t *all_picks;  /* [max_batch]: argmax of every row of the step */
+    /* LOGITS_TOPK rows: each sequence's best candidates over the whole vocabulary (ids, values in
+     * argmax order) and whether they decide exactly; a row they cannot decide gets its full row
+     * in `full` instead. */
+    int32_t *cand_ids;   /* [max_batch, BLIP2_TOPK_MAX] */
+    float *cand_vals;    /* [max_batch, BLIP2_TOPK_MAX] */
+    uint8_t *cand_ok;    /* [max_batch] */
+    int32_t *cand_dev;   /* backend: ids [n·k] then values [n·k] of this rank's vocab slice */
+    int32_t *cand_host;  /* [2·max_batch·BLIP2_TOPK_MAX] its host copy */
+    blip2_scored_id *cand_all; /* [(world + 1)·max_batch·BLIP2_TOPK_MAX] every rank's, then this rank's */
     step_desc desc;
 } step_exec;
 

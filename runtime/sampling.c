@@ -142,3 +142,89 @@ void blip2_log_softmax(float *logits, int V) {
     float lse = mx + logf(sum);
     for (int i = 0; i < V; i++) logits[i] -= lse;
 }
+
+/* ---- candidates (the device's top-k of a row) instead of the full row ---- */
+
+int blip2_decoding_candidates(const blip2_decoding *d) {
+    if (d->num_beams != 1 || d->repetition_penalty != 1.0f) return 0;
+    if (!d->do_sample) return d->min_new_tokens > 0 ? 2 : 0;
+    return d->top_k >= 1 && d->top_k <= BLIP2_TOPK_MAX - 2 ? d->top_k + 2 : 0;
+}
+
+/* a > b with room: b moved up 4 ulps is still below a (a division rounds each by half an ulp). */
+static int apart(float a, float b) {
+    if (isnan(a) || isnan(b)) return 0;
+    if (isinf(b) && b < 0) return !(isinf(a) && a < 0);
+    float up = b;
+    for (int i = 0; i < 4; i++) up = nextafterf(up, INFINITY);
+    return a > up;
+}
+
+int blip2_candidates_exact(const float *vals, int n) {
+    if (n <= 2) return n >= 1; /* greedy: argmax order is already the answer */
+    return apart(vals[n - 3], vals[n - 2]) && apart(vals[n - 2], vals[n - 1]);
+}
+
+typedef struct {
+    int32_t id;
+    float v;
+} cand;
+
+static int cand_by_value(const void *a, const void *b) { /* argmax order: larger first, then the lower id */
+    const cand *x = a, *y = b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+static int cand_by_id(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* TopPLogitsWarper over the survivors c [m] (value order), as apply_top_p does over the full row
+ * (whose other entries are −inf and add exactly 0 to every sum). */
+static void top_p_candidates(cand *c, int m, float top_p) {
+    float mx = c[0].v;
+    double total = 0;
+    for (int i = 0; i < m; i++) total += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
+    double tail = 0, limit = (1.0 - top_p) * total;
+    float cutoff = -INFINITY;
+    for (int i = m - 1; i > 0; i--) {
+        tail += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
+        if (tail > limit) break;
+        cutoff = c[i].v;
+    }
+    if (isinf(cutoff)) return;
+    for (int i = 0; i < m; i++)
+        if (c[i].v <= cutoff && c[i].v != mx) c[i].v = -INFINITY;
+}
+
+int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, const float *vals, int n, int n_generated,
+                                int eos_id, blip2_rng *rng) {
+    cand c[BLIP2_TOPK_MAX];
+    if (n > BLIP2_TOPK_MAX) n = BLIP2_TOPK_MAX;
+    for (int i = 0; i < n; i++) c[i] = (cand){ids[i], vals[i]};
+    if (n_generated < d->min_new_tokens) /* eos masked: it leaves the top (to the end) */
+        for (int i = 0; i < n; i++)
+            if (c[i].id == eos_id) c[i].v = -INFINITY;
+    qsort(c, (size_t)n, sizeof *c, cand_by_value);
+    if (!d->do_sample) return c[0].id;
+    if (d->temperature != 1.0f)
+        for (int i = 0; i < n; i++) c[i].v /= d->temperature;
+    int m = d->top_k < n ? d->top_k : n; /* the exactness check keeps ties off this boundary */
+    float kth = c[m - 1].v;
+    while (m < n && c[m].v >= kth) m++;
+    if (d->top_p < 1.0f) top_p_candidates(c, m, d->top_p);
+    float mx = c[0].v;
+    qsort(c, (size_t)m, sizeof *c, cand_by_id); /* the draw walks ids in increasing order */
+    double total = 0;
+    for (int i = 0; i < m; i++) total += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
+    double u = blip2_rng_uniform(rng) * total, acc = 0;
+    int32_t last = 0;
+    for (int i = 0; i < m; i++) {
+        if (isinf(c[i].v)) continue;
+        acc += exp((double)c[i].v - mx);
+        last = c[i].id;
+        if (u < acc) return c[i].id;
+    }
+    return last;
+}

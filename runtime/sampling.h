@@ -46,6 +46,22 @@ void blip2_logits_process(const blip2_decoding *d, float *logits, int V, const i
 /* Sampling from processed logits [V] (modified: warpers applied): temperature, top-k, top-p,
  * softmax, one draw. scratch holds 2·V floats. */
 int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch);
+/* Candidates instead of the full row: how many of a row's best logits (argmax order) decide a
+ * single-sequence request exactly, or 0 when it needs the whole row (beams, top-k off or above
+ * BLIP2_TOPK_MAX − 2, repetition penalty: it changes arbitrary ids). Greedy with min_new_tokens:
+ * 2 (the best, and the next in case the best is a masked eos). Sampling with top-k: top_k + 2
+ * (a spare for a masked eos, and one to see that no tie crosses the top-k boundary). */
+int blip2_decoding_candidates(const blip2_decoding *d);
+/* Whether n candidate values (argmax order) decide exactly: for n > 2 the values at the possible
+ * top-k boundaries (n−3 | n−2 and n−2 | n−1) are far enough apart that a temperature division
+ * cannot make them equal. Depends on the values alone, so every rank answers the same. */
+int blip2_candidates_exact(const float *vals, int n);
+/* blip2_logits_process + the choice over candidates ids/vals [n] (a row's n best logits, argmax
+ * order; n = blip2_decoding_candidates(d), blip2_candidates_exact true): the id the full row
+ * would give, bit for bit (same arithmetic in the same order; the draw walks ids in increasing
+ * order as blip2_sample does). */
+int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, const float *vals, int n, int n_generated,
+                                int eos_id, blip2_rng *rng);
 /* In place log-softmax in float32 (beam search scores). */
 void blip2_log_softmax(float *logits, int V);
 

@@ -12,6 +12,9 @@
 
 #include "check.h"
 #include "engine.h"
+#include "ops.h"
+#include "sampling.h"
+#include <math.h>
 
 #ifndef BLIP2_SOURCE_DIR
 #define BLIP2_SOURCE_DIR "."
@@ -130,7 +133,66 @@ static void run_case(json_t *c, json_t *manifest, const blip2_st_file *px, const
     blip2_model_free(&m);
 }
 
+/* Sampling from the device's candidates must pick what sampling from the whole row picks, bit
+ * for bit, given the same generator state: random rows, decodings over temperature, top-k, top-p,
+ * min_new_tokens (eos masked, inside and outside the candidates), greedy with min_new_tokens; rows
+ * with coarse values (ties) where the exactness check must say no when a tie crosses the boundary. */
+static void test_candidates_match_full_row(void) {
+    enum { V = 4099, ROWS = 400 };
+    float *row = malloc(sizeof(float) * V), *work = malloc(sizeof(float) * V), *scratch = malloc(sizeof(float) * 2 * V);
+    blip2_rng g;
+    blip2_rng_seed(&g, 11);
+    const int top_ks[] = {1, 2, 5, 50, 62};
+    const float top_ps[] = {1.0f, 0.9f, 0.3f}, temps[] = {1.0f, 0.7f, 1.3f};
+    int compared = 0, exact = 0, inexact_ties = 0, coarse_rows = 0;
+    for (int t = 0; t < ROWS; t++) {
+        int coarse = t % 4 == 3; /* values on a 1/4 grid: ties everywhere */
+        coarse_rows += coarse;
+        for (int i = 0; i < V; i++) {
+            double u = blip2_rng_uniform(&g), w = blip2_rng_uniform(&g);
+            float v = (float)(sqrt(-2.0 * log(1.0 - u)) * cos(6.283185307179586 * w) * 3.0);
+            row[i] = coarse ? roundf(v * 4.0f) / 4.0f : v;
+        }
+        int eos = t % 3 == 0 ? blip2_argmax(row, V) : (int)(blip2_rng_uniform(&g) * V); /* often the best */
+        blip2_decoding d = blip2_decoding_default();
+        d.do_sample = t % 5 != 0;
+        d.top_k = top_ks[t % 5];
+        d.top_p = top_ps[(t / 5) % 3];
+        d.temperature = temps[(t / 15) % 3];
+        d.min_new_tokens = t % 2 ? 3 : 0;
+        if (!d.do_sample) d.min_new_tokens = 3;
+        int n_gen = (t / 2) % 2 ? 1 : 5, n = blip2_decoding_candidates(&d);
+        CHECK(n >= 2 && n <= BLIP2_TOPK_MAX, "candidates %d for row %d", n, t);
+        if (n < 2) continue;
+        int32_t ids[BLIP2_TOPK_MAX];
+        float vals[BLIP2_TOPK_MAX];
+        blip2_topk_rows(ids, vals, row, 1, V, n);
+        if (!blip2_candidates_exact(vals, n)) {
+            inexact_ties += coarse;
+            continue;
+        }
+        blip2_rng r1, r2;
+        blip2_rng_seed(&r1, 1000 + (uint64_t)t);
+        r2 = r1;
+        memcpy(work, row, sizeof(float) * V);
+        blip2_logits_process(&d, work, V, NULL, 0, n_gen, eos);
+        int32_t full = d.do_sample ? blip2_sample(&d, work, V, &r1, scratch) : blip2_argmax(work, V);
+        int32_t fromc = blip2_sample_candidates(&d, ids, vals, n, n_gen, eos, &r2);
+        compared++;
+        exact += full == fromc;
+        if (full != fromc && compared - exact <= 3)
+            CHECK(0, "row %d (sample %d top_k %d top_p %g T %g min_new %d gen %d eos %d%s): full row %d, candidates %d", t,
+                  d.do_sample, d.top_k, d.top_p, d.temperature, d.min_new_tokens, n_gen, eos, coarse ? " coarse" : "", full,
+                  fromc);
+    }
+    CHECK(compared == exact, "candidates: %d of %d draws equal the full row's", exact, compared);
+    CHECK(compared >= ROWS - coarse_rows && inexact_ties > 0,
+          "candidates: %d rows compared (want every fine row), %d coarse rows refused (want some)", compared, inexact_ties);
+    free(row), free(work), free(scratch);
+}
+
 int main(void) {
+    test_candidates_match_full_row();
     json_error_t err;
     json_t *gold = json_load_file(BLIP2_SOURCE_DIR "/tests/goldens/decoding.json", 0, &err);
     json_t *manifest = json_load_file(BLIP2_SHARED_DIR "/fixtures/MANIFEST.json", 0, &err);

@@ -1230,6 +1230,59 @@ static void extra_argmax_rows(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * topk_rows: p = {T, n, k, quantize}. Row t is argmax variant t % AM_COUNT (ties, NaN, ±inf, all
+ * equal, ...); quantize rounds random values to a 1/8 grid so ties are everywhere. The reference
+ * sorts each row's indices in argmax order (NaN last, larger first, the lower index on ties) with
+ * an independent comparison; indices and values are checked bitwise. */
+static const float *g_topk_row; /* the row qsort compares in */
+static int topk_cmp(const void *a, const void *b) {
+    int i = *(const int *)a, j = *(const int *)b;
+    float u = g_topk_row[i], v = g_topk_row[j];
+    if (isnan(u) != isnan(v)) return isnan(u) ? 1 : -1;
+    if (!isnan(u) && u != v) return u > v ? -1 : 1;
+    return (i > j) - (i < j);
+}
+static void setup_topk_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1], k = x->c->p[2], quant = x->c->p[3];
+    snprintf(x->desc, sizeof x->desc, "T=%d n=%d k=%d%s", T, n, k, quant ? " values on a 1/8 grid (many ties)" : "");
+    int xb = buf_new(x, B_IN, (size_t)T * n), ib = buf_new(x, B_OUT, (size_t)T * k), vb = buf_new(x, B_OUT, (size_t)T * k);
+    int32_t *expect = xmalloc(sizeof(int32_t) * (size_t)T * k), *order = xmalloc(sizeof(int32_t) * n);
+    for (int t = 0; t < T; t++) {
+        float *row = H(x, xb) + (size_t)t * n;
+        am_fill(x, row, n, n >= 13 ? t % AM_COUNT : AM_RANDOM); /* the hand-made variants need n >= 13 */
+        for (int i = 0; quant && i < n; i++)
+            if (isfinite(row[i])) row[i] = roundf(row[i] * 8.0f) / 8.0f;
+        for (int i = 0; i < n; i++) order[i] = i;
+        g_topk_row = row;
+        qsort(order, (size_t)n, sizeof *order, topk_cmp);
+        memcpy(expect + (size_t)t * k, order, sizeof(int32_t) * k);
+    }
+    free(order);
+    x->a[0] = ib, x->a[1] = vb, x->a[2] = xb;
+    x->out = -1; /* extra checks indices and values */
+    x->aux = expect;
+    x->bytes = 4.0 * T * n * k;
+}
+static void exec_topk_rows(op_ctx *x) {
+    x->be->topk_rows(DI(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->c->p[0], x->c->p[1], x->c->p[2]);
+}
+static void extra_topk_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1], k = x->c->p[2], bad = 0;
+    const int32_t *expect = x->aux, *idx = HI(x, x->a[0]);
+    const float *val = H(x, x->a[1]), *X = H(x, x->a[2]);
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            size_t o = (size_t)t * k + j;
+            float want = X[(size_t)t * n + expect[o]];
+            int ok = idx[o] == expect[o] && (memcmp(&val[o], &want, 4) == 0 || (isnan(want) && isnan(val[o])));
+            if (!ok && bad++ < 3)
+                CHECK(0, "[%s topk_rows %s] row %d, rank %d: (%d, %g), expected (%d, %g)", x->be->name, x->desc, t, j, idx[o],
+                      val[o], expect[o], want);
+        }
+    CHECK(bad == 0, "[%s topk_rows %s] %d wrong entries", x->be->name, x->desc, bad);
+}
+
+/* ------------------------------------------------------------------------------------------------
  * fill_normal: p = {n, wdtype, seed}, f = mean, f2 = std. Element i must be the documented
  * generator of (seed, i): the reference evaluates it in double (fp32: relative L2 <= 1e-6 against
  * mean + std·g in double; 16-bit: against the RNE rounding of the fp32 value, computed here with
@@ -1326,6 +1379,7 @@ static void extra_fill_normal(op_ctx *x) {
 #define ADDRAT(T, C, R, note) {"add_rows_at", note, setup_add_rows_at, exec_add_rows_at, NULL, {T, C, R}, 0, 0, 0, 0}
 #define GATHER(n, C, R, note) {"gather_rows", note, setup_gather_rows, exec_gather_rows, NULL, {n, C, R}, 0, 0, 0, 0}
 #define AM(n, var, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {1, n, 2, var}, 0, 0, 0, 0}
+#define TOPK(T, n, k, q, note) {"topk_rows", note, setup_topk_rows, exec_topk_rows, extra_topk_rows, {T, n, k, q}, 0, 0, 0, 0}
 #define AMR(T, n, mode, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {T, n, mode, 0}, 0, 0, 0, 0}
 #define FILL(n, wd, seed, mean, sd, note) \
     {"fill_normal", note, setup_fill_normal, exec_fill_normal, extra_fill_normal, {n, wd, seed}, mean, (sd) == 0 ? 0 : 1e-6, 0, sd}
@@ -1549,6 +1603,11 @@ static const op_case cases[] = {
     AMR(24, 12568, 0, "vocab shard, every variant"),
     AMR(12, 13, 0, "odd, every variant"),
     AMR(5, 1, 1, "odd, n=1"),
+    TOPK(12, 50272, 52, 0, "sampling candidates (top_k 50 + 2), full vocab, every variant"),
+    TOPK(24, 12568, 64, 1, "vocab shard, k at the limit, many ties"),
+    TOPK(3, 13, 13, 0, "odd, k = n"),
+    TOPK(12, 13, 5, 1, "odd, ties"),
+    TOPK(2, 1, 1, 0, "odd, n=1"),
 
     FILL(100000, F32, 1, 0.0f, 1.0f, "N(0, 1)"),
     FILL(100000, F16, 2, 0.0f, 0.02f, "weights"),

@@ -311,6 +311,30 @@ void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, i
     for (int i = 0; i < n; i++) memcpy(out + (size_t)i * C, x + (size_t)rows[i] * C, sizeof(float) * C);
 }
 
+/* Argmax order: (va, ia) before (vb, ib)? Numbers before NaN, larger first, then the lower index. */
+static int am_before(float va, int ia, float vb, int ib) {
+    int na = isnan(va), nb = isnan(vb);
+    if (na != nb) return nb;
+    if (!na && va != vb) return va > vb;
+    return ia < ib;
+}
+
+void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int k) {
+    if (k < 1 || k > n) return; /* the caller's contract (the CUDA twin records an error) */
+    for (int t = 0; t < T; t++) { /* insertion into a sorted list of k: most elements fail the first compare */
+        const float *r = x + (size_t)t * n;
+        int32_t *oi = idx + (size_t)t * k;
+        float *ov = val + (size_t)t * k;
+        int m = 0;
+        for (int i = 0; i < n; i++) {
+            if (m == k && !am_before(r[i], i, ov[k - 1], oi[k - 1])) continue;
+            int j = m < k ? m++ : k - 1;
+            while (j > 0 && am_before(r[i], i, ov[j - 1], oi[j - 1])) ov[j] = ov[j - 1], oi[j] = oi[j - 1], j--;
+            ov[j] = r[i], oi[j] = i;
+        }
+    }
+}
+
 void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
     for (int t = 0; t < T; t++) {
         idx[t] = blip2_argmax(x + (size_t)t * n, n);
@@ -378,5 +402,6 @@ const blip2_ops blip2_cpu_ops = {
     .add_rows_at = blip2_add_rows_at,
     .gather_rows = blip2_gather_rows,
     .argmax_rows = blip2_argmax_rows,
+    .topk_rows = blip2_topk_rows,
     .fill_normal = blip2_fill_normal,
 };

@@ -317,6 +317,45 @@ __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, co
     }
 }
 
+/* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
+ * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
+ * element is marked and ties resolve exactly as argmax does. */
+__global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ float wv;
+    __shared__ int wi;
+    const float *r = x + (size_t)blockIdx.x * n;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float pv = 0.0f;
+    int pi = INT_MAX; /* the previous winner; INT_MAX: none yet */
+    for (int j = 0; j < k; j++) {
+        float bv = 0.0f;
+        int bi = INT_MAX;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float v = r[i];
+            if ((pi == INT_MAX || am_better(pv, pi, v, i)) && am_better(v, i, bv, bi)) bv = v, bi = i;
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (am_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+        }
+        if (lane == 0) sv[w] = bv, si[w] = bi;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int q = 1; q < nw; q++)
+                if (am_better(sv[q], si[q], bv, bi)) bv = sv[q], bi = si[q];
+            wv = bv, wi = bi;
+            idx[(size_t)blockIdx.x * k + j] = bi == INT_MAX ? 0 : bi;
+            val[(size_t)blockIdx.x * k + j] = bi == INT_MAX ? __int_as_float(0x7fc00000) : bv;
+        }
+        __syncthreads();
+        pv = wv, pi = wi; /* k <= n: every round has a winner */
+        __syncthreads(); /* wv, wi and sv are rewritten by the next round */
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------
  * Paged KV. Sequence s owns rows [meta[3s], meta[3s] + meta[3s+1]) and has meta[3s+2] past
  * positions; position j lives at row j % BS of block tables[s·max_blocks + j / BS]. The host does
@@ -1068,6 +1107,17 @@ void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
     LAUNCH_CK(c, "k_argmax_rows");
 }
 
+void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int k) {
+    blip2_cuda_ctx *c = cur("topk_rows");
+    if (!c || T <= 0) return;
+    if (k < 1 || k > BLIP2_TOPK_MAX || k > n) {
+        blip2_cuda_record(c, "topk_rows: k %d must be in [1, min(n %d, %d)]", k, n, BLIP2_TOPK_MAX);
+        return;
+    }
+    k_topk_rows<<<T, NT, 0, c->stream>>>(idx, val, x, n, k);
+    LAUNCH_CK(c, "k_topk_rows");
+}
+
 /* Scalar result from device memory: runs the rows kernel on one row and waits for it. 0 on error. */
 int blip2_argmax(const float *x, int n) {
     blip2_cuda_ctx *c = cur("argmax");
@@ -1231,6 +1281,7 @@ constexpr blip2_ops make_cuda_ops() {
     t.add_rows_at = cuda::blip2_add_rows_at;
     t.gather_rows = cuda::blip2_gather_rows;
     t.argmax_rows = cuda::blip2_argmax_rows;
+    t.topk_rows = cuda::blip2_topk_rows;
     t.fill_normal = cuda::blip2_fill_normal;
     return t;
 }

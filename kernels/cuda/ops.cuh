@@ -40,6 +40,7 @@ void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, i
 /* Waits for the stream (the result comes back to the host); 0 on error (recorded in the context). */
 int blip2_argmax(const float *x, int n);
 void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n);
+void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int k);
 void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std);
 
 } /* namespace cuda */
