@@ -143,22 +143,32 @@ static blip2_engine *make_engine(env_t *env) {
     return e;
 }
 
-/* Runs jobs [n] on a fresh engine; returns the blocks still in use afterwards (must be 0). */
-static int run_jobs(env_t *env, blip2_job *jobs, outcome *out, int n, int shuffle, blip2_engine_stats *stats) {
+/* Runs a fresh engine (put in *slot for `feed`) until `feed`, a thread that submits and then
+ * stops it, is done; its stats at the end in *s. 0, or -1 when it could not start. */
+static int drive(env_t *env, void *(*feed)(void *), void *arg, blip2_engine **slot, blip2_engine_stats *s) {
+    memset(s, 0, sizeof *s);
     blip2_engine *e = make_engine(env);
     if (!e) return -1;
-    memset(out, 0, sizeof *out * (size_t)n);
+    *slot = e;
     n_done = 0;
-    run_arg a = {jobs, out, n, shuffle, e};
     pthread_t t;
-    pthread_create(&t, NULL, submitter, &a);
+    pthread_create(&t, NULL, feed, arg);
     blip2_status st = {0};
     CHECK(blip2_engine_run(e, &st) == BLIP2_OK, "engine: %s", st.msg);
     pthread_join(t, NULL);
-    blip2_engine_stats s;
-    blip2_engine_get_stats(e, &s);
-    if (stats) *stats = s;
+    blip2_engine_get_stats(e, s);
     blip2_engine_destroy(e);
+    return 0;
+}
+
+/* Runs jobs [n] on a fresh engine; returns the blocks still in use afterwards (must be 0). */
+static int run_jobs(env_t *env, blip2_job *jobs, outcome *out, int n, int shuffle, blip2_engine_stats *stats) {
+    memset(out, 0, sizeof *out * (size_t)n);
+    run_arg a = {jobs, out, n, shuffle, NULL};
+    blip2_engine_stats s;
+    int rc = drive(env, submitter, &a, &a.e, &s);
+    if (stats) *stats = s;
+    if (rc) return -1;
     return s.blocks_in_use;
 }
 
@@ -243,18 +253,11 @@ static void test_capacity(env_t *env, const char *name, fcase *cases, const outc
     /* cancelled mid-generation: stops, frees its blocks, others unaffected */
     outcome co[6];
     for (int i = 0; i < 6; i++) jobs[i] = case_job(&cases[0], greedy);
-    blip2_engine *e = make_engine(&small);
     memset(co, 0, sizeof co);
     for (int i = 0; i < 6; i += 2) co[i].cancel_after = 3;
-    n_done = 0;
-    run_arg a = {jobs, co, 6, 0, e};
-    pthread_t t;
-    pthread_create(&t, NULL, submitter, &a);
+    run_arg a = {jobs, co, 6, 0, NULL};
+    drive(&small, submitter, &a, &a.e, &s);
     blip2_status st = {0};
-    blip2_engine_run(e, &st);
-    pthread_join(t, NULL);
-    blip2_engine_get_stats(e, &s);
-    blip2_engine_destroy(e);
     int cancelled = 0, fine = 0;
     for (int i = 0; i < 6; i++) {
         if (i % 2 == 0) cancelled += co[i].code == BLIP2_ECANCELLED && co[i].tokens_seen < 12;
@@ -350,18 +353,9 @@ static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int 
     memset(out, 0, sizeof out);
     for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[i % nc], greedy);
     jobs[0].dec.max_new_tokens = 40;
-    blip2_engine *e = make_engine(env);
-    if (!e) return;
-    n_done = 0;
-    overlap_arg a = {e, jobs, out, N};
-    pthread_t t;
-    pthread_create(&t, NULL, overlap_submitter, &a);
-    blip2_status st = {0};
-    CHECK(blip2_engine_run(e, &st) == BLIP2_OK, "engine: %s", st.msg);
-    pthread_join(t, NULL);
+    overlap_arg a = {NULL, jobs, out, N};
     blip2_engine_stats s;
-    blip2_engine_get_stats(e, &s);
-    blip2_engine_destroy(e);
+    if (drive(env, overlap_submitter, &a, &a.e, &s)) return;
     int equal = 0;
     for (int i = 1; i < N; i++) equal += same_ids(&out[i], &solo[i % nc]);
     CHECK(equal == N - 1 && out[0].code == BLIP2_OK, "%s: overlap: %d of %d answers as alone", name, equal, N - 1);
