@@ -58,9 +58,11 @@ void blip2_relu(float *x, size_t n);
  * [Tq, NH·HS] at out + b·Tq·NH·HS (heads concatenated h-major); head h reads columns
  * [h·HS, (h+1)·HS). scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its
  * own past). scratch holds max(B, NH)·Tq·Tk floats (score matrices: the device batches over heads
- * or over sequences, whichever is more). */
+ * or over sequences, whichever is more). wdtype is the model's weight type: with 16-bit weights
+ * the device may run the two products on TF32 tensor cores (10-bit mantissa, like the weights);
+ * the reference always computes in fp32. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
 
 /* Causal attention of a batched step over paged keys/values. Sequence i (of n_seqs) owns rows
  * [meta[3i], meta[3i] + meta[3i+1]) of q and out (n_new rows, in order) and has meta[3i+2] = past
@@ -165,7 +167,7 @@ typedef struct blip2_ops {
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);
     void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
-                      int, float, int);
+                      int, float, int, int);
     void (*attention_paged)(float *, const float *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, int, int, float *, int, int, int, int, int, float);
     void (*kv_write)(void *, void *, int, const float *, const float *, int, const int32_t *, int, const int32_t *, int,

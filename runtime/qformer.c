@@ -15,7 +15,7 @@ static void qformer_attn(const blip2_model *m, const blip2_qformer_attn *A, int 
     blip2_mm(m, ws->qq, ws->qx, A->q_w, A->q_b, B * Q, C, C, BLIP2_ACT_NONE);
     blip2_mm(m, ws->qk, kv_src, A->k_w, A->k_b, B * Tk, Ckv, C, BLIP2_ACT_NONE);
     blip2_mm(m, ws->qv, kv_src, A->v_w, A->v_b, B * Tk, Ckv, C, BLIP2_ACT_NONE);
-    o->attention(ws->qctx, ws->qq, ws->qk, ws->qv, ws->scores, B, Q, Tk, c->NH, c->HS, C, C, scale, 0);
+    o->attention(ws->qctx, ws->qq, ws->qk, ws->qv, ws->scores, B, Q, Tk, c->NH, c->HS, C, C, scale, 0, m->wdtype);
     blip2_mm(m, ws->qo, ws->qctx, A->o_w, A->o_b, B * Q, C, C, BLIP2_ACT_NONE);
     o->residual_layernorm(ws->qo, ws->qx, ws->qx, NULL, A->ln_w, A->ln_b, B * Q, C, c->eps); /* o += x; x = LN(o) */
 }

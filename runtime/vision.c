@@ -28,7 +28,7 @@ static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer 
     o->layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, BT, C, c->eps);
     blip2_mm(m, ws->qkv, ws->a, L->qkv_w, L->qkv_b, BT, C, 3 * C, BLIP2_ACT_NONE);
     o->attention(ws->ctx, ws->qkv, ws->qkv + C, ws->qkv + 2 * C, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
-                 scale, 0);
+                 scale, 0, m->wdtype);
     blip2_mm(m, ws->a, ws->ctx, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
     o->residual_layernorm(ws->x, ws->a, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps); /* x += a; a = LN2(x) */
     blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, BT, C, c->mlp, BLIP2_ACT_GELU);

@@ -524,7 +524,7 @@ static void exec_gelu(op_ctx *x) { x->be->gelu(D(x, x->a[0]), (size_t)x->c->p[0]
 static void exec_relu(op_ctx *x) { x->be->relu(D(x, x->a[0]), (size_t)x->c->p[0]); }
 
 /* ------------------------------------------------------------------------------------------------
- * attention: p = {Tq, Tk, NH, HS, causal, layout, pad, amp, B}, f = scale (0: 1/√HS); amp is the
+ * attention: p = {Tq, Tk, NH, HS, causal, layout, pad, amp, B, wdtype}, f = scale (0: 1/√HS); amp is the
  * std of q and k (0 means 1); B sequences one after the other (0 means 1; the op loops over the
  * images or over the heads, whichever is fewer, so B > NH and B < NH are both cases).
  * layout 0: separate q [B·Tq+2, C+pad], k and v [B·Tk+3, C+pad] buffers (Q-Former cross-attention,
@@ -618,7 +618,7 @@ static void exec_attention(op_ctx *x) {
     int fused = x->a[5];
     float *q = D(x, x->a[1]), *k = D(x, x->a[2]) + (fused ? s.C : 0), *v = D(x, x->a[3]) + (fused ? 2 * s.C : 0);
     x->be->attention(D(x, x->a[0]), q, k, v, D(x, x->a[4]), s.B, s.Tq, s.Tk, s.NH, s.HS, s.qs, s.kvs, s.scale,
-                     s.causal);
+                     s.causal, x->c->p[9]);
 }
 
 /* Causal semantics from the op itself, independent of the reference: row i of a causal call must
@@ -635,7 +635,7 @@ static void exec_attention_rel(op_ctx *x) {
     for (int i = 0; i < s.Tq; i++) {
         int n_keys = i + (s.Tk - s.Tq) + 1;
         x->be->attention(D(x, x->a[6]) + (size_t)i * s.C, D(x, x->a[1]) + (size_t)i * s.qs, D(x, x->a[2]), D(x, x->a[3]),
-                         D(x, x->a[4]), 1, 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0);
+                         D(x, x->a[4]), 1, 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0, BLIP2_W_F32);
     }
 }
 static void extra_attention_rel(op_ctx *x) {
@@ -1358,7 +1358,10 @@ static void extra_fill_normal(op_ctx *x) {
     {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var, bias}, eps, 1e-5, 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
-    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B}, scale, 1e-5, 0, 0}
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
+/* A 16-bit model's attention: TF32 products on the device (10-bit mantissa: 1e-2 like matmul_h). */
+#define ATT16(B, Tq, Tk, NH, HS, layout, note) \
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, F16}, 0, 1e-5, 1e-2, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
@@ -1476,6 +1479,9 @@ static const op_case cases[] = {
     ATTB(3, 32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention, 3 images"),
     ATTB(5, 7, 13, 2, 5, 1, 0, 3, 0, 1.0f, "odd, 5 sequences over 2 heads, causal with a cache"),
     ATTB(3, 9, 9, 4, 3, 0, 1, 2, 0, 0, "odd, 3 sequences, fused"),
+    ATT16(1, 257, 257, 16, 88, 1, "vision of a 16-bit model (TF32 on the device)"),
+    ATT16(20, 257, 257, 16, 88, 1, "vision, 20 images, 16-bit model"),
+    ATT16(3, 32, 257, 12, 64, 0, "Q-Former cross-attention, 16-bit model"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),

@@ -150,7 +150,8 @@ void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, con
 /* Contiguous keys: per sequence and head, S = scale·Q·Kᵀ and O = softmax(S)·V as two sgemms, so
  * the vision encoder's 257×257 attention runs at matmul speed instead of a scalar loop. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
+    (void)wdtype; /* the reference is fp32 whatever the weights */
     int ld_out = NH * HS;
     for (int b = 0; b < B; b++) {
         const float *qb = q + (size_t)b * Tq * q_stride, *kb = k + (size_t)b * Tk * kv_stride;

@@ -3,7 +3,8 @@
  * stream (context.h) and records failures in that context instead of aborting; nothing here
  * synchronises except download, sync, blip2_argmax and the rare growth of a scratch buffer.
  *
- * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32); 16-bit-weight matmuls
+ * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; the attention products
+ * of a 16-bit model use TF32); 16-bit-weight matmuls
  * round the fp32 activations to the weight's type (RNE) and accumulate in fp32, except at
  * T <= GEMV_MAX_T, where a GEMV kernel multiplies the fp32 activations by the widened weights
  * (fp32 FMAs, no rounding of the activations; BLIP2_GEMV=0 sends those to cuBLASLt too); row reductions
@@ -926,7 +927,7 @@ void blip2_relu(float *x, size_t n) {
  * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
  * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
     blip2_cuda_ctx *c = cur("attention");
     if (!c || B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0) return;
     if (Tk <= 0) {
@@ -934,8 +935,11 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         return;
     }
     /* Two strided-batched products and a softmax per image (batched over its heads) or per head
-     * (batched over the images), whichever loop is shorter: 3·min(B, NH) launches. */
+     * (batched over the images), whichever loop is shorter: 3·min(B, NH) launches. A 16-bit model
+     * runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32 SIMT
+     * would add tens of ms); an fp32 model keeps fp32. */
     const float one = 1.0f, zero = 0.0f;
+    const cublasComputeType_t ct = wdtype == BLIP2_W_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
     const bool per_image = B <= NH;
     const int outer = per_image ? B : NH, batch = per_image ? NH : B;
     const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
@@ -944,15 +948,15 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         size_t oq = per_image ? (size_t)i * Tq * q_stride : (size_t)i * HS;
         size_t okv = per_image ? (size_t)i * Tk * kv_stride : (size_t)i * HS;
         size_t oo = per_image ? (size_t)i * Tq * NH * HS : (size_t)i * HS;
-        if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
-                                                    kv_stride, skv, q + oq, q_stride, sq, &zero, scratch, Tk, st_s,
-                                                    batch)))
+        if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
+                                                     CUDA_R_32F, kv_stride, skv, q + oq, CUDA_R_32F, q_stride, sq, &zero,
+                                                     scratch, CUDA_R_32F, Tk, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
         k_attn_softmax<<<(unsigned)(batch * Tq), NT, 0, c->stream>>>(scratch, Tq, Tk, causal);
         if (!LAUNCH_CK(c, "k_attn_softmax")) return;
-        if (!CUBLAS_CK(c, cublasSgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
-                                                    kv_stride, skv, scratch, Tk, st_s, &zero, out + oo, NH * HS, so,
-                                                    batch)))
+        if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
+                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, Tk, st_s, &zero,
+                                                     out + oo, CUDA_R_32F, NH * HS, so, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
     }
 }

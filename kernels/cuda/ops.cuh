@@ -23,7 +23,7 @@ void blip2_scale(float *x, float s, size_t n);
 void blip2_gelu(float *x, size_t n);
 void blip2_relu(float *x, size_t n);
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal);
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
 /* scratch is ignored (the scores live in shared memory: max_ctx floats per block); HS <= 128. */
 void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
                            const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
