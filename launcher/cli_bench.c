@@ -14,7 +14,7 @@
 
 typedef struct {
     const char *model, *config, *device, *dtype;
-    int random, json, prompt_len, steps;
+    int random, json, prompt_len, steps, engine;
     int batches[16], n_batches, images[16], n_images;
     int seed;
 } bench_args;
@@ -43,7 +43,7 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         {"batch", required_argument, 0, 'b'},  {"images", required_argument, 0, 'i'}, {"prompt-len", required_argument, 0, 'p'},
         {"steps", required_argument, 0, 's'},  {"json", no_argument, 0, 'j'},         {"device", required_argument, 0, 'd'},
         {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {"dtype", required_argument, 0, 't'},
-        {0, 0, 0, 0},
+        {"engine", no_argument, 0, 'e'},       {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
     a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL;
@@ -61,12 +61,17 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'p': if (blip2_cli_parse_int(optarg, 2, 2048, &a->prompt_len)) return blip2_cli_error("--prompt-len: 2..2048"); break;
         case 's': if (blip2_cli_parse_int(optarg, 1, 4096, &a->steps)) return blip2_cli_error("--steps: 1..4096"); break;
         case 'j': a->json = 1; break;
+        case 'e': a->engine = 1; break;
         case 'd': a->device = optarg; break;
         case 't': a->dtype = optarg; break;
         case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
-                   "                   [--images 1,8] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16] [--json]\n");
+                   "                   [--images 1,8] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
+                   "                   [--engine] [--json]\n"
+                   "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
+                   "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
+                   "            request sees, scheduling and sampling included\n");
             exit(0);
         default: return 2;
         }
@@ -208,7 +213,104 @@ static blip2_code bench_request(const blip2_model *m, const blip2_tp *tp, req_be
     return rc;
 }
 
-static blip2_code run_bench(const bench_args *a, const blip2_model *m, const blip2_tp *tp, blip2_status *st) {
+/* ---- whole requests through the engine (--engine) ---- */
+
+typedef struct {
+    double decode_ms_sum;
+    int done, failed, tokens;
+    char msg[256];
+} engine_tally;
+
+static void tally_done(void *ctx, const blip2_result *res) {
+    engine_tally *t = ctx;
+    if (res->code != BLIP2_OK) {
+        if (!t->failed++) snprintf(t->msg, sizeof t->msg, "%s", res->message ? res->message : "failed");
+        return;
+    }
+    t->done++;
+    t->tokens += res->n_seqs ? res->seqs[0].n_ids : 0;
+    t->decode_ms_sum += res->timings.decode_ms;
+}
+
+static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int L, int steps) {
+    blip2_engine_opts o = blip2_engine_opts_default();
+    int per = blip2_kv_blocks_for(L + steps, o.block_size);
+    o.max_batch = B > 8 ? B : 8;
+    o.max_queue = B;
+    o.max_step_tokens = o.max_step_tokens > o.max_batch ? o.max_step_tokens : o.max_batch;
+    o.kv_bytes = blip2_kv_block_bytes(m, o.block_size) * (size_t)(B * per + 8);
+    o.max_images_per_step = B < 64 ? B : 64;
+    o.image_cache_bytes = 0; /* every image is new, as in HF's generate */
+    o.max_new_tokens_limit = steps;
+    return o;
+}
+
+/* B requests (random pixels, prompt of L ids: Q image tokens, BOS, text), each exactly `steps`
+ * greedy tokens (eos never ends them: the model is ours, its eos id is set out of reach). Rank 0
+ * runs the engine, the others follow it. Timed from the engine's start to its drain. */
+static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int L, int steps, double *wall_s,
+                                     engine_tally *t, blip2_status *st) {
+    const blip2_config *c = &m->cfg;
+    blip2_engine_opts o = engine_opts_for(m, B, L, steps);
+    m->cfg.eos_id = -1;
+    memset(t, 0, sizeof *t);
+    if (tp->rank != 0) return blip2_engine_follow(m, tp, &o, st);
+    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    float *pix = malloc(sizeof(float) * px);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)L);
+    blip2_inputs in = {.cfg = c};
+    blip2_engine *e = NULL;
+    blip2_code rc = pix && ids ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
+    if (!rc) rc = blip2_engine_create(m, tp, &in, &o, &e, st);
+    if (rc) {
+        blip2_engine_follow_stop(tp);
+        free(pix), free(ids);
+        return rc;
+    }
+    for (int i = 0; i < L; i++) ids[i] = i < c->Q ? c->image_token_id : i == c->Q ? 2 : 100 + (i * 37) % 20000;
+    blip2_decoding dec = blip2_decoding_default();
+    dec.max_new_tokens = steps;
+    blip2_job_callbacks cb = {.ctx = t, .on_done = tally_done};
+    for (int b = 0; !rc && b < B; b++) {
+        for (size_t i = 0; i < px; i++) pix[i] = (float)(((i + 7919u * (size_t)b) * 2654435761u) % 1000) / 250.0f - 2.0f;
+        blip2_job job = {.pixels = pix, .input_ids = ids, .n_input_ids = L, .dec = dec};
+        rc = blip2_engine_submit(e, &job, &cb, st);
+    }
+    blip2_engine_stop(e, 1 << 30); /* drain: the run ends when every request is done */
+    double t0 = now_s();
+    blip2_code rc2 = blip2_engine_run(e, st);
+    *wall_s = now_s() - t0;
+    blip2_engine_destroy(e);
+    free(pix), free(ids);
+    if (!rc) rc = rc2;
+    if (!rc && t->failed) rc = blip2_fail(st, BLIP2_EINTERNAL, "%d of %d requests failed: %s", t->failed, B, t->msg);
+    return rc;
+}
+
+static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const blip2_tp *tp, blip2_status *st) {
+    int root = tp->rank == 0, eos = m->cfg.eos_id;
+    if (root && a->json) printf(", \"engine\": [");
+    blip2_code rc = BLIP2_OK;
+    for (int i = 0; !rc && i < a->n_batches; i++) {
+        int B = a->batches[i];
+        double wall = 0;
+        engine_tally t;
+        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->prompt_len, a->steps, &wall, &t, st), st);
+        if (rc || !root) continue;
+        double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0;
+        if (a->json)
+            printf("%s{\"batch\": %d, \"wall_ms\": %.2f, \"requests_per_s\": %.3f, \"tokens_per_s\": %.2f, "
+                   "\"decode_ms_per_token\": %.3f}", i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token);
+        else
+            printf("engine batch %3d: %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token\n", B,
+                   wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token);
+    }
+    if (root && a->json) printf("]");
+    m->cfg.eos_id = eos;
+    return rc;
+}
+
+static blip2_code run_bench(const bench_args *a, blip2_model *m, const blip2_tp *tp, blip2_status *st) {
     int root = tp->rank == 0;
     if (root && !a->json)
         printf("# blip2 bench: %s, %d rank(s), %s%s weights on %s, prompt %d, %d decode steps\n", a->model ? a->model : a->config,
@@ -247,9 +349,11 @@ static blip2_code run_bench(const bench_args *a, const blip2_model *m, const bli
         rc = blip2_tp_agree(tp, bench_request(m, tp, &rb, &req_ms[i], st), st);
     req_bench_free(&rb);
     if (rc) return rc;
-    if (root && a->json) printf("], \"request_16_tokens_ms\": %.2f}\n", req_ms[2]);
+    if (root && a->json) printf("], \"request_16_tokens_ms\": %.2f", req_ms[2]);
     else if (root) printf("one request (image, prompt %d, 16 new tokens): %.1f ms\n", a->prompt_len, req_ms[2]);
-    return BLIP2_OK;
+    rc = a->engine ? run_engine_bench(a, m, tp, st) : BLIP2_OK;
+    if (root && a->json) printf("}\n");
+    return rc;
 }
 
 int blip2_cli_bench(int argc, char **argv) {

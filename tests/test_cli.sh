@@ -77,6 +77,11 @@ if [[ "$out" == *'"images_per_s"'* && "$out" == *'"batch": 4, "prefill_ms"'* && 
   bad "bench --random-weights: $out"; fi
 out=$("$BLIP2" bench --model "$FIX/tiny-f16" --batch 2 --images 1 --steps 2 2>&1)
 if [[ "$out" == *"opt batch   2: prefill"* ]]; then ok; else bad "bench --model: $out"; fi
+# --engine: whole requests through the serving engine, every one exactly --steps tokens.
+out=$("$BLIP2" bench --config "$FIX/tiny-f16/config.json" --random-weights --batch 1,3 --images 1 --steps 4 --engine --json 2>&1)
+if [[ "$out" == *'"engine": [{"batch": 1, "wall_ms"'* && "$out" == *'"batch": 3, "wall_ms"'* && "$out" == *'"decode_ms_per_token"'* ]] &&
+  echo "$out" | /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); e=d["engine"]; assert all(abs(x["tokens_per_s"]-4*x["requests_per_s"])<1e-2*x["tokens_per_s"] for x in e)'; then ok; else
+  bad "bench --engine: $out"; fi
 
 # Bad input: exit 1 (2 for usage) and a message that says what is wrong.
 expect_error() { # want-substring args...

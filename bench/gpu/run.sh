@@ -5,7 +5,8 @@
 #   bash bench/gpu/run.sh      # JSON + logs under $OUT (default .gpu/out)
 # Ours: `blip2 bench --device cuda --dtype f16` on random weights of the real blip2-opt-2.7b config
 # (../shared/hub), prompt 45, 32 decode steps, batches 1..256, vision+Q-Former at 1 and 64, one
-# request with 16 new tokens; the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
+# request with 16 new tokens, and (--engine) B whole requests per batch through the serving engine
+# (image, prompt, 32 forced tokens: HF generate's workload, scheduling and sampling included); the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
 # the floor via ../shared/tools/gemm_floor.py.
 set -u
 cd "$(dirname "$0")/../.."
@@ -20,8 +21,8 @@ export OUT
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 CFG=$SHARED/hub/blip2-opt-2.7b/config.json
-timeout 240 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
-  --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --json >"$OUT/ours.json" 2>"$OUT/ours.log"
+timeout 300 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
+  --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --engine --json >"$OUT/ours.json" 2>"$OUT/ours.log"
 echo "ours: rc $? $(head -c 600 "$OUT/ours.json")"
 # The same decode without CUDA graphs (what the graphs buy, side by side).
 BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
