@@ -253,6 +253,10 @@ static void finish_req(blip2_engine *e, req_t *r, blip2_code code, const char *m
 /* Removes an admitted request: its blocks, slots and reservation return at once. */
 void engine_retire(blip2_engine *e, int idx, blip2_code code, const char *msg) {
     req_t *r = e->act[idx];
+    for (int i = 0; i < e->inflight_rows; i++) /* the running step's rows and the queued tokens forget it */
+        if (e->refs_step[i].r == r) e->refs_step[i].r = NULL;
+    for (int i = 0; i < e->n_emits; i++)
+        if (e->emits[i].r == r) e->emits[i].r = NULL;
     for (int i = 0; i < MAX_BEAMS; i++) engine_table_release(e, &r->seq[i]);
     e->reserved -= r->reserved;
     e->seqs_used -= r->dec.num_beams;
@@ -314,13 +318,14 @@ static void admit(blip2_engine *e, int64_t now) {
 static void check_active(blip2_engine *e, int64_t now, int cancel_all) {
     for (int i = e->n_act - 1; i >= 0; i--) {
         req_t *r = e->act[i];
+        if (r->finishing && !cancel_all) continue; /* done: it ends once its last token is streamed */
         if (cancel_all) engine_retire(e, i, BLIP2_EUNAVAILABLE, "the server shut down during the request");
         else if (r->deadline && now > r->deadline) engine_retire(e, i, BLIP2_EDEADLINE, "deadline exceeded");
         else if (r->cb.is_cancelled && r->cb.is_cancelled(r->cb.ctx)) engine_retire(e, i, BLIP2_ECANCELLED, "cancelled by the client");
     }
 }
 
-static int ready(const req_t *r) { return r->projected != NULL; }
+static int ready(const req_t *r) { return r->projected != NULL && !r->finishing; }
 
 /* Decode rows first (one per live sequence), then prefill chunks within the token budget. */
 static int build_step(blip2_engine *e) {
@@ -364,15 +369,23 @@ static int build_step(blip2_engine *e) {
     return n_rows;
 }
 
-/* Runs one step: share, execute, then decide for every row that produced logits. */
-static blip2_code run_step(blip2_engine *e, int n_rows, blip2_status *st) {
-    step_view v;
+/* A step in two halves. launch: share the descriptor, queue the step (a GPU runs it while the
+ * host goes on: emit_all streams the previous step's tokens meanwhile). finish: wait for its
+ * picks, then decide for every row that produced logits. */
+static blip2_code launch_step(blip2_engine *e, int n_rows, blip2_status *st) {
     blip2_code rc = step_desc_share(&e->x.desc, e->tp, st);
-    if (!rc) rc = step_desc_view(&e->x.desc, &v, st);
-    if (!rc) rc = step_exec_run(&e->x, &v, e->img_rows, st);
-    if (rc) return rc;
-    decide_all(e, n_rows);
-    return BLIP2_OK;
+    if (!rc) rc = step_desc_view(&e->x.desc, &e->view, st);
+    if (!rc) rc = step_exec_launch(&e->x, &e->view, e->img_rows, st);
+    e->inflight_rows = rc ? 0 : n_rows;
+    return rc;
+}
+
+static blip2_code finish_step(blip2_engine *e, blip2_status *st) {
+    blip2_code rc = step_exec_finish(&e->x, &e->view, st);
+    int n_rows = e->inflight_rows;
+    e->inflight_rows = 0;
+    if (!rc) decide_all(e, n_rows);
+    return rc;
 }
 
 static int wait_for_work(blip2_engine *e) {
@@ -408,13 +421,15 @@ static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
         *rc = blip2_fail(st, BLIP2_EINTERNAL, "KV block accounting failed");
         return 0;
     }
-    int encoding = engine_encoder_busy(e);
-    if (n_rows > 0 || e->x.desc.buf[3] > 0) {
-        *rc = run_step(e, n_rows, st);
+    int encoding = engine_encoder_busy(e), launched = n_rows > 0 || e->x.desc.buf[3] > 0;
+    if (launched) *rc = launch_step(e, n_rows, st);
+    emit_all(e); /* the last step's tokens, while this one computes */
+    if (launched && !*rc) {
+        *rc = finish_step(e, st);
         pthread_mutex_lock(&e->mu);
         e->stats.steps++, e->stats.steps_while_encoding += encoding;
         pthread_mutex_unlock(&e->mu);
-    } else if (encoding) {
+    } else if (!launched && encoding) {
         engine_encoder_wait(e, 20); /* nothing to run until images arrive */
     }
     return *rc == BLIP2_OK;
@@ -477,9 +492,11 @@ static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     e->tokens = malloc(sizeof(int32_t) * T);
     e->img_rows = malloc(sizeof(float) * T * c->opt.C);
     e->refs_step = malloc(sizeof *e->refs_step * (size_t)e->o.max_batch);
+    e->emits = malloc(sizeof *e->emits * (size_t)e->o.max_batch);
     e->copies = malloc(sizeof(int32_t) * 2 * (size_t)e->o.max_batch);
     e->hist = malloc(sizeof(int32_t) * (size_t)c->opt.max_pos);
-    if (!e->hist || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies)
+    if (!e->hist || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies ||
+        !e->emits)
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory");
     return engine_encoder_start(e, st); /* the engine runs on rank 0 */
 }
@@ -524,6 +541,7 @@ void blip2_engine_destroy(blip2_engine *e) {
     free(e->tokens);
     free(e->img_rows);
     free(e->refs_step);
+    free(e->emits);
     free(e->copies);
     free(e->hist);
     pthread_mutex_destroy(&e->mu);

@@ -73,6 +73,9 @@ static int32_t choose(blip2_engine *e, req_t *r, int i, float *logits, int32_t p
     return blip2_argmax(logits, c->opt.V);
 }
 
+/* The id and whether it ends the request (eos, length); its text and stop strings wait for
+ * emit_all, which runs while the next step computes. A request that ends is left out of the next
+ * step; one a stop string ends there was already in it, and its row is dropped. */
 static void decide_single(blip2_engine *e, req_t *r, int i, float *logits, int32_t pick) {
     const blip2_config *c = &e->m->cfg;
     seq_t *q = &r->seq[0];
@@ -80,10 +83,21 @@ static void decide_single(blip2_engine *e, req_t *r, int i, float *logits, int32
     if (!r->t_first) r->t_first = blip2_now_ns();
     q->gen[q->n_gen++] = id;
     q->next = id;
-    int stopped = stream_token(r, id);
-    if (id == c->eos_id) finish(e, r, BLIP2_FINISH_EOS);
-    else if (stopped) finish(e, r, BLIP2_FINISH_STOP);
-    else if (q->n_gen >= r->max_new || q->len + 1 > c->opt.max_pos) finish(e, r, BLIP2_FINISH_LENGTH);
+    if (id == c->eos_id) r->finishing = 1 + BLIP2_FINISH_EOS;
+    else if (q->n_gen >= r->max_new || q->len + 1 > c->opt.max_pos) r->finishing = 1 + BLIP2_FINISH_LENGTH;
+    if (r->detok || r->finishing) e->emits[e->n_emits].r = r, e->emits[e->n_emits++].id = id;
+}
+
+void emit_all(blip2_engine *e) {
+    for (int k = 0; k < e->n_emits; k++) {
+        req_t *r = e->emits[k].r;
+        if (!r) continue; /* retired since its step */
+        int stopped = stream_token(r, e->emits[k].id), f = r->finishing - 1;
+        if (f == BLIP2_FINISH_EOS) finish(e, r, BLIP2_FINISH_EOS);
+        else if (stopped) finish(e, r, BLIP2_FINISH_STOP);
+        else if (f == BLIP2_FINISH_LENGTH) finish(e, r, BLIP2_FINISH_LENGTH);
+    }
+    e->n_emits = 0;
 }
 
 /* ---- beams ---- */
@@ -223,6 +237,11 @@ void decide_all(blip2_engine *e, int n_rows) {
     for (int i = 0; i < n_rows;) {
         req_t *r = e->refs_step[i].r;
         int seq = e->refs_step[i].seq, mode = e->refs_step[i].mode;
+        if (!r) { /* retired while the step ran (a stop string in the previous token) */
+            k_arg += mode == LOGITS_ARGMAX;
+            i++;
+            continue;
+        }
         float *row = e->x.full + i * V;
         if (seq < 0) { /* a prefill chunk of -seq - 1 positions */
             int chunk = -seq - 1;

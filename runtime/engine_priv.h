@@ -58,6 +58,7 @@ typedef struct req {
     blip2_finish finish;
     uint64_t id;  /* unique in the engine: how the image encoder's results find their request */
     int encoding; /* its image is with the encoder */
+    int finishing; /* 1 + blip2_finish decided at its last step, applied once that token is streamed */
 } req_t;
 
 /* The image encoder thread and what it shares with the engine thread (engine_images.c): the
@@ -103,7 +104,11 @@ struct blip2_engine {
     float *scratch;                              /* [2V] sampling */
     int32_t *tokens;                             /* [max_step_tokens] the step's ids */
     float *img_rows;                             /* [max_step_tokens, Ct] the step's image rows */
-    struct { req_t *r; int seq; int mode; } *refs_step; /* what each step row belongs to */
+    struct { req_t *r; int seq; int mode; } *refs_step; /* what each step row belongs to (r NULL: retired since) */
+    int inflight_rows;   /* rows of refs_step in the step now running (0: none) */
+    step_view view;      /* that step's descriptor */
+    struct { req_t *r; int32_t id; } *emits; /* tokens decided at the last step, to stream (r NULL: retired) */
+    int n_emits;
     int32_t *copies; /* pending copy-on-write pairs for the next step */
     int n_copies;
     int32_t *hist;   /* [max_pos] prompt + generated ids (repetition penalty) */
@@ -116,8 +121,12 @@ int engine_table_reserve(seq_t *s, int n);
 int engine_table_grow(blip2_engine *e, seq_t *s, int positions);
 /* Removes admitted request act[idx]: blocks, slots and reservation return; on_done is called. */
 void engine_retire(blip2_engine *e, int idx, blip2_code code, const char *msg);
-/* After a step: every row that produced logits decides its request's next move. */
+/* After a step: every row that produced logits decides its request's next move (ids, beams,
+ * which requests end); what single sequences produced is queued for emit_all. */
 void decide_all(blip2_engine *e, int n_rows);
+/* Streams the queued tokens (text, stop strings) and ends the requests whose last token it was:
+ * the engine runs it while the next step computes. */
+void emit_all(blip2_engine *e);
 
 /* The image encoder (engine_images.c). start: the thread, its device queue and workspace (an
  * error if any of them fails); stop: joins it. hand: gives the idle encoder the admitted requests

@@ -234,12 +234,19 @@ static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st
     return rc;
 }
 
-blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
+blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
     blip2_code rc = check_blocks(x, v, st);
     if (rc) return rc;
     if (v->n_copies) copy_blocks(x, v->copies, v->n_copies);
     if (v->n_seqs == 0) return BLIP2_OK;
-    rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
-    if (!rc) rc = pick_logits(x, v, st);
-    return rc;
+    return blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
+}
+
+blip2_code step_exec_finish(step_exec *x, const step_view *v, blip2_status *st) {
+    return v->n_seqs ? pick_logits(x, v, st) : BLIP2_OK;
+}
+
+blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
+    blip2_code rc = step_exec_launch(x, v, image_rows, st);
+    return rc ? rc : step_exec_finish(x, v, st);
 }

@@ -67,7 +67,11 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
                           int n_blocks, int block_size, blip2_status *st);
 void step_exec_free(step_exec *x);
 /* Runs the shared descriptor: block copies, embeddings (image_rows: rank 0's rows for the -1
- * tokens), the batched forward, then argmax picks and gathered full rows (indexed by sequence). */
+ * tokens), the batched forward, then argmax picks, candidates and gathered full rows (indexed by
+ * sequence). launch queues the work (on a GPU it returns while the step runs); finish waits for
+ * what the host needs from it; run is both. */
+blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st);
+blip2_code step_exec_finish(step_exec *x, const step_view *v, blip2_status *st);
 blip2_code step_exec_run(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st);
 
 #endif

@@ -17,7 +17,7 @@ typedef struct {
     int32_t ids[64];
     int n;
     blip2_code code;
-    int done, cached;
+    int done, cached, finish;
     int cancel_after; /* tokens, then is_cancelled says yes (0: never) */
     int tokens_seen;
     char text[512];
@@ -42,6 +42,7 @@ static void on_done(void *ctx, const blip2_result *res) {
         o->n = res->seqs[0].n_ids < 64 ? res->seqs[0].n_ids : 64;
         memcpy(o->ids, res->seqs[0].ids, sizeof(int32_t) * o->n);
         o->cached = res->timings.image_cached;
+        o->finish = res->seqs[0].finish;
     }
     pthread_mutex_lock(&mu);
     o->done = 1;
@@ -365,6 +366,44 @@ static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int 
           (unsigned long long)s.steps_while_encoding, (unsigned long long)s.steps, s.blocks_in_use);
 }
 
+/* Stop strings are checked while the next step already runs: a request a stop string ends is in
+ * that step, and its row there must be dropped. Its answer ends exactly at the token that
+ * completes the stop string (as many tokens streamed as returned), the others in the batch are
+ * unaffected, and every block comes back. */
+static void test_stop_strings(env_t *env, const char *name, fcase *cases, const outcome *solo) {
+    if (!env->in->tok) return;
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 3;
+    blip2_job first3 = case_job(&cases[0], greedy);
+    outcome o3;
+    memset(&o3, 0, sizeof o3);
+    CHECK(run_jobs(env, &first3, &o3, 1, 0, NULL) == 0, "blocks in use");
+    CHECK(o3.code == BLIP2_OK && o3.n == 3 && o3.streamed > 0, "%s: 3 tokens with text (got %d, %zu bytes)", name, o3.n,
+          o3.streamed);
+    char stop[512];
+    memcpy(stop, o3.text, o3.streamed);
+    stop[o3.streamed] = 0;
+    const char *stops[] = {stop};
+    enum { N = 6 };
+    blip2_job jobs[N];
+    outcome out[N];
+    greedy.max_new_tokens = 12;
+    for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[0], greedy);
+    for (int i = 0; i < N; i += 2) jobs[i].stop = stops, jobs[i].n_stop = 1;
+    blip2_engine_stats s;
+    CHECK(run_jobs(env, jobs, out, N, 0, &s) == 0, "%s: stop strings: %d blocks in use", name, s.blocks_in_use);
+    for (int i = 0; i < N; i++) {
+        if (i % 2 == 0)
+            CHECK(out[i].code == BLIP2_OK && out[i].finish == BLIP2_FINISH_STOP && out[i].n == 3 &&
+                      memcmp(out[i].ids, o3.ids, sizeof(int32_t) * 3) == 0 && out[i].tokens_seen == 3,
+                  "%s: request %d with stop '%s': finish %d, %d ids, %d streamed (want stop, 3, 3)", name, i, stop,
+                  out[i].finish, out[i].n, out[i].tokens_seen);
+        else
+            CHECK(same_ids(&out[i], &solo[0]) && out[i].tokens_seen == 12, "%s: request %d without stop strings differs",
+                  name, i);
+    }
+}
+
 /* test_engine [--device cpu|cuda] [--dtype f32|f16|bf16]: the same checks on another backend. */
 int main(int argc, char **argv) {
     const char *device = "cpu";
@@ -415,6 +454,7 @@ int main(int argc, char **argv) {
         test_capacity(&env, names[k], cases, solo);
         test_image_cache(&env, names[k]);
         test_encode_overlap(&env, names[k], cases, nc, solo);
+        test_stop_strings(&env, names[k], cases, solo);
         for (int i = 0; i < nc; i++) free(cases[i].ids);
         blip2_inputs_free(&in);
         blip2_model_free(&m);
