@@ -41,7 +41,7 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
                   B * Q * c->opt.C};
     int failed = 0;
     for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) failed |= !(*bufs[i] = o->alloc(sizeof(float) * n[i]));
-    if (failed) {
+    if (failed || blip2_graph_cache_init(&ws->graphs, o, (int)B, "image encoder", st)) {
         blip2_encoder_ws_free(ws);
         return blip2_fail(st, BLIP2_ENOMEM, "image encoder: out of %s memory for a batch of %d images", o->name, (int)B);
     }
@@ -53,6 +53,7 @@ void blip2_encoder_ws_free(blip2_encoder_ws *ws) {
         void *bufs[] = {ws->pixels, ws->patches, ws->x,  ws->a,  ws->ctx, ws->qkv,  ws->mlp,  ws->scores, ws->image,
                         ws->qx,     ws->qq,      ws->qctx, ws->qo, ws->qk,  ws->qv, ws->qmlp, ws->proj};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ws->ops->release(bufs[i]);
+        blip2_graph_cache_free(&ws->graphs);
     }
     memset(ws, 0, sizeof *ws);
 }
@@ -63,6 +64,23 @@ static blip2_code check_batch(const blip2_encoder_ws *ws, const blip2_model *m, 
     return BLIP2_OK;
 }
 
+typedef struct {
+    const blip2_model *m;
+    blip2_encoder_ws *ws;
+    int B;
+} encode_args;
+
+/* The three stages: ~500 launches for one image, so at small batches a graph (one per batch size,
+ * graphs.h) is what keeps the GPU busy instead of the launching thread. */
+static blip2_code encode_body(void *ctx, blip2_status *st) {
+    encode_args *a = ctx;
+    (void)st;
+    blip2_vision_run(a->m, a->ws, a->B);
+    blip2_qformer_run(a->m, a->ws, a->B);
+    blip2_project_run(a->m, a->ws, a->B);
+    return BLIP2_OK;
+}
+
 blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
                                float *qout, float *projected, blip2_status *st) {
     const blip2_config *c = &m->cfg;
@@ -70,9 +88,9 @@ blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const
     blip2_code rc = check_batch(ws, m, B, st);
     if (rc) return rc;
     o->upload(ws->pixels, pixels, sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
-    blip2_vision_run(m, ws, B);
-    blip2_qformer_run(m, ws, B);
-    blip2_project_run(m, ws, B);
+    encode_args a = {m, ws, B};
+    if (!blip2_graph_run(&ws->graphs, B, encode_body, &a, &rc, st)) rc = encode_body(&a, st);
+    if (rc) return rc;
     if (image) o->download(image, ws->image, sizeof(float) * B * c->vision.T * c->vision.C);
     if (qout) o->download(qout, ws->qx, sizeof(float) * B * c->Q * c->qformer.C);
     o->download(projected, ws->proj, sizeof(float) * B * c->Q * c->opt.C);

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "../parallel/comm.h"
+#include "graphs.h"
 #include "kv_cache.h"
 #include "model.h"
 
@@ -30,6 +31,7 @@ typedef struct {
     float *qk, *qv;       /* [B·max(Q, T), Cq] keys / values (the image's for cross-attention) */
     float *qmlp;          /* [B·Q, mlp_q] */
     float *proj;          /* [B·Q, Ct] the language projection: OPT's image rows */
+    blip2_graph_cache graphs; /* the three stages by number of images (graphs.h) */
 } blip2_encoder_ws;
 
 blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int max_B, blip2_status *st);
@@ -100,13 +102,7 @@ typedef struct {
     size_t idx_cap;          /* ints in idx / host_idx */
     int32_t *host_pick;      /* [2·max_seqs] host copy of pick */
     blip2_scored_id *host_all; /* [(world + 1)·max_seqs] every rank's (value, id) per row, then this rank's */
-    /* Decode steps as graphs (backends that have them, BLIP2_GRAPHS unset or not 0): one per batch
-     * size, recorded at its second use (the first runs eagerly: scratch buffers grow and matmul
-     * algorithms are chosen outside the recording) and replayed from then on. */
-    int graphs_on;
-    const void *graph_kv;    /* the KV pool the graphs address */
-    void **graphs;           /* [max_seqs + 1] */
-    uint8_t *graph_uses;     /* [max_seqs + 1] */
+    blip2_graph_cache graphs; /* decode steps by batch size (graphs.h), bound to the KV pool they address */
 } blip2_opt_ws;
 
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,

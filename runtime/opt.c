@@ -54,11 +54,6 @@ static size_t idx_ints(int max_tokens, int max_seqs, int max_ctx) {
     return 2 * (size_t)max_tokens + 4 * (size_t)max_seqs + (size_t)max_seqs * max_ctx;
 }
 
-static int graphs_wanted(const blip2_ops *o) {
-    const char *env = getenv("BLIP2_GRAPHS");
-    return o->capture_begin && !(env && strcmp(env, "0") == 0);
-}
-
 blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tokens, int max_seqs, int max_ctx,
                              blip2_status *st) {
     memset(ws, 0, sizeof *ws);
@@ -83,22 +78,13 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->host_idx = malloc(sizeof(int32_t) * ws->idx_cap);
     ws->host_pick = malloc(sizeof(int32_t) * 2 * S);
     ws->host_all = malloc(sizeof(blip2_scored_id) * S * (size_t)(s->world + 1));
-    ws->graphs_on = graphs_wanted(o);
-    ws->graphs = calloc(S + 1, sizeof *ws->graphs);
-    ws->graph_uses = calloc(S + 1, 1);
     if (!ws->x || !ws->a || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits || !ws->pick ||
-        !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all || !ws->graphs || !ws->graph_uses) {
+        !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all ||
+        blip2_graph_cache_init(&ws->graphs, o, max_seqs, "decode step", st)) {
         blip2_opt_ws_free(ws);
         return blip2_fail(st, BLIP2_ENOMEM, "OPT workspace: out of %s memory for %d tokens per step", o->name, max_tokens);
     }
     return BLIP2_OK;
-}
-
-static void drop_graphs(blip2_opt_ws *ws) {
-    for (int n = 0; ws->graphs && n <= ws->max_seqs; n++) {
-        if (ws->graphs[n]) ws->ops->graph_free(ws->graphs[n]);
-        ws->graphs[n] = NULL;
-    }
 }
 
 void blip2_opt_ws_free(blip2_opt_ws *ws) {
@@ -106,13 +92,11 @@ void blip2_opt_ws_free(blip2_opt_ws *ws) {
     if (o) {
         void *bufs[] = {ws->x, ws->a, ws->qkv, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits, ws->pick, ws->idx};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) o->release(bufs[i]);
-        drop_graphs(ws);
+        blip2_graph_cache_free(&ws->graphs);
     }
     free(ws->host_idx);
     free(ws->host_pick);
     free(ws->host_all);
-    free(ws->graphs);
-    free(ws->graph_uses);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -251,50 +235,24 @@ static blip2_code step_body(const blip2_model *m, const blip2_tp *tp, blip2_kv_p
  * for a given batch size, once its block tables have a fixed stride: it can be a graph. */
 static int graph_step(const blip2_tp *tp, const blip2_seq_step *seqs, int n_seqs, const int32_t *tokens,
                       const blip2_opt_ws *ws) {
-    if (!ws->graphs_on || (tp->world > 1 && !tp->comm->graph_safe)) return 0;
+    if (!ws->graphs.on || (tp->world > 1 && !tp->comm->graph_safe)) return 0;
     for (int i = 0; i < n_seqs; i++)
         if (seqs[i].n_new != 1 || tokens[i] < 0) return 0;
     return 1;
 }
 
-/* Runs the step body as the batch size's graph: replayed if recorded, recorded at the second use.
- * 1 when it ran (rc set), 0 when the caller must run it eagerly. A failed recording turns graphs
- * off for this workspace, with one line on stderr. */
-static int run_graph(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, const int32_t *tokens,
-                     blip2_opt_ws *ws, const step_idx *ix, blip2_code *rc, blip2_status *st) {
-    const blip2_ops *o = m->ops;
-    if (ws->graph_kv != kv) { /* graphs hold the pool's addresses: another pool, other graphs */
-        drop_graphs(ws);
-        ws->graph_kv = kv;
-    }
-    void **g = &ws->graphs[ix->n_seqs];
-    if (*g) {
-        int r = o->graph_launch(*g);
-        if (r <= 0) {
-            *rc = r ? blip2_backend_check(o, "decode graph", st) : BLIP2_OK;
-            return 1;
-        }
-        o->graph_free(*g); /* stale: record it again */
-        *g = NULL;
-    }
-    if (!ws->graph_uses[ix->n_seqs]) {
-        ws->graph_uses[ix->n_seqs] = 1;
-        return 0;
-    }
-    if (o->capture_begin()) return 0;
-    *rc = step_body(m, tp, kv, tokens, NULL, ws, ix, st);
-    char why[256] = "";
-    *g = o->capture_end(why, sizeof why);
-    if (*rc) return 1; /* a collective failed while recording: nothing more to try */
-    if (!*g || o->graph_launch(*g) != 0) {
-        fprintf(stderr, "blip2: %s: recording the decode step of batch %d as a graph failed (%s); steps run without graphs\n",
-                o->name, ix->n_seqs, *g ? "launch" : why);
-        if (*g) o->graph_free(*g);
-        *g = NULL;
-        ws->graphs_on = 0;
-        return 0;
-    }
-    return 1;
+typedef struct {
+    const blip2_model *m;
+    const blip2_tp *tp;
+    blip2_kv_pool *kv;
+    const int32_t *tokens;
+    blip2_opt_ws *ws;
+    const step_idx *ix;
+} step_args;
+
+static blip2_code step_body_cb(void *ctx, blip2_status *st) {
+    step_args *a = ctx;
+    return step_body(a->m, a->tp, a->kv, a->tokens, NULL, a->ws, a->ix, st);
 }
 
 blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv,
@@ -307,7 +265,11 @@ blip2_code blip2_opt_forward_batch(const blip2_model *m, const blip2_tp *tp, bli
     int graph = graph_step(tp, seqs, n_seqs, tokens, ws);
     if (graph) mb = blip2_kv_blocks_for(ws->max_ctx, kv->block_size); /* a fixed table stride: fixed launches */
     upload_step(kv, seqs, n_seqs, tokens, T, mb, ws, &ix);
-    if (graph && run_graph(m, tp, kv, tokens, ws, &ix, &rc, st)) return rc;
+    if (graph) {
+        step_args a = {m, tp, kv, tokens, ws, &ix};
+        blip2_graph_cache_bind(&ws->graphs, kv); /* graphs hold the pool's addresses */
+        if (blip2_graph_run(&ws->graphs, n_seqs, step_body_cb, &a, &rc, st)) return rc;
+    }
     return step_body(m, tp, kv, tokens, image_rows, ws, &ix, st);
 }
 

@@ -8,7 +8,8 @@
  *    give bit for bit the logits of the same steps without graphs, across batch sizes 1, 3, 2,
  *    back to 3 (its graph reused) and with sequences at different lengths and block boundaries;
  *  - a stale graph is recorded again, a failed recording falls back to eager steps, a prefill
- *    step or a step with image rows never uses a graph, another KV pool gets its own graphs. */
+ *    step never uses a graph;
+ *  - the image encoder, recorded per number of images, gives the plain CPU's outputs. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,7 +19,10 @@
 
 /* ---- the recording backend ---- */
 
-enum { OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_MM, OP_MMH, OP_RELU, OP_GELU, OP_KVW, OP_ATTN, OP_RLN, OP_GATHER };
+enum {
+    OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_MM, OP_MMH, OP_RELU, OP_GELU, OP_KVW, OP_ATTN, OP_RLN, OP_GATHER,
+    OP_I2C, OP_COPY, OP_ADD_ROWS, OP_DENSE_ATTN, OP_RES_ADD
+};
 
 typedef struct {
     int op;
@@ -99,6 +103,28 @@ static void r_gather_rows(float *out, const float *x, const int32_t *rows, int n
     rec((tape_op){OP_GATHER, {P(out), P(x), P(rows)}, {n, C}, {0}, 0});
 }
 
+static void r_im2col(float *out, const float *img, int CH, int H, int W, int PS) {
+    if (!g_recording) return blip2_cpu_ops.im2col_patches(out, img, CH, H, W, PS);
+    rec((tape_op){OP_I2C, {P(out), P(img)}, {CH, H, W, PS}, {0}, 0});
+}
+static void r_copy(void *dst, const void *src, size_t n) { /* device to device: recordable */
+    if (!g_recording) return blip2_cpu_ops.copy(dst, src, n);
+    rec((tape_op){OP_COPY, {dst, src}, {0}, {0}, n});
+}
+static void r_add_rows(float *x, const float *table, int row0, int T, int C) {
+    if (!g_recording) return blip2_cpu_ops.add_rows(x, table, row0, T, C);
+    rec((tape_op){OP_ADD_ROWS, {P(x), P(table)}, {row0, T, C}, {0}, 0});
+}
+static void r_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
+                        int NH, int HS, int qs, int kvs, float scale, int causal, int wd) {
+    if (!g_recording) return blip2_cpu_ops.attention(out, q, k, v, scratch, B, Tq, Tk, NH, HS, qs, kvs, scale, causal, wd);
+    rec((tape_op){OP_DENSE_ATTN, {P(out), P(q), P(k), P(v), P(scratch)}, {B, Tq, Tk, NH, HS, qs, kvs, causal, wd}, {scale}, 0});
+}
+static void r_residual_add(float *x, const float *y, size_t n) {
+    if (!g_recording) return blip2_cpu_ops.residual_add(x, y, n);
+    rec((tape_op){OP_RES_ADD, {P(x), P(y)}, {0}, {0}, n});
+}
+
 /* What a recording must not contain (a CUDA capture fails on them). */
 static void r_upload(void *dst, const void *src, size_t n) {
     if (g_recording) g_record_failed = 1;
@@ -142,6 +168,14 @@ static void play(const tape *t) {
             c->residual_layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1], o->f[0]);
             break;
         case OP_GATHER: c->gather_rows(F(o->p[0]), F(o->p[1]), I(o->p[2]), i[0], i[1]); break;
+        case OP_I2C: c->im2col_patches(F(o->p[0]), F(o->p[1]), i[0], i[1], i[2], i[3]); break;
+        case OP_COPY: c->copy((void *)o->p[0], o->p[1], o->z); break;
+        case OP_ADD_ROWS: c->add_rows(F(o->p[0]), F(o->p[1]), i[0], i[1], i[2]); break;
+        case OP_DENSE_ATTN:
+            c->attention(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), i[0], i[1], i[2], i[3], i[4], i[5], i[6],
+                         o->f[0], i[7], i[8]);
+            break;
+        case OP_RES_ADD: c->residual_add(F(o->p[0]), F(o->p[1]), o->z); break;
         }
     }
 }
@@ -187,6 +221,8 @@ static blip2_ops recording_ops(void) {
     o.matmul = r_matmul, o.matmul_h = r_matmul_h, o.relu = r_relu, o.gelu = r_gelu;
     o.kv_write = r_kv_write, o.attention_paged = r_attention_paged;
     o.residual_layernorm = r_residual_layernorm, o.gather_rows = r_gather_rows;
+    o.im2col_patches = r_im2col, o.copy = r_copy, o.add_rows = r_add_rows, o.attention = r_attention;
+    o.residual_add = r_residual_add;
     return o;
 }
 
@@ -234,6 +270,46 @@ static blip2_code step(const blip2_model *m, const blip2_tp *tp, run_state *r, c
     return rc;
 }
 
+/* The image encoder as a graph per number of images: B = 1 three times, then B = 2 three times
+ * (eager, recorded, replayed), new pixels every call; image, Q-Former and projected outputs equal
+ * the plain CPU's bit for bit. */
+static void test_encoder(blip2_model *m, const blip2_ops *rops) {
+    const blip2_config *c = &m->cfg;
+    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size, ni = (size_t)c->vision.T * c->vision.C;
+    size_t nq = (size_t)c->Q * c->qformer.C, np = (size_t)c->Q * c->opt.C;
+    float *pix = malloc(sizeof(float) * 2 * px), *w[3], *g[3];
+    size_t n[3] = {2 * ni, 2 * nq, 2 * np};
+    for (int i = 0; i < 3; i++) w[i] = malloc(sizeof(float) * n[i]), g[i] = malloc(sizeof(float) * n[i]);
+    blip2_encoder_ws ref, gr;
+    blip2_status st = {0};
+    m->ops = &blip2_cpu_ops;
+    CHECK(blip2_encoder_ws_init(&ref, m, 2, &st) == BLIP2_OK, "encoder ws: %s", st.msg);
+    m->ops = rops;
+    CHECK(blip2_encoder_ws_init(&gr, m, 2, &st) == BLIP2_OK, "encoder ws: %s", st.msg);
+    int rec0 = g_recordings, launch0 = g_launches;
+    blip2_rng rng;
+    blip2_rng_seed(&rng, 5);
+    for (int k = 0; k < 6; k++) {
+        int B = k < 3 ? 1 : 2;
+        for (size_t i = 0; i < B * px; i++) pix[i] = (float)(blip2_rng_uniform(&rng) * 4.0 - 2.0);
+        m->ops = &blip2_cpu_ops;
+        CHECK(blip2_encode_images(m, &ref, pix, B, w[0], w[1], w[2], &st) == BLIP2_OK, "encode: %s", st.msg);
+        m->ops = rops;
+        CHECK(blip2_encode_images(m, &gr, pix, B, g[0], g[1], g[2], &st) == BLIP2_OK, "encode (graphs): %s", st.msg);
+        for (int i = 0; i < 3; i++)
+            CHECK(memcmp(w[i], g[i], sizeof(float) * n[i] / 2 * B) == 0, "encoder call %d (B %d): output %d differs", k, B, i);
+    }
+    CHECK(g_recordings - rec0 == 2 && g_launches - launch0 == 4, "encoder: %d recordings (want 2), %d launches (want 4)",
+          g_recordings - rec0, g_launches - launch0);
+    m->ops = &blip2_cpu_ops;
+    blip2_encoder_ws_free(&ref);
+    m->ops = rops;
+    blip2_encoder_ws_free(&gr);
+    m->ops = &blip2_cpu_ops;
+    for (int i = 0; i < 3; i++) free(w[i]), free(g[i]);
+    free(pix);
+}
+
 int main(void) {
     blip2_status st = {0};
     blip2_model m;
@@ -260,7 +336,7 @@ int main(void) {
     state_init(&ref, &m, 64);
     m.ops = &rops;
     state_init(&gr, &m, 64);
-    CHECK(gr.ws.graphs_on, "the recording backend has graphs, so the workspace should use them");
+    CHECK(gr.ws.graphs.on, "the recording backend has graphs, so the workspace should use them");
     int mismatches = 0;
     for (int k = 0; k < n_plan; k++) {
         if (k == 11) g_stale_next_launch = 1; /* batch 3's graph is stale once: recorded again */
@@ -293,9 +369,10 @@ int main(void) {
         step(&m, &tp, &fl, one, 1, k == 0 ? 4 : 0, got);
         CHECK(memcmp(want, got, sizeof(float) * V) == 0, "after a failed recording, step %d differs", k);
     }
-    CHECK(!fl.ws.graphs_on, "a failed recording must turn graphs off for the workspace");
+    CHECK(!fl.ws.graphs.on, "a failed recording must turn graphs off for the workspace");
     state_free(&fl);
     state_free(&gr);
+    test_encoder(&m, &rops);
     m.ops = &blip2_cpu_ops;
     state_free(&ref);
     free(want), free(got);
