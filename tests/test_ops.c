@@ -765,12 +765,14 @@ static const struct {
     {mix_odd, 4, "odd"},
     {mix_prefill, 1, "prefill"},
     {mix_decode, 1, "decode"},
+    {NULL, 256, "decode batch 256 at position 61 (the big-batch KV read)"}, /* generated: 256 × {1, 60} */
 };
+#define KV_MAX_SEQS 256
 
 typedef struct {
     int n_seqs, rows, max_blocks, n_blocks, max_ctx, spare;
-    seq_spec s[16];
-    int row0[16];
+    seq_spec s[KV_MAX_SEQS];
+    int row0[KV_MAX_SEQS];
 } kv_layout;
 
 /* Fills meta [3·n_seqs] and tables [n_seqs·max_blocks]; both buffers come from kv_plan's sizes. */
@@ -782,7 +784,7 @@ static kv_layout kv_plan(op_ctx *x, int mix, int Tq, int Tk, int BS, int order) 
         L.s[0].n_new = Tq, L.s[0].past = Tk - Tq;
     } else {
         L.n_seqs = kv_mixes[mix].n;
-        memcpy(L.s, kv_mixes[mix].s, sizeof(seq_spec) * L.n_seqs);
+        for (int i = 0; i < L.n_seqs; i++) L.s[i] = kv_mixes[mix].s ? kv_mixes[mix].s[i] : (seq_spec){1, 60};
     }
     int used = 0;
     for (int i = 0; i < L.n_seqs; i++) {
@@ -1512,6 +1514,7 @@ static const op_case cases[] = {
     PAGEDM(1, 1, 32, 80, 16, 0, BF16, 5120, "OPT batched step: bf16 cache, q in the fused qkv rows"),
     PAGEDM(2, 0, 32, 80, 16, 0, F32, 0, "OPT decode batch"),
     PAGEDM(2, 0, 32, 80, 16, 0, F16, 5120, "OPT decode batch, f16 cache"),
+    PAGEDM(7, 0, 32, 80, 16, 0, F16, 5120, "OPT decode batch 256, f16 cache (--perf: the KV read's GB/s)"),
     PAGEDM(3, 0, 4, 64, 16, 1, F32, 0, "chunked prefill"),
     PAGEDM(3, 1, 3, 33, 5, 2, BF16, 3, "chunked prefill, odd, bf16 cache"),
     PAGEDM(4, 0, 3, 5, 2, 1, F16, 1, "odd, f16 cache"),

@@ -7,7 +7,8 @@
 # (../shared/hub), prompt 45, 32 decode steps, batches 1..256, vision+Q-Former at 1 and 64, one
 # request with 16 new tokens, and (--engine) B whole requests per batch through the serving engine
 # (image, prompt, 32 forced tokens: HF generate's workload, scheduling and sampling included); the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
-# the floor via ../shared/tools/gemm_floor.py.
+# the floor via ../shared/tools/gemm_floor.py. The op perf table also has the paged attention's GB/s
+# at decode batch 256 (f16 cache, 61 positions).
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
@@ -29,6 +30,7 @@ BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --conf
   --batch 1,64 --images 1 --prompt-len 45 --steps 32 --json >"$OUT/ours_nographs.json" 2>"$OUT/ours_nographs.log"
 echo "ours without graphs: rc $? $(head -c 400 "$OUT/ours_nographs.json")"
 timeout 120 "$BUILD/tests/test_ops" --perf --op matmul_h >"$OUT/ops_perf.log" 2>&1
+timeout 60 "$BUILD/tests/test_ops" --perf --op attention_paged >>"$OUT/ops_perf.log" 2>&1
 echo "ops perf: rc $? $(grep -c . "$OUT/ops_perf.log") lines"
 timeout 120 python3 "$SHARED/tools/gemm_floor.py" >"$OUT/gemm_floor.log" 2>&1
 echo "gemm floor: rc $? $(tail -2 "$OUT/gemm_floor.log")"
