@@ -21,6 +21,9 @@ typedef struct {
  * the machine lacks it. */
 blip2_code blip2_device_open(const char *name, int index, blip2_device *d, blip2_status *st);
 void blip2_device_close(blip2_device *d);
+/* The same for work that must not delay the main queue (the image encoder beside the decode
+ * steps): on CUDA its stream has the lowest priority. */
+blip2_code blip2_device_open_background(const char *name, int index, blip2_device *d, blip2_status *st);
 /* The op table of a device name without opening it (for communicators built before the shards'
  * threads open their contexts); NULL when unknown or not in this build. */
 const blip2_ops *blip2_device_ops(const char *name);
@@ -36,7 +39,7 @@ int blip2_device_current_index(void);
 blip2_code blip2_device_open_tp(const char *name, blip2_tp *tp, blip2_device *d, blip2_comm **nccl, blip2_status *st);
 void blip2_device_close_tp(blip2_device *d, blip2_comm *nccl, blip2_tp *tp);
 /* The build switch (device_cuda.c or device_cpu.c): open/close a CUDA device, its op table. */
-blip2_code blip2_device_open_cuda(int index, blip2_device *d, blip2_status *st);
+blip2_code blip2_device_open_cuda(int index, int background, blip2_device *d, blip2_status *st);
 void blip2_device_close_cuda(blip2_device *d);
 const blip2_ops *blip2_device_cuda_ops(void);
 /* "f32" | "f16" | "bf16" → BLIP2_W_*, or -1. */

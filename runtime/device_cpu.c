@@ -1,8 +1,8 @@
 /* Builds without CUDA: asking for it is a clear error. */
 #include "device.h"
 
-blip2_code blip2_device_open_cuda(int index, blip2_device *d, blip2_status *st) {
-    (void)index, (void)d;
+blip2_code blip2_device_open_cuda(int index, int background, blip2_device *d, blip2_status *st) {
+    (void)index, (void)background, (void)d;
     return blip2_fail(st, BLIP2_EINVAL, "--device cuda: this build has no CUDA backend (nvcc was not found when it was configured)");
 }
 

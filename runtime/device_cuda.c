@@ -5,9 +5,10 @@
 #include "../kernels/cuda/device.h"
 #include "device.h"
 
-blip2_code blip2_device_open_cuda(int index, blip2_device *d, blip2_status *st) {
+blip2_code blip2_device_open_cuda(int index, int background, blip2_device *d, blip2_status *st) {
     char err[256] = "";
-    blip2_cuda_ctx *ctx = blip2_cuda_ctx_create(index, err, sizeof err);
+    blip2_cuda_ctx *ctx = background ? blip2_cuda_ctx_create_background(index, err, sizeof err)
+                                     : blip2_cuda_ctx_create(index, err, sizeof err);
     if (!ctx) return blip2_fail(st, BLIP2_EUNAVAILABLE, "--device cuda: %s", err);
     d->ops = &blip2_cuda_ops;
     d->ctx = ctx;

@@ -5,13 +5,21 @@
 
 #include "device.h"
 
-blip2_code blip2_device_open(const char *name, int index, blip2_device *d, blip2_status *st) {
+static blip2_code device_open(const char *name, int index, int background, blip2_device *d, blip2_status *st) {
     memset(d, 0, sizeof *d);
-    if (strcmp(name, "cuda") == 0) return blip2_device_open_cuda(index, d, st);
+    if (strcmp(name, "cuda") == 0) return blip2_device_open_cuda(index, background, d, st);
     if (strcmp(name, "cpu") != 0) return blip2_fail(st, BLIP2_EINVAL, "unknown device '%s' (cpu or cuda)", name);
     d->ops = &blip2_cpu_ops;
     strcpy(d->name, "cpu");
     return BLIP2_OK;
+}
+
+blip2_code blip2_device_open(const char *name, int index, blip2_device *d, blip2_status *st) {
+    return device_open(name, index, 0, d, st);
+}
+
+blip2_code blip2_device_open_background(const char *name, int index, blip2_device *d, blip2_status *st) {
+    return device_open(name, index, 1, d, st);
 }
 
 void blip2_device_close(blip2_device *d) {

@@ -19,7 +19,7 @@ static void *encoder_main(void *arg) {
     engine_encoder *x = &e->encoder;
     blip2_device dev;
     blip2_status st = {0};
-    blip2_code rc = blip2_device_open(x->device, x->device_index, &dev, &st);
+    blip2_code rc = blip2_device_open_background(x->device, x->device_index, &dev, &st); /* decode steps go first */
     if (!rc) {
         rc = blip2_encoder_ws_init(&x->ws, e->m, e->o.max_images_per_step, &st);
         if (rc) blip2_device_close(&dev);

@@ -65,7 +65,15 @@ extern "C" void blip2_cuda_ctx_destroy(blip2_cuda_ctx *ctx) {
     free(ctx);
 }
 
-extern "C" blip2_cuda_ctx *blip2_cuda_ctx_create(int device, char *err, size_t n) {
+static blip2_cuda_ctx *ctx_create(int device, int background, char *err, size_t n);
+
+extern "C" blip2_cuda_ctx *blip2_cuda_ctx_create(int device, char *err, size_t n) { return ctx_create(device, 0, err, n); }
+
+extern "C" blip2_cuda_ctx *blip2_cuda_ctx_create_background(int device, char *err, size_t n) {
+    return ctx_create(device, 1, err, n);
+}
+
+static blip2_cuda_ctx *ctx_create(int device, int background, char *err, size_t n) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
@@ -108,8 +116,10 @@ extern "C" blip2_cuda_ctx *blip2_cuda_ctx_create(int device, char *err, size_t n
         }                                                                                                       \
     } while (0)
 
+    int least = 0, greatest = 0;
     STEP_CUDA(cudaSetDevice(device));
-    STEP_CUDA(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+    STEP_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    STEP_CUDA(cudaStreamCreateWithPriority(&ctx->stream, cudaStreamNonBlocking, background ? least : greatest));
     STEP_BLAS(cublasLtCreate(&ctx->lt));
     STEP_BLAS(cublasCreate(&ctx->blas));
     STEP_BLAS(cublasSetStream(ctx->blas, ctx->stream));

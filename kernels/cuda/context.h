@@ -17,8 +17,11 @@ extern "C" {
 typedef struct blip2_cuda_ctx blip2_cuda_ctx;
 
 /* Creates a context on `device` and makes it current on the calling thread; NULL with a message
- * in err (no GPU, out of memory, a library failing to start). */
+ * in err (no GPU, out of memory, a library failing to start). Its stream has the device's highest
+ * priority; a background context's (the image encoder's) the lowest, so the GPU schedules the
+ * decode steps' blocks first when both have work queued. */
 blip2_cuda_ctx *blip2_cuda_ctx_create(int device, char *err, size_t n);
+blip2_cuda_ctx *blip2_cuda_ctx_create_background(int device, char *err, size_t n);
 /* Makes ctx current on the calling thread (NULL: none). */
 void blip2_cuda_ctx_use(blip2_cuda_ctx *ctx);
 blip2_cuda_ctx *blip2_cuda_ctx_current(void);
