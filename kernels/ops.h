@@ -141,6 +141,9 @@ typedef struct blip2_ops {
     void (*upload)(void *dst, const void *src, size_t bytes);   /* host → backend (ordered on the stream) */
     void (*download)(void *dst, const void *src, size_t bytes); /* backend → host; returns when the data is there */
     void (*copy)(void *dst, const void *src, size_t bytes);     /* backend → backend */
+    /* backend → backend: `height` rows of `width` bytes, `pitch` bytes apart in both (one block
+     * of every layer of a KV pool in one call) */
+    void (*copy_rows)(void *dst, const void *src, size_t width, size_t height, size_t pitch);
     void (*zero)(void *p, size_t bytes);
     /* Waits for the queued work; 0, or non-zero with the first error since the last call in err. */
     int (*sync)(char *err, size_t n);

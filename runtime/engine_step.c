@@ -141,13 +141,11 @@ void step_exec_free(step_exec *x) {
  * fresh blocks, never a source of the same step. */
 static void copy_blocks(step_exec *x, const int32_t *pairs, int n) {
     blip2_kv_pool *kv = &x->kv;
-    size_t bsz = blip2_kv_block_layer_bytes(kv);
-    void *pools[2] = {kv->k, kv->v};
+    size_t bsz = blip2_kv_block_layer_bytes(kv), layer = (size_t)kv->n_blocks * bsz; /* a block's bytes in every layer */
+    char *pools[2] = {kv->k, kv->v};
     for (int p = 0; p < 2; p++)
-        for (int l = 0; l < kv->layers; l++) {
-            char *base = blip2_kv_layer(kv, pools[p], l);
-            for (int i = 0; i < n; i++) kv->ops->copy(base + pairs[2 * i + 1] * bsz, base + pairs[2 * i] * bsz, bsz);
-        }
+        for (int i = 0; i < n; i++)
+            kv->ops->copy_rows(pools[p] + pairs[2 * i + 1] * bsz, pools[p] + pairs[2 * i] * bsz, bsz, (size_t)kv->layers, layer);
 }
 
 static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_status *st) {

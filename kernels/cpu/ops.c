@@ -368,6 +368,10 @@ static void host_copy(void *dst, const void *src, size_t bytes) {
     if (bytes) memmove(dst, src, bytes);
 }
 static void host_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+
+static void host_copy_rows(void *dst, const void *src, size_t width, size_t height, size_t pitch) {
+    for (size_t r = 0; r < height; r++) memcpy((char *)dst + r * pitch, (const char *)src + r * pitch, width);
+}
 static int host_sync(char *err, size_t n) {
     (void)err, (void)n;
     return 0;
@@ -381,6 +385,7 @@ const blip2_ops blip2_cpu_ops = {
     .upload = host_copy,
     .download = host_copy,
     .copy = host_copy,
+    .copy_rows = host_copy_rows,
     .zero = host_zero,
     .sync = host_sync,
     .matmul = blip2_matmul,

@@ -1224,6 +1224,12 @@ void mem_copy(void *dst, const void *src, size_t bytes) {
     CUDA_CK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
 }
 
+void mem_copy_rows(void *dst, const void *src, size_t width, size_t height, size_t pitch) {
+    blip2_cuda_ctx *c = cur("copy_rows");
+    if (!c || width == 0 || height == 0) return;
+    CUDA_CK(c, cudaMemcpy2DAsync(dst, pitch, src, pitch, width, height, cudaMemcpyDeviceToDevice, c->stream));
+}
+
 void mem_zero(void *p, size_t bytes) {
     blip2_cuda_ctx *c = cur("zero");
     if (!c || bytes == 0) return;
@@ -1259,6 +1265,7 @@ constexpr blip2_ops make_cuda_ops() {
     t.upload = mem_upload;
     t.download = mem_download;
     t.copy = mem_copy;
+    t.copy_rows = mem_copy_rows;
     t.zero = mem_zero;
     t.sync = be_sync;
     t.capture_begin = blip2_cuda_capture_begin;
