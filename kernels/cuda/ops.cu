@@ -1,5 +1,7 @@
 /* The CUDA twins of kernels/cpu/ops.c (namespace cuda::, same names and argument order as ops.h)
- * and the blip2_cuda_ops table. Every op is queued on the calling thread's current context's
+ * and the blip2_cuda_ops table. The table is what keeps the twins' signatures equal to the C
+ * reference's: each cuda:: function is assigned to the blip2_ops member of its name, whose type
+ * ops.h declares once, so a differing parameter list does not compile. Every op is queued on the calling thread's current context's
  * stream (context.h) and records failures in that context instead of aborting; nothing here
  * synchronises except download, sync, blip2_argmax and the rare growth of a scratch buffer.
  *
@@ -19,7 +21,6 @@
 #include <string.h>
 
 #include "internal.cuh"
-#include "ops.cuh"
 
 namespace {
 
