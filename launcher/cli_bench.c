@@ -216,7 +216,7 @@ static blip2_code bench_request(const blip2_model *m, const blip2_tp *tp, req_be
 /* ---- whole requests through the engine (--engine) ---- */
 
 typedef struct {
-    double decode_ms_sum;
+    double decode_ms_sum, queue_ms_sum, image_ms_sum, prefill_ms_sum;
     int done, failed, tokens;
     char msg[256];
 } engine_tally;
@@ -230,6 +230,9 @@ static void tally_done(void *ctx, const blip2_result *res) {
     t->done++;
     t->tokens += res->n_seqs ? res->seqs[0].n_ids : 0;
     t->decode_ms_sum += res->timings.decode_ms;
+    t->queue_ms_sum += res->timings.queue_ms;
+    t->image_ms_sum += res->timings.image_ms;
+    t->prefill_ms_sum += res->timings.prefill_ms;
 }
 
 static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int L, int steps) {
@@ -297,13 +300,18 @@ static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const bl
         engine_tally t;
         rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->prompt_len, a->steps, &wall, &t, st), st);
         if (rc || !root) continue;
-        double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0;
-        if (a->json)
+        double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0, n = t.done ? t.done : 1;
+        if (a->json) /* where a request's time went, on average: queued (admission), image, prefill */
             printf("%s{\"batch\": %d, \"wall_ms\": %.2f, \"requests_per_s\": %.3f, \"tokens_per_s\": %.2f, "
-                   "\"decode_ms_per_token\": %.3f}", i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token);
+                   "\"decode_ms_per_token\": %.3f, \"mean_queue_ms\": %.2f, \"mean_image_ms\": %.2f, "
+                   "\"mean_prefill_ms\": %.2f}",
+                   i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n,
+                   t.image_ms_sum / n, t.prefill_ms_sum / n);
         else
-            printf("engine batch %3d: %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token\n", B,
-                   wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token);
+            printf("engine batch %3d: %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token; "
+                   "mean queue %.1f, image %.1f, prefill %.1f ms\n",
+                   B, wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n, t.image_ms_sum / n,
+                   t.prefill_ms_sum / n);
     }
     if (root && a->json) printf("]");
     m->cfg.eos_id = eos;
