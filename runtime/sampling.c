@@ -91,25 +91,48 @@ static float kth_largest(const float *x, int V, int k, float *scratch) {
     return scratch[k - 1];
 }
 
+/* TopPLogitsWarper's cutoff over values sorted in decreasing order (−inf entries add exactly 0):
+ * the largest value of the dropped tail, whose mass is <= 1 − top_p; −inf when nothing drops. */
+static float top_p_cutoff(const float *sorted, int n, float top_p) {
+    float mx = sorted[0];
+    double total = 0;
+    for (int i = 0; i < n; i++) total += isinf(sorted[i]) ? 0.0 : exp((double)sorted[i] - mx);
+    double tail = 0, limit = (1.0 - top_p) * total;
+    float cutoff = -INFINITY;
+    for (int i = n - 1; i > 0; i--) {
+        tail += isinf(sorted[i]) ? 0.0 : exp((double)sorted[i] - mx);
+        if (tail > limit) break;
+        cutoff = sorted[i];
+    }
+    return cutoff;
+}
+
 /* Top-p as transformers' TopPLogitsWarper: drop the low-probability tail whose mass is <= 1 - top_p,
  * always keeping the most likely token. */
 static void apply_top_p(float *logits, int V, float top_p, float *scratch) {
     float *sorted = scratch;
     memcpy(sorted, logits, sizeof(float) * V);
     qsort(sorted, (size_t)V, sizeof(float), cmp_desc);
-    float mx = sorted[0];
-    double total = 0;
-    for (int i = 0; i < V; i++) total += isinf(sorted[i]) ? 0.0 : exp((double)sorted[i] - mx);
-    double tail = 0, limit = (1.0 - top_p) * total;
-    float cutoff = -INFINITY; /* logits <= cutoff (in the dropped tail) are removed */
-    for (int i = V - 1; i > 0; i--) {
-        tail += isinf(sorted[i]) ? 0.0 : exp((double)sorted[i] - mx);
-        if (tail > limit) break;
-        cutoff = sorted[i];
-    }
+    float mx = sorted[0], cutoff = top_p_cutoff(sorted, V, top_p);
     if (isinf(cutoff)) return;
     for (int i = 0; i < V; i++)
         if (logits[i] <= cutoff && logits[i] != mx) logits[i] = -INFINITY;
+}
+
+/* One draw from softmax(v [n]) (−inf entries excluded), walking in order: ids[i] (i when ids is
+ * NULL) of the first entry whose running mass passes the uniform draw. mx: the largest value. */
+static int32_t draw(const float *v, const int32_t *ids, int n, float mx, blip2_rng *rng) {
+    double total = 0;
+    for (int i = 0; i < n; i++) total += isinf(v[i]) ? 0.0 : exp((double)v[i] - mx);
+    double u = blip2_rng_uniform(rng) * total, acc = 0;
+    int32_t last = 0;
+    for (int i = 0; i < n; i++) {
+        if (isinf(v[i])) continue;
+        acc += exp((double)v[i] - mx);
+        last = ids ? ids[i] : i;
+        if (u < acc) return last;
+    }
+    return last;
 }
 
 int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch) {
@@ -121,18 +144,7 @@ int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *r
             if (logits[i] < kth) logits[i] = -INFINITY;
     }
     if (d->top_p < 1.0f) apply_top_p(logits, V, d->top_p, scratch);
-    float mx = logits[blip2_argmax(logits, V)];
-    double total = 0;
-    for (int i = 0; i < V; i++) total += isinf(logits[i]) ? 0.0 : exp((double)logits[i] - mx);
-    double u = blip2_rng_uniform(rng) * total, acc = 0;
-    int32_t last = 0;
-    for (int i = 0; i < V; i++) {
-        if (isinf(logits[i])) continue;
-        acc += exp((double)logits[i] - mx);
-        last = i;
-        if (u < acc) return i;
-    }
-    return last;
+    return draw(logits, NULL, V, logits[blip2_argmax(logits, V)], rng);
 }
 
 void blip2_log_softmax(float *logits, int V) {
@@ -180,24 +192,6 @@ static int cand_by_id(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
-/* TopPLogitsWarper over the survivors c [m] (value order), as apply_top_p does over the full row
- * (whose other entries are −inf and add exactly 0 to every sum). */
-static void top_p_candidates(cand *c, int m, float top_p) {
-    float mx = c[0].v;
-    double total = 0;
-    for (int i = 0; i < m; i++) total += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
-    double tail = 0, limit = (1.0 - top_p) * total;
-    float cutoff = -INFINITY;
-    for (int i = m - 1; i > 0; i--) {
-        tail += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
-        if (tail > limit) break;
-        cutoff = c[i].v;
-    }
-    if (isinf(cutoff)) return;
-    for (int i = 0; i < m; i++)
-        if (c[i].v <= cutoff && c[i].v != mx) c[i].v = -INFINITY;
-}
-
 int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, const float *vals, int n, int n_generated,
                                 int eos_id, blip2_rng *rng) {
     cand c[BLIP2_TOPK_MAX];
@@ -213,18 +207,13 @@ int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, con
     int m = d->top_k < n ? d->top_k : n; /* the exactness check keeps ties off this boundary */
     float kth = c[m - 1].v;
     while (m < n && c[m].v >= kth) m++;
-    if (d->top_p < 1.0f) top_p_candidates(c, m, d->top_p);
-    float mx = c[0].v;
-    qsort(c, (size_t)m, sizeof *c, cand_by_id); /* the draw walks ids in increasing order */
-    double total = 0;
-    for (int i = 0; i < m; i++) total += isinf(c[i].v) ? 0.0 : exp((double)c[i].v - mx);
-    double u = blip2_rng_uniform(rng) * total, acc = 0;
-    int32_t last = 0;
-    for (int i = 0; i < m; i++) {
-        if (isinf(c[i].v)) continue;
-        acc += exp((double)c[i].v - mx);
-        last = c[i].id;
-        if (u < acc) return c[i].id;
-    }
-    return last;
+    float v[BLIP2_TOPK_MAX];
+    int32_t id[BLIP2_TOPK_MAX];
+    for (int i = 0; i < m; i++) v[i] = c[i].v;
+    float mx = v[0], cutoff = d->top_p < 1.0f ? top_p_cutoff(v, m, d->top_p) : -INFINITY; /* as apply_top_p */
+    for (int i = 0; i < m; i++)
+        if (c[i].v <= cutoff && c[i].v != mx) c[i].v = -INFINITY;
+    qsort(c, (size_t)m, sizeof *c, cand_by_id); /* the draw walks ids in increasing order, as over the full row */
+    for (int i = 0; i < m; i++) v[i] = c[i].v, id[i] = c[i].id;
+    return draw(v, id, m, mx, rng);
 }
