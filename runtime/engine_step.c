@@ -160,13 +160,6 @@ static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_sta
     return BLIP2_OK;
 }
 
-/* Argmax order of two candidates: numbers before NaN, larger first, then the lower id. */
-static int cand_before(blip2_scored_id a, blip2_scored_id b) {
-    if (isnan(a.value) != isnan(b.value)) return isnan(b.value);
-    if (!isnan(a.value) && a.value != b.value) return a.value > b.value;
-    return a.id < b.id;
-}
-
 /* The k best logits of every row on the backend (each rank over its vocab slice), one download,
  * one all-gather, then per LOGITS_TOPK row the k best of all ranks' and whether they decide
  * exactly (the same answer on every rank). A few hundred bytes per row instead of the V floats. */
@@ -195,7 +188,7 @@ static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2
         for (int j = 0; j < kn; j++) {
             int best = -1;
             for (int r = 0; r < W; r++)
-                if (head[r] < k && (best < 0 || cand_before(all[((size_t)r * n + i) * k + head[r]],
+                if (head[r] < k && (best < 0 || blip2_scored_before(all[((size_t)r * n + i) * k + head[r]],
                                                              all[((size_t)best * n + i) * k + head[best]])))
                     best = r;
             blip2_scored_id c = all[((size_t)best * n + i) * k + head[best]++];

@@ -5,6 +5,7 @@
 #ifndef BLIP2_FORWARD_H
 #define BLIP2_FORWARD_H
 
+#include <math.h>
 #include <stdint.h>
 
 #include "../parallel/comm.h"
@@ -76,6 +77,13 @@ typedef struct {
     float value;
     int32_t id;
 } blip2_scored_id;
+
+/* Argmax order (torch.argmax's): a before b when a is a number and b NaN, or a's value is larger,
+ * or the values are equal (or both NaN) and a's id is lower. Merging the ranks' candidates. */
+static inline int blip2_scored_before(blip2_scored_id a, blip2_scored_id b) {
+    if (isnan(a.value) || isnan(b.value)) return isnan(b.value) && (!isnan(a.value) || a.id < b.id);
+    return a.value > b.value || (a.value == b.value && a.id < b.id);
+}
 
 /* One sequence's part of a batched step: n_new positions after past ones, KV in `blocks`. */
 typedef struct {

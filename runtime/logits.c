@@ -8,13 +8,6 @@
 
 typedef blip2_scored_id scored_id;
 
-/* a beats b: larger value; on equal values the lower id; NaN never wins. */
-static int beats(scored_id a, scored_id b) {
-    if (isnan(a.value)) return 0;
-    if (isnan(b.value)) return 1;
-    return a.value > b.value || (a.value == b.value && a.id < b.id);
-}
-
 blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, int32_t *ids,
                            blip2_status *st) {
     const blip2_opt_shard *s = &m->shard;
@@ -35,7 +28,7 @@ blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_w
     for (int i = 0; !rc && i < n; i++) {
         scored_id best = all[i];
         for (int r = 1; r < tp->world; r++)
-            if (beats(all[(size_t)r * n + i], best)) best = all[(size_t)r * n + i];
+            if (blip2_scored_before(all[(size_t)r * n + i], best)) best = all[(size_t)r * n + i];
         ids[i] = best.id;
     }
     return rc;

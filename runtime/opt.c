@@ -129,6 +129,11 @@ static void upload_step(const blip2_kv_pool *kv, const blip2_seq_step *seqs, int
     *ix = (step_idx){T, n_seqs, mb, ws->idx, ws->idx + o_pos, ws->idx + o_last, ws->idx + o_meta, ws->idx + o_tab};
 }
 
+/* The sum over the ranks (in place): a row-parallel matmul's partial products, the embedding's rows. */
+static blip2_code reduce(const blip2_tp *tp, float *y, size_t n, blip2_status *st) {
+    return tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, y, n, st) : BLIP2_OK;
+}
+
 /* Vocab-parallel embedding: each rank writes the rows it owns (its vocab slice; rank 0 also the
  * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x).
  * Ends with a = LN1 of layer 0. */
@@ -147,16 +152,11 @@ static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int3
         o->upload(ws->x + (size_t)t * C, image_rows + (size_t)q * C, sizeof(float) * run * C);
         t += run, q += run;
     }
-    blip2_code rc = tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, ws->x, (size_t)ix->T * C, st) : BLIP2_OK;
+    blip2_code rc = reduce(tp, ws->x, (size_t)ix->T * C, st);
     if (rc) return rc;
     o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
     o->layernorm(ws->a, ws->x, m->opt.layers[0].ln1_w, m->opt.layers[0].ln1_b, ix->T, C, m->cfg.opt.eps);
     return BLIP2_OK;
-}
-
-/* The sum of the ranks' partial products of a row-parallel matmul (in place). */
-static blip2_code reduce(const blip2_tp *tp, float *y, size_t n, blip2_status *st) {
-    return tp->world > 1 ? tp->comm->ops->allreduce_sum(tp->comm, y, n, st) : BLIP2_OK;
 }
 
 /* New keys/values into the layer's blocks, then every sequence attends over its own. */
