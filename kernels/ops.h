@@ -43,12 +43,6 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
 
-/* x[t, :] += bias[:] for T rows of C. */
-void blip2_add_bias(float *x, const float *bias, int T, int C);
-
-/* x[i] *= s for n elements. */
-void blip2_scale(float *x, float s, size_t n);
-
 /* In place, n elements: exact erf GELU 0.5·x·(1+erf(x/√2)); ReLU. */
 void blip2_gelu(float *x, size_t n);
 void blip2_relu(float *x, size_t n);
@@ -165,8 +159,6 @@ typedef struct blip2_ops {
     void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, const float *, int, int,
                                float);
     void (*residual_add)(float *, const float *, size_t);
-    void (*add_bias)(float *, const float *, int, int);
-    void (*scale)(float *, float, size_t);
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);
     void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,

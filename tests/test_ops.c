@@ -427,6 +427,20 @@ static void exec_matmul_h(op_ctx *x) {
                     p[2], p[4], p[5]);
 }
 
+/* The double LayerNorm of rows [T, C] (biased variance, eps inside the sqrt) into ref. */
+static void ln_ref_rows(double *ref, const double *rows, int T, int C, const float *W, const float *B, float eps) {
+    for (int t = 0; t < T; t++) {
+        const double *row = rows + (size_t)t * C;
+        double mean = 0, var = 0;
+        for (int i = 0; i < C; i++) mean += row[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (row[i] - mean) * (row[i] - mean);
+        var /= C;
+        double rstd = 1.0 / sqrt(var + (double)eps);
+        for (int i = 0; i < C; i++) ref[(size_t)t * C + i] = (row[i] - mean) * rstd * W[i] + B[i];
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------
  * layernorm: p = {T, C, inplace, variant}, f = eps.
  * variant 0: N(0,1) rows; 1: even rows constant (variance 0: the output is exactly b), odd rows
@@ -461,17 +475,10 @@ static void setup_layernorm(op_ctx *x) {
     x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
     x->out = out;
     plan_rows(x, T, C, 3.0 * C);
-    const float *W = H(x, w), *B = H(x, b);
-    for (int t = 0; t < T; t++) {
-        const float *row = X + (size_t)t * C;
-        double mean = 0, var = 0;
-        for (int i = 0; i < C; i++) mean += row[i];
-        mean /= C;
-        for (int i = 0; i < C; i++) var += (row[i] - mean) * (row[i] - mean);
-        var /= C;
-        double rstd = 1.0 / sqrt(var + (double)eps);
-        for (int i = 0; i < C; i++) x->ref[(size_t)t * C + i] = (row[i] - mean) * rstd * W[i] + B[i];
-    }
+    double *rows = xmalloc(sizeof(double) * (size_t)T * C);
+    for (size_t i = 0; i < (size_t)T * C; i++) rows[i] = X[i];
+    ln_ref_rows(x->ref, rows, T, C, H(x, w), H(x, b), eps);
+    free(rows);
     x->flops = 8.0 * T * C;
     x->bytes = 4.0 * (2.0 * T * C + 2.0 * C);
 }
@@ -678,21 +685,11 @@ static void setup_residual_layernorm(op_ctx *x) {
     x->out = out;
     plan_rows(x, T, C, 4.0 * C);
     double *rs = plan_out2(x, res, n, 0);
-    const float *W = H(x, w), *B = H(x, b);
     for (size_t i = 0; i < n; i++) {
         float yb = BI ? Y[i] + BI[i % C] : Y[i]; /* one float add each: exactly rounded */
         rs[i] = (float)(R[i] + yb);
     }
-    for (int t = 0; t < T; t++) {
-        const double *row = rs + (size_t)t * C;
-        double mean = 0, var = 0;
-        for (int i = 0; i < C; i++) mean += row[i];
-        mean /= C;
-        for (int i = 0; i < C; i++) var += (row[i] - mean) * (row[i] - mean);
-        var /= C;
-        double rstd = 1.0 / sqrt(var + (double)eps);
-        for (int i = 0; i < C; i++) x->ref[(size_t)t * C + i] = (row[i] - mean) * rstd * W[i] + B[i];
-    }
+    ln_ref_rows(x->ref, rs, T, C, H(x, w), H(x, b), eps);
     x->flops = 9.0 * n;
     x->bytes = 4.0 * (4.0 * n + 2.0 * C);
 }
@@ -700,41 +697,6 @@ static void exec_residual_layernorm(op_ctx *x) {
     x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
                               D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f);
 }
-
-/* ------------------------------------------------------------------------------------------------
- * add_bias: p = {T, C}. x[t, :] += bias. scale: p = {n}, f = s. Both exact (one rounding each). */
-static void setup_add_bias(op_ctx *x) {
-    int T = x->c->p[0], C = x->c->p[1];
-    snprintf(x->desc, sizeof x->desc, "T=%d C=%d", T, C);
-    int xb = buf_new(x, B_INOUT, (size_t)T * C), bb = buf_new(x, B_IN, C);
-    fill_normal(&x->rng, H(x, xb), (size_t)T * C, 0, 1);
-    fill_normal(&x->rng, H(x, bb), C, 0, 1);
-    x->a[0] = xb, x->a[1] = bb;
-    x->out = xb;
-    plan_rows(x, T, C, C);
-    for (int t = 0; t < T; t++)
-        for (int c = 0; c < C; c++)
-            x->ref[(size_t)t * C + c] = (float)((double)H(x, xb)[(size_t)t * C + c] + H(x, bb)[c]);
-    x->flops = (double)T * C;
-    x->bytes = 8.0 * T * C + 4.0 * C;
-}
-static void exec_add_bias(op_ctx *x) { x->be->add_bias(D(x, x->a[0]), D(x, x->a[1]), x->c->p[0], x->c->p[1]); }
-
-static void setup_scale(op_ctx *x) {
-    int n = x->c->p[0];
-    float s = x->c->f;
-    snprintf(x->desc, sizeof x->desc, "n=%d s=%g", n, s);
-    int xb = buf_new(x, B_INOUT, n);
-    fill_normal(&x->rng, H(x, xb), n, 0, 3);
-    if (n > 2) H(x, xb)[1] = 0.0f, H(x, xb)[2] = -0.0f;
-    x->a[0] = xb;
-    x->out = xb;
-    plan_rows(x, 1, n, n);
-    for (int i = 0; i < n; i++) x->ref[i] = (float)((double)H(x, xb)[i] * s); /* exact double product, rounded once */
-    x->flops = n;
-    x->bytes = 8.0 * n;
-}
-static void exec_scale(op_ctx *x) { x->be->scale(D(x, x->a[0]), x->c->f, (size_t)x->c->p[0]); }
 
 /* ------------------------------------------------------------------------------------------------
  * Paged KV batches: a list of sequences (n_new, past). Their rows are laid out one sequence after
@@ -1375,8 +1337,6 @@ static void extra_fill_normal(op_ctx *x) {
 #define SM(T, n, var, note) {"softmax", note, setup_softmax, exec_softmax, NULL, {T, n, var}, 0, 1e-5, 0, 0}
 #define UN(op, n, tol, note) {#op, note, setup_##op, exec_##op, NULL, {n}, 0, tol, 0, 0}
 #define RES(n, note) {"residual_add", note, setup_residual_add, exec_residual_add, NULL, {n}, 0, 0, 0, 0}
-#define BIAS(T, C, note) {"add_bias", note, setup_add_bias, exec_add_bias, NULL, {T, C}, 0, 0, 0, 0}
-#define SCALE(n, s, note) {"scale", note, setup_scale, exec_scale, NULL, {n}, s, 0, 0, 0}
 #define I2C(CH, Hh, W, PS, note) {"im2col_patches", note, setup_im2col, exec_im2col, NULL, {CH, Hh, W, PS}, 0, 0, 0, 0}
 #define EMB(T, C, V, note) {"embedding", note, setup_embedding, exec_embedding, NULL, {T, C, V}, 0, 0, 0, 0}
 #define EMBVP(T, C, V, v0, wd, note) {"embedding_vp", note, setup_embedding_vp, exec_embedding_vp, NULL, {T, C, V, v0, wd}, 0, 0, 0, 0}
@@ -1551,17 +1511,6 @@ static const op_case cases[] = {
     RES(1, "odd"),
     RES(13, "odd"),
 
-    BIAS(45, 2560, "OPT prefill"),
-    BIAS(1, 10240, "OPT decode fc1"),
-    BIAS(257, 1408, "vision"),
-    BIAS(1, 1, "odd"),
-    BIAS(3, 7, "odd"),
-    BIAS(65, 13, "odd"),
-
-    SCALE(32 * 45 * 80, 0.11180339887f, "OPT q scaling"),
-    SCALE(1, -3.5f, "odd"),
-    SCALE(13, 0.0f, "odd, s=0"),
-    SCALE(65, 3e-39f, "odd, subnormal s and products"),
 
     I2C(3, 224, 224, 14, "vision patches"),
     I2C(1, 7, 7, 7, "odd"),

@@ -270,7 +270,7 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n, C, 1.0f, inp, C, w, C, 0.0f, out + o0, OC);
     }
     free(w);
-    if (bias) blip2_add_bias(out, bias, T, OC);
+    for (int t = 0; bias && t < T; t++) blip2_residual_add(out + (size_t)t * OC, bias, (size_t)OC);
     apply_act(out, (size_t)T * OC, act);
 }
 
@@ -285,14 +285,6 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
             blip2_residual_add(r, yy, (size_t)C);
         blip2_layernorm(out + (size_t)t * C, res + (size_t)t * C, w, b, 1, C, eps);
     }
-}
-
-void blip2_add_bias(float *x, const float *bias, int T, int C) {
-    for (int t = 0; t < T; t++) blip2_residual_add(x + (size_t)t * C, bias, (size_t)C);
-}
-
-void blip2_scale(float *x, float s, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] *= s;
 }
 
 void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V) {
@@ -393,8 +385,6 @@ const blip2_ops blip2_cpu_ops = {
     .layernorm = blip2_layernorm,
     .residual_layernorm = blip2_residual_layernorm,
     .residual_add = blip2_residual_add,
-    .add_bias = blip2_add_bias,
-    .scale = blip2_scale,
     .gelu = blip2_gelu,
     .relu = blip2_relu,
     .attention = blip2_attention,

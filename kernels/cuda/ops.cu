@@ -86,12 +86,6 @@ __device__ float block_max(float v, float *sh) {
 __global__ void __launch_bounds__(NT) k_residual_add(float *x, const float *y, size_t n) {
     GRID_STRIDE(i, n) x[i] += y[i];
 }
-__global__ void __launch_bounds__(NT) k_add_bias(float *x, const float *bias, size_t n, int C) {
-    GRID_STRIDE(i, n) x[i] += bias[i % (size_t)C];
-}
-__global__ void __launch_bounds__(NT) k_scale(float *x, float s, size_t n) {
-    GRID_STRIDE(i, n) x[i] *= s;
-}
 __device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f)); }
 __global__ void __launch_bounds__(NT) k_gelu(float *x, size_t n) {
     GRID_STRIDE(i, n) x[i] = gelu_erf(x[i]);
@@ -895,21 +889,6 @@ void blip2_residual_add(float *x, const float *y, size_t n) {
     LAUNCH_CK(c, "k_residual_add");
 }
 
-void blip2_add_bias(float *x, const float *bias, int T, int C) {
-    blip2_cuda_ctx *c = cur("add_bias");
-    if (!c || T <= 0 || C <= 0) return;
-    size_t n = (size_t)T * C;
-    k_add_bias<<<grid_for(n), NT, 0, c->stream>>>(x, bias, n, C);
-    LAUNCH_CK(c, "k_add_bias");
-}
-
-void blip2_scale(float *x, float s, size_t n) {
-    blip2_cuda_ctx *c = cur("scale");
-    if (!c || n == 0) return;
-    k_scale<<<grid_for(n), NT, 0, c->stream>>>(x, s, n);
-    LAUNCH_CK(c, "k_scale");
-}
-
 void blip2_gelu(float *x, size_t n) {
     blip2_cuda_ctx *c = cur("gelu");
     if (!c || n == 0) return;
@@ -1278,8 +1257,6 @@ constexpr blip2_ops make_cuda_ops() {
     t.layernorm = cuda::blip2_layernorm;
     t.residual_layernorm = cuda::blip2_residual_layernorm;
     t.residual_add = cuda::blip2_residual_add;
-    t.add_bias = cuda::blip2_add_bias;
-    t.scale = cuda::blip2_scale;
     t.gelu = cuda::blip2_gelu;
     t.relu = cuda::blip2_relu;
     t.attention = cuda::blip2_attention;
