@@ -1,0 +1,22 @@
+#!/usr/bin/perl
+# Turns a CUDA source into C++ for the CPU emulator (tests/cudasim): the two constructs g++ cannot
+# parse become calls into the emulator. Line numbers are kept (one line in, one line out), and a
+# #line directive names the original file, so diagnostics point at the real source.
+#   kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  blip2_sim::config(grid, block, ...).launch(kernel, "kernel", args)
+#   extern __shared__ T name[];                      ->  T *name = (T *)blip2_sim::dynamic_smem();
+use strict;
+use warnings;
+my ($in, $out) = @ARGV;
+open(my $fh, '<', $in) or die "rewrite.pl: $in: $!\n";
+my @lines = <$fh>;
+close $fh;
+my $text = "#line 1 \"$in\"\n";
+for my $l (@lines) {
+    $l =~ s/\b(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(/blip2_sim::config($2).launch($1, "$1", /g;
+    $l =~ s/\bextern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;/$1 *$2 = ($1 *)blip2_sim::dynamic_smem();/g;
+    die "rewrite.pl: $in: a launch the rewrite does not understand: $l" if $l =~ /<<<|>>>/;
+    $text .= $l;
+}
+open(my $oh, '>', $out) or die "rewrite.pl: $out: $!\n";
+print $oh $text;
+close $oh;

@@ -1,0 +1,77 @@
+/* The CPU emulator's launch machinery (tests/cudasim/README.md): what rewrite.pl's launches call.
+ * A launch runs its blocks one after the other on the calling thread; the threads of a block are
+ * fibers that switch only at barriers and shuffles, so a kernel that is missing a barrier, has a
+ * barrier not every thread reaches, or shuffles with lanes that left, fails here as it would
+ * (or worse, might not) on a GPU. Kernel pointer arguments must be device memory. */
+#ifndef BLIP2_CUDASIM_SIM_H
+#define BLIP2_CUDASIM_SIM_H
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace blip2_sim {
+
+/* The emulated thread running now (threadIdx and friends read it). */
+struct thread_coords {
+    uint3 thread_idx, block_idx;
+    dim3 block_dim, grid_dim;
+};
+extern __thread thread_coords *tl_coords;
+[[noreturn]] void outside_kernel();
+inline thread_coords *current() {
+    if (__builtin_expect(!tl_coords, 0)) outside_kernel();
+    return tl_coords;
+}
+
+void sync_block();
+uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width);
+void *dynamic_smem();
+
+/* Whether p may be dereferenced by a kernel: NULL, device memory, or pinned host memory. */
+bool device_accessible(const void *p);
+/* Records a launch error (the next cudaGetLastError returns it) and says why on stderr. */
+void launch_fail(cudaError_t e, const char *kernel, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Queues or runs one launch (recorded instead while its stream is being captured). */
+void launch_body(const char *kernel, const void *fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                 std::function<void()> body);
+
+template <typename T> bool arg_ok(const char *kernel, int i, const T &v) {
+    if constexpr (std::is_pointer_v<T>) {
+        if (!device_accessible((const void *)v)) {
+            launch_fail(cudaErrorIllegalAddress, kernel, "argument %d (%p) is not device memory", i, (const void *)v);
+            return false;
+        }
+    }
+    (void)kernel, (void)i, (void)v;
+    return true;
+}
+
+struct config {
+    dim3 grid, block;
+    size_t smem;
+    cudaStream_t stream;
+    config(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : grid(g), block(b), smem(s), stream(st) {}
+
+    template <typename... P, typename... A> void launch(void (*fn)(P...), const char *name, A &&...args) {
+        static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+        std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+        bool ok = std::apply(
+            [&](const auto &...v) {
+                int i = 0;
+                return (arg_ok(name, i++, v) && ...);
+            },
+            params);
+        if (!ok) return;
+        launch_body(name, (const void *)fn, grid, block, smem, stream, [fn, params] { std::apply(fn, params); });
+    }
+};
+
+} /* namespace blip2_sim */
+
+#endif
