@@ -416,7 +416,26 @@ static void setup_matmul_h(op_ctx *x) {
     x->flops = 2.0 * T * C * OC;
     x->bytes = 2.0 * OC * C + 4.0 * ((double)T * C + (double)T * OC + (bias ? OC : 0));
 }
+/* Batch invariance: the first row computed alone (T = 1, the device's GEMV) must equal the same row
+ * computed in the case's batch (the tensor-core path above GEMV_MAX_T) up to the order of the fp32
+ * sums. Rounding the activations in one path and not the other is ~1e-3 apart: a seeded sample
+ * would then depend on who else is in the batch. */
+static void batch_row_check(op_ctx *x) {
+    const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2];
+    if (T < 2 || OC <= 0) return;
+    float *dev = x->be->alloc(sizeof(float) * OC), *alone = xmalloc(sizeof(float) * OC);
+    if (!dev) return;
+    x->be->matmul_h(dev, D(x, x->a[0]), D16(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, 1, C, OC, p[4], p[5]);
+    x->be->download(alone, dev, sizeof(float) * OC);
+    be_sync(x);
+    double e = check_rel_l2(alone, H(x, x->a[3]), (size_t)OC);
+    CHECK(e <= 1e-5, "[%s matmul_h %s] row 0 alone vs in its batch of %d: rel L2 %.3g", x->be->name, x->desc, T, e);
+    x->be->release(dev);
+    free(alone);
+}
 static void extra_matmul_h(op_ctx *x) {
+    batch_row_check(x);
     if (x->c->p[5] != BLIP2_ACT_NONE) return;
     projection_check(x, H(x, x->a[0]), (const float *)x->aux, x->a[2] >= 0 ? H(x, x->a[2]) : NULL, H(x, x->a[3]),
                      x->c->p[0], x->c->p[1], x->c->p[2], case_tol(x));

@@ -7,9 +7,9 @@
  *
  * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; the attention products
  * of a 16-bit model use TF32); 16-bit-weight matmuls
- * round the fp32 activations to the weight's type (RNE) and accumulate in fp32, except at
- * T <= GEMV_MAX_T, where a GEMV kernel multiplies the fp32 activations by the widened weights
- * (fp32 FMAs, no rounding of the activations; BLIP2_GEMV=0 sends those to cuBLASLt too); row reductions
+ * round the fp32 activations to the weight's type (RNE) and accumulate in fp32, on the tensor cores
+ * or, at T <= GEMV_MAX_T, in a GEMV kernel that rounds the activations the same way (so a row's
+ * products do not depend on its batch's size; BLIP2_GEMV=0 sends those to cuBLASLt too); row reductions
  * (layernorm, softmax) accumulate in double like the C reference. No fast-math anywhere. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -586,9 +586,12 @@ void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
  * GEMV: 16-bit-weight matmuls at small T (decode, one row per sequence of a small batch).
  * out[t, o] = act(Σ_c inp[t, c]·W[o, c] + bias[o]) for t < T <= GEMV_MAX_T. The cost is streaming
  * W once, so W is read at 16 bytes a lane with an evict-first hint, and the fp32 inputs are read
- * as they are (no rounding to 16 bits: more accurate than the tensor-core path) through the
- * read-only path / L1, where they stay: every block reads all T·C of them, which is small. fp32
- * accumulation (FMA); bias and activation are applied in the same kernel, so it is one launch.
+ * through the read-only path / L1, where they stay: every block reads all T·C of them, which is
+ * small. Each input is rounded to the weights' type as it is loaded, as the tensor-core path rounds
+ * it: a request then gets the same products decoded alone (here) as in a large batch (cuBLASLt),
+ * up to the order of the fp32 sums, and its seeded samples do not depend on who else is in the
+ * batch. fp32 accumulation (FMA); bias and activation are applied in the same kernel, so it is
+ * one launch.
  *
  * Work split: block b computes rows o0 = b·R .. o0 + R − 1, R = gemv_rows(T) (1, 2 or 4: each
  * input value loaded serves R rows, which keeps the input reads within 4× the weight bytes even
@@ -635,8 +638,15 @@ template <typename WT> __device__ __forceinline__ void widen8(const uint4 &q, fl
     widen2<WT>(q.w, f[6], f[7]);
 }
 
-/* Eight consecutive inputs; p is 16-byte aligned when VIN. */
-template <bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const float *p) {
+/* An activation rounded to the weights' type (RNE) and widened back: what the tensor-core path multiplies. */
+template <typename WT> __device__ __forceinline__ float round_act(float x);
+template <> __device__ __forceinline__ float round_act<__half>(float x) { return __half2float(__float2half_rn(x)); }
+template <> __device__ __forceinline__ float round_act<__nv_bfloat16>(float x) {
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+/* Eight consecutive inputs, rounded as round_act; p is 16-byte aligned when VIN. */
+template <typename WT, bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const float *p) {
     if constexpr (VIN) {
         const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
         x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
@@ -644,6 +654,8 @@ template <bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const
 #pragma unroll
         for (int j = 0; j < 8; j++) x[j] = __ldg(p + j);
     }
+#pragma unroll
+    for (int j = 0; j < 8; j++) x[j] = round_act<WT>(x[j]);
 }
 
 /* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
@@ -707,7 +719,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
 #pragma unroll
                 for (int t = 0; t < T; t++) {
                     float x[8];
-                    load_x8<VIN>(x, inp + (size_t)t * C + (size_t)k * 8);
+                    load_x8<WT, VIN>(x, inp + (size_t)t * C + (size_t)k * 8);
 #pragma unroll
                     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -741,7 +753,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
         for (int r = 0; r < R; r++) wf[r] = widen1<WT>(__ldcs(wr[r] + c));
 #pragma unroll
         for (int t = 0; t < T; t++) {
-            const float x = __ldg(inp + (size_t)t * C + c);
+            const float x = round_act<WT>(__ldg(inp + (size_t)t * C + c));
 #pragma unroll
             for (int r = 0; r < R; r++) acc[t][r] = fmaf(x, wf[r], acc[t][r]);
         }
