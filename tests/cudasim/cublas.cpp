@@ -4,9 +4,9 @@
  * the alignments a cuBLASLt preference promised; beyond it, it checks that every matrix lies whole
  * inside one cudaMalloc allocation, so a host pointer or an extent past the end fails here (with a
  * line on stderr) instead of corrupting memory or passing by luck. The arithmetic widens 16-bit
- * inputs exactly to fp32 (rounding fp32 to TF32 where the compute type allows tensor cores) and
- * multiplies with OpenBLAS, accumulating in fp32. The work goes through the emulator's streams, so
- * it is recorded, not run, while the stream is captured into a CUDA graph. */
+ * inputs exactly (rounding fp32 to TF32 where the compute type allows tensor cores), multiplies
+ * with OpenBLAS in double and rounds each result once to fp32. The work goes through the
+ * emulator's streams, so it is recorded, not run, while the stream is captured into a graph. */
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -142,11 +142,11 @@ struct job {
     const float *bias; /* per row of D, or NULL */
 };
 
-/* Matrix z of the batch x as packed fp32 (rows × cols, leading dimension rows). */
-void widen(const mat &x, int64_t z, bool tf32, float *out) {
+/* Matrix z of the batch x as packed doubles (rows × cols, leading dimension rows). */
+void widen(const mat &x, int64_t z, bool tf32, double *out) {
     const char *base = (const char *)x.p + z * x.stride * elem_size(x.type);
     for (int64_t j = 0; j < x.cols; j++) {
-        float *o = out + j * x.rows;
+        double *o = out + j * x.rows;
         if (x.type == CUDA_R_32F) {
             const float *s = (const float *)base + j * x.ld;
             for (int64_t i = 0; i < x.rows; i++) o[i] = tf32 ? to_tf32(s[i]) : s[i];
@@ -158,24 +158,27 @@ void widen(const mat &x, int64_t z, bool tf32, float *out) {
     }
 }
 
+/* The products in double, rounded once: an element's value does not depend on the shape of the
+ * call it is in (as fp32 sums in a shape-dependent order would), so the emulator's tests see the
+ * kernels' own numerics, not OpenBLAS's blocking. */
 void run(const job &g) {
-    std::unique_ptr<float[]> a(new float[std::max<int64_t>(1, g.a.rows * g.a.cols)]);
-    std::unique_ptr<float[]> b(new float[std::max<int64_t>(1, g.b.rows * g.b.cols)]);
-    std::unique_ptr<float[]> t(new float[g.m * g.n]);
+    std::unique_ptr<double[]> a(new double[std::max<int64_t>(1, g.a.rows * g.a.cols)]);
+    std::unique_ptr<double[]> b(new double[std::max<int64_t>(1, g.b.rows * g.b.cols)]);
+    std::unique_ptr<double[]> t(new double[g.m * g.n]);
     for (int64_t z = 0; z < g.batch; z++) {
-        std::fill(t.get(), t.get() + g.m * g.n, 0.0f);
+        std::fill(t.get(), t.get() + g.m * g.n, 0.0);
         if (g.k > 0) {
             widen(g.a, z, g.tf32, a.get());
             widen(g.b, z, g.tf32, b.get());
-            cblas_sgemm(CblasColMajor, g.ta ? CblasTrans : CblasNoTrans, g.tb ? CblasTrans : CblasNoTrans, (blasint)g.m,
-                        (blasint)g.n, (blasint)g.k, 1.0f, a.get(), (blasint)std::max<int64_t>(1, g.a.rows), b.get(),
-                        (blasint)std::max<int64_t>(1, g.b.rows), 0.0f, t.get(), (blasint)g.m);
+            cblas_dgemm(CblasColMajor, g.ta ? CblasTrans : CblasNoTrans, g.tb ? CblasTrans : CblasNoTrans, (blasint)g.m,
+                        (blasint)g.n, (blasint)g.k, 1.0, a.get(), (blasint)std::max<int64_t>(1, g.a.rows), b.get(),
+                        (blasint)std::max<int64_t>(1, g.b.rows), 0.0, t.get(), (blasint)g.m);
         }
         const float *c = g.beta != 0.0f ? (const float *)g.c.p + z * g.c.stride : nullptr;
         float *d = (float *)g.d.p + z * g.d.stride;
         for (int64_t j = 0; j < g.n; j++)
             for (int64_t i = 0; i < g.m; i++) {
-                float v = g.alpha * t[i + j * g.m];
+                float v = g.alpha * (float)t[i + j * g.m];
                 if (c) v += g.beta * c[i + j * g.c.ld];
                 if (g.bias) v += g.bias[i];
                 if (g.relu) v = std::fmax(v, 0.0f);
