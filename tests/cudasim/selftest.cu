@@ -1,0 +1,158 @@
+/* The emulator's own test: kernels with the bugs it exists to catch must fail under it, and a correct
+ * one must pass. Built only for the emulator (rewrite.pl + prelude.h, like kernels/cuda). Each case
+ * runs in a child process, because a fault is sticky for the rest of a process, as on a GPU. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+constexpr int NT = 128;
+
+/* Correct: each warp's sum through shuffles, then the block's through shared memory. */
+__global__ void k_block_sum(float *out, const float *x) {
+    __shared__ float part[NT / 32];
+    float v = x[blockIdx.x * NT + threadIdx.x];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = part[0] + part[1] + part[2] + part[3];
+}
+
+/* Missing barrier: thread i reads what thread i + 32 (another warp) wrote in the same phase. */
+__global__ void k_missing_barrier(int *out) {
+    __shared__ int sh[NT];
+    sh[threadIdx.x] = (int)(threadIdx.x + 1000 * blockIdx.x);
+    out[blockIdx.x * NT + threadIdx.x] = sh[(threadIdx.x + 32) % NT];
+}
+
+/* A barrier only some lanes of a warp reach, the others at a shuffle: a hang on a GPU. */
+__global__ void k_split_warp(int *out) {
+    int v = (int)threadIdx.x;
+    if ((threadIdx.x & 31) < 16) __syncthreads();
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+__global__ void k_fill(int *out, int n, int value) {
+    for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x) out[i] = value;
+}
+
+static int fail_if(bool bad, const char *what) {
+    if (bad) fprintf(stderr, "selftest: %s\n", what);
+    return bad ? 1 : 0;
+}
+
+static int case_correct_sum() {
+    const int B = 3;
+    float h[B * NT], *x, *out, got[B];
+    for (int i = 0; i < B * NT; i++) h[i] = (float)(i % 7);
+    cudaMalloc((void **)&x, sizeof h);
+    cudaMalloc((void **)&out, sizeof got);
+    cudaMemcpy(x, h, sizeof h, cudaMemcpyHostToDevice);
+    k_block_sum<<<B, NT>>>(out, x);
+    if (fail_if(cudaMemcpy(got, out, sizeof got, cudaMemcpyDeviceToHost) != cudaSuccess, "sum: error")) return 1;
+    for (int b = 0; b < B; b++) {
+        float want = 0;
+        for (int i = 0; i < NT; i++) want += h[b * NT + i];
+        if (fail_if(got[b] != want, "sum: wrong value")) return 1;
+    }
+    return 0;
+}
+
+/* Passes (exit 0) when the missing barrier is visible as a wrong value. */
+static int case_missing_barrier() {
+    const int B = 2;
+    int *out, got[B * NT];
+    cudaMalloc((void **)&out, sizeof got);
+    k_missing_barrier<<<B, NT>>>(out);
+    cudaMemcpy(got, out, sizeof got, cudaMemcpyDeviceToHost);
+    int wrong = 0;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < NT; i++) wrong += got[b * NT + i] != (i + 32) % NT + 1000 * b;
+    return fail_if(wrong == 0, "missing barrier: every value right (the race went unseen)");
+}
+
+static int case_split_warp() {
+    int *out;
+    cudaMalloc((void **)&out, NT * sizeof(int));
+    k_split_warp<<<1, NT>>>(out);
+    return fail_if(cudaDeviceSynchronize() == cudaSuccess, "split warp: not reported");
+}
+
+static int case_host_pointer() {
+    static int host[NT];
+    k_fill<<<1, NT>>>(host, NT, 1);
+    return fail_if(cudaDeviceSynchronize() != cudaErrorIllegalAddress, "host pointer: not reported");
+}
+
+static int case_out_of_bounds() {
+    int *out;
+    cudaMalloc((void **)&out, 10 * sizeof(int));
+    k_fill<<<1, NT>>>(out, 11, 7); /* one past the end */
+    return fail_if(cudaDeviceSynchronize() == cudaSuccess, "write past the end: not reported");
+}
+
+/* The host reads a pinned result before waiting: it must not have arrived yet. */
+static int case_read_before_wait() {
+    int *dev, *pinned;
+    cudaStream_t s;
+    cudaStreamCreate(&s);
+    cudaMalloc((void **)&dev, sizeof(int));
+    cudaMallocHost((void **)&pinned, sizeof(int));
+    *pinned = -1;
+    k_fill<<<1, 32, 0, s>>>(dev, 1, 42);
+    cudaMemcpyAsync(pinned, dev, sizeof(int), cudaMemcpyDeviceToHost, s);
+    int early = *pinned;
+    cudaStreamSynchronize(s);
+    return fail_if(early != -1, "read before the wait saw the result") | fail_if(*pinned != 42, "wait: wrong result");
+}
+
+/* A captured graph replays the launch with its recorded arguments. */
+static int case_graph_replay() {
+    int *dev, got[4];
+    cudaStream_t s;
+    cudaGraph_t g;
+    cudaGraphExec_t e;
+    cudaStreamCreate(&s);
+    cudaMalloc((void **)&dev, sizeof got);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+    k_fill<<<1, 32, 0, s>>>(dev, 4, 5);
+    if (fail_if(cudaStreamSynchronize(s) == cudaSuccess, "a wait inside a capture was allowed")) return 1;
+    if (fail_if(cudaStreamEndCapture(s, &g) != cudaErrorStreamCaptureInvalidated, "broken capture not invalid")) return 1;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+    k_fill<<<1, 32, 0, s>>>(dev, 4, 5);
+    if (fail_if(cudaStreamEndCapture(s, &g) != cudaSuccess || cudaGraphInstantiate(&e, g, 0) != cudaSuccess, "capture"))
+        return 1;
+    cudaMemsetAsync(dev, 0, sizeof got, s);
+    cudaGraphLaunch(e, s);
+    cudaMemcpyAsync(got, dev, sizeof got, cudaMemcpyDeviceToHost, s);
+    return fail_if(got[0] != 5 || got[3] != 5, "graph replay: wrong values");
+}
+
+static int run_child(int (*fn)(), const char *name) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        freopen("/dev/null", "w", stderr); /* the emulator's own reports of the planted bugs */
+        _exit(fn());
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    printf("%s %s\n", ok ? "ok  " : "FAIL", name);
+    return ok ? 0 : 1;
+}
+
+int main() {
+    int bad = 0;
+    bad += run_child(case_correct_sum, "a correct block reduction gives the right sums");
+    bad += run_child(case_missing_barrier, "a missing __syncthreads gives wrong values");
+    bad += run_child(case_split_warp, "a warp split between __syncthreads and a shuffle is reported");
+    bad += run_child(case_host_pointer, "a host pointer passed to a kernel is reported");
+    bad += run_child(case_out_of_bounds, "a write past a device allocation is reported");
+    bad += run_child(case_read_before_wait, "a result read before the wait has not arrived");
+    bad += run_child(case_graph_replay, "graph capture: a wait breaks it; a replay repeats the launch");
+    printf("%d of 7 failed\n", bad);
+    return bad ? 1 : 0;
+}
