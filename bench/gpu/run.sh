@@ -17,7 +17,7 @@ BUILD=${BUILD:-build-gpu}
 mkdir -p "$OUT"
 export OUT
 [ -x "$BUILD/blip2" ] || {
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_SHARED_DIR="$SHARED" >"$OUT/bench_build.log" 2>&1
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED" >"$OUT/bench_build.log" 2>&1
   cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_ops >>"$OUT/bench_build.log" 2>&1
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
