@@ -424,8 +424,10 @@ static void batch_row_check(op_ctx *x) {
     const int *p = x->c->p;
     int T = p[0], C = p[1], OC = p[2];
     if (T < 2 || OC <= 0) return;
-    float *dev = x->be->alloc(sizeof(float) * OC), *alone = xmalloc(sizeof(float) * OC);
+    float *dev = x->be->alloc(sizeof(float) * OC);
+    CHECK(dev != NULL, "[%s matmul_h %s] no memory for the row alone", x->be->name, x->desc);
     if (!dev) return;
+    float *alone = xmalloc(sizeof(float) * OC);
     x->be->matmul_h(dev, D(x, x->a[0]), D16(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, 1, C, OC, p[4], p[5]);
     x->be->download(alone, dev, sizeof(float) * OC);
     be_sync(x);
