@@ -195,10 +195,12 @@ bool capture_forbids(const char *what) {
     return true;
 }
 
-/* Host waits for s: runs its queue, then checks every guard zone. */
+/* The host waits for s (nullptr: for the whole device): runs the queued work, then checks every
+ * guard zone. */
 cudaError_t wait_stream(cudaStream_t s, const char *what) {
     if (capture_forbids(what)) return ret(cudaErrorStreamCaptureUnsupported);
-    flush(s);
+    if (s) flush(s);
+    else flush_all();
     guards_check_all(what);
     return ret((cudaError_t)g_sticky.load());
 }
@@ -298,8 +300,8 @@ void launch_body(const char *kernel, const void *fn, dim3 grid, dim3 block, size
         tl_last = cudaErrorInvalidConfiguration;
         return;
     }
-    std::string name(kernel);
-    stream_enqueue(stream, kernel, [name, grid, block, smem, body] { run_grid(name.c_str(), grid, block, smem, body); });
+    /* kernel is the string literal rewrite.pl wrote into the launch: it outlives any replay. */
+    stream_enqueue(stream, kernel, [kernel, grid, block, smem, body] { run_grid(kernel, grid, block, smem, body); });
 }
 
 } /* namespace blip2_sim */
@@ -338,12 +340,7 @@ extern "C" cudaError_t cudaDeviceGetStreamPriorityRange(int *least, int *greates
     if (greatest) *greatest = -5;
     return cudaSuccess;
 }
-extern "C" cudaError_t cudaDeviceSynchronize(void) {
-    if (capture_forbids("cudaDeviceSynchronize")) return ret(cudaErrorStreamCaptureUnsupported);
-    flush_all();
-    guards_check_all("cudaDeviceSynchronize");
-    return ret((cudaError_t)g_sticky.load());
-}
+extern "C" cudaError_t cudaDeviceSynchronize(void) { return wait_stream(nullptr, "cudaDeviceSynchronize"); }
 
 /* ---- errors ---- */
 extern "C" cudaError_t cudaGetLastError(void) {
