@@ -40,6 +40,32 @@ void blip2_layernorm(float *out, const float *inp, const float *w, const float *
 void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
                               int T, int C, float eps);
 
+/* Matmul inputs kept in 16 bits ("_a" ops, adtype = an activation's element type). cuBLASLt's
+ * tensor cores read their inputs in the weights' 16-bit type; a device backend with 16-bit weights
+ * therefore has the op that produces a matmul input (a norm, an activation) write it rounded, once,
+ * instead of writing fp32 that the matmul reads and narrows again: half the bytes, one pass fewer,
+ * the same numbers. adtype is BLIP2_W_F32 (plain floats: each op is exactly its fp32 twin) or a
+ * 16-bit type (values rounded to nearest even, as blip2_f32_to_f16 / _bf16). */
+
+/* blip2_layernorm with out [T, C] of adtype (it must not overlap inp unless adtype is F32). */
+void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype);
+
+/* blip2_residual_layernorm with out [T, C] of adtype; out may equal y only when adtype is F32,
+ * and must not overlap res or y otherwise. */
+void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
+                                int T, int C, float eps, int adtype);
+
+/* out[i] = act(x[i]) for n elements, out of adtype (ACT_NONE: a plain conversion). out may equal x
+ * only when adtype is F32. */
+void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype);
+
+/* out[T, OC] = act(inp[T, C] · weight[OC, C]ᵀ + bias[OC]) with inp of adtype and weight of wdtype;
+ * adtype is F32 or wdtype. F32 inputs: blip2_matmul (+ act) or blip2_matmul_h. 16-bit inputs are
+ * widened exactly, so the result is the fp32 product of the two rounded operands (CUDA: cuBLASLt
+ * at every T; the GEMV of blip2_matmul_h reads fp32 inputs). */
+void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act);
+
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
 
@@ -158,6 +184,11 @@ typedef struct blip2_ops {
     void (*layernorm)(float *, const float *, const float *, const float *, int, int, float);
     void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, const float *, int, int,
                                float);
+    void (*layernorm_a)(void *, const float *, const float *, const float *, int, int, float, int);
+    void (*residual_layernorm_a)(float *, void *, const float *, const float *, const float *, const float *, int, int,
+                                 float, int);
+    void (*activate_a)(void *, const float *, size_t, int, int);
+    void (*matmul_a)(float *, const void *, const void *, const float *, int, int, int, int, int, int);
     void (*residual_add)(float *, const float *, size_t);
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);

@@ -6,17 +6,22 @@
 
 #include "model.h"
 
-/* out = act(inp · wᵀ + bias) with w in the model's wdtype (fp32 or 16-bit). */
+/* The element type of the matmul inputs the encoders hand from op to op (ops.h, the "_a" ops):
+ * on a device, the weights' 16-bit type, which its tensor cores read anyway (written once, half
+ * the bytes); on the CPU reference fp32, as it keeps activations exact. */
+static inline int blip2_adtype(const blip2_model *m) { return m->ops->device ? m->wdtype : BLIP2_W_F32; }
+
+/* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type) and w in the
+ * model's wdtype. */
+static inline void blip2_mm_a(const blip2_model *m, float *out, const void *inp, int adtype, const float *w,
+                              const float *bias, int T, int C, int OC, int act) {
+    m->ops->matmul_a(out, inp, w, bias, T, C, OC, adtype, m->wdtype, act);
+}
+
+/* The same with fp32 inp. */
 static inline void blip2_mm(const blip2_model *m, float *out, const float *inp, const float *w, const float *bias, int T,
                             int C, int OC, int act) {
-    const blip2_ops *o = m->ops;
-    if (m->wdtype != BLIP2_W_F32) {
-        o->matmul_h(out, inp, (const uint16_t *)(const void *)w, bias, T, C, OC, m->wdtype, act);
-        return;
-    }
-    o->matmul(out, inp, w, bias, T, C, OC);
-    if (act == BLIP2_ACT_GELU) o->gelu(out, (size_t)T * OC);
-    if (act == BLIP2_ACT_RELU) o->relu(out, (size_t)T * OC);
+    blip2_mm_a(m, out, inp, BLIP2_W_F32, w, bias, T, C, OC, act);
 }
 
 /* Backend buffers taken together and released together (a forward's workspace). */

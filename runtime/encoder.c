@@ -41,6 +41,11 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
                   B * Q * c->opt.C};
     int failed = 0;
     for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) failed |= !(*bufs[i] = o->alloc(sizeof(float) * n[i]));
+    int ad = blip2_adtype(m);
+    size_t esz = blip2_wdtype_size(ad);
+    failed |= !(ws->h = o->alloc(esz * B * T * max_sz(Cv, (size_t)c->vision.mlp)));
+    ws->image_a = ad == BLIP2_W_F32 ? ws->image : o->alloc(esz * B * T * Cv);
+    failed |= !ws->image_a;
     if (failed || blip2_graph_cache_init(&ws->graphs, o, (int)B, "image encoder", st)) {
         blip2_encoder_ws_free(ws);
         return blip2_fail(st, BLIP2_ENOMEM, "image encoder: out of %s memory for a batch of %d images", o->name, (int)B);
@@ -53,6 +58,8 @@ void blip2_encoder_ws_free(blip2_encoder_ws *ws) {
         void *bufs[] = {ws->pixels, ws->patches, ws->x,  ws->a,  ws->ctx, ws->qkv,  ws->mlp,  ws->scores, ws->image,
                         ws->qx,     ws->qq,      ws->qctx, ws->qo, ws->qk,  ws->qv, ws->qmlp, ws->proj};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ws->ops->release(bufs[i]);
+        ws->ops->release(ws->h);
+        if (ws->image_a != ws->image) ws->ops->release(ws->image_a);
         blip2_graph_cache_free(&ws->graphs);
     }
     memset(ws, 0, sizeof *ws);

@@ -26,7 +26,9 @@ typedef struct {
     float *qkv;           /* [B·T, 3Cv] */
     float *mlp;           /* [B·T, mlp_v] */
     float *scores;        /* attention scores: [max(B, NH)·Tq·Tk] of either encoder */
-    float *image;         /* [B·T, Cv] vision output (post-LN): the Q-Former's cross-attention input */
+    void *h;              /* [B·T, max(Cv, mlp_v)] of blip2_adtype: the vision matmuls' own inputs (norms, GELU) */
+    float *image;         /* [B·T, Cv] vision output (post-LN) */
+    void *image_a;        /* image in blip2_adtype, the Q-Former's cross-attention input (image itself when fp32) */
     float *qx;            /* [B·Q, Cq] query states: the Q-Former output */
     float *qq, *qctx, *qo; /* [B·Q, Cq] */
     float *qk, *qv;       /* [B·max(Q, T), Cq] keys / values (the image's for cross-attention) */

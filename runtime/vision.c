@@ -19,26 +19,38 @@ static void vision_embed(const blip2_model *m, int B, blip2_encoder_ws *ws) {
     }
 }
 
-/* One pre-LN layer over all B·T rows; attention batched over the images. */
-static void vision_layer_forward(const blip2_model *m, const blip2_vision_layer *L, int B, blip2_encoder_ws *ws) {
+/* One pre-LN layer over all B·T rows; attention batched over the images. On entry ws->h holds
+ * LN1(x); the last residual add is fused with the next norm: the next layer's LN1 into h, or
+ * after the last layer post_layernorm into ws->image. Matmul inputs the layer produces itself
+ * (h: the norms, GELU) are written in the model's activation type (blip2_adtype), so on a device
+ * they are 16-bit once instead of fp32 narrowed again by each matmul. Time goes to the four
+ * matmuls; the rest is five passes over B·T rows. */
+static void vision_layer_forward(const blip2_model *m, int l, int B, blip2_encoder_ws *ws) {
     const blip2_vision_config *c = &m->cfg.vision;
+    const blip2_vision_layer *L = &m->vision.layers[l];
     const blip2_ops *o = m->ops;
-    int BT = B * c->T, C = c->C;
+    int BT = B * c->T, C = c->C, ad = blip2_adtype(m);
     float scale = 1.0f / sqrtf((float)c->HS); /* HF: scores · head_dim^-0.5 */
-    o->layernorm(ws->a, ws->x, L->ln1_w, L->ln1_b, BT, C, c->eps);
-    blip2_mm(m, ws->qkv, ws->a, L->qkv_w, L->qkv_b, BT, C, 3 * C, BLIP2_ACT_NONE);
+    blip2_mm_a(m, ws->qkv, ws->h, ad, L->qkv_w, L->qkv_b, BT, C, 3 * C, BLIP2_ACT_NONE);
     o->attention(ws->ctx, ws->qkv, ws->qkv + C, ws->qkv + 2 * C, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
                  scale, 0, m->wdtype);
     blip2_mm(m, ws->a, ws->ctx, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
-    o->residual_layernorm(ws->x, ws->a, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps); /* x += a; a = LN2(x) */
-    blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, BT, C, c->mlp, BLIP2_ACT_GELU);
-    blip2_mm(m, ws->a, ws->mlp, L->fc2_w, L->fc2_b, BT, c->mlp, C, BLIP2_ACT_NONE);
-    o->residual_add(ws->x, ws->a, (size_t)BT * C);
+    o->residual_layernorm_a(ws->x, ws->h, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps, ad); /* x += a; h = LN2(x) */
+    blip2_mm_a(m, ws->mlp, ws->h, ad, L->fc1_w, L->fc1_b, BT, C, c->mlp, BLIP2_ACT_NONE);
+    o->activate_a(ws->h, ws->mlp, (size_t)BT * c->mlp, BLIP2_ACT_GELU, ad);
+    blip2_mm_a(m, ws->a, ws->h, ad, L->fc2_w, L->fc2_b, BT, c->mlp, C, BLIP2_ACT_NONE);
+    if (l + 1 < c->layers) { /* x += a; h = the next LN1(x) */
+        const blip2_vision_layer *N = &m->vision.layers[l + 1];
+        o->residual_layernorm_a(ws->x, ws->h, ws->a, NULL, N->ln1_w, N->ln1_b, BT, C, c->eps, ad);
+    } else { /* x += a; image = post_layernorm(x) */
+        o->residual_layernorm(ws->x, ws->image, ws->a, NULL, m->vision.post_ln_w, m->vision.post_ln_b, BT, C, c->eps);
+    }
 }
 
 void blip2_vision_run(const blip2_model *m, blip2_encoder_ws *ws, int B) {
     const blip2_vision_config *c = &m->cfg.vision;
-    vision_embed(m, B, ws);
-    for (int l = 0; l < c->layers; l++) vision_layer_forward(m, &m->vision.layers[l], B, ws);
-    m->ops->layernorm(ws->image, ws->x, m->vision.post_ln_w, m->vision.post_ln_b, B * c->T, c->C, c->eps);
+    vision_embed(m, B, ws); /* config: at least one layer */
+    const blip2_vision_layer *L0 = &m->vision.layers[0];
+    m->ops->layernorm_a(ws->h, ws->x, L0->ln1_w, L0->ln1_b, B * c->T, c->C, c->eps, blip2_adtype(m));
+    for (int l = 0; l < c->layers; l++) vision_layer_forward(m, l, B, ws);
 }

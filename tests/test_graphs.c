@@ -20,8 +20,8 @@
 /* ---- the recording backend ---- */
 
 enum {
-    OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_MM, OP_MMH, OP_RELU, OP_GELU, OP_KVW, OP_ATTN, OP_RLN, OP_GATHER,
-    OP_I2C, OP_COPY, OP_ADD_ROWS, OP_DENSE_ATTN, OP_RES_ADD
+    OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_LNA, OP_MMA, OP_ACTA, OP_KVW, OP_ATTN, OP_RLN, OP_RLNA, OP_GATHER,
+    OP_I2C, OP_COPY, OP_ADD_ROWS, OP_DENSE_ATTN
 };
 
 typedef struct {
@@ -62,22 +62,18 @@ static void r_layernorm(float *out, const float *inp, const float *w, const floa
     if (!g_recording) return blip2_cpu_ops.layernorm(out, inp, w, b, T, C, eps);
     rec((tape_op){OP_LN, {P(out), P(inp), P(w), P(b)}, {T, C}, {eps}, 0});
 }
-static void r_matmul(float *out, const float *inp, const float *w, const float *bias, int T, int C, int OC) {
-    if (!g_recording) return blip2_cpu_ops.matmul(out, inp, w, bias, T, C, OC);
-    rec((tape_op){OP_MM, {P(out), P(inp), P(w), P(bias)}, {T, C, OC}, {0}, 0});
+static void r_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int ad) {
+    if (!g_recording) return blip2_cpu_ops.layernorm_a(out, inp, w, b, T, C, eps, ad);
+    rec((tape_op){OP_LNA, {out, P(inp), P(w), P(b)}, {T, C, ad}, {eps}, 0});
 }
-static void r_matmul_h(float *out, const float *inp, const uint16_t *w, const float *bias, int T, int C, int OC, int wd,
+static void r_matmul_a(float *out, const void *inp, const void *w, const float *bias, int T, int C, int OC, int ad, int wd,
                        int act) {
-    if (!g_recording) return blip2_cpu_ops.matmul_h(out, inp, w, bias, T, C, OC, wd, act);
-    rec((tape_op){OP_MMH, {P(out), P(inp), P(w), P(bias)}, {T, C, OC, wd, act}, {0}, 0});
+    if (!g_recording) return blip2_cpu_ops.matmul_a(out, inp, w, bias, T, C, OC, ad, wd, act);
+    rec((tape_op){OP_MMA, {P(out), inp, w, P(bias)}, {T, C, OC, ad, wd, act}, {0}, 0});
 }
-static void r_relu(float *x, size_t n) {
-    if (!g_recording) return blip2_cpu_ops.relu(x, n);
-    rec((tape_op){OP_RELU, {P(x)}, {0}, {0}, n});
-}
-static void r_gelu(float *x, size_t n) {
-    if (!g_recording) return blip2_cpu_ops.gelu(x, n);
-    rec((tape_op){OP_GELU, {P(x)}, {0}, {0}, n});
+static void r_activate_a(void *out, const float *x, size_t n, int act, int ad) {
+    if (!g_recording) return blip2_cpu_ops.activate_a(out, x, n, act, ad);
+    rec((tape_op){OP_ACTA, {out, P(x)}, {act, ad}, {0}, n});
 }
 static void r_kv_write(void *kp, void *vp, int kvd, const float *k, const float *v, int in_stride, const int32_t *tables,
                        int mb, const int32_t *meta, int n_seqs, int bs, int C) {
@@ -97,6 +93,11 @@ static void r_residual_layernorm(float *res, float *out, const float *y, const f
                                  int T, int C, float eps) {
     if (!g_recording) return blip2_cpu_ops.residual_layernorm(res, out, y, bias, w, b, T, C, eps);
     rec((tape_op){OP_RLN, {P(res), P(out), P(y), P(bias), P(w), P(b)}, {T, C}, {eps}, 0});
+}
+static void r_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w,
+                                   const float *b, int T, int C, float eps, int ad) {
+    if (!g_recording) return blip2_cpu_ops.residual_layernorm_a(res, out, y, bias, w, b, T, C, eps, ad);
+    rec((tape_op){OP_RLNA, {P(res), out, P(y), P(bias), P(w), P(b)}, {T, C, ad}, {eps}, 0});
 }
 static void r_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C) {
     if (!g_recording) return blip2_cpu_ops.gather_rows(out, x, rows, n, C);
@@ -119,10 +120,6 @@ static void r_attention(float *out, const float *q, const float *k, const float 
                         int NH, int HS, int qs, int kvs, float scale, int causal, int wd) {
     if (!g_recording) return blip2_cpu_ops.attention(out, q, k, v, scratch, B, Tq, Tk, NH, HS, qs, kvs, scale, causal, wd);
     rec((tape_op){OP_DENSE_ATTN, {P(out), P(q), P(k), P(v), P(scratch)}, {B, Tq, Tk, NH, HS, qs, kvs, causal, wd}, {scale}, 0});
-}
-static void r_residual_add(float *x, const float *y, size_t n) {
-    if (!g_recording) return blip2_cpu_ops.residual_add(x, y, n);
-    rec((tape_op){OP_RES_ADD, {P(x), P(y)}, {0}, {0}, n});
 }
 
 /* What a recording must not contain (a CUDA capture fails on them). */
@@ -150,12 +147,9 @@ static void play(const tape *t) {
         case OP_EMB_VP: c->embedding_vp(F(o->p[0]), I(o->p[1]), o->p[2], i[0], i[1], i[2], i[3], i[4]); break;
         case OP_ADD_ROWS_AT: c->add_rows_at(F(o->p[0]), F(o->p[1]), I(o->p[2]), i[0], i[1]); break;
         case OP_LN: c->layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), i[0], i[1], o->f[0]); break;
-        case OP_MM: c->matmul(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), i[0], i[1], i[2]); break;
-        case OP_MMH:
-            c->matmul_h(F(o->p[0]), F(o->p[1]), (const uint16_t *)o->p[2], F(o->p[3]), i[0], i[1], i[2], i[3], i[4]);
-            break;
-        case OP_RELU: c->relu(F(o->p[0]), o->z); break;
-        case OP_GELU: c->gelu(F(o->p[0]), o->z); break;
+        case OP_LNA: c->layernorm_a((void *)o->p[0], F(o->p[1]), F(o->p[2]), F(o->p[3]), i[0], i[1], o->f[0], i[2]); break;
+        case OP_MMA: c->matmul_a(F(o->p[0]), o->p[1], o->p[2], F(o->p[3]), i[0], i[1], i[2], i[3], i[4], i[5]); break;
+        case OP_ACTA: c->activate_a((void *)o->p[0], F(o->p[1]), o->z, i[0], i[1]); break;
         case OP_KVW:
             c->kv_write((void *)o->p[0], (void *)o->p[1], i[0], F(o->p[2]), F(o->p[3]), i[1], I(o->p[4]), i[2], I(o->p[5]),
                         i[3], i[4], i[5]);
@@ -167,6 +161,10 @@ static void play(const tape *t) {
         case OP_RLN:
             c->residual_layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1], o->f[0]);
             break;
+        case OP_RLNA:
+            c->residual_layernorm_a(F(o->p[0]), (void *)o->p[1], F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1],
+                                    o->f[0], i[2]);
+            break;
         case OP_GATHER: c->gather_rows(F(o->p[0]), F(o->p[1]), I(o->p[2]), i[0], i[1]); break;
         case OP_I2C: c->im2col_patches(F(o->p[0]), F(o->p[1]), i[0], i[1], i[2], i[3]); break;
         case OP_COPY: c->copy((void *)o->p[0], o->p[1], o->z); break;
@@ -175,7 +173,6 @@ static void play(const tape *t) {
             c->attention(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), i[0], i[1], i[2], i[3], i[4], i[5], i[6],
                          o->f[0], i[7], i[8]);
             break;
-        case OP_RES_ADD: c->residual_add(F(o->p[0]), F(o->p[1]), o->z); break;
         }
     }
 }
@@ -218,11 +215,11 @@ static blip2_ops recording_ops(void) {
     o.capture_begin = r_capture_begin, o.capture_end = r_capture_end;
     o.graph_launch = r_graph_launch, o.graph_free = r_graph_free;
     o.embedding_vp = r_embedding_vp, o.add_rows_at = r_add_rows_at, o.layernorm = r_layernorm;
-    o.matmul = r_matmul, o.matmul_h = r_matmul_h, o.relu = r_relu, o.gelu = r_gelu;
+    o.layernorm_a = r_layernorm_a, o.matmul_a = r_matmul_a, o.activate_a = r_activate_a;
+    o.residual_layernorm_a = r_residual_layernorm_a;
     o.kv_write = r_kv_write, o.attention_paged = r_attention_paged;
     o.residual_layernorm = r_residual_layernorm, o.gather_rows = r_gather_rows;
     o.im2col_patches = r_im2col, o.copy = r_copy, o.add_rows = r_add_rows, o.attention = r_attention;
-    o.residual_add = r_residual_add;
     return o;
 }
 

@@ -317,6 +317,19 @@ static double *plan_out2(op_ctx *x, int buf, size_t n, double tol) {
     return x->ref2;
 }
 
+/* A 16-bit output's reference: the double value rounded as the op rounds its fp32 value (they
+ * differ only where the two straddle a rounding boundary: ~1e-5 rel L2; an output truncated
+ * instead of rounded is ~1e-3 off). */
+static void round_ref(op_ctx *x, int adtype) {
+    if (adtype == BLIP2_W_F32) return;
+    for (int r = 0; r < x->rows; r++)
+        if (row_checked(x, r))
+            for (int i = 0; i < x->row_len; i++) {
+                double *v = &x->ref[(size_t)r * x->row_len + i];
+                *v = t_from16(t_to16((float)*v, adtype), adtype);
+            }
+}
+
 /* ------------------------------------------------------------------------------------------------
  * matmul: p = {T, C, OC, bias}. out[T, OC] = inp[T, C] · W[OC, C]ᵀ + b. */
 static void setup_matmul(op_ctx *x) {
@@ -448,6 +461,85 @@ static void exec_matmul_h(op_ctx *x) {
                     p[2], p[4], p[5]);
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * matmul_a: p = {T, C, OC, bias, adtype, wdtype, act}. Inputs and weights uniform in [-1, 1],
+ * each rounded to its type; the reference is the double product of the two (widened exactly),
+ * bias, then act. 16-bit inputs are exact, so the bound is fp32's on every backend; fp32 inputs
+ * with 16-bit weights are matmul_h's case (the device rounds them: tol_dev). aux holds the
+ * widened weights [OC, C], then the widened inputs [T, C], for the all-rows projection check. */
+static void setup_matmul_a(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1], OC = x->c->p[2], bias = x->c->p[3], ad = x->c->p[4], wd = x->c->p[5];
+    int act = x->c->p[6];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d OC=%d %s x %s%s%s", T, C, OC, wd_name(ad), wd_name(wd),
+             bias ? " +bias" : "", act == BLIP2_ACT_GELU ? " +gelu" : act == BLIP2_ACT_RELU ? " +relu" : "");
+    size_t nw = (size_t)OC * C, ni = (size_t)T * C;
+    int in = buf_new_w(x, B_IN, ni, ad), w = buf_new_w(x, B_IN, nw, wd);
+    int b = bias ? buf_new(x, B_IN, OC) : -1, out = buf_new(x, B_OUT, (size_t)T * OC);
+    float *W = xmalloc(sizeof(float) * (nw + ni ? nw + ni : 1)), *I = W + nw;
+    fill_uniform(&x->rng, W, nw, -1, 1);
+    fill_uniform(&x->rng, I, ni, -1, 1);
+    const int types[2] = {wd, ad}, bufs[2] = {w, in};
+    float *vals[2] = {W, I};
+    size_t counts[2] = {nw, ni};
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < counts[k]; i++) {
+            if (types[k] == BLIP2_W_F32) {
+                H(x, bufs[k])[i] = vals[k][i];
+                continue;
+            }
+            H16(x, bufs[k])[i] = t_to16(vals[k][i], types[k]);
+            vals[k][i] = t_from16(H16(x, bufs[k])[i], types[k]);
+        }
+    if (bias) fill_uniform(&x->rng, H(x, b), OC, -1, 1);
+    x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
+    x->out = out;
+    x->aux = W;
+    plan_rows(x, T, OC, (double)C * OC);
+    for (int t = 0; t < T; t++) {
+        if (!row_checked(x, t)) continue;
+        for (int o = 0; o < OC; o++)
+            x->ref[(size_t)t * OC + o] =
+                act_d((bias ? H(x, b)[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
+    }
+    x->flops = 2.0 * T * C * OC;
+    x->bytes = (double)blip2_wdtype_size(wd) * nw + (double)blip2_wdtype_size(ad) * ni + 4.0 * ((double)T * OC + OC);
+}
+static void extra_matmul_a(op_ctx *x) {
+    const int *p = x->c->p;
+    if (p[6] != BLIP2_ACT_NONE) return;
+    const float *W = x->aux;
+    projection_check(x, W + (size_t)p[2] * p[1], W, x->a[2] >= 0 ? H(x, x->a[2]) : NULL, H(x, x->a[3]), p[0], p[1],
+                     p[2], case_tol(x));
+}
+static void exec_matmul_a(op_ctx *x) {
+    const int *p = x->c->p;
+    x->be->matmul_a(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, p[0], p[1], p[2],
+                    p[4], p[5], p[6]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * activate_a: p = {n, act, adtype, inplace}. out = act(x) of adtype, x uniform in [-6, 6] (both
+ * tails of GELU); in place (out = x) for fp32. */
+static void setup_activate_a(op_ctx *x) {
+    int n = x->c->p[0], act = x->c->p[1], ad = x->c->p[2], inplace = x->c->p[3];
+    snprintf(x->desc, sizeof x->desc, "n=%d %s -> %s%s", n,
+             act == BLIP2_ACT_GELU ? "gelu" : act == BLIP2_ACT_RELU ? "relu" : "none", wd_name(ad),
+             inplace ? " in-place" : "");
+    int in = buf_new(x, inplace ? B_INOUT : B_IN, (size_t)n);
+    int out = inplace ? in : buf_new_w(x, B_OUT, (size_t)n, ad);
+    fill_uniform(&x->rng, H(x, in), (size_t)n, -6, 6);
+    x->a[0] = out, x->a[1] = in;
+    x->out = out;
+    x->out_type = ad;
+    plan_rows(x, 1, n, 20.0 * n);
+    for (int i = 0; i < n; i++) x->ref[i] = act_d(H(x, in)[i], act);
+    round_ref(x, ad);
+    x->bytes = (4.0 + blip2_wdtype_size(ad)) * n;
+}
+static void exec_activate_a(op_ctx *x) {
+    x->be->activate_a(D(x, x->a[0]), D(x, x->a[1]), (size_t)x->c->p[0], x->c->p[1], x->c->p[2]);
+}
+
 /* The double LayerNorm of rows [T, C] (biased variance, eps inside the sqrt) into ref. */
 static void ln_ref_rows(double *ref, const double *rows, int T, int C, const float *W, const float *B, float eps) {
     for (int t = 0; t < T; t++) {
@@ -469,13 +561,15 @@ static void ln_ref_rows(double *ref, const double *rows, int T, int C, const flo
  * float would get badly wrong; 3: rows whose variance equals eps (std √eps), where eps counts as
  * much as the data: eps outside the sqrt, or the wrong eps, is off by far more than the bound. */
 static void setup_layernorm(op_ctx *x) {
-    int T = x->c->p[0], C = x->c->p[1], inplace = x->c->p[2], variant = x->c->p[3];
+    int T = x->c->p[0], C = x->c->p[1], inplace = x->c->p[2], variant = x->c->p[3], ad = x->c->p[4];
     float eps = x->c->f;
-    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s", T, C, eps, inplace ? " in-place" : "",
-             variant == 1 ? " constant-rows" : variant == 2 ? " offset-rows" : variant == 3 ? " variance=eps" : "");
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s -> %s", T, C, eps, inplace ? " in-place" : "",
+             variant == 1 ? " constant-rows" : variant == 2 ? " offset-rows" : variant == 3 ? " variance=eps" : "",
+             wd_name(ad));
     int in = buf_new(x, inplace ? B_INOUT : B_IN, (size_t)T * C);
     int w = buf_new(x, B_IN, C), b = buf_new(x, B_IN, C);
-    int out = inplace ? in : buf_new(x, B_OUT, (size_t)T * C);
+    int out = inplace ? in : buf_new_w(x, B_OUT, (size_t)T * C, ad);
+    x->out_type = ad;
     float *X = H(x, in);
     for (int t = 0; t < T; t++) {
         float *row = X + (size_t)t * C;
@@ -499,12 +593,17 @@ static void setup_layernorm(op_ctx *x) {
     double *rows = xmalloc(sizeof(double) * (size_t)T * C);
     for (size_t i = 0; i < (size_t)T * C; i++) rows[i] = X[i];
     ln_ref_rows(x->ref, rows, T, C, H(x, w), H(x, b), eps);
+    round_ref(x, ad);
     free(rows);
     x->flops = 8.0 * T * C;
-    x->bytes = 4.0 * (2.0 * T * C + 2.0 * C);
+    x->bytes = (4.0 + blip2_wdtype_size(ad)) * T * C + 8.0 * C;
 }
 static void exec_layernorm(op_ctx *x) {
     x->be->layernorm(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->c->p[0], x->c->p[1], x->c->f);
+}
+static void exec_layernorm_a(op_ctx *x) {
+    x->be->layernorm_a(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->c->p[0], x->c->p[1], x->c->f,
+                       x->c->p[4]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -681,13 +780,15 @@ static void extra_attention_rel(op_ctx *x) {
  * (the second output) bitwise. */
 static void setup_residual_layernorm(op_ctx *x) {
     int T = x->c->p[0], C = x->c->p[1], alias = x->c->p[2], variant = x->c->p[3], with_bias = x->c->p[4];
+    int ad = x->c->p[5];
     float eps = x->c->f;
-    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s%s", T, C, eps, alias ? " out=y" : "", with_bias ? " +bias" : "",
-             variant == 1 ? " zero-sum-rows" : variant == 2 ? " offset-rows" : "");
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d eps=%g%s%s%s -> %s", T, C, eps, alias ? " out=y" : "",
+             with_bias ? " +bias" : "", variant == 1 ? " zero-sum-rows" : variant == 2 ? " offset-rows" : "", wd_name(ad));
     size_t n = (size_t)T * C;
     int res = buf_new(x, B_INOUT, n), y = buf_new(x, alias ? B_INOUT : B_IN, n);
     int w = buf_new(x, B_IN, C), b = buf_new(x, B_IN, C), bias = with_bias ? buf_new(x, B_IN, C) : -1;
-    int out = alias ? y : buf_new(x, B_OUT, n);
+    int out = alias ? y : buf_new_w(x, B_OUT, n, ad);
+    x->out_type = ad;
     float *R = H(x, res), *Y = H(x, y), *BI = with_bias ? H(x, bias) : NULL;
     if (BI) fill_normal(&x->rng, BI, C, 0.0f, 0.5f);
     for (int t = 0; t < T; t++) {
@@ -711,12 +812,17 @@ static void setup_residual_layernorm(op_ctx *x) {
         rs[i] = (float)(R[i] + yb);
     }
     ln_ref_rows(x->ref, rs, T, C, H(x, w), H(x, b), eps);
+    round_ref(x, ad);
     x->flops = 9.0 * n;
-    x->bytes = 4.0 * (4.0 * n + 2.0 * C);
+    x->bytes = (12.0 + blip2_wdtype_size(ad)) * n + 8.0 * C;
 }
 static void exec_residual_layernorm(op_ctx *x) {
     x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
                               D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f);
+}
+static void exec_residual_layernorm_a(op_ctx *x) {
+    x->be->residual_layernorm_a(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
+                                D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f, x->c->p[5]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1341,6 +1447,16 @@ static void extra_fill_normal(op_ctx *x) {
 #define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5, 0, 0}
 #define RLN(T, C, alias, var, bias, eps, note) \
     {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var, bias}, eps, 1e-5, 0, 0}
+/* The _a ops: 16-bit outputs are compared to the rounded reference (tol 1e-4, see round_ref). */
+#define TOL_A(ad) ((ad) == F32 ? 1e-5 : 1e-4)
+#define LNA(T, C, inpl, var, eps, ad, note) \
+    {"layernorm_a", note, setup_layernorm, exec_layernorm_a, NULL, {T, C, inpl, var, ad}, eps, TOL_A(ad), 0, 0}
+#define RLNA(T, C, alias, var, bias, eps, ad, note) \
+    {"residual_layernorm_a", note, setup_residual_layernorm, exec_residual_layernorm_a, NULL, {T, C, alias, var, bias, ad}, eps, TOL_A(ad), 0, 0}
+#define ACTA(n, act, ad, inpl, note) {"activate_a", note, setup_activate_a, exec_activate_a, NULL, {n, act, ad, inpl}, 0, TOL_A(ad), 0, 0}
+#define MMA(T, C, OC, b, ad, wd, act, note) \
+    {"matmul_a", note, setup_matmul_a, exec_matmul_a, extra_matmul_a, {T, C, OC, b, ad, wd, act}, 0, 1e-5, \
+     (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
@@ -1455,6 +1571,36 @@ static const op_case cases[] = {
     RLN(1, 1, 0, 0, 1, 1e-5f, "odd"),
     RLN(3, 7, 1, 0, 0, 1e-12f, "odd"),
     RLN(65, 13, 0, 1, 1, 1e-6f, "odd"),
+
+    LNA(257, 1408, 0, 0, 1e-6f, F16, "vision LN1 -> qkv input"),
+    LNA(257, 1408, 0, 0, 1e-6f, BF16, "vision LN1 -> qkv input"),
+    LNA(13, 1408, 0, 1, 1e-5f, F16, "variance 0"),
+    LNA(7, 2560, 0, 2, 1e-5f, BF16, "large mean"),
+    LNA(3, 7, 1, 0, 1e-12f, F32, "odd, fp32 in place"),
+    LNA(65, 13, 0, 0, 1e-6f, F16, "odd (odd element count)"),
+    RLNA(257, 1408, 0, 0, 0, 1e-6f, F16, "vision LN2 -> fc1 input"),
+    RLNA(257, 1408, 0, 0, 0, 1e-6f, BF16, "vision LN2 -> fc1 input"),
+    RLNA(13, 2560, 0, 1, 1, 1e-5f, F16, "variance 0 rows with a bias"),
+    RLNA(7, 2560, 0, 2, 1, 1e-5f, BF16, "large mean"),
+    RLNA(32, 768, 1, 0, 0, 1e-12f, F32, "fp32, out aliases y"),
+    RLNA(3, 7, 0, 0, 1, 1e-12f, F16, "odd"),
+    ACTA(257 * 6144, A_GELU, F16, 0, "vision fc1 GELU -> fc2 input"),
+    ACTA(257 * 6144, A_GELU, BF16, 0, "vision fc1 GELU -> fc2 input"),
+    ACTA(257 * 1408, A_NONE, F16, 0, "image rows -> cross-attention k/v input"),
+    ACTA(4099, A_RELU, BF16, 0, "odd"),
+    ACTA(4099, A_GELU, F32, 1, "fp32 in place"),
+    ACTA(7, A_NONE, F32, 0, "odd fp32"),
+    ACTA(1, A_GELU, F16, 0, "odd"),
+    MMA(257, 1408, 4224, 1, F16, F16, A_NONE, "vision qkv from a 16-bit LN"),
+    MMA(257, 6144, 1408, 1, BF16, BF16, A_NONE, "vision fc2 (K=6144) from 16-bit GELU"),
+    MMA(257, 1408, 6144, 1, F16, F16, A_GELU, "GELU after"),
+    MMA(257, 1408, 768, 1, BF16, BF16, A_RELU, "Q-Former cross k/v + ReLU"),
+    MMA(3, 13, 77, 0, F16, F16, A_NONE, "odd (the GEMV's T)"),
+    MMA(7, 77, 13, 1, BF16, BF16, A_GELU, "odd"),
+    MMA(45, 2560, 2560, 1, F32, F16, A_RELU, "fp32 inputs: matmul_h"),
+    MMA(1, 2560, 77, 1, F32, BF16, A_NONE, "fp32 inputs: matmul_h's GEMV"),
+    MMA(13, 65, 7, 1, F32, F32, A_GELU, "all fp32: matmul + GELU"),
+    MMA(7, 13, 65, 0, F32, F32, A_RELU, "all fp32: matmul + ReLU"),
 
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
     ATTB(4, 257, 257, 16, 88, 0, 1, 0, 0, 0, "vision, 4 images (a loop over images)"),

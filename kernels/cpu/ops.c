@@ -39,12 +39,18 @@ void blip2_residual_add(float *x, const float *y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+static inline float gelu1(float v) { return 0.5f * v * (1.0f + erff(v * (float)M_SQRT1_2)); }
+static inline float relu1(float v) { return v > 0.0f ? v : 0.0f; }
+static inline float act1(float v, int act) {
+    return act == BLIP2_ACT_GELU ? gelu1(v) : act == BLIP2_ACT_RELU ? relu1(v) : v;
+}
+
 void blip2_gelu(float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+    for (size_t i = 0; i < n; i++) x[i] = gelu1(x[i]);
 }
 
 void blip2_relu(float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    for (size_t i = 0; i < n; i++) x[i] = relu1(x[i]);
 }
 
 void blip2_softmax(float *x, int T, int n) {
@@ -287,6 +293,74 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
     }
 }
 
+/* ---- 16-bit matmul inputs (the _a ops) ---- */
+
+/* out[i0 .. i0 + n) of adtype = row[0 .. n), rounded to nearest even when 16-bit. */
+static void narrow_row(void *out, int adtype, size_t i0, const float *row, size_t n) {
+    if (adtype == BLIP2_W_F32) {
+        memcpy((float *)out + i0, row, sizeof(float) * n);
+        return;
+    }
+    uint16_t *o = (uint16_t *)out + i0;
+    for (size_t i = 0; i < n; i++) o[i] = adtype == BLIP2_W_F16 ? blip2_f32_to_f16(row[i]) : blip2_f32_to_bf16(row[i]);
+}
+
+void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
+    if (adtype == BLIP2_W_F32) {
+        blip2_layernorm(out, inp, w, b, T, C, eps);
+        return;
+    }
+    float row[C > 0 ? C : 1];
+    for (int t = 0; t < T; t++) {
+        blip2_layernorm(row, inp + (size_t)t * C, w, b, 1, C, eps);
+        narrow_row(out, adtype, (size_t)t * C, row, (size_t)C);
+    }
+}
+
+void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
+                                int T, int C, float eps, int adtype) {
+    if (adtype == BLIP2_W_F32) {
+        blip2_residual_layernorm(res, out, y, bias, w, b, T, C, eps);
+        return;
+    }
+    float row[C > 0 ? C : 1];
+    for (int t = 0; t < T; t++) {
+        blip2_residual_layernorm(res + (size_t)t * C, row, y + (size_t)t * C, bias, w, b, 1, C, eps);
+        narrow_row(out, adtype, (size_t)t * C, row, (size_t)C);
+    }
+}
+
+void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) {
+    enum { CHUNK = 256 };
+    float v[CHUNK];
+    for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
+        size_t k = n - i0 < CHUNK ? n - i0 : CHUNK;
+        for (size_t i = 0; i < k; i++) v[i] = act1(x[i0 + i], act);
+        narrow_row(out, adtype, i0, v, k);
+    }
+}
+
+/* 16-bit inputs: widened 64 rows at a time (exact), then the fp32-input path. */
+void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act) {
+    if (adtype == BLIP2_W_F32 && wdtype != BLIP2_W_F32) {
+        blip2_matmul_h(out, inp, weight, bias, T, C, OC, wdtype, act);
+    } else if (adtype == BLIP2_W_F32) {
+        blip2_matmul(out, inp, weight, bias, T, C, OC);
+        apply_act(out, (size_t)T * OC, act);
+    } else {
+        enum { SLAB = 64 };
+        float *x = malloc(sizeof(float) * SLAB * (size_t)(C > 0 ? C : 1));
+        if (!x) abort(); /* 64 rows of inputs: not a request-sized allocation */
+        for (int t0 = 0; t0 < T; t0 += SLAB) {
+            int n = T - t0 < SLAB ? T - t0 : SLAB;
+            for (size_t i = 0; i < (size_t)n * C; i++) x[i] = widen(inp, adtype, (size_t)t0 * C + i);
+            blip2_matmul_a(out + (size_t)t0 * OC, x, weight, bias, n, C, OC, BLIP2_W_F32, wdtype, act);
+        }
+        free(x);
+    }
+}
+
 void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V) {
     for (int t = 0; t < T; t++) {
         float *row = out + (size_t)t * C;
@@ -384,6 +458,10 @@ const blip2_ops blip2_cpu_ops = {
     .matmul_h = blip2_matmul_h,
     .layernorm = blip2_layernorm,
     .residual_layernorm = blip2_residual_layernorm,
+    .layernorm_a = blip2_layernorm_a,
+    .residual_layernorm_a = blip2_residual_layernorm_a,
+    .activate_a = blip2_activate_a,
+    .matmul_a = blip2_matmul_a,
     .residual_add = blip2_residual_add,
     .gelu = blip2_gelu,
     .relu = blip2_relu,

@@ -1,16 +1,18 @@
 /* The CUDA twins of kernels/cpu/ops.c (namespace cuda::, same names and argument order as ops.h)
  * and the blip2_cuda_ops table. The table is what keeps the twins' signatures equal to the C
  * reference's: each cuda:: function is assigned to the blip2_ops member of its name, whose type
- * ops.h declares once, so a differing parameter list does not compile. Every op is queued on the calling thread's current context's
- * stream (context.h) and records failures in that context instead of aborting; nothing here
- * synchronises except download, sync, blip2_argmax and the rare growth of a scratch buffer.
+ * ops.h declares once, so a differing parameter list does not compile. Every op is queued on the
+ * calling thread's current context's stream (context.h) and records failures in that context
+ * instead of aborting; nothing here synchronises except download, sync, blip2_argmax and the rare
+ * growth of a scratch buffer.
  *
  * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; the attention products
- * of a 16-bit model use TF32); 16-bit-weight matmuls
- * round the fp32 activations to the weight's type (RNE) and accumulate in fp32, on the tensor cores
- * or, at T <= GEMV_MAX_T, in a GEMV kernel that rounds the activations the same way (so a row's
- * products do not depend on its batch's size; BLIP2_GEMV=0 sends those to cuBLASLt too); row reductions
- * (layernorm, softmax) accumulate in double like the C reference. No fast-math anywhere. */
+ * of a 16-bit model use TF32); 16-bit-weight matmuls round the fp32 activations to the weight's
+ * type (RNE) and accumulate in fp32, on the tensor cores or, at T <= GEMV_MAX_T, in a GEMV kernel
+ * that rounds the activations the same way (so a row's products do not depend on its batch's
+ * size; BLIP2_GEMV=0 sends those to cuBLASLt too). The _a ops write that rounding where the input
+ * is produced (a norm, GELU) and matmul_a takes it as it is: the same numbers, one pass fewer. Row
+ * reductions (layernorm, softmax) accumulate in double like the C reference. No fast-math. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits.h>
@@ -87,11 +89,21 @@ __global__ void __launch_bounds__(NT) k_residual_add(float *x, const float *y, s
     GRID_STRIDE(i, n) x[i] += y[i];
 }
 __device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f)); }
-__global__ void __launch_bounds__(NT) k_gelu(float *x, size_t n) {
-    GRID_STRIDE(i, n) x[i] = gelu_erf(x[i]);
+/* Element i of out of adtype (BLIP2_W_*) = v, rounded to nearest even when 16-bit: the _a ops
+ * hand their output to a matmul in the type its tensor cores read. adtype is uniform per launch. */
+__device__ __forceinline__ void store_act(void *out, int adtype, size_t i, float v) {
+    if (adtype == BLIP2_W_F32) ((float *)out)[i] = v;
+    else if (adtype == BLIP2_W_F16) ((__half *)out)[i] = __float2half_rn(v);
+    else ((__nv_bfloat16 *)out)[i] = __float2bfloat16_rn(v);
 }
-__global__ void __launch_bounds__(NT) k_relu(float *x, size_t n) {
-    GRID_STRIDE(i, n) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+
+__device__ __forceinline__ float act_of(float v, int act) {
+    return act == BLIP2_ACT_GELU ? gelu_erf(v) : act == BLIP2_ACT_RELU ? (v > 0.0f ? v : 0.0f) : v;
+}
+/* out = act(x) of adtype: GELU and the narrowing for the next matmul in one pass (in place when
+ * out is x and adtype F32: each element is read before it is written, by the same thread). */
+__global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const float *x, size_t n, int act) {
+    GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(x[i], act));
 }
 /* out[t, o] += bias[o] (bias may be NULL), then ReLU if relu: the epilogue when cuBLASLt is not used. */
 __global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, size_t n, int C, int relu) {
@@ -101,13 +113,6 @@ __global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, si
         if (relu) v = v > 0.0f ? v : 0.0f;
         x[i] = v;
     }
-}
-/* fp32 → 16 bits, round to nearest even. */
-__global__ void __launch_bounds__(NT) k_to_f16(__half *dst, const float *src, size_t n) {
-    GRID_STRIDE(i, n) dst[i] = __float2half_rn(src[i]);
-}
-__global__ void __launch_bounds__(NT) k_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
-    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
 }
 
 __global__ void __launch_bounds__(NT) k_im2col(float *out, const float *img, int CH, int H, int W, int PS) {
@@ -196,11 +201,11 @@ __global__ void __launch_bounds__(NT) k_fill_normal(void *x, int wdtype, size_t 
 
 /* ------------------------------------------------------------------------------------------------
  * Row kernels: one block of NT threads per row. */
-__global__ void __launch_bounds__(NT) k_layernorm(float *out, const float *inp, const float *w, const float *b, int C,
-                                                  float eps) {
+__global__ void __launch_bounds__(NT) k_layernorm(void *out, int adtype, const float *inp, const float *w, const float *b,
+                                                  int C, float eps) {
     __shared__ double red[32];
     const float *x = inp + (size_t)blockIdx.x * C;
-    float *y = out + (size_t)blockIdx.x * C;
+    size_t y0 = (size_t)blockIdx.x * C;
     double s = 0;
     for (int i = threadIdx.x; i < C; i += blockDim.x) s += x[i];
     s = block_sum(s, red);
@@ -212,16 +217,17 @@ __global__ void __launch_bounds__(NT) k_layernorm(float *out, const float *inp, 
     }
     var = block_sum(var, red); /* its barriers also order every read of x before any write of y */
     float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
-    for (int i = threadIdx.x; i < C; i += blockDim.x) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, y0 + i, (x[i] - mean) * rstd * w[i] + b[i]);
 }
 
-/* res += y + bias (bias may be NULL), then out = LN(res); out may alias y. */
-__global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, float *out, const float *y, const float *bias,
-                                                           const float *w, const float *b, int C, float eps) {
+/* res += y + bias (bias may be NULL), then out = LN(res) of adtype; an fp32 out may alias y. */
+__global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out, int adtype, const float *y,
+                                                           const float *bias, const float *w, const float *b, int C,
+                                                           float eps) {
     __shared__ double red[32];
     float *r = res + (size_t)blockIdx.x * C;
     const float *yy = y + (size_t)blockIdx.x * C;
-    float *o = out + (size_t)blockIdx.x * C;
+    size_t o0 = (size_t)blockIdx.x * C;
     double s = 0;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
         float v = r[i] + (bias ? yy[i] + bias[i] : yy[i]);
@@ -238,7 +244,7 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, float *ou
     var = block_sum(var, red);
     float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
     __syncthreads(); /* the row of res is complete and y fully read before out (maybe y) is written */
-    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = (r[i] - mean) * rstd * w[i] + b[i];
+    for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, o0 + i, (r[i] - mean) * rstd * w[i] + b[i]);
 }
 
 /* Softmax of the first lim values of a row of n (max-subtracted, double sum); the rest become 0.
@@ -831,6 +837,33 @@ void gemv(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, co
     }
 }
 
+/* out = act(x) of adtype on the context's stream. */
+void activate(blip2_cuda_ctx *c, void *out, int adtype, const float *x, size_t n, int act) {
+    if (n == 0) return;
+    k_activate<<<grid_for(n), NT, 0, c->stream>>>(out, adtype, x, n, act);
+    LAUNCH_CK(c, "k_activate");
+}
+
+bool valid_act(blip2_cuda_ctx *c, const char *op, int act) {
+    if (act == BLIP2_ACT_NONE || act == BLIP2_ACT_GELU || act == BLIP2_ACT_RELU) return true;
+    blip2_cuda_record(c, "%s: unknown activation %d", op, act);
+    return false;
+}
+
+/* A 16-bit input (already in the weights' type) through cuBLASLt; ReLU in the epilogue, the exact
+ * erf GELU after it (cuBLASLt's GELU epilogue is the tanh approximation). */
+void gemm16(blip2_cuda_ctx *c, float *out, const void *inp16, const uint16_t *weight, const float *bias, int T, int C,
+            int OC, int wdtype, int act) {
+    gemm(c, out, weight, inp16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, act == BLIP2_ACT_RELU);
+    if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, (size_t)T * OC, BLIP2_ACT_GELU);
+}
+
+bool valid_adtype(blip2_cuda_ctx *c, const char *op, int adtype) {
+    if (adtype == BLIP2_W_F32 || adtype == BLIP2_W_F16 || adtype == BLIP2_W_BF16) return true;
+    blip2_cuda_record(c, "%s: unknown activation type %d", op, adtype);
+    return false;
+}
+
 } /* namespace */
 
 /* ------------------------------------------------------------------------------------------------
@@ -846,52 +879,64 @@ void blip2_matmul(float *out, const float *inp, const float *weight, const float
 void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
                     int wdtype, int act) {
     blip2_cuda_ctx *c = cur("matmul_h");
-    if (!c || T <= 0 || OC <= 0) return;
-    if (act != BLIP2_ACT_NONE && act != BLIP2_ACT_GELU && act != BLIP2_ACT_RELU) {
-        blip2_cuda_record(c, "matmul_h: unknown activation %d", act);
-        return;
-    }
-    if (gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
+    if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_h", act)) return;
+    if (wdtype != BLIP2_W_F32 && gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
         gemv(c, out, inp, weight, bias, T, C, OC, wdtype, act);
-        return;
-    }
-    int relu = act == BLIP2_ACT_RELU;
-    if (wdtype == BLIP2_W_F32) {
-        gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, relu);
-    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) {
+    } else if (wdtype == BLIP2_W_F32) {
+        gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, act == BLIP2_ACT_RELU);
+        if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, (size_t)T * OC, BLIP2_ACT_GELU);
+    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) { /* narrowed to the weights' type first */
         size_t n_in = (size_t)T * C;
         void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
         if (!a16) return;
-        if (n_in) {
-            if (wdtype == BLIP2_W_F16) k_to_f16<<<grid_for(n_in), NT, 0, c->stream>>>((__half *)a16, inp, n_in);
-            else k_to_bf16<<<grid_for(n_in), NT, 0, c->stream>>>((__nv_bfloat16 *)a16, inp, n_in);
-            if (!LAUNCH_CK(c, "k_to_16")) return;
-        }
-        gemm(c, out, weight, a16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, relu);
+        activate(c, a16, wdtype, inp, n_in, BLIP2_ACT_NONE);
+        gemm16(c, out, a16, weight, bias, T, C, OC, wdtype, act);
     } else {
         blip2_cuda_record(c, "matmul_h: unknown weight type %d", wdtype);
-        return;
-    }
-    if (act == BLIP2_ACT_GELU) { /* exact erf form; cuBLASLt's GELU epilogue is the tanh approximation */
-        size_t n = (size_t)T * OC;
-        k_gelu<<<grid_for(n), NT, 0, c->stream>>>(out, n);
-        LAUNCH_CK(c, "k_gelu");
     }
 }
 
-void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps) {
+void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act) {
+    blip2_cuda_ctx *c = cur("matmul_a");
+    if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_a", act)) return;
+    if (adtype == BLIP2_W_F32) {
+        cuda::blip2_matmul_h(out, (const float *)inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+    } else if (adtype == wdtype && (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16)) {
+        gemm16(c, out, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+    } else {
+        blip2_cuda_record(c, "matmul_a: %d-type inputs with %d-type weights", adtype, wdtype);
+    }
+}
+
+void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
-    if (!c || T <= 0 || C <= 0) return;
-    k_layernorm<<<T, NT, 0, c->stream>>>(out, inp, w, b, C, eps);
+    if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
+    k_layernorm<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
     LAUNCH_CK(c, "k_layernorm");
+}
+
+void blip2_layernorm(float *out, const float *inp, const float *w, const float *b, int T, int C, float eps) {
+    cuda::blip2_layernorm_a(out, inp, w, b, T, C, eps, BLIP2_W_F32);
+}
+
+void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
+                                int T, int C, float eps, int adtype) {
+    blip2_cuda_ctx *c = cur("residual_layernorm");
+    if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
+    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
+    LAUNCH_CK(c, "k_residual_layernorm");
 }
 
 void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
                               int T, int C, float eps) {
-    blip2_cuda_ctx *c = cur("residual_layernorm");
-    if (!c || T <= 0 || C <= 0) return;
-    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, y, bias, w, b, C, eps);
-    LAUNCH_CK(c, "k_residual_layernorm");
+    cuda::blip2_residual_layernorm_a(res, out, y, bias, w, b, T, C, eps, BLIP2_W_F32);
+}
+
+void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) {
+    blip2_cuda_ctx *c = cur("activate");
+    if (!c || !valid_act(c, "activate", act) || !valid_adtype(c, "activate", adtype)) return;
+    activate(c, out, adtype, x, n, act);
 }
 
 void blip2_residual_add(float *x, const float *y, size_t n) {
@@ -903,16 +948,12 @@ void blip2_residual_add(float *x, const float *y, size_t n) {
 
 void blip2_gelu(float *x, size_t n) {
     blip2_cuda_ctx *c = cur("gelu");
-    if (!c || n == 0) return;
-    k_gelu<<<grid_for(n), NT, 0, c->stream>>>(x, n);
-    LAUNCH_CK(c, "k_gelu");
+    if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_GELU);
 }
 
 void blip2_relu(float *x, size_t n) {
     blip2_cuda_ctx *c = cur("relu");
-    if (!c || n == 0) return;
-    k_relu<<<grid_for(n), NT, 0, c->stream>>>(x, n);
-    LAUNCH_CK(c, "k_relu");
+    if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_RELU);
 }
 
 /* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
@@ -1268,6 +1309,10 @@ constexpr blip2_ops make_cuda_ops() {
     t.matmul_h = cuda::blip2_matmul_h;
     t.layernorm = cuda::blip2_layernorm;
     t.residual_layernorm = cuda::blip2_residual_layernorm;
+    t.layernorm_a = cuda::blip2_layernorm_a;
+    t.residual_layernorm_a = cuda::blip2_residual_layernorm_a;
+    t.activate_a = cuda::blip2_activate_a;
+    t.matmul_a = cuda::blip2_matmul_a;
     t.residual_add = cuda::blip2_residual_add;
     t.gelu = cuda::blip2_gelu;
     t.relu = cuda::blip2_relu;
