@@ -140,6 +140,13 @@ void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n);
 #define BLIP2_TOPK_MAX 64
 void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int k);
 
+/* Repetition penalty (transformers' RepetitionPenaltyLogitsProcessor) on rows x [T, n] that hold
+ * the vocab slice [v0, v0 + n): for row t, each id of ids[offs[t] .. offs[t+1]) (distinct within
+ * the row) inside the slice turns s = x[t, id − v0] into s·pen[t] if s < 0, else s / pen[t]. Ids
+ * outside the slice (another rank's) are skipped. Lets a penalised request take the device's
+ * argmax or top-k instead of downloading its whole row. */
+void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen, int T, int n, int v0);
+
 /* x[0..n) of wdtype = mean + std·N(0, 1), element i drawn from a counter-based generator of
  * (seed, i) alone, so any backend and any split of the work gives the same numbers up to the last
  * bit of the libm used. std = 0 fills the constant mean (LayerNorm weights 1, biases 0). */
@@ -207,6 +214,7 @@ typedef struct blip2_ops {
     void (*gather_rows)(float *, const float *, const int32_t *, int, int);
     void (*argmax_rows)(int32_t *, float *, const float *, int, int);
     void (*topk_rows)(int32_t *, float *, const float *, int, int, int);
+    void (*penalize_rows)(float *, const int32_t *, const int32_t *, const float *, int, int, int);
     void (*fill_normal)(void *, int, size_t, uint64_t, float, float);
 } blip2_ops;
 

@@ -341,6 +341,7 @@ static int build_step(blip2_engine *e) {
         for (int s = 0; s < r->n_seq; s++) {
             seq_t *q = &r->seq[s];
             if (engine_table_grow(e, q, q->len + 1)) return -1;
+            engine_row_penalty(e, r, q, r->mode, d->buf[1]);
             step_desc_add_seq(d, q->len, 1, r->mode, q->blocks, q->n_blocks);
             e->tokens[n_tok++] = q->next;
             e->refs_step[n_rows].r = r, e->refs_step[n_rows].seq = s, e->refs_step[n_rows++].mode = r->mode;
@@ -355,6 +356,7 @@ static int build_step(blip2_engine *e) {
         seq_t *q = &r->seq[0];
         if (engine_table_grow(e, q, r->fed + chunk)) return -1;
         int mode = done ? (r->dec.num_beams > 1 ? LOGITS_FULL : r->mode) : LOGITS_NONE;
+        engine_row_penalty(e, r, q, mode, d->buf[1]);
         step_desc_add_seq(d, r->fed, chunk, mode, q->blocks, q->n_blocks);
         for (int t = r->fed; t < r->fed + chunk; t++) {
             int is_img = r->prompt[t] == e->m->cfg.image_token_id && r->img_fed < e->m->cfg.Q;
@@ -366,6 +368,7 @@ static int build_step(blip2_engine *e) {
         budget -= chunk;
     }
     step_desc_add_tokens(d, e->tokens, n_tok);
+    step_desc_add_penalties(d, e->pen_offs, e->pen_vals, e->pen_ids);
     return n_rows;
 }
 
@@ -495,7 +498,11 @@ static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     e->emits = malloc(sizeof *e->emits * (size_t)e->o.max_batch);
     e->copies = malloc(sizeof(int32_t) * 2 * (size_t)e->o.max_batch);
     e->hist = malloc(sizeof(int32_t) * (size_t)c->opt.max_pos);
-    if (!e->hist || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies ||
+    e->pen_offs = calloc((size_t)e->o.max_batch + 1, sizeof(int32_t));
+    e->pen_vals = malloc(sizeof(float) * (size_t)e->o.max_batch);
+    e->pen_ids = malloc(sizeof(int32_t) * (size_t)e->o.max_batch * (size_t)c->opt.max_pos);
+    e->pen_seen = calloc((size_t)c->opt.V, 1);
+    if (!e->hist || !e->pen_offs || !e->pen_vals || !e->pen_ids || !e->pen_seen || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies ||
         !e->emits)
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory");
     return engine_encoder_start(e, st); /* the engine runs on rank 0 */
@@ -544,6 +551,10 @@ void blip2_engine_destroy(blip2_engine *e) {
     free(e->emits);
     free(e->copies);
     free(e->hist);
+    free(e->pen_offs);
+    free(e->pen_vals);
+    free(e->pen_ids);
+    free(e->pen_seen);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     free(e);
@@ -565,8 +576,8 @@ void blip2_engine_get_stats(blip2_engine *e, blip2_engine_stats *s) {
 /* ---------------------------------------------------------------- followers */
 
 void blip2_engine_follow_stop(const blip2_tp *tp) {
-    int32_t buf[4] = {STEP_OP_STOP, 0, 0, 0};
-    step_desc d = {.max_batch = 0, .buf = buf, .len = 4, .cap = 4};
+    int32_t buf[STEP_DESC_HEADER] = {STEP_OP_STOP};
+    step_desc d = {.max_batch = 0, .buf = buf, .len = STEP_DESC_HEADER, .cap = STEP_DESC_HEADER};
     blip2_status ignore;
     step_desc_share(&d, tp, &ignore);
 }

@@ -26,6 +26,24 @@ static int history(blip2_engine *e, const req_t *r, const seq_t *q) {
     return r->n_prompt + q->n_gen;
 }
 
+void engine_row_penalty(blip2_engine *e, const req_t *r, const seq_t *q, int mode, int row) {
+    int32_t *ids = e->pen_ids + e->pen_offs[row], n = 0;
+    float pen = 1.0f;
+    if (mode != LOGITS_NONE && r->dec.num_beams == 1 && r->dec.repetition_penalty != 1.0f) {
+        int V = e->m->cfg.opt.V, h = history(e, r, q);
+        pen = r->dec.repetition_penalty;
+        for (int i = 0; i < h; i++) {
+            int32_t id = e->hist[i];
+            if (id < 0 || id >= V || e->pen_seen[id]) continue;
+            e->pen_seen[id] = 1;
+            ids[n++] = id;
+        }
+        for (int i = 0; i < n; i++) e->pen_seen[ids[i]] = 0;
+    }
+    e->pen_vals[row] = pen;
+    e->pen_offs[row + 1] = e->pen_offs[row] + n;
+}
+
 static int append_text(req_t *r, const char *piece, size_t len) {
     if (r->text_len + len + 1 > r->text_cap) {
         size_t cap = (r->text_len + len + 1) * 2;
@@ -64,12 +82,14 @@ static int32_t choose(blip2_engine *e, req_t *r, int i, float *logits, int32_t p
     if (r->mode == LOGITS_ARGMAX) return pick;
     const blip2_config *c = &e->m->cfg;
     seq_t *q = &r->seq[0];
+    blip2_decoding d = r->dec;
+    d.repetition_penalty = 1.0f; /* already applied to the row on the backend (engine_row_penalty) */
     int kn = logits_topk_n(r->mode);
     if (kn && e->x.cand_ok[i])
-        return blip2_sample_candidates(&r->dec, e->x.cand_ids + (size_t)i * BLIP2_TOPK_MAX,
+        return blip2_sample_candidates(&d, e->x.cand_ids + (size_t)i * BLIP2_TOPK_MAX,
                                        e->x.cand_vals + (size_t)i * BLIP2_TOPK_MAX, kn, q->n_gen, c->eos_id, &r->rng);
-    blip2_logits_process(&r->dec, logits, c->opt.V, e->hist, history(e, r, q), q->n_gen, c->eos_id);
-    if (r->dec.do_sample) return blip2_sample(&r->dec, logits, c->opt.V, &r->rng, e->scratch);
+    blip2_logits_process(&d, logits, c->opt.V, NULL, 0, q->n_gen, c->eos_id);
+    if (d.do_sample) return blip2_sample(&d, logits, c->opt.V, &r->rng, e->scratch);
     return blip2_argmax(logits, c->opt.V);
 }
 

@@ -112,6 +112,12 @@ struct blip2_engine {
     int32_t *copies; /* pending copy-on-write pairs for the next step */
     int n_copies;
     int32_t *hist;   /* [max_pos] prompt + generated ids (repetition penalty) */
+    /* The next step's repetition penalties (step_desc_add_penalties): per descriptor sequence an
+     * offset into pen_ids and a penalty; pen_seen marks ids already listed for the current row. */
+    int32_t *pen_offs; /* [max_batch + 1] */
+    float *pen_vals;   /* [max_batch] */
+    int32_t *pen_ids;  /* [max_batch · max_pos] */
+    uint8_t *pen_seen; /* [V] */
 };
 
 
@@ -124,6 +130,10 @@ void engine_retire(blip2_engine *e, int idx, blip2_code code, const char *msg);
 /* After a step: every row that produced logits decides its request's next move (ids, beams,
  * which requests end); what single sequences produced is queued for emit_all. */
 void decide_all(blip2_engine *e, int n_rows);
+/* The penalty of the step row of sequence q of r that is being added to the descriptor as its
+ * sequence number `row`: its distinct history ids (single-sequence requests with a repetition
+ * penalty that want logits; beams apply theirs to log-probabilities on the host). */
+void engine_row_penalty(blip2_engine *e, const req_t *r, const seq_t *q, int mode, int row);
 /* Streams the queued tokens (text, stop strings) and ends the requests whose last token it was:
  * the engine runs it while the next step computes. */
 void emit_all(blip2_engine *e);

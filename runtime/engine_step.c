@@ -6,16 +6,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HEADER 4 /* op, n_seqs, n_tokens, n_copies */
+#define HEADER STEP_DESC_HEADER
 
-blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, blip2_status *st) {
+/* The penalty section: offsets [n_seqs + 1], penalties [n_seqs], ids. */
+static int pen_section_len(int n_seqs, int n_ids) { return 2 * n_seqs + 1 + n_ids; }
+
+blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, int max_pen_ids,
+                          blip2_status *st) {
     memset(d, 0, sizeof *d);
     if (max_batch > 1024) return blip2_fail(st, BLIP2_EINVAL, "max batch %d > 1024", max_batch);
     d->max_batch = max_batch;
     d->max_tokens = max_tokens;
     d->max_blocks_per_seq = max_blocks_per_seq;
     d->max_copies = max_batch; /* at most one (the last, partly filled block) per sequence */
-    d->cap = HEADER + 2 * d->max_copies + max_batch * (4 + max_blocks_per_seq) + max_tokens;
+    d->max_pen_ids = max_pen_ids;
+    d->cap = HEADER + 2 * d->max_copies + max_batch * (4 + max_blocks_per_seq) + max_tokens +
+             pen_section_len(max_batch, max_pen_ids);
     d->buf = blip2_malloc(sizeof(int32_t) * (size_t)d->cap, st);
     return d->buf ? BLIP2_OK : BLIP2_ENOMEM;
 }
@@ -27,7 +33,7 @@ void step_desc_free(step_desc *d) {
 
 void step_desc_begin(step_desc *d, int op) {
     d->buf[0] = op;
-    d->buf[1] = d->buf[2] = d->buf[3] = 0;
+    d->buf[1] = d->buf[2] = d->buf[3] = d->buf[4] = 0;
     d->len = HEADER;
 }
 
@@ -51,6 +57,17 @@ void step_desc_add_tokens(step_desc *d, const int32_t *tokens, int n) {
     d->buf[2] += n;
 }
 
+void step_desc_add_penalties(step_desc *d, const int32_t *offs, const float *pen, const int32_t *ids) {
+    int n = d->buf[1], n_ids = offs[n];
+    if (n_ids == 0) return;
+    int32_t *p = d->buf + d->len;
+    memcpy(p, offs, sizeof(int32_t) * (size_t)(n + 1));
+    memcpy(p + n + 1, pen, sizeof(float) * (size_t)n);
+    memcpy(p + 2 * n + 1, ids, sizeof(int32_t) * (size_t)n_ids);
+    d->len += pen_section_len(n, n_ids);
+    d->buf[4] = n_ids;
+}
+
 blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st) {
     if (tp->world == 1) return BLIP2_OK;
     blip2_comm *c = tp->comm;
@@ -60,13 +77,25 @@ blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st) {
     return rc ? rc : c->ops->broadcast(c, d->buf, sizeof(int32_t) * (size_t)d->len, 0, st);
 }
 
+/* Offsets that start at 0, never go down and end at n_pen_ids (the ids themselves may be any
+ * value: the op skips those outside a slice). */
+static blip2_code check_penalties(step_view *v, const int32_t *sec, blip2_status *st) {
+    for (int i = 0; i < v->n_seqs; i++)
+        if (sec[i] < 0 || sec[i + 1] < sec[i]) return blip2_fail(st, BLIP2_EINTERNAL, "bad penalty offsets in step descriptor");
+    if (sec[0] != 0 || sec[v->n_seqs] != v->n_pen_ids)
+        return blip2_fail(st, BLIP2_EINTERNAL, "bad penalty offsets in step descriptor");
+    v->pen_offs = sec;
+    return BLIP2_OK;
+}
+
 /* Bounds-checked decode: a follower never trusts a length it did not check. */
 blip2_code step_desc_view(const step_desc *d, step_view *v, blip2_status *st) {
     const int32_t *b = d->buf;
-    v->op = b[0], v->n_seqs = b[1], v->n_tokens = b[2], v->n_copies = b[3];
+    v->op = b[0], v->n_seqs = b[1], v->n_tokens = b[2], v->n_copies = b[3], v->n_pen_ids = b[4];
+    v->pen_offs = NULL;
     int pos = HEADER;
     if (v->n_seqs < 0 || v->n_seqs > d->max_batch || v->n_tokens < 0 || v->n_tokens > d->max_tokens ||
-        v->n_copies < 0 || v->n_copies > d->max_copies)
+        v->n_copies < 0 || v->n_copies > d->max_copies || v->n_pen_ids < 0 || v->n_pen_ids > d->max_pen_ids)
         return blip2_fail(st, BLIP2_EINTERNAL, "bad step descriptor header");
     v->copies = b + pos;
     pos += 2 * v->n_copies;
@@ -81,10 +110,11 @@ blip2_code step_desc_view(const step_desc *d, step_view *v, blip2_status *st) {
         tokens += b[pos + 1];
         pos += 4 + nb;
     }
-    if (tokens != v->n_tokens || pos + v->n_tokens != d->len)
+    int pen_len = v->n_pen_ids ? pen_section_len(v->n_seqs, v->n_pen_ids) : 0;
+    if (tokens != v->n_tokens || pos + v->n_tokens + pen_len != d->len)
         return blip2_fail(st, BLIP2_EINTERNAL, "inconsistent step descriptor");
     v->tokens = b + pos;
-    return BLIP2_OK;
+    return v->n_pen_ids ? check_penalties(v, b + pos + v->n_tokens, st) : BLIP2_OK;
 }
 
 blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp, int max_batch, int max_tokens,
@@ -93,9 +123,10 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
     x->m = m;
     x->tp = tp;
     int max_pos = m->cfg.opt.max_pos, bps = blip2_kv_blocks_for(max_pos, block_size);
+    int max_pen = max_batch * (max_pos < m->cfg.opt.V ? max_pos : m->cfg.opt.V); /* distinct ids of each history */
     blip2_code rc = blip2_kv_pool_init(&x->kv, m, n_blocks, block_size, st);
     if (!rc) rc = blip2_opt_ws_init(&x->ws, m, max_tokens, max_batch, max_pos, st);
-    if (!rc) rc = step_desc_init(&x->desc, max_batch, max_tokens, bps, st);
+    if (!rc) rc = step_desc_init(&x->desc, max_batch, max_tokens, bps, max_pen, st);
     if (rc) {
         step_exec_free(x);
         return rc;
@@ -112,8 +143,9 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
     x->cand_dev = m->ops->alloc(sizeof(int32_t) * 2 * nk);
     x->cand_host = malloc(sizeof(int32_t) * 2 * nk);
     x->cand_all = malloc(sizeof(blip2_scored_id) * nk * (size_t)(tp->world + 1));
+    x->pen_dev = m->ops->alloc(sizeof(int32_t) * (size_t)pen_section_len(max_batch, max_pen));
     if (!x->row || !x->full || !x->picks || !x->all_picks || !x->cand_ids || !x->cand_vals || !x->cand_ok || !x->cand_dev ||
-        !x->cand_host || !x->cand_all) {
+        !x->cand_host || !x->cand_all || !x->pen_dev) {
         step_exec_free(x);
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for step buffers");
     }
@@ -132,6 +164,7 @@ void step_exec_free(step_exec *x) {
     free(x->cand_vals);
     free(x->cand_ok);
     if (x->m) x->m->ops->release(x->cand_dev);
+    if (x->m) x->m->ops->release(x->pen_dev);
     free(x->cand_host);
     free(x->cand_all);
     memset(x, 0, sizeof *x);
@@ -225,12 +258,24 @@ static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st
     return rc;
 }
 
+/* The step's repetition penalties on each rank's logits slice, queued after the forward: one
+ * small upload, one launch. */
+static void apply_penalties(step_exec *x, const step_view *v) {
+    const blip2_model *m = x->m;
+    int n = v->n_seqs;
+    m->ops->upload(x->pen_dev, v->pen_offs, sizeof(int32_t) * (size_t)pen_section_len(n, v->n_pen_ids));
+    m->ops->penalize_rows(x->ws.logits, x->pen_dev + 2 * n + 1, x->pen_dev, (const float *)(x->pen_dev + n + 1), n,
+                          m->shard.V, m->shard.v0);
+}
+
 blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
     blip2_code rc = check_blocks(x, v, st);
     if (rc) return rc;
     if (v->n_copies) copy_blocks(x, v->copies, v->n_copies);
     if (v->n_seqs == 0) return BLIP2_OK;
-    return blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
+    rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
+    if (!rc && v->n_pen_ids) apply_penalties(x, v);
+    return rc;
 }
 
 blip2_code step_exec_finish(step_exec *x, const step_view *v, blip2_status *st) {

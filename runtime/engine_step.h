@@ -15,8 +15,11 @@ enum { STEP_OP_RUN = 1, STEP_OP_STOP = 2 };
 enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2, LOGITS_TOPK = 16 };
 static inline int logits_topk_n(int mode) { return mode > LOGITS_TOPK && mode <= LOGITS_TOPK + BLIP2_TOPK_MAX ? mode - LOGITS_TOPK : 0; }
 
+/* Header ints: op, n_seqs, n_tokens, n_copies, n_pen_ids. */
+enum { STEP_DESC_HEADER = 5 };
+
 typedef struct {
-    int max_batch, max_tokens, max_blocks_per_seq, max_copies;
+    int max_batch, max_tokens, max_blocks_per_seq, max_copies, max_pen_ids;
     int32_t *buf; /* the encoded descriptor */
     int len, cap;
 } step_desc;
@@ -28,15 +31,24 @@ typedef struct {
     blip2_seq_step seqs[1024];
     int modes[1024];
     const int32_t *tokens; /* [n_tokens]; -1 = image row */
+    /* Repetition penalties, applied on the backend to each sequence's logits row before the picks
+     * (blip2_penalize_rows): pen_offs [n_seqs + 1], pen [n_seqs] (float bits; 1 = none), pen_ids
+     * [n_pen_ids], contiguous from pen_offs on; all NULL when n_pen_ids is 0. */
+    int n_pen_ids;
+    const int32_t *pen_offs;
 } step_view;
 
-blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, blip2_status *st);
+blip2_code step_desc_init(step_desc *d, int max_batch, int max_tokens, int max_blocks_per_seq, int max_pen_ids,
+                          blip2_status *st);
 void step_desc_free(step_desc *d);
 void step_desc_begin(step_desc *d, int op);
-/* Appends; rank 0 must add copies first, then sequences, then tokens. */
+/* Appends; rank 0 must add copies first, then sequences, then tokens, then penalties. */
 void step_desc_add_copy(step_desc *d, int32_t src, int32_t dst);
 void step_desc_add_seq(step_desc *d, int past, int n_new, int mode, const int32_t *blocks, int n_blocks);
 void step_desc_add_tokens(step_desc *d, const int32_t *tokens, int n);
+/* offs [n_seqs + 1] into ids (distinct per sequence), pen [n_seqs]; nothing to add when no
+ * sequence has ids. */
+void step_desc_add_penalties(step_desc *d, const int32_t *offs, const float *pen, const int32_t *ids);
 /* Rank 0 sends, the others receive (then d->buf holds the same bytes everywhere). */
 blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st);
 blip2_code step_desc_view(const step_desc *d, step_view *v, blip2_status *st);
@@ -60,6 +72,7 @@ typedef struct {
     int32_t *cand_dev;   /* backend: ids [n·k] then values [n·k] of this rank's vocab slice */
     int32_t *cand_host;  /* [2·max_batch·BLIP2_TOPK_MAX] its host copy */
     blip2_scored_id *cand_all; /* [(world + 1)·max_batch·BLIP2_TOPK_MAX] every rank's, then this rank's */
+    int32_t *pen_dev;    /* backend: a step's penalty section (offsets, penalties, ids) */
     step_desc desc;
 } step_exec;
 

@@ -35,7 +35,7 @@ blip2_code blip2_decoding_validate(const blip2_decoding *d, int max_new_limit, b
 }
 
 int blip2_decoding_needs_full_logits(const blip2_decoding *d) {
-    return d->do_sample || d->num_beams > 1 || d->repetition_penalty != 1.0f || d->min_new_tokens > 0;
+    return d->do_sample || d->num_beams > 1 || d->min_new_tokens > 0;
 }
 
 static uint64_t splitmix64(uint64_t *x) {
@@ -158,7 +158,7 @@ void blip2_log_softmax(float *logits, int V) {
 /* ---- candidates (the device's top-k of a row) instead of the full row ---- */
 
 int blip2_decoding_candidates(const blip2_decoding *d) {
-    if (d->num_beams != 1 || d->repetition_penalty != 1.0f) return 0;
+    if (d->num_beams != 1) return 0;
     if (!d->do_sample) return d->min_new_tokens > 0 ? 2 : 0;
     return d->top_k >= 1 && d->top_k <= BLIP2_TOPK_MAX - 2 ? d->top_k + 2 : 0;
 }
@@ -196,6 +196,7 @@ int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, con
                                 int eos_id, blip2_rng *rng) {
     cand c[BLIP2_TOPK_MAX];
     if (n > BLIP2_TOPK_MAX) n = BLIP2_TOPK_MAX;
+    if (n < 1) return eos_id; /* no candidates: not called so (blip2_decoding_candidates >= 2) */
     for (int i = 0; i < n; i++) c[i] = (cand){ids[i], vals[i]};
     if (n_generated < d->min_new_tokens) /* eos masked: it leaves the top (to the end) */
         for (int i = 0; i < n; i++)
@@ -204,7 +205,7 @@ int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, con
     if (!d->do_sample) return c[0].id;
     if (d->temperature != 1.0f)
         for (int i = 0; i < n; i++) c[i].v /= d->temperature;
-    int m = d->top_k < n ? d->top_k : n; /* the exactness check keeps ties off this boundary */
+    int m = d->top_k >= 1 && d->top_k < n ? d->top_k : n; /* the exactness check keeps ties off this boundary */
     float kth = c[m - 1].v;
     while (m < n && c[m].v >= kth) m++;
     float v[BLIP2_TOPK_MAX];

@@ -29,7 +29,9 @@ typedef struct {
 blip2_decoding blip2_decoding_default(void);
 /* Range checks with messages saying what is wrong (EINVAL). */
 blip2_code blip2_decoding_validate(const blip2_decoding *d, int max_new_limit, blip2_status *st);
-/* Whether decisions need the full distribution (anything but plain greedy argmax). */
+/* Whether decisions need more than the argmax (sampling, beams, min_new_tokens). A single
+ * sequence's repetition penalty does not count: the engine applies it to the row on the backend
+ * first (blip2_penalize_rows). */
 int blip2_decoding_needs_full_logits(const blip2_decoding *d);
 
 /* xoshiro256** seeded by splitmix64: a request's private random stream. */
@@ -48,7 +50,8 @@ void blip2_logits_process(const blip2_decoding *d, float *logits, int V, const i
 int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch);
 /* Candidates instead of the full row: how many of a row's best logits (argmax order) decide a
  * single-sequence request exactly, or 0 when it needs the whole row (beams, top-k off or above
- * BLIP2_TOPK_MAX − 2, repetition penalty: it changes arbitrary ids). Greedy with min_new_tokens:
+ * BLIP2_TOPK_MAX − 2). A repetition penalty must already be in the row (the engine applies it on
+ * the backend) and is not applied again to the candidates. Greedy with min_new_tokens:
  * 2 (the best, and the next in case the best is a masked eos). Sampling with top-k: top_k + 2
  * (a spare for a masked eos, and one to see that no tie crosses the top-k boundary). */
 int blip2_decoding_candidates(const blip2_decoding *d);

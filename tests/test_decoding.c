@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "device.h"
 #include "engine.h"
 #include "ops.h"
 #include "sampling.h"
@@ -75,6 +76,8 @@ static void *stopper(void *e) {
     return NULL;
 }
 
+static const blip2_ops *g_ops; /* the backend under test (--device; fp32 weights: the goldens are fp32) */
+
 static void run_case(json_t *c, json_t *manifest, const blip2_st_file *px, const char *tmp) {
     const char *model = json_string_value(json_object_get(c, "model")), *variant = json_string_value(json_object_get(c, "variant"));
     int case_no = (int)json_integer_value(json_object_get(c, "case")), eos = (int)json_integer_value(json_object_get(c, "eos"));
@@ -85,7 +88,8 @@ static void run_case(json_t *c, json_t *manifest, const blip2_st_file *px, const
     blip2_model m;
     blip2_inputs in;
     blip2_status st = {0};
-    if (blip2_model_load(dir, &m, &st) || blip2_inputs_load(dir, &m.cfg, &in, &st)) {
+    if (blip2_model_load(dir, &m, &st) || blip2_model_to_backend(&m, g_ops, BLIP2_W_F32, 0, &st) ||
+        blip2_inputs_load(dir, &m.cfg, &in, &st)) {
         CHECK(0, "%s: %s", dir, st.msg);
         return;
     }
@@ -191,7 +195,15 @@ static void test_candidates_match_full_row(void) {
     free(row), free(work), free(scratch);
 }
 
-int main(void) {
+/* test_decoding [--device cpu|cuda] */
+int main(int argc, char **argv) {
+    const char *device = argc == 3 && !strcmp(argv[1], "--device") ? argv[2] : argc == 1 ? "cpu" : NULL;
+    if (!device) return fprintf(stderr, "usage: test_decoding [--device cpu|cuda]\n"), 2;
+    blip2_device dev;
+    blip2_status dst = {0};
+    if (blip2_device_open(device, 0, &dev, &dst)) return fprintf(stderr, "test_decoding: %s\n", dst.msg), 2;
+    g_ops = dev.ops;
+    printf("device %s\n", dev.name);
     test_candidates_match_full_row();
     json_error_t err;
     json_t *gold = json_load_file(BLIP2_SOURCE_DIR "/tests/goldens/decoding.json", 0, &err);
@@ -212,5 +224,6 @@ int main(void) {
     blip2_st_close(&px);
     json_decref(gold);
     json_decref(manifest);
+    blip2_device_close(&dev);
     return check_summary();
 }

@@ -1,8 +1,8 @@
 /* The serving engine against the goldens and against itself: greedy and beam search reproduce
  * transformers; 64 concurrent requests in random order and arrival times get exactly the ids
- * each gets alone (greedy and seeded sampling); a KV cache too small for everyone still serves
- * everyone and ends with no block in use, cancellations and deadlines included; a repeated image
- * skips the vision encoder. */
+ * each gets alone (greedy and seeded sampling, with and without a repetition penalty); a KV
+ * cache too small for everyone still serves everyone and ends with no block in use, cancellations
+ * and deadlines included; a repeated image skips the vision encoder. */
 #include <jansson.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -239,6 +239,32 @@ static void test_batch_invariance(env_t *env, const char *name, fcase *cases, in
     }
     CHECK(same_s == 8, "%s: %d of 8 seeded samples match alone vs among %d", name, same_s, many);
     CHECK(off_greedy > 0, "%s: sampling never left the greedy path", name);
+
+    /* Repetition penalties go to the backend with the step (each row's distinct history ids):
+     * greedy and seeded top-k sampling with a penalty, mixed with plain greedy rows, each as alone. */
+    blip2_decoding pen = greedy, pen_s = samp;
+    pen.repetition_penalty = 1.5f, pen_s.repetition_penalty = 1.3f;
+    outcome pen_solo[8];
+    for (int c = 0; c < nc; c++) {
+        jobs[0] = case_job(&cases[c], pen);
+        run_jobs(env, jobs, &pen_solo[c], 1, 0, NULL);
+    }
+    for (int i = 0; i < many; i++) {
+        jobs[i] = case_job(&cases[i % nc], i % 3 == 0 ? greedy : i % 3 == 1 ? pen : pen_s);
+        jobs[i].dec.seed = 2000 + (uint64_t)i;
+    }
+    for (int i = 2; i < 8; i += 3) run_jobs(env, &jobs[i], &alone[i], 1, 0, NULL);
+    CHECK(run_jobs(env, jobs, out, many, 1, NULL) == 0, "blocks left in use");
+    int same_p = 0, checked = 0, changed = 0;
+    for (int i = 0; i < many; i++) {
+        const outcome *want = i % 3 == 0 ? &solo[i % nc] : i % 3 == 1 ? &pen_solo[i % nc] : i < 8 ? &alone[i] : NULL;
+        if (!want) continue;
+        checked++;
+        same_p += same_ids(&out[i], want);
+    }
+    for (int c = 0; c < nc; c++) changed += !same_ids(&pen_solo[c], &solo[c]);
+    CHECK(same_p == checked, "%s: %d of %d penalised / plain requests match alone vs in the batch", name, same_p, checked);
+    CHECK(changed > 0, "%s: the repetition penalty never changed a greedy answer", name);
 }
 
 /* A cache for 3 requests at a time serves 40, with cancellations and expired deadlines mixed in,

@@ -1321,6 +1321,56 @@ static void extra_argmax_rows(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * penalize_rows: p = {T, n, v0, H}. Rows of logits N(0, 2) (both signs) holding the vocab slice
+ * [v0, v0 + n); row t gets 0..H distinct ids drawn from [v0 − 50, v0 + n + 50) ∩ [0, ∞) (some
+ * outside the slice: skipped), with the slice's first and last id in every third row; penalties
+ * in [0.5, 2]. Bitwise: one float multiply or divide per element. */
+static void setup_penalize_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1], v0 = x->c->p[2], maxh = x->c->p[3];
+    snprintf(x->desc, sizeof x->desc, "T=%d n=%d v0=%d up to %d ids a row", T, n, v0, maxh);
+    int lo = v0 > 50 ? v0 - 50 : 0, R = v0 + n + 50 - lo;
+    int32_t *perm = xmalloc(sizeof(int32_t) * (size_t)R), *offs = xmalloc(sizeof(int32_t) * (size_t)(T + 1));
+    offs[0] = 0;
+    for (int t = 0; t < T; t++) offs[t + 1] = offs[t] + (maxh < R ? rng_int(&x->rng, maxh + 1) : R);
+    int xb = buf_new(x, B_INOUT, (size_t)T * n), ib = buf_new(x, B_IN, (size_t)(offs[T] ? offs[T] : 1));
+    int ob = buf_new(x, B_IN, (size_t)T + 1), pb = buf_new(x, B_IN, (size_t)T);
+    float *X = H(x, xb), *P = H(x, pb);
+    int32_t *ids = HI(x, ib);
+    fill_normal(&x->rng, X, (size_t)T * n, 0.0f, 2.0f);
+    memcpy(HI(x, ob), offs, sizeof(int32_t) * (size_t)(T + 1));
+    for (int t = 0; t < T; t++) {
+        int cnt = offs[t + 1] - offs[t];
+        for (int i = 0; i < R; i++) perm[i] = lo + i;
+        shuffle_i32(&x->rng, perm, R);
+        if (t % 3 == 0 && cnt >= 2) { /* the slice's edges */
+            for (int i = 0; i < R; i++)
+                if (perm[i] == v0 || perm[i] == v0 + n - 1) {
+                    int32_t tmp = perm[i], j = perm[i] == v0 ? 0 : 1;
+                    perm[i] = perm[j], perm[j] = tmp;
+                }
+        }
+        memcpy(ids + offs[t], perm, sizeof(int32_t) * (size_t)cnt);
+        P[t] = rng_uniform(&x->rng, 0.5f, 2.0f);
+    }
+    x->a[0] = xb, x->a[1] = ib, x->a[2] = ob, x->a[3] = pb;
+    x->out = xb;
+    plan_rows(x, T, n, 0);
+    x->row_step = 1;
+    for (size_t i = 0; i < (size_t)T * n; i++) x->ref[i] = X[i];
+    for (int t = 0; t < T; t++)
+        for (int k = offs[t]; k < offs[t + 1]; k++) {
+            int j = ids[k] - v0;
+            if (j < 0 || j >= n) continue;
+            float v = X[(size_t)t * n + j];
+            x->ref[(size_t)t * n + j] = v < 0 ? v * P[t] : v / P[t];
+        }
+    free(perm), free(offs);
+}
+static void exec_penalize_rows(op_ctx *x) {
+    x->be->penalize_rows(D(x, x->a[0]), DI(x, x->a[1]), DI(x, x->a[2]), D(x, x->a[3]), x->c->p[0], x->c->p[1], x->c->p[2]);
+}
+
+/* ------------------------------------------------------------------------------------------------
  * topk_rows: p = {T, n, k, quantize}. Row t is argmax variant t % AM_COUNT (ties, NaN, ±inf, all
  * equal, ...); quantize rounds random values to a 1/8 grid so ties are everywhere. The reference
  * sorts each row's indices in argmax order (NaN last, larger first, the lower index on ties) with
@@ -1482,6 +1532,7 @@ static void extra_fill_normal(op_ctx *x) {
 #define GATHER(n, C, R, note) {"gather_rows", note, setup_gather_rows, exec_gather_rows, NULL, {n, C, R}, 0, 0, 0, 0}
 #define AM(n, var, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {1, n, 2, var}, 0, 0, 0, 0}
 #define TOPK(T, n, k, q, note) {"topk_rows", note, setup_topk_rows, exec_topk_rows, extra_topk_rows, {T, n, k, q}, 0, 0, 0, 0}
+#define PEN(T, n, v0, H, note) {"penalize_rows", note, setup_penalize_rows, exec_penalize_rows, NULL, {T, n, v0, H}, 0, 0, 0, 0}
 #define AMR(T, n, mode, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {T, n, mode, 0}, 0, 0, 0, 0}
 #define FILL(n, wd, seed, mean, sd, note) \
     {"fill_normal", note, setup_fill_normal, exec_fill_normal, extra_fill_normal, {n, wd, seed}, mean, (sd) == 0 ? 0 : 1e-6, 0, sd}
@@ -1733,6 +1784,11 @@ static const op_case cases[] = {
     TOPK(3, 13, 13, 0, "odd, k = n"),
     TOPK(12, 13, 5, 1, "odd, ties"),
     TOPK(2, 1, 1, 0, "odd, n=1"),
+    PEN(1, 50272, 0, 100, "one rank, a short history"),
+    PEN(64, 12568, 12568, 300, "rank 1 of 4, batch 64"),
+    PEN(8, 12568, 37704, 2000, "the last rank, long histories"),
+    PEN(5, 7, 3, 40, "odd: every id of the range"),
+    PEN(2, 1, 0, 3, "odd, n=1"),
 
     FILL(100000, F32, 1, 0.0f, 1.0f, "N(0, 1)"),
     FILL(100000, F16, 2, 0.0f, 0.02f, "weights"),

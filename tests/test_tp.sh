@@ -55,6 +55,23 @@ s1=$(timeout 120 "$MPIRUN" -np 1 "$BLIP2" generate --model "$FIX/tiny-f16" --ima
 s2=$(timeout 120 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 --json 2>/dev/null)
 if [ -n "$s1" ] && [ "$s1" == "$s2" ]; then ok; else bad "seeded sampling np 1 vs 2: $s1 / $s2"; fi
 
+# A repetition penalty is applied by each rank to its vocab slice (the step carries every row's
+# distinct history ids): transformers' greedy_reppen answer (tests/goldens/decoding.json) at
+# every degree, and a penalised seeded sample equal at 1 and 2 ranks.
+R1="38148, 3421, 3421, 3421, 3421, 1799, 10652, 47655, 11400, 20648, 12476, 6602"
+for np in 1 2 4; do
+  out=$(timeout 120 "$MPIRUN" -np "$np" "$BLIP2" generate --model "$FIX/tiny-f16" \
+    --pixel-values "$FIX/pixel_values.safetensors:astronaut" \
+    --input-ids "$(image_ids 32),45641,35,99,16,5,313,1826,116,31652,35" --repetition-penalty 1.5 --max-new-tokens 12 \
+    --json 2>"$tmp/err")
+  if [[ "$out" == *"\"output_ids\": [$R1]"* ]]; then ok; else bad "repetition penalty np $np: $out $(cat "$tmp/err")"; fi
+done
+p1=$(timeout 120 "$MPIRUN" -np 1 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 \
+  --repetition-penalty 1.3 --json 2>/dev/null)
+p2=$(timeout 120 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 \
+  --repetition-penalty 1.3 --json 2>/dev/null)
+if [ -n "$p1" ] && [ "$p1" == "$p2" ] && [ "$p1" != "$s1" ]; then ok; else bad "penalised sampling np 1 vs 2: $p1 / $p2 (unpenalised $s1)"; fi
+
 # 2 ranks do not divide 3 heads: a clear error, exit 1, no hang.
 timeout 60 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f32-sharded" \
   --pixel-values "$FIX/pixel_values.safetensors:coffee" --input-ids "$(image_ids 8)" >"$tmp/out" 2>"$tmp/err"

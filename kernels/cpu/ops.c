@@ -293,6 +293,16 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
     }
 }
 
+void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen, int T, int n, int v0) {
+    for (int t = 0; t < T; t++)
+        for (int k = offs[t]; k < offs[t + 1]; k++) {
+            int64_t j = (int64_t)ids[k] - v0;
+            if (j < 0 || j >= n) continue;
+            float *s = x + (size_t)t * n + j;
+            *s = *s < 0 ? *s * pen[t] : *s / pen[t];
+        }
+}
+
 /* ---- 16-bit matmul inputs (the _a ops) ---- */
 
 /* out[i0 .. i0 + n) of adtype = row[0 .. n), rounded to nearest even when 16-bit. */
@@ -477,5 +487,6 @@ const blip2_ops blip2_cpu_ops = {
     .gather_rows = blip2_gather_rows,
     .argmax_rows = blip2_argmax_rows,
     .topk_rows = blip2_topk_rows,
+    .penalize_rows = blip2_penalize_rows,
     .fill_normal = blip2_fill_normal,
 };

@@ -322,6 +322,19 @@ __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, co
 /* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
  * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
  * element is marked and ties resolve exactly as argmax does. */
+/* One block per row; the row's ids are distinct, so no two threads touch one element. */
+__global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen,
+                                                      int n, int v0) {
+    int t = blockIdx.x;
+    float p = pen[t];
+    for (int k = offs[t] + threadIdx.x; k < offs[t + 1]; k += blockDim.x) {
+        long long j = (long long)ids[k] - v0;
+        if (j < 0 || j >= n) continue;
+        float *s = x + (size_t)t * n + j;
+        *s = *s < 0 ? *s * p : *s / p;
+    }
+}
+
 __global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -1167,6 +1180,13 @@ int blip2_argmax(const float *x, int n) {
     return *c->am_host_idx;
 }
 
+void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen, int T, int n, int v0) {
+    blip2_cuda_ctx *c = cur("penalize_rows");
+    if (!c || T <= 0 || n <= 0) return;
+    k_penalize_rows<<<T, NT, 0, c->stream>>>(x, ids, offs, pen, n, v0);
+    LAUNCH_CK(c, "k_penalize_rows");
+}
+
 void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std) {
     blip2_cuda_ctx *c = cur("fill_normal");
     if (!c || n == 0) return;
@@ -1328,6 +1348,7 @@ constexpr blip2_ops make_cuda_ops() {
     t.gather_rows = cuda::blip2_gather_rows;
     t.argmax_rows = cuda::blip2_argmax_rows;
     t.topk_rows = cuda::blip2_topk_rows;
+    t.penalize_rows = cuda::blip2_penalize_rows;
     t.fill_normal = cuda::blip2_fill_normal;
     return t;
 }

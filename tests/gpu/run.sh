@@ -41,7 +41,7 @@ step() { # name timeout_s command...
 } | tee -a "$summary"
 
 step configure 120 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED"
-step build 400 cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_gpu_smoke test_ops test_comm test_parity test_engine
+step build 400 cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_gpu_smoke test_ops test_comm test_parity test_engine test_decoding
 T=$BUILD/tests
 step gpu_smoke 30 "$T/test_gpu_smoke"
 step ops 120 "$T/test_ops"
@@ -50,6 +50,7 @@ step parity_f32 120 "$T/test_parity" --device cuda --dtype f32
 step parity_f16 120 "$T/test_parity" --device cuda --dtype f16
 step parity_bf16 120 "$T/test_parity" --device cuda --dtype bf16
 step parity_f16_tp2 120 "$T/test_parity" --device cuda --dtype f16 --tp 2
+step decoding_f32 120 "$T/test_decoding" --device cuda
 step engine_f32 180 "$T/test_engine" --device cuda --dtype f32
 step engine_f16 180 "$T/test_engine" --device cuda --dtype f16
 # Decode steps replay CUDA graphs by default; the same checks without them tell a graph bug from
