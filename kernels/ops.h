@@ -147,6 +147,15 @@ void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int
  * argmax or top-k instead of downloading its whole row. */
 void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen, int T, int n, int v0);
 
+/* Per row of x [T, n] (each rank's vocab slice of a row): out[2t] = the row's maximum and
+ * out[2t+1] = Σ exp(x − max) over the row, summed in double (an all −inf row: 0 and 0). The
+ * ranks' pairs give each row's log-sum-exp; beam search then needs only log-probabilities
+ * (blip2_shift_rows) and each row's best few, not the 50272-float row. */
+void blip2_logsumexp_rows(float *out, const float *x, int T, int n);
+
+/* x[t, j] −= shift[t] for T rows of n (log-probabilities: a row minus its log-sum-exp). */
+void blip2_shift_rows(float *x, const float *shift, int T, int n);
+
 /* x[0..n) of wdtype = mean + std·N(0, 1), element i drawn from a counter-based generator of
  * (seed, i) alone, so any backend and any split of the work gives the same numbers up to the last
  * bit of the libm used. std = 0 fills the constant mean (LayerNorm weights 1, biases 0). */
@@ -215,6 +224,8 @@ typedef struct blip2_ops {
     void (*argmax_rows)(int32_t *, float *, const float *, int, int);
     void (*topk_rows)(int32_t *, float *, const float *, int, int, int);
     void (*penalize_rows)(float *, const int32_t *, const int32_t *, const float *, int, int, int);
+    void (*logsumexp_rows)(float *, const float *, int, int);
+    void (*shift_rows)(float *, const float *, int, int);
     void (*fill_normal)(void *, int, size_t, uint64_t, float, float);
 } blip2_ops;
 

@@ -134,6 +134,7 @@ static blip2_code prepare(blip2_engine *e, const blip2_job *job, req_t *r, blip2
     r->max_new = r->dec.max_new_tokens ? r->dec.max_new_tokens : e->m->cfg.max_new_tokens;
     int cand = blip2_decoding_candidates(&r->dec); /* the device's top-k instead of the whole row, when it decides exactly */
     r->mode = !blip2_decoding_needs_full_logits(&r->dec) ? LOGITS_ARGMAX : cand ? LOGITS_TOPK + cand : LOGITS_FULL;
+    if (r->dec.num_beams > 1) r->mode = LOGITS_BEAM + 2 * r->dec.num_beams + 1; /* 2B per beam, and a masked eos */
     if (r->dec.num_beams > e->o.max_batch)
         return blip2_fail(st, BLIP2_ERANGE, "num_beams %d exceeds the server's batch of %d", r->dec.num_beams, e->o.max_batch);
     rc = copy_stops(r, job, st);
@@ -355,7 +356,7 @@ static int build_step(blip2_engine *e) {
         int done = r->fed + chunk == r->n_prompt;
         seq_t *q = &r->seq[0];
         if (engine_table_grow(e, q, r->fed + chunk)) return -1;
-        int mode = done ? (r->dec.num_beams > 1 ? LOGITS_FULL : r->mode) : LOGITS_NONE;
+        int mode = done ? r->mode : LOGITS_NONE;
         engine_row_penalty(e, r, q, mode, d->buf[1]);
         step_desc_add_seq(d, r->fed, chunk, mode, q->blocks, q->n_blocks);
         for (int t = r->fed; t < r->fed + chunk; t++) {

@@ -29,7 +29,7 @@ static int history(blip2_engine *e, const req_t *r, const seq_t *q) {
 void engine_row_penalty(blip2_engine *e, const req_t *r, const seq_t *q, int mode, int row) {
     int32_t *ids = e->pen_ids + e->pen_offs[row], n = 0;
     float pen = 1.0f;
-    if (mode != LOGITS_NONE && r->dec.num_beams == 1 && r->dec.repetition_penalty != 1.0f) {
+    if (mode != LOGITS_NONE && r->dec.repetition_penalty != 1.0f) {
         int V = e->m->cfg.opt.V, h = history(e, r, q);
         pen = r->dec.repetition_penalty;
         for (int i = 0; i < h; i++) {
@@ -81,15 +81,13 @@ static int stream_token(req_t *r, int32_t id) {
 static int32_t choose(blip2_engine *e, req_t *r, int i, float *logits, int32_t pick) {
     if (r->mode == LOGITS_ARGMAX) return pick;
     const blip2_config *c = &e->m->cfg;
-    seq_t *q = &r->seq[0];
-    blip2_decoding d = r->dec;
-    d.repetition_penalty = 1.0f; /* already applied to the row on the backend (engine_row_penalty) */
+    seq_t *q = &r->seq[0]; /* the row already holds its repetition penalty (engine_row_penalty) */
     int kn = logits_topk_n(r->mode);
     if (kn && e->x.cand_ok[i])
-        return blip2_sample_candidates(&d, e->x.cand_ids + (size_t)i * BLIP2_TOPK_MAX,
+        return blip2_sample_candidates(&r->dec, e->x.cand_ids + (size_t)i * BLIP2_TOPK_MAX,
                                        e->x.cand_vals + (size_t)i * BLIP2_TOPK_MAX, kn, q->n_gen, c->eos_id, &r->rng);
-    blip2_logits_process(&d, logits, c->opt.V, NULL, 0, q->n_gen, c->eos_id);
-    if (d.do_sample) return blip2_sample(&d, logits, c->opt.V, &r->rng, e->scratch);
+    blip2_logits_mask_eos(&r->dec, logits, c->opt.V, q->n_gen, c->eos_id);
+    if (r->dec.do_sample) return blip2_sample(&r->dec, logits, c->opt.V, &r->rng, e->scratch);
     return blip2_argmax(logits, c->opt.V);
 }
 
@@ -128,20 +126,33 @@ typedef struct {
     int32_t id;
 } cand_t;
 
-/* The best k candidates over rows [n, V], sorted; ties keep the lower flat index first. */
-static int top_candidates(const float *rows, int n, int V, int k, cand_t *out) {
-    int m = 0;
-    for (int b = 0; b < n; b++)
-        for (int t = 0; t < V; t++) {
-            float s = rows[(size_t)b * V + t];
-            if (isnan(s) || (m == k && s <= out[m - 1].score)) continue;
-            int j = m < k ? m++ : k - 1;
-            while (j > 0 && out[j - 1].score < s) {
-                out[j] = out[j - 1];
-                j--;
-            }
-            out[j] = (cand_t){s, b, t};
-        }
+/* Candidates in the order of transformers' topk over the flattened (beam, id) scores: larger score
+ * first, then the lower flat index (beam, then id). */
+static int cand_order(const void *a, const void *b) {
+    const cand_t *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    if (x->beam != y->beam) return x->beam - y->beam;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* The best k of the n_src beams' scores (log-probability + beam score; eos excluded while it is
+ * masked), from each beam row's device candidates: its 2B + 1 best log-probabilities (the backend
+ * applied the penalty), enough for the 2B best over all beams with a masked eos among them. A
+ * score outside a row's list ties one inside only if two different log-probabilities round to
+ * the same sum: then the lower id would win in a full search and the list's order decides here. */
+static int top_candidates(blip2_engine *e, const req_t *r, int row0, int n_src, int k, cand_t *out) {
+    int kn = logits_beam_n(r->mode), mask_eos = r->seq[0].n_gen < r->dec.min_new_tokens, m = 0;
+    int32_t eos = e->m->cfg.eos_id;
+    cand_t all[MAX_BEAMS * BLIP2_TOPK_MAX];
+    for (int b = 0; b < n_src; b++) {
+        const int32_t *ids = e->x.cand_ids + (size_t)(row0 + b) * BLIP2_TOPK_MAX;
+        const float *vals = e->x.cand_vals + (size_t)(row0 + b) * BLIP2_TOPK_MAX;
+        for (int j = 0; j < kn; j++)
+            if (!isnan(vals[j]) && !(mask_eos && ids[j] == eos)) all[m++] = (cand_t){vals[j] + r->seq[b].score, b, ids[j]};
+    }
+    qsort(all, (size_t)m, sizeof *all, cand_order);
+    if (m > k) m = k;
+    memcpy(out, all, sizeof *out * (size_t)m);
     return m;
 }
 
@@ -216,18 +227,12 @@ static int reorder_beams(blip2_engine *e, req_t *r, const cand_t *next, int n_ne
     return rc;
 }
 
-/* One beam-search step over rows [n_src, V] (processed in place). */
-static void decide_beams(blip2_engine *e, req_t *r, float *rows, int n_src) {
+/* One beam-search step over the step rows row0 .. row0 + n_src − 1 (one per live beam). */
+static void decide_beams(blip2_engine *e, req_t *r, int row0, int n_src) {
     const blip2_config *c = &e->m->cfg;
-    int V = c->opt.V, B = r->dec.num_beams, cur = r->seq[0].n_gen;
-    for (int b = 0; b < n_src; b++) {
-        float *row = rows + (size_t)b * V;
-        blip2_log_softmax(row, V);
-        blip2_logits_process(&r->dec, row, V, e->hist, history(e, r, &r->seq[b]), cur, c->eos_id);
-        for (int t = 0; t < V; t++) row[t] += r->seq[b].score;
-    }
+    int B = r->dec.num_beams, cur = r->seq[0].n_gen;
     cand_t cand[2 * MAX_BEAMS], next[MAX_BEAMS];
-    int n_cand = top_candidates(rows, n_src, V, 2 * B, cand), n_next = 0;
+    int n_cand = top_candidates(e, r, row0, n_src, 2 * B, cand), n_next = 0;
     if (!r->t_first) r->t_first = blip2_now_ns();
     for (int j = 0; j < n_cand && n_next < B; j++) {
         if (cand[j].id != c->eos_id) {
@@ -269,13 +274,13 @@ void decide_all(blip2_engine *e, int n_rows) {
             r->seq[0].len = r->fed;
             i++;
             if (mode == LOGITS_NONE) continue;
-            if (r->dec.num_beams > 1) decide_beams(e, r, row, 1);
+            if (r->dec.num_beams > 1) decide_beams(e, r, i - 1, 1);
             else decide_single(e, r, i - 1, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
             continue;
         }
         int n = 0;
         while (i + n < n_rows && e->refs_step[i + n].r == r) r->seq[e->refs_step[i + n++].seq].len++;
-        if (r->dec.num_beams > 1) decide_beams(e, r, row, n);
+        if (r->dec.num_beams > 1) decide_beams(e, r, i, n);
         else decide_single(e, r, i, row, mode == LOGITS_ARGMAX ? e->x.picks[k_arg++] : -1);
         i += n;
     }

@@ -131,8 +131,9 @@ void engine_retire(blip2_engine *e, int idx, blip2_code code, const char *msg);
  * which requests end); what single sequences produced is queued for emit_all. */
 void decide_all(blip2_engine *e, int n_rows);
 /* The penalty of the step row of sequence q of r that is being added to the descriptor as its
- * sequence number `row`: its distinct history ids (single-sequence requests with a repetition
- * penalty that want logits; beams apply theirs to log-probabilities on the host). */
+ * sequence number `row`: its distinct history ids when r has a repetition penalty and the row
+ * wants logits (applied on the backend: to logits for a single sequence, to log-probabilities for
+ * a beam). */
 void engine_row_penalty(blip2_engine *e, const req_t *r, const seq_t *q, int mode, int row);
 /* Streams the queued tokens (text, stop strings) and ends the requests whose last token it was:
  * the engine runs it while the next step computes. */

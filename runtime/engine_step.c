@@ -144,8 +144,10 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
     x->cand_host = malloc(sizeof(int32_t) * 2 * nk);
     x->cand_all = malloc(sizeof(blip2_scored_id) * nk * (size_t)(tp->world + 1));
     x->pen_dev = m->ops->alloc(sizeof(int32_t) * (size_t)pen_section_len(max_batch, max_pen));
+    x->pen_host = malloc(sizeof(int32_t) * (size_t)pen_section_len(max_batch, max_pen));
+    x->beam_rows = malloc((size_t)max_batch);
     if (!x->row || !x->full || !x->picks || !x->all_picks || !x->cand_ids || !x->cand_vals || !x->cand_ok || !x->cand_dev ||
-        !x->cand_host || !x->cand_all || !x->pen_dev) {
+        !x->cand_host || !x->cand_all || !x->pen_dev || !x->pen_host || !x->beam_rows) {
         step_exec_free(x);
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for step buffers");
     }
@@ -165,6 +167,8 @@ void step_exec_free(step_exec *x) {
     free(x->cand_ok);
     if (x->m) x->m->ops->release(x->cand_dev);
     if (x->m) x->m->ops->release(x->pen_dev);
+    free(x->pen_host);
+    free(x->beam_rows);
     free(x->cand_host);
     free(x->cand_all);
     memset(x, 0, sizeof *x);
@@ -193,9 +197,25 @@ static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_sta
     return BLIP2_OK;
 }
 
+/* The step's repetition penalties on each rank's logits slice: one small upload, one launch. Single
+ * sequences' go on their logits right after the forward (beams = 0); beams' on their
+ * log-probabilities (beams = 1): the other rows' penalties are set to 1 (multiplying or dividing
+ * by 1 changes nothing). */
+static void apply_penalties(step_exec *x, const step_view *v, int beams) {
+    const blip2_model *m = x->m;
+    int n = v->n_seqs, len = pen_section_len(n, v->n_pen_ids);
+    memcpy(x->pen_host, v->pen_offs, sizeof(int32_t) * (size_t)len);
+    float *pen = (float *)(x->pen_host + n + 1), one = 1.0f;
+    for (int i = 0; i < n; i++)
+        if ((logits_beam_n(v->modes[i]) > 0) != beams) memcpy(&pen[i], &one, sizeof one);
+    m->ops->upload(x->pen_dev, x->pen_host, sizeof(int32_t) * (size_t)len);
+    m->ops->penalize_rows(x->ws.logits, x->pen_dev + 2 * n + 1, x->pen_dev, (const float *)(x->pen_dev + n + 1), n,
+                          m->shard.V, m->shard.v0);
+}
+
 /* The k best logits of every row on the backend (each rank over its vocab slice), one download,
- * one all-gather, then per LOGITS_TOPK row the k best of all ranks' and whether they decide
- * exactly (the same answer on every rank). A few hundred bytes per row instead of the V floats. */
+ * one all-gather, then per LOGITS_TOPK or LOGITS_BEAM row the k best of all ranks' and (top-k)
+ * whether they decide exactly (the same answer on every rank). A few hundred bytes per row instead of the V floats. */
 static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2_status *st) {
     const blip2_model *m = x->m;
     int n = v->n_seqs, Vl = m->shard.V, W = x->tp->world;
@@ -213,7 +233,7 @@ static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2
     blip2_code g = x->tp->comm->ops->allgather(x->tp->comm, mine, all, sizeof *mine * nk, st); /* joined even after rc */
     if (!rc) rc = g;
     for (int i = 0; !rc && i < n; i++) {
-        int kn = logits_topk_n(v->modes[i]);
+        int kn = logits_cand_n(v->modes[i]);
         if (!kn) continue;
         int32_t *ids = x->cand_ids + (size_t)i * BLIP2_TOPK_MAX;
         float *vals = x->cand_vals + (size_t)i * BLIP2_TOPK_MAX;
@@ -227,26 +247,31 @@ static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2
             blip2_scored_id c = all[((size_t)best * n + i) * k + head[best]++];
             ids[j] = c.id, vals[j] = c.value;
         }
-        x->cand_ok[i] = (uint8_t)blip2_candidates_exact(vals, kn);
+        x->cand_ok[i] = logits_beam_n(v->modes[i]) || blip2_candidates_exact(vals, kn); /* beams: see decide_beams */
     }
     return rc;
 }
 
 /* Argmax picks of every row in one all-gather (cheap: only (value, id) pairs leave the device),
- * kept for the LOGITS_ARGMAX rows in order; candidates for the LOGITS_TOPK rows; full rows
- * fetched and gathered one by one (LOGITS_FULL, and LOGITS_TOPK rows the candidates cannot
- * decide). */
+ * kept for the LOGITS_ARGMAX rows in order; LOGITS_BEAM rows turned into penalised
+ * log-probabilities; candidates for the LOGITS_TOPK and LOGITS_BEAM rows; full rows fetched and
+ * gathered one by one (LOGITS_FULL, and LOGITS_TOPK rows the candidates cannot decide). */
 static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st) {
     size_t Vl = (size_t)x->m->shard.V, V = (size_t)x->m->cfg.opt.V;
-    int any_arg = 0, k = 0;
+    int any_arg = 0, any_beam = 0, k = 0;
     blip2_code rc = BLIP2_OK;
     for (int i = 0; i < v->n_seqs; i++) {
         any_arg |= v->modes[i] == LOGITS_ARGMAX;
-        k = logits_topk_n(v->modes[i]) > k ? logits_topk_n(v->modes[i]) : k;
+        any_beam |= x->beam_rows[i] = logits_beam_n(v->modes[i]) > 0;
+        k = logits_cand_n(v->modes[i]) > k ? logits_cand_n(v->modes[i]) : k;
     }
     if (any_arg) rc = blip2_tp_argmax(x->m, x->tp, &x->ws, v->n_seqs, x->all_picks, st);
     for (int i = 0, n_arg = 0; !rc && i < v->n_seqs; i++)
         if (v->modes[i] == LOGITS_ARGMAX) x->picks[n_arg++] = x->all_picks[i];
+    if (!rc && any_beam) { /* beams choose among log-probabilities, their penalty applied to those */
+        rc = blip2_tp_logprobs(x->m, x->tp, &x->ws, v->n_seqs, x->beam_rows, st);
+        if (!rc && v->n_pen_ids) apply_penalties(x, v, 1);
+    }
     if (!rc && k) rc = pick_candidates(x, v, k, st);
     for (int i = 0; !rc && i < v->n_seqs; i++) {
         if (v->modes[i] != LOGITS_FULL && !(logits_topk_n(v->modes[i]) && !x->cand_ok[i])) continue;
@@ -258,15 +283,6 @@ static blip2_code pick_logits(step_exec *x, const step_view *v, blip2_status *st
     return rc;
 }
 
-/* The step's repetition penalties on each rank's logits slice, queued after the forward: one
- * small upload, one launch. */
-static void apply_penalties(step_exec *x, const step_view *v) {
-    const blip2_model *m = x->m;
-    int n = v->n_seqs;
-    m->ops->upload(x->pen_dev, v->pen_offs, sizeof(int32_t) * (size_t)pen_section_len(n, v->n_pen_ids));
-    m->ops->penalize_rows(x->ws.logits, x->pen_dev + 2 * n + 1, x->pen_dev, (const float *)(x->pen_dev + n + 1), n,
-                          m->shard.V, m->shard.v0);
-}
 
 blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st) {
     blip2_code rc = check_blocks(x, v, st);
@@ -274,7 +290,7 @@ blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image
     if (v->n_copies) copy_blocks(x, v->copies, v->n_copies);
     if (v->n_seqs == 0) return BLIP2_OK;
     rc = blip2_opt_forward_batch(x->m, x->tp, &x->kv, v->seqs, v->n_seqs, v->tokens, image_rows, &x->ws, st);
-    if (!rc && v->n_pen_ids) apply_penalties(x, v);
+    if (!rc && v->n_pen_ids) apply_penalties(x, v, 0);
     return rc;
 }
 

@@ -10,10 +10,14 @@
 #include "kv_cache.h"
 
 enum { STEP_OP_RUN = 1, STEP_OP_STOP = 2 };
-/* What a sequence's step needs: nothing, the argmax, the whole row, or (LOGITS_TOPK + n) the
- * row's n best logits (sampling with top-k, greedy with min_new_tokens: blip2_decoding_candidates). */
-enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2, LOGITS_TOPK = 16 };
+/* What a sequence's step needs: nothing, the argmax, the whole row, (LOGITS_TOPK + n) the row's n
+ * best logits (sampling with top-k, greedy with min_new_tokens: blip2_decoding_candidates), or
+ * (LOGITS_BEAM + n) the row's n best log-probabilities, its penalty applied to them (a beam). */
+enum { LOGITS_NONE = 0, LOGITS_ARGMAX = 1, LOGITS_FULL = 2, LOGITS_TOPK = 16, LOGITS_BEAM = 128 };
 static inline int logits_topk_n(int mode) { return mode > LOGITS_TOPK && mode <= LOGITS_TOPK + BLIP2_TOPK_MAX ? mode - LOGITS_TOPK : 0; }
+static inline int logits_beam_n(int mode) { return mode > LOGITS_BEAM && mode <= LOGITS_BEAM + BLIP2_TOPK_MAX ? mode - LOGITS_BEAM : 0; }
+/* Candidates a mode asks for (top-k or beam), 0 for the others. */
+static inline int logits_cand_n(int mode) { return logits_topk_n(mode) ? logits_topk_n(mode) : logits_beam_n(mode); }
 
 /* Header ints: op, n_seqs, n_tokens, n_copies, n_pen_ids. */
 enum { STEP_DESC_HEADER = 5 };
@@ -73,6 +77,8 @@ typedef struct {
     int32_t *cand_host;  /* [2·max_batch·BLIP2_TOPK_MAX] its host copy */
     blip2_scored_id *cand_all; /* [(world + 1)·max_batch·BLIP2_TOPK_MAX] every rank's, then this rank's */
     int32_t *pen_dev;    /* backend: a step's penalty section (offsets, penalties, ids) */
+    int32_t *pen_host;   /* that section as uploaded: the penalties of the other phase's rows set to 1 */
+    uint8_t *beam_rows;  /* [max_batch]: which rows of the step are LOGITS_BEAM */
     step_desc desc;
 } step_exec;
 
@@ -80,7 +86,8 @@ blip2_code step_exec_init(step_exec *x, const blip2_model *m, const blip2_tp *tp
                           int n_blocks, int block_size, blip2_status *st);
 void step_exec_free(step_exec *x);
 /* Runs the shared descriptor: block copies, embeddings (image_rows: rank 0's rows for the -1
- * tokens), the batched forward, then argmax picks, candidates and gathered full rows (indexed by
+ * tokens), the batched forward and the penalties of single sequences, then argmax picks,
+ * log-probabilities and penalties of beam rows, candidates and gathered full rows (indexed by
  * sequence). launch queues the work (on a GPU it returns while the step runs); finish waits for
  * what the host needs from it; run is both. */
 blip2_code step_exec_launch(step_exec *x, const step_view *v, const float *image_rows, blip2_status *st);

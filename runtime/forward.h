@@ -138,6 +138,12 @@ blip2_code blip2_opt_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_
 blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, int32_t *ids,
                            blip2_status *st);
 /* Gathers the vocab slices (host memory, [V_local]) into full logits [V] on every rank. */
+/* Log-probabilities in place for the rows i < n of ws->logits with which[i] set (the others are
+ * left as they are): each rank's (max, Σ exp) per row (blip2_logsumexp_rows), one all-gather, then
+ * every rank combines them in the same order into the row's log-sum-exp (double) and subtracts
+ * it from its slice (blip2_shift_rows). Collective. */
+blip2_code blip2_tp_logprobs(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, const uint8_t *which,
+                             blip2_status *st);
 blip2_code blip2_tp_gather_logits(const blip2_model *m, const blip2_tp *tp, const float *logits, float *full,
                                   blip2_status *st);
 

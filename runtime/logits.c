@@ -34,6 +34,35 @@ blip2_code blip2_tp_argmax(const blip2_model *m, const blip2_tp *tp, blip2_opt_w
     return rc;
 }
 
+blip2_code blip2_tp_logprobs(const blip2_model *m, const blip2_tp *tp, blip2_opt_ws *ws, int n, const uint8_t *which,
+                             blip2_status *st) {
+    const blip2_ops *o = ws->ops;
+    int W = tp->world;
+    if (n < 1 || n > ws->max_seqs) return blip2_fail(st, BLIP2_EINTERNAL, "log-probabilities of %d rows", n);
+    float *dev = (float *)ws->pick, *host = (float *)ws->host_pick; /* [2n]: (max, sum) per row, then the shifts */
+    o->logsumexp_rows(dev, ws->logits, n, m->shard.V);
+    o->download(host, dev, sizeof(float) * 2 * (size_t)n);
+    blip2_code rc = blip2_backend_check(o, "log-sum-exp", st);
+    float *all = (float *)ws->host_all, *mine = all + (size_t)2 * n * W; /* host_all holds (W + 1)·n pairs */
+    for (int i = 0; i < 2 * n; i++) mine[i] = rc ? NAN : host[i];
+    blip2_code g = tp->comm->ops->allgather(tp->comm, mine, all, sizeof(float) * 2 * (size_t)n, st); /* joined even after rc */
+    if (!rc) rc = g;
+    if (rc) return rc;
+    for (int i = 0; i < n; i++) { /* the same arithmetic in the same order on every rank */
+        double mx = -INFINITY, sum = 0;
+        for (int r = 0; r < W; r++)
+            if (all[2 * ((size_t)r * n + i) + 1] > 0) mx = fmax(mx, all[2 * ((size_t)r * n + i)]);
+        for (int r = 0; r < W; r++) {
+            const float *p = all + 2 * ((size_t)r * n + i);
+            if (p[1] > 0) sum += p[1] * exp(p[0] - mx);
+        }
+        host[i] = which[i] && sum > 0 ? (float)(mx + log(sum)) : 0.0f;
+    }
+    o->upload(dev, host, sizeof(float) * (size_t)n);
+    o->shift_rows(ws->logits, dev, n, m->shard.V);
+    return BLIP2_OK;
+}
+
 blip2_code blip2_tp_gather_logits(const blip2_model *m, const blip2_tp *tp, const float *logits, float *full,
                                   blip2_status *st) {
     int V = m->cfg.opt.V, W = tp->world;

@@ -64,18 +64,7 @@ static uint64_t rng_next(blip2_rng *r) {
 
 double blip2_rng_uniform(blip2_rng *r) { return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0); }
 
-void blip2_logits_process(const blip2_decoding *d, float *logits, int V, const int32_t *history, int n_hist,
-                          int n_generated, int eos_id) {
-    if (d->repetition_penalty != 1.0f) /* each distinct id once, as torch's gather/scatter does */
-        for (int i = 0; i < n_hist; i++) {
-            int32_t id = history[i];
-            if (id < 0 || id >= V) continue;
-            int seen = 0;
-            for (int j = 0; j < i && !seen; j++) seen = history[j] == id;
-            if (seen) continue;
-            float s = logits[id];
-            logits[id] = s < 0 ? s * d->repetition_penalty : s / d->repetition_penalty;
-        }
+void blip2_logits_mask_eos(const blip2_decoding *d, float *logits, int V, int n_generated, int eos_id) {
     if (n_generated < d->min_new_tokens && eos_id >= 0 && eos_id < V) logits[eos_id] = -INFINITY;
 }
 
@@ -145,14 +134,6 @@ int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *r
     }
     if (d->top_p < 1.0f) apply_top_p(logits, V, d->top_p, scratch);
     return draw(logits, NULL, V, logits[blip2_argmax(logits, V)], rng);
-}
-
-void blip2_log_softmax(float *logits, int V) {
-    float mx = logits[blip2_argmax(logits, V)];
-    float sum = 0;
-    for (int i = 0; i < V; i++) sum += expf(logits[i] - mx);
-    float lse = mx + logf(sum);
-    for (int i = 0; i < V; i++) logits[i] -= lse;
 }
 
 /* ---- candidates (the device's top-k of a row) instead of the full row ---- */

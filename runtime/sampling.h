@@ -41,16 +41,15 @@ typedef struct {
 void blip2_rng_seed(blip2_rng *r, uint64_t seed);
 double blip2_rng_uniform(blip2_rng *r); /* [0, 1) with 53 bits */
 
-/* In place over logits [V]: repetition penalty over history [n_hist] (prompt + generated), then
- * eos masked while n_generated < min_new_tokens. */
-void blip2_logits_process(const blip2_decoding *d, float *logits, int V, const int32_t *history, int n_hist,
-                          int n_generated, int eos_id);
+/* In place over logits [V]: eos masked (−inf) while n_generated < min_new_tokens. (The repetition
+ * penalty is applied on the backend, before the row leaves it: blip2_penalize_rows.) */
+void blip2_logits_mask_eos(const blip2_decoding *d, float *logits, int V, int n_generated, int eos_id);
 /* Sampling from processed logits [V] (modified: warpers applied): temperature, top-k, top-p,
  * softmax, one draw. scratch holds 2·V floats. */
 int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch);
 /* Candidates instead of the full row: how many of a row's best logits (argmax order) decide a
- * single-sequence request exactly, or 0 when it needs the whole row (beams, top-k off or above
- * BLIP2_TOPK_MAX − 2). A repetition penalty must already be in the row (the engine applies it on
+ * single-sequence request exactly, or 0 when it needs the whole row (top-k off or above
+ * BLIP2_TOPK_MAX − 2) or is a beam search (the engine's beam candidates: LOGITS_BEAM). A repetition penalty must already be in the row (the engine applies it on
  * the backend) and is not applied again to the candidates. Greedy with min_new_tokens:
  * 2 (the best, and the next in case the best is a masked eos). Sampling with top-k: top_k + 2
  * (a spare for a masked eos, and one to see that no tie crosses the top-k boundary). */
@@ -59,13 +58,11 @@ int blip2_decoding_candidates(const blip2_decoding *d);
  * top-k boundaries (n−3 | n−2 and n−2 | n−1) are far enough apart that a temperature division
  * cannot make them equal. Depends on the values alone, so every rank answers the same. */
 int blip2_candidates_exact(const float *vals, int n);
-/* blip2_logits_process + the choice over candidates ids/vals [n] (a row's n best logits, argmax
+/* blip2_logits_mask_eos + the choice over candidates ids/vals [n] (a row's n best logits, argmax
  * order; n = blip2_decoding_candidates(d), blip2_candidates_exact true): the id the full row
  * would give, bit for bit (same arithmetic in the same order; the draw walks ids in increasing
  * order as blip2_sample does). */
 int32_t blip2_sample_candidates(const blip2_decoding *d, const int32_t *ids, const float *vals, int n, int n_generated,
                                 int eos_id, blip2_rng *rng);
-/* In place log-softmax in float32 (beam search scores). */
-void blip2_log_softmax(float *logits, int V);
 
 #endif

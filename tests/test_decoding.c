@@ -179,7 +179,7 @@ static void test_candidates_match_full_row(void) {
         blip2_rng_seed(&r1, 1000 + (uint64_t)t);
         r2 = r1;
         memcpy(work, row, sizeof(float) * V);
-        blip2_logits_process(&d, work, V, NULL, 0, n_gen, eos);
+        blip2_logits_mask_eos(&d, work, V, n_gen, eos);
         int32_t full = d.do_sample ? blip2_sample(&d, work, V, &r1, scratch) : blip2_argmax(work, V);
         int32_t fromc = blip2_sample_candidates(&d, ids, vals, n, n_gen, eos, &r2);
         compared++;

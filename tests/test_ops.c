@@ -1371,6 +1371,52 @@ static void exec_penalize_rows(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * logsumexp_rows: p = {T, n, variant}. Rows N(0, 3); variant 1: every third row all −inf, the
+ * others with a −inf every 7th value (a masked logit). out [T, 2] = (max, Σ exp(x − max)), (0, 0)
+ * for an all −inf row, against a double reference (tol 1e-6: the sum's order is the backend's).
+ * shift_rows: p = {T, n}; x − shift[t], bitwise. */
+static void setup_logsumexp_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1], variant = x->c->p[2];
+    snprintf(x->desc, sizeof x->desc, "T=%d n=%d%s", T, n, variant ? " with -inf values and rows" : "");
+    int xb = buf_new(x, B_IN, (size_t)T * n), ob = buf_new(x, B_OUT, (size_t)T * 2);
+    float *X = H(x, xb);
+    fill_normal(&x->rng, X, (size_t)T * n, 0.0f, 3.0f);
+    for (int t = 0; variant && t < T; t++)
+        for (int j = 0; j < n; j++)
+            if (t % 3 == 0 || j % 7 == 3) X[(size_t)t * n + j] = -INFINITY;
+    x->a[0] = ob, x->a[1] = xb;
+    x->out = ob;
+    plan_rows(x, T, 2, 0);
+    x->row_step = 1;
+    for (int t = 0; t < T; t++) {
+        const float *row = X + (size_t)t * n;
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) mx = row[j] > mx ? row[j] : mx;
+        double sum = 0;
+        for (int j = 0; mx > -INFINITY && j < n; j++) sum += exp((double)row[j] - mx);
+        x->ref[2 * t] = mx > -INFINITY ? mx : 0.0, x->ref[2 * t + 1] = sum;
+    }
+    x->bytes = 8.0 * T * n;
+}
+static void exec_logsumexp_rows(op_ctx *x) {
+    x->be->logsumexp_rows(D(x, x->a[0]), D(x, x->a[1]), x->c->p[0], x->c->p[1]);
+}
+static void setup_shift_rows(op_ctx *x) {
+    int T = x->c->p[0], n = x->c->p[1];
+    snprintf(x->desc, sizeof x->desc, "T=%d n=%d", T, n);
+    int xb = buf_new(x, B_INOUT, (size_t)T * n), sb = buf_new(x, B_IN, (size_t)T);
+    fill_normal(&x->rng, H(x, xb), (size_t)T * n, 0.0f, 3.0f);
+    fill_normal(&x->rng, H(x, sb), (size_t)T, 5.0f, 2.0f);
+    x->a[0] = xb, x->a[1] = sb;
+    x->out = xb;
+    plan_rows(x, T, n, 0);
+    x->row_step = 1;
+    for (size_t i = 0; i < (size_t)T * n; i++) x->ref[i] = H(x, xb)[i] - H(x, sb)[i / (size_t)n];
+    x->bytes = 8.0 * T * n;
+}
+static void exec_shift_rows(op_ctx *x) { x->be->shift_rows(D(x, x->a[0]), D(x, x->a[1]), x->c->p[0], x->c->p[1]); }
+
+/* ------------------------------------------------------------------------------------------------
  * topk_rows: p = {T, n, k, quantize}. Row t is argmax variant t % AM_COUNT (ties, NaN, ±inf, all
  * equal, ...); quantize rounds random values to a 1/8 grid so ties are everywhere. The reference
  * sorts each row's indices in argmax order (NaN last, larger first, the lower index on ties) with
@@ -1533,6 +1579,8 @@ static void extra_fill_normal(op_ctx *x) {
 #define AM(n, var, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {1, n, 2, var}, 0, 0, 0, 0}
 #define TOPK(T, n, k, q, note) {"topk_rows", note, setup_topk_rows, exec_topk_rows, extra_topk_rows, {T, n, k, q}, 0, 0, 0, 0}
 #define PEN(T, n, v0, H, note) {"penalize_rows", note, setup_penalize_rows, exec_penalize_rows, NULL, {T, n, v0, H}, 0, 0, 0, 0}
+#define LSE(T, n, var, note) {"logsumexp_rows", note, setup_logsumexp_rows, exec_logsumexp_rows, NULL, {T, n, var}, 0, 1e-6, 0, 0}
+#define SHIFT(T, n, note) {"shift_rows", note, setup_shift_rows, exec_shift_rows, NULL, {T, n}, 0, 0, 0, 0}
 #define AMR(T, n, mode, note) {"argmax_rows", note, setup_argmax_rows, exec_argmax_rows, extra_argmax_rows, {T, n, mode, 0}, 0, 0, 0, 0}
 #define FILL(n, wd, seed, mean, sd, note) \
     {"fill_normal", note, setup_fill_normal, exec_fill_normal, extra_fill_normal, {n, wd, seed}, mean, (sd) == 0 ? 0 : 1e-6, 0, sd}
@@ -1789,6 +1837,12 @@ static const op_case cases[] = {
     PEN(8, 12568, 37704, 2000, "the last rank, long histories"),
     PEN(5, 7, 3, 40, "odd: every id of the range"),
     PEN(2, 1, 0, 3, "odd, n=1"),
+    LSE(15, 12568, 0, "5 beams x 3 requests, a rank's slice"),
+    LSE(16, 50272, 1, "masked values and all -inf rows"),
+    LSE(3, 7, 0, "odd"),
+    LSE(2, 1, 1, "odd, n=1"),
+    SHIFT(15, 12568, "5 beams x 3 requests"),
+    SHIFT(3, 7, "odd"),
 
     FILL(100000, F32, 1, 0.0f, 1.0f, "N(0, 1)"),
     FILL(100000, F16, 2, 0.0f, 0.02f, "weights"),

@@ -66,6 +66,15 @@ for np in 1 2 4; do
     --json 2>"$tmp/err")
   if [[ "$out" == *"\"output_ids\": [$R1]"* ]]; then ok; else bad "repetition penalty np $np: $out $(cat "$tmp/err")"; fi
 done
+# Beams: log-probabilities from each slice's (max, sum) pairs, the penalty applied to them
+# (beam3_reppen_noeos; without the penalty the answer is B1's).
+RB="3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421, 3421"
+for np in 2 4; do
+  out=$(timeout 120 "$MPIRUN" -np "$np" "$BLIP2" generate --model "$FIX/tiny-f16" \
+    --pixel-values "$FIX/pixel_values.safetensors:astronaut" --input-ids "$(image_ids 32),45641,35,99,16,5,313,1826,116,31652,35" \
+    --num-beams 3 --repetition-penalty 1.3 --max-new-tokens 12 --json 2>"$tmp/err")
+  if [[ "$out" == *"\"output_ids\": [$RB]"* ]]; then ok; else bad "beam3 + repetition penalty np $np: $out $(cat "$tmp/err")"; fi
+done
 p1=$(timeout 120 "$MPIRUN" -np 1 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 \
   --repetition-penalty 1.3 --json 2>/dev/null)
 p2=$(timeout 120 "$MPIRUN" -np 2 "$BLIP2" generate --model "$FIX/tiny-f16" --image "$FIX/images/chelsea.png" --do-sample --seed 5 \

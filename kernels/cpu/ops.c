@@ -131,7 +131,7 @@ void blip2_attention_paged(float *out, const float *q, const void *k_pool, const
     }
 }
 
-/* Stores n values of a row as kvdtype at element offset dst of pool. */
+/* Stores n values of a row as kvdtype at element offset dst of pool (16 bits: nearest even). */
 static void store_row(void *pool, int kvdtype, size_t dst, const float *x, int n) {
     if (kvdtype == BLIP2_W_F32) {
         memcpy((float *)pool + dst, x, sizeof(float) * n);
@@ -303,17 +303,25 @@ void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, cons
         }
 }
 
-/* ---- 16-bit matmul inputs (the _a ops) ---- */
-
-/* out[i0 .. i0 + n) of adtype = row[0 .. n), rounded to nearest even when 16-bit. */
-static void narrow_row(void *out, int adtype, size_t i0, const float *row, size_t n) {
-    if (adtype == BLIP2_W_F32) {
-        memcpy((float *)out + i0, row, sizeof(float) * n);
-        return;
+void blip2_logsumexp_rows(float *out, const float *x, int T, int n) {
+    for (int t = 0; t < T; t++) {
+        const float *row = x + (size_t)t * n;
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) mx = row[j] > mx ? row[j] : mx;
+        double sum = 0;
+        if (mx > -INFINITY)
+            for (int j = 0; j < n; j++) sum += exp((double)(row[j] - mx));
+        out[2 * t] = mx > -INFINITY ? mx : 0.0f; /* no mass: (0, 0) */
+        out[2 * t + 1] = (float)sum;
     }
-    uint16_t *o = (uint16_t *)out + i0;
-    for (size_t i = 0; i < n; i++) o[i] = adtype == BLIP2_W_F16 ? blip2_f32_to_f16(row[i]) : blip2_f32_to_bf16(row[i]);
 }
+
+void blip2_shift_rows(float *x, const float *shift, int T, int n) {
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < n; j++) x[(size_t)t * n + j] -= shift[t];
+}
+
+/* ---- 16-bit matmul inputs (the _a ops) ---- */
 
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     if (adtype == BLIP2_W_F32) {
@@ -323,7 +331,7 @@ void blip2_layernorm_a(void *out, const float *inp, const float *w, const float 
     float row[C > 0 ? C : 1];
     for (int t = 0; t < T; t++) {
         blip2_layernorm(row, inp + (size_t)t * C, w, b, 1, C, eps);
-        narrow_row(out, adtype, (size_t)t * C, row, (size_t)C);
+        store_row(out, adtype, (size_t)t * C, row, C); /* rounded to nearest even */
     }
 }
 
@@ -336,7 +344,7 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
     float row[C > 0 ? C : 1];
     for (int t = 0; t < T; t++) {
         blip2_residual_layernorm(res + (size_t)t * C, row, y + (size_t)t * C, bias, w, b, 1, C, eps);
-        narrow_row(out, adtype, (size_t)t * C, row, (size_t)C);
+        store_row(out, adtype, (size_t)t * C, row, C); /* rounded to nearest even */
     }
 }
 
@@ -346,7 +354,7 @@ void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) 
     for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
         size_t k = n - i0 < CHUNK ? n - i0 : CHUNK;
         for (size_t i = 0; i < k; i++) v[i] = act1(x[i0 + i], act);
-        narrow_row(out, adtype, i0, v, k);
+        store_row(out, adtype, i0, v, (int)k);
     }
 }
 
@@ -488,5 +496,7 @@ const blip2_ops blip2_cpu_ops = {
     .argmax_rows = blip2_argmax_rows,
     .topk_rows = blip2_topk_rows,
     .penalize_rows = blip2_penalize_rows,
+    .logsumexp_rows = blip2_logsumexp_rows,
+    .shift_rows = blip2_shift_rows,
     .fill_normal = blip2_fill_normal,
 };

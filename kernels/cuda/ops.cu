@@ -322,6 +322,26 @@ __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, co
 /* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
  * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
  * element is marked and ties resolve exactly as argmax does. */
+/* One block per row: the max, then Σ exp(x − max) in double (as the reference; the row is in L2
+ * by the second pass). */
+__global__ void __launch_bounds__(NT) k_logsumexp_rows(float *out, const float *x, int n) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    const float *row = x + (size_t)blockIdx.x * n;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, shf);
+    double s = 0;
+    if (mx > -INFINITY)
+        for (int j = threadIdx.x; j < n; j += blockDim.x) s += exp((double)(row[j] - mx));
+    s = block_sum(s, shd);
+    if (threadIdx.x == 0) out[2 * blockIdx.x] = mx > -INFINITY ? mx : 0.0f, out[2 * blockIdx.x + 1] = (float)s;
+}
+
+__global__ void __launch_bounds__(NT) k_shift_rows(float *x, const float *shift, int T, int n) {
+    GRID_STRIDE(i, (size_t)T * n) x[i] -= shift[i / (size_t)n];
+}
+
 /* One block per row; the row's ids are distinct, so no two threads touch one element. */
 __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen,
                                                       int n, int v0) {
@@ -1187,6 +1207,20 @@ void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, cons
     LAUNCH_CK(c, "k_penalize_rows");
 }
 
+void blip2_logsumexp_rows(float *out, const float *x, int T, int n) {
+    blip2_cuda_ctx *c = cur("logsumexp_rows");
+    if (!c || T <= 0) return;
+    k_logsumexp_rows<<<T, NT, 0, c->stream>>>(out, x, n);
+    LAUNCH_CK(c, "k_logsumexp_rows");
+}
+
+void blip2_shift_rows(float *x, const float *shift, int T, int n) {
+    blip2_cuda_ctx *c = cur("shift_rows");
+    if (!c || T <= 0 || n <= 0) return;
+    k_shift_rows<<<grid_for((size_t)T * n), NT, 0, c->stream>>>(x, shift, T, n);
+    LAUNCH_CK(c, "k_shift_rows");
+}
+
 void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float std) {
     blip2_cuda_ctx *c = cur("fill_normal");
     if (!c || n == 0) return;
@@ -1349,6 +1383,8 @@ constexpr blip2_ops make_cuda_ops() {
     t.argmax_rows = cuda::blip2_argmax_rows;
     t.topk_rows = cuda::blip2_topk_rows;
     t.penalize_rows = cuda::blip2_penalize_rows;
+    t.logsumexp_rows = cuda::blip2_logsumexp_rows;
+    t.shift_rows = cuda::blip2_shift_rows;
     t.fill_normal = cuda::blip2_fill_normal;
     return t;
 }

@@ -1,7 +1,7 @@
 """Goldens for decoding edge cases that the shared fixtures never reach: eos inside greedy and
 beam search (with length_penalty, early_stopping, num_return_sequences), min_new_tokens and
-repetition_penalty. Made with HF transformers on the CPU from the shared tiny fixtures; the random
-tiny models never emit eos 50118, so eos is set to a token they do emit.
+repetition_penalty (greedy and beams). Made with HF transformers on the CPU from the shared tiny
+fixtures; the random tiny models never emit eos 50118, so eos is set to a token they do emit.
 
 Not used by the build or CI (they read decoding.json). To remake it, in a virtualenv outside the
 repository with torch, transformers and safetensors installed:
@@ -29,6 +29,9 @@ VARIANTS = [
     {"name": "beam3_eos_lp2", "num_beams": 3, "length_penalty": 2.0},
     {"name": "beam3_eos_early", "num_beams": 3, "early_stopping": True},
     {"name": "beam4_eos_ret3", "num_beams": 4, "num_return_sequences": 3},
+    {"name": "beam3_eos_min5", "num_beams": 3, "min_new_tokens": 5},
+    {"name": "beam3_reppen", "num_beams": 3, "repetition_penalty": 1.5},
+    {"name": "beam3_reppen_noeos", "num_beams": 3, "repetition_penalty": 1.3, "eos": 50118},
 ]
 
 out = {"transformers": __import__("transformers").__version__, "torch": torch.__version__, "cases": []}
