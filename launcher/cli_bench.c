@@ -14,7 +14,7 @@
 
 typedef struct {
     const char *model, *config, *device, *dtype;
-    int random, json, prompt_len, steps, engine;
+    int random, json, prompt_len, steps, engine, beams;
     int batches[16], n_batches, images[16], n_images;
     int seed;
 } bench_args;
@@ -43,10 +43,10 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         {"batch", required_argument, 0, 'b'},  {"images", required_argument, 0, 'i'}, {"prompt-len", required_argument, 0, 'p'},
         {"steps", required_argument, 0, 's'},  {"json", no_argument, 0, 'j'},         {"device", required_argument, 0, 'd'},
         {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {"dtype", required_argument, 0, 't'},
-        {"engine", no_argument, 0, 'e'},       {0, 0, 0, 0},
+        {"engine", no_argument, 0, 'e'},       {"num-beams", required_argument, 0, 'B'}, {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
-    a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL;
+    a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL, a->beams = 1;
     a->n_batches = parse_list("1,4,16,64", a->batches, 16);
     a->n_images = parse_list("1,8", a->images, 16);
     int c;
@@ -62,16 +62,18 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 's': if (blip2_cli_parse_int(optarg, 1, 4096, &a->steps)) return blip2_cli_error("--steps: 1..4096"); break;
         case 'j': a->json = 1; break;
         case 'e': a->engine = 1; break;
+        case 'B': if (blip2_cli_parse_int(optarg, 1, 16, &a->beams)) return blip2_cli_error("--num-beams: 1..16"); break;
         case 'd': a->device = optarg; break;
         case 't': a->dtype = optarg; break;
         case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
                    "                   [--images 1,8] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-                   "                   [--engine] [--json]\n"
+                   "                   [--engine [--num-beams N]] [--json]\n"
                    "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
                    "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
-                   "            request sees, scheduling and sampling included\n");
+                   "            request sees, scheduling and sampling included; --num-beams: beam search instead\n"
+                   "            (B requests of N beams: B·N sequences a step)\n");
             exit(0);
         default: return 2;
         }
@@ -235,13 +237,14 @@ static void tally_done(void *ctx, const blip2_result *res) {
     t->prefill_ms_sum += res->timings.prefill_ms;
 }
 
-static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int L, int steps) {
+/* B requests of `beams` sequences each (a beam's partly filled last block is its own). */
+static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps) {
     blip2_engine_opts o = blip2_engine_opts_default();
-    int per = blip2_kv_blocks_for(L + steps, o.block_size);
-    o.max_batch = B > 8 ? B : 8;
+    int per = blip2_kv_blocks_for(L + steps, o.block_size), seqs = B * beams;
+    o.max_batch = seqs > 8 ? seqs : 8;
     o.max_queue = B;
     o.max_step_tokens = o.max_step_tokens > o.max_batch ? o.max_step_tokens : o.max_batch;
-    o.kv_bytes = blip2_kv_block_bytes(m, o.block_size) * (size_t)(B * per + 8);
+    o.kv_bytes = blip2_kv_block_bytes(m, o.block_size) * (size_t)(seqs * (per + 1) + 8);
     o.max_images_per_step = B < 64 ? B : 64;
     o.image_cache_bytes = 0; /* every image is new, as in HF's generate */
     o.max_new_tokens_limit = steps;
@@ -249,12 +252,13 @@ static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int L, int
 }
 
 /* B requests (random pixels, prompt of L ids: Q image tokens, BOS, text), each exactly `steps`
- * greedy tokens (eos never ends them: the model is ours, its eos id is set out of reach). Rank 0
- * runs the engine, the others follow it. Timed from the engine's start to its drain. */
-static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int L, int steps, double *wall_s,
-                                     engine_tally *t, blip2_status *st) {
+ * greedy tokens, or a beam search of `beams` (eos never ends them: the model is ours, its eos id
+ * is set out of reach). Rank 0 runs the engine, the others follow it. Timed from the engine's
+ * start to its drain. */
+static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int beams, int L, int steps,
+                                     double *wall_s, engine_tally *t, blip2_status *st) {
     const blip2_config *c = &m->cfg;
-    blip2_engine_opts o = engine_opts_for(m, B, L, steps);
+    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps);
     m->cfg.eos_id = -1;
     memset(t, 0, sizeof *t);
     if (tp->rank != 0) return blip2_engine_follow(m, tp, &o, st);
@@ -273,6 +277,7 @@ static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, 
     for (int i = 0; i < L; i++) ids[i] = i < c->Q ? c->image_token_id : i == c->Q ? 2 : 100 + (i * 37) % 20000;
     blip2_decoding dec = blip2_decoding_default();
     dec.max_new_tokens = steps;
+    dec.num_beams = beams;
     blip2_job_callbacks cb = {.ctx = t, .on_done = tally_done};
     for (int b = 0; !rc && b < B; b++) {
         for (size_t i = 0; i < px; i++) pix[i] = (float)(((i + 7919u * (size_t)b) * 2654435761u) % 1000) / 250.0f - 2.0f;
@@ -298,19 +303,19 @@ static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const bl
         int B = a->batches[i];
         double wall = 0;
         engine_tally t;
-        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->prompt_len, a->steps, &wall, &t, st), st);
+        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->beams, a->prompt_len, a->steps, &wall, &t, st), st);
         if (rc || !root) continue;
         double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0, n = t.done ? t.done : 1;
         if (a->json) /* where a request's time went, on average: queued (admission), image, prefill */
             printf("%s{\"batch\": %d, \"wall_ms\": %.2f, \"requests_per_s\": %.3f, \"tokens_per_s\": %.2f, "
                    "\"decode_ms_per_token\": %.3f, \"mean_queue_ms\": %.2f, \"mean_image_ms\": %.2f, "
-                   "\"mean_prefill_ms\": %.2f}",
+                   "\"mean_prefill_ms\": %.2f, \"num_beams\": %d}",
                    i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n,
-                   t.image_ms_sum / n, t.prefill_ms_sum / n);
+                   t.image_ms_sum / n, t.prefill_ms_sum / n, a->beams);
         else
-            printf("engine batch %3d: %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token; "
+            printf("engine batch %3d, %d beam(s): %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token; "
                    "mean queue %.1f, image %.1f, prefill %.1f ms\n",
-                   B, wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n, t.image_ms_sum / n,
+                   B, a->beams, wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n, t.image_ms_sum / n,
                    t.prefill_ms_sum / n);
     }
     if (root && a->json) printf("]");

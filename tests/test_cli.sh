@@ -82,6 +82,10 @@ out=$("$BLIP2" bench --config "$FIX/tiny-f16/config.json" --random-weights --bat
 if [[ "$out" == *'"engine": [{"batch": 1, "wall_ms"'* && "$out" == *'"batch": 3, "wall_ms"'* && "$out" == *'"decode_ms_per_token"'* ]] &&
   echo "$out" | /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); e=d["engine"]; assert all(abs(x["tokens_per_s"]-4*x["requests_per_s"])<1e-2*x["tokens_per_s"] for x in e)'; then ok; else
   bad "bench --engine: $out"; fi
+# --num-beams: beam searches of exactly --steps tokens (the best beam's) through the engine.
+out=$("$BLIP2" bench --config "$FIX/tiny-f16/config.json" --random-weights --batch 1,3 --images 1 --steps 4 --engine --num-beams 3 --json 2>&1)
+if echo "$out" | /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); e=d["engine"]; assert len(e) == 2 and all(x["num_beams"] == 3 and abs(x["tokens_per_s"]-4*x["requests_per_s"])<1e-2*x["tokens_per_s"] for x in e)'; then ok; else
+  bad "bench --engine --num-beams 3: $out"; fi
 
 # Bad input: exit 1 (2 for usage) and a message that says what is wrong.
 expect_error() { # want-substring args...

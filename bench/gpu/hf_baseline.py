@@ -2,8 +2,9 @@
 ../shared/tools/hf_oracle.py's GPU anchors (Blip2ForConditionalGeneration.generate, fp16, random
 weights of the real blip2-opt-2.7b shapes, prompt 45 = 32 image + BOS + 12 text tokens, 32 new
 tokens forced, greedy), at the batch sizes of the issue, plus vision+Q-Former+projection at batch 1
-and 64 and one request with 16 new tokens. Needs torch + transformers (on the GPU machine only).
-Writes $OUT/hf_baseline.json."""
+and 64, one request with 16 new tokens, and beam search (5 beams, 32 tokens forced) at batch 1, 8
+and 32 (HF_BEAM_BATCHES). Needs torch + transformers (on the GPU machine only). Writes
+$OUT/hf_baseline.json."""
 import json, os, sys, time
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration
@@ -11,6 +12,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 OUT = os.environ.get("OUT", ".")
 BATCHES = [int(b) for b in os.environ.get("HF_BATCHES", "1,8,32,64,256").split(",")]
 GEN = 32
+BEAMS = 5
+BEAM_BATCHES = [int(b) for b in os.environ.get("HF_BEAM_BATCHES", "1,8,32").split(",")]
 
 
 def cuda_time(fn, reps=3, warm=1):
@@ -41,7 +44,7 @@ with torch.device("cuda"):
 torch.set_default_dtype(torch.float32)
 ids = [50265] * 32 + [2] + list(range(100, 112))
 res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "prompt_len": len(ids), "new_tokens": GEN,
-       "generate": {}, "encode_ms": {}}
+       "generate": {}, "generate_beams": {}, "encode_ms": {}}
 
 
 def encode(pv, bs):
@@ -64,6 +67,17 @@ with torch.no_grad():
         except Exception as e:  # e.g. out of memory at 256
             res["generate"][bs] = {"error": repr(e)[:300]}
         print("HF generate", bs, res["generate"][bs], flush=True)
+    for bs in BEAM_BATCHES:
+        try:
+            pv = torch.randn(bs, 3, 224, 224, dtype=torch.float16, device="cuda")
+            x = torch.tensor([ids] * bs, device="cuda")
+            ms = cuda_time(lambda: big.generate(pixel_values=pv, input_ids=x, attention_mask=torch.ones_like(x),
+                                                max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False, num_beams=BEAMS))
+            res["generate_beams"][bs] = {"num_beams": BEAMS, "ms": ms, "requests_per_s": bs / ms * 1e3,
+                                         "gen_tokens_per_s": bs * GEN / ms * 1e3}
+        except Exception as e:
+            res["generate_beams"][bs] = {"error": repr(e)[:300]}
+        print("HF generate, %d beams" % BEAMS, bs, res["generate_beams"][bs], flush=True)
     pv = torch.randn(1, 3, 224, 224, dtype=torch.float16, device="cuda")
     x = torch.tensor([ids], device="cuda")
     res["request_16_tokens_ms"] = cuda_time(lambda: big.generate(pixel_values=pv, input_ids=x, attention_mask=torch.ones_like(x),

@@ -6,7 +6,8 @@
 # Ours: `blip2 bench --device cuda --dtype f16` on random weights of the real blip2-opt-2.7b config
 # (../shared/hub), prompt 45, 32 decode steps, batches 1..256, vision+Q-Former at 1 and 64, one
 # request with 16 new tokens, and (--engine) B whole requests per batch through the serving engine
-# (image, prompt, 32 forced tokens: HF generate's workload, scheduling and sampling included); the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
+# (image, prompt, 32 forced tokens: HF generate's workload, scheduling and sampling included), the
+# same with 5 beams at B = 1, 8, 32; the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
 # the floor via ../shared/tools/gemm_floor.py. The op perf table also has the paged attention's GB/s
 # at decode batch 256 (f16 cache, 61 positions).
 set -u
@@ -25,6 +26,11 @@ CFG=$SHARED/hub/blip2-opt-2.7b/config.json
 timeout 300 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
   --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --engine --json >"$OUT/ours.json" 2>"$OUT/ours.log"
 echo "ours: rc $? $(head -c 600 "$OUT/ours.json")"
+# Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens each, B·5 sequences
+# a step, beam candidates from the device (HF: hf_baseline.py's generate_beams).
+timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
+  --batch 1,8,32 --images 1 --prompt-len 45 --steps 32 --engine --num-beams 5 --json >"$OUT/ours_beams.json" 2>"$OUT/ours_beams.log"
+echo "ours, 5 beams: rc $? $(head -c 400 "$OUT/ours_beams.json")"
 # The same decode without CUDA graphs (what the graphs buy, side by side).
 BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
   --batch 1,64 --images 1 --prompt-len 45 --steps 32 --json >"$OUT/ours_nographs.json" 2>"$OUT/ours_nographs.log"
