@@ -219,6 +219,7 @@ static blip2_code bench_request(const blip2_model *m, const blip2_tp *tp, req_be
 
 typedef struct {
     double decode_ms_sum, queue_ms_sum, image_ms_sum, prefill_ms_sum;
+    double host_gap_ms; /* mean host time between back-to-back steps (blip2_engine_stats) */
     int done, failed, tokens;
     char msg[256];
 } engine_tally;
@@ -288,6 +289,9 @@ static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, 
     double t0 = now_s();
     blip2_code rc2 = blip2_engine_run(e, st);
     *wall_s = now_s() - t0;
+    blip2_engine_stats es;
+    blip2_engine_get_stats(e, &es);
+    t->host_gap_ms = es.host_gaps ? (double)es.host_gap_ns / (double)es.host_gaps * 1e-6 : 0;
     blip2_engine_destroy(e);
     free(pix), free(ids);
     if (!rc) rc = rc2;
@@ -309,14 +313,14 @@ static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const bl
         if (a->json) /* where a request's time went, on average: queued (admission), image, prefill */
             printf("%s{\"batch\": %d, \"wall_ms\": %.2f, \"requests_per_s\": %.3f, \"tokens_per_s\": %.2f, "
                    "\"decode_ms_per_token\": %.3f, \"mean_queue_ms\": %.2f, \"mean_image_ms\": %.2f, "
-                   "\"mean_prefill_ms\": %.2f, \"num_beams\": %d}",
+                   "\"mean_prefill_ms\": %.2f, \"num_beams\": %d, \"host_gap_ms_per_step\": %.3f}",
                    i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n,
-                   t.image_ms_sum / n, t.prefill_ms_sum / n, a->beams);
+                   t.image_ms_sum / n, t.prefill_ms_sum / n, a->beams, t.host_gap_ms);
         else
             printf("engine batch %3d, %d beam(s): %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token; "
-                   "mean queue %.1f, image %.1f, prefill %.1f ms\n",
+                   "mean queue %.1f, image %.1f, prefill %.1f ms; host %.3f ms between steps\n",
                    B, a->beams, wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n, t.image_ms_sum / n,
-                   t.prefill_ms_sum / n);
+                   t.prefill_ms_sum / n, t.host_gap_ms);
     }
     if (root && a->json) printf("]");
     m->cfg.eos_id = eos;

@@ -386,6 +386,7 @@ static blip2_code launch_step(blip2_engine *e, int n_rows, blip2_status *st) {
 
 static blip2_code finish_step(blip2_engine *e, blip2_status *st) {
     blip2_code rc = step_exec_finish(&e->x, &e->view, st);
+    e->t_results = blip2_now_ns();
     int n_rows = e->inflight_rows;
     e->inflight_rows = 0;
     if (!rc) decide_all(e, n_rows);
@@ -426,6 +427,12 @@ static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
         return 0;
     }
     int encoding = engine_encoder_busy(e), launched = n_rows > 0 || e->x.desc.buf[3] > 0;
+    if (launched && e->t_results) { /* back to back: the device has waited on the host since */
+        pthread_mutex_lock(&e->mu);
+        e->stats.host_gaps++, e->stats.host_gap_ns += blip2_now_ns() - e->t_results;
+        pthread_mutex_unlock(&e->mu);
+    }
+    e->t_results = 0;
     if (launched) *rc = launch_step(e, n_rows, st);
     emit_all(e); /* the last step's tokens, while this one computes */
     if (launched && !*rc) {

@@ -82,6 +82,11 @@ typedef struct {
     size_t image_cache_bytes;
     uint64_t completed, failed;
     uint64_t steps, steps_while_encoding; /* steps run; of those, while the image encoder was busy */
+    /* Host time between steps: from a step's results on the host (its picks downloaded) to the
+     * launch of the next step, over the back-to-back pairs (the device waits on it: decisions,
+     * admission, the next descriptor). */
+    uint64_t host_gaps;
+    int64_t host_gap_ns;
 } blip2_engine_stats;
 
 typedef struct blip2_engine blip2_engine;

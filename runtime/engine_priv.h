@@ -106,6 +106,7 @@ struct blip2_engine {
     float *img_rows;                             /* [max_step_tokens, Ct] the step's image rows */
     struct { req_t *r; int seq; int mode; } *refs_step; /* what each step row belongs to (r NULL: retired since) */
     int inflight_rows;   /* rows of refs_step in the step now running (0: none) */
+    int64_t t_results;   /* when the last step's results reached the host (0: no step since a pause) */
     step_view view;      /* that step's descriptor */
     struct { req_t *r; int32_t id; } *emits; /* tokens decided at the last step, to stream (r NULL: retired) */
     int n_emits;

@@ -404,6 +404,9 @@ static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int 
     CHECK(s.steps_while_encoding > 0 && s.blocks_in_use == 0,
           "%s: %llu of %llu steps ran while images were encoded (want > 0), %d blocks in use", name,
           (unsigned long long)s.steps_while_encoding, (unsigned long long)s.steps, s.blocks_in_use);
+    CHECK(s.host_gaps > 0 && s.host_gaps < s.steps && s.host_gap_ns > 0,
+          "%s: %llu host gaps (%lld ns) measured over %llu steps", name, (unsigned long long)s.host_gaps,
+          (long long)s.host_gap_ns, (unsigned long long)s.steps);
 }
 
 /* Stop strings are checked while the next step already runs: a request a stop string ends is in
