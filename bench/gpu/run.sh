@@ -17,8 +17,12 @@ OUT=${OUT:-$PWD/.gpu/out}
 BUILD=${BUILD:-build-gpu}
 mkdir -p "$OUT"
 export OUT
+. tests/gpu/deps.sh
+blip2_gpu_deps
 [ -x "$BUILD/blip2" ] || {
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED" >"$OUT/bench_build.log" 2>&1
+  # shellcheck disable=SC2086 # BLIP2_DEPS_CMAKE: empty, or one -D option
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED" \
+    $BLIP2_DEPS_CMAKE >"$OUT/bench_build.log" 2>&1
   cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_ops >>"$OUT/bench_build.log" 2>&1
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"

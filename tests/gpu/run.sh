@@ -40,7 +40,11 @@ step() { # name timeout_s command...
   nvcc --version | tail -1
 } | tee -a "$summary"
 
-step configure 120 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED"
+. tests/gpu/deps.sh
+blip2_gpu_deps >"$OUT/deps.txt"
+tee -a "$summary" <"$OUT/deps.txt"
+# shellcheck disable=SC2086 # BLIP2_DEPS_CMAKE: empty, or one -D option
+step configure 120 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBLIP2_GRPC=OFF -DBLIP2_CUDASIM=OFF -DBLIP2_SHARED_DIR="$SHARED" $BLIP2_DEPS_CMAKE
 step build 400 cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_gpu_smoke test_ops test_comm test_parity test_engine test_decoding
 T=$BUILD/tests
 step gpu_smoke 30 "$T/test_gpu_smoke"

@@ -1,0 +1,24 @@
+# Sourced by tests/gpu/run.sh and bench/gpu/run.sh on the GPU machine. Its image has CUDA, NCCL,
+# Open MPI and OpenBLAS, but nobody has checked that it has the dev packages of jansson, pcre2,
+# libpng and libjpeg. prepare.sh unpacks this machine's (Debian 12) packages into .gpu/deps; when
+# the image lacks any of them, the build and the programs use those instead (pkg-config, CMake,
+# the compiler and the loader are pointed there; BLIP2_GPU_DEPS=carried forces that, to test it).
+# Nothing is installed.
+blip2_gpu_deps() {
+  local deps=$PWD/.gpu/deps arch=x86_64-linux-gnu
+  BLIP2_DEPS_CMAKE=""
+  if [ "${BLIP2_GPU_DEPS:-}" != carried ] && pkg-config --exists jansson libpcre2-8 libpng 2>/dev/null &&
+    [ -e /usr/include/jpeglib.h ]; then
+    echo "C libraries: the image's own"
+    return 0
+  fi
+  if [ ! -d "$deps/usr/lib/$arch" ]; then
+    echo "C libraries: missing in the image and not carried (run tests/gpu/prepare.sh, carry .gpu)"
+    return 1
+  fi
+  export PKG_CONFIG_LIBDIR=$deps/usr/lib/$arch/pkgconfig:$deps/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$deps
+  export CPATH=$deps/usr/include/$arch:$deps/usr/include${CPATH:+:$CPATH}
+  export LD_LIBRARY_PATH=$deps/usr/lib/$arch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  BLIP2_DEPS_CMAKE="-DCMAKE_PREFIX_PATH=$deps/usr"
+  echo "C libraries: carried, from .gpu/deps"
+}
