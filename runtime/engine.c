@@ -510,8 +510,8 @@ static blip2_code alloc_buffers(blip2_engine *e, blip2_status *st) {
     e->pen_vals = malloc(sizeof(float) * (size_t)e->o.max_batch);
     e->pen_ids = malloc(sizeof(int32_t) * (size_t)e->o.max_batch * (size_t)c->opt.max_pos);
     e->pen_seen = calloc((size_t)c->opt.V, 1);
-    if (!e->hist || !e->pen_offs || !e->pen_vals || !e->pen_ids || !e->pen_seen || !e->refs || !e->act || !e->scratch || !e->tokens || !e->img_rows || !e->refs_step || !e->copies ||
-        !e->emits)
+    if (!e->hist || !e->pen_offs || !e->pen_vals || !e->pen_ids || !e->pen_seen || !e->refs || !e->act || !e->scratch ||
+        !e->tokens || !e->img_rows || !e->refs_step || !e->copies || !e->emits)
         return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory");
     return engine_encoder_start(e, st); /* the engine runs on rank 0 */
 }

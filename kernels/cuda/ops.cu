@@ -319,9 +319,6 @@ __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, co
     }
 }
 
-/* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
- * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
- * element is marked and ties resolve exactly as argmax does. */
 /* One block per row: the max, then Σ exp(x − max) in double (as the reference; the row is in L2
  * by the second pass). */
 __global__ void __launch_bounds__(NT) k_logsumexp_rows(float *out, const float *x, int n) {
@@ -355,6 +352,9 @@ __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *i
     }
 }
 
+/* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
+ * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
+ * element is marked and ties resolve exactly as argmax does. */
 __global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
     __shared__ float sv[32];
     __shared__ int si[32];
