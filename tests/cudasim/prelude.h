@@ -73,4 +73,6 @@ template <typename T> inline cudaError_t cudaFuncSetAttribute(T *entry, cudaFunc
 using std::max;
 using std::min;
 
+#include "wmma.h" /* nvcuda::wmma: the tensor cores' warp API */
+
 #endif
