@@ -55,6 +55,19 @@ printf '%s\n' leak:libmpi.so leak:libopen-pal.so leak:libopen-rte.so leak:libpmi
   leak:MPI_Finalize leak:event_base_loop leak:libevent >"$tmp/lsan-mpi.supp"
 
 # start_server NAME NP [blip2d flags...]: sets SRV_PID and PORT; the log is $tmp/NAME.log
+# wait-active ADDR N SECONDS in the background (pid in WPID), returning once it polls: requests
+# started after it cannot finish unseen (a 100-token request on the tiny model can end before a
+# Python client has even started).
+start_poller() { # addr n seconds ready-file
+  "$PY" "$SRC/tests/server_client.py" --addr "$1" --proto-dir "$SRC/proto" wait-active "$2" "$3" "$4" &
+  WPID=$!
+  local i
+  for ((i = 0; i < 300; i++)); do
+    [ -e "$4" ] && break
+    sleep 0.05
+  done
+}
+
 start_server() {
   local name=$1 np=$2
   shift 2
@@ -194,19 +207,13 @@ if start_server np2 $NP --grace-ms 60000; then
 
   # SIGTERM with requests in flight: they complete, then every rank exits 0 (signal the ranks, as
   # mpirun's own forwarding does; mpirun's exit code is then 0 only if every rank exited 0).
-  # wait-active polls before the requests start, so they cannot finish unseen
-  "$PY" "$SRC/tests/server_client.py" --addr "$ADDR" --proto-dir "$SRC/proto" wait-active 3 60 "$tmp/poll.ready" &
-  wpid=$!
-  for ((i = 0; i < 300; i++)); do
-    [ -e "$tmp/poll.ready" ] && break
-    sleep 0.05
-  done
+  start_poller "$ADDR" 3 60 "$tmp/poll.ready"
   for n in 0 1 2; do
     timeout 120 "$CLIENT" --server "$ADDR" --image "$(cat "$tmp/case$n.image")" --question "$(cat "$tmp/case$n.prompt")" \
       --max-new-tokens 200 --json >"$tmp/term$n.json" 2>"$tmp/term$n.err" &
     eval "cpid$n=\$!"
   done
-  wait "$wpid" || bad "SIGTERM test: the 3 requests were never seen in flight"
+  wait "$WPID" || bad "SIGTERM test: the 3 requests were never seen in flight"
   if [ "$NP" -gt 0 ]; then pkill -TERM -P "$SRV"; else kill -TERM "$SRV"; fi
   wait_exit "$SRV" 90
   rc=$RC
@@ -227,11 +234,11 @@ fi
 if start_server single 0 --grace-ms 20000; then
   ok
   SRV=$SRV_PID
+  start_poller "127.0.0.1:$PORT" 1 30 "$tmp/single.ready"
   timeout 60 "$CLIENT" --server "127.0.0.1:$PORT" --image "$FIX/images/chelsea.png" \
     --question "Question: how many cats are in the picture? Answer:" --max-new-tokens 100 >"$tmp/single.out" 2>&1 &
   cpid=$!
-  "$PY" "$SRC/tests/server_client.py" --addr "127.0.0.1:$PORT" --proto-dir "$SRC/proto" wait-active 1 30 ||
-    bad "single: the request never became active"
+  wait "$WPID" || bad "single: the request never became active"
   kill -INT "$SRV"
   wait_exit "$SRV" 60
   rc=$RC
@@ -245,11 +252,11 @@ fi
 if start_server short 0 --grace-ms 300; then
   ok
   SRV=$SRV_PID
+  start_poller "127.0.0.1:$PORT" 1 30 "$tmp/short.ready"
   timeout 60 "$CLIENT" --server "127.0.0.1:$PORT" --image "$FIX/images/chelsea.png" --question "hi" \
     --max-new-tokens 1000 >"$tmp/short.out" 2>"$tmp/short.err" &
   cpid=$!
-  "$PY" "$SRC/tests/server_client.py" --addr "127.0.0.1:$PORT" --proto-dir "$SRC/proto" wait-active 1 30 ||
-    bad "short: the request never became active"
+  wait "$WPID" || bad "short: the request never became active"
   kill -TERM "$SRV"
   wait_exit "$SRV" 30
   rc=$RC
