@@ -1556,9 +1556,10 @@ static void extra_fill_normal(op_ctx *x) {
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
-/* A 16-bit model's attention: TF32 products on the device (10-bit mantissa: 1e-2 like matmul_h). */
-#define ATT16(B, Tq, Tk, NH, HS, layout, note) \
-    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, F16}, 0, 1e-5, 1e-2, 0}
+/* A 16-bit model's attention on the device: with f16 weights the fused tensor-core kernel (q, k,
+ * v and P in half), with bf16 TF32 products (10-bit mantissas either way: 1e-2 like matmul_h). */
+#define ATT16(B, Tq, Tk, NH, HS, layout, wd, note) \
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, wd}, 0, 1e-5, 1e-2, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
@@ -1707,9 +1708,11 @@ static const op_case cases[] = {
     ATTB(3, 32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention, 3 images"),
     ATTB(5, 7, 13, 2, 5, 1, 0, 3, 0, 1.0f, "odd, 5 sequences over 2 heads, causal with a cache"),
     ATTB(3, 9, 9, 4, 3, 0, 1, 2, 0, 0, "odd, 3 sequences, fused"),
-    ATT16(1, 257, 257, 16, 88, 1, "vision of a 16-bit model (TF32 on the device)"),
-    ATT16(20, 257, 257, 16, 88, 1, "vision, 20 images, 16-bit model"),
-    ATT16(3, 32, 257, 12, 64, 0, "Q-Former cross-attention, 16-bit model"),
+    ATT16(1, 257, 257, 16, 88, 1, F16, "vision of an f16 model (fused)"),
+    ATT16(20, 257, 257, 16, 88, 1, BF16, "vision, 20 images, bf16 model (TF32 products)"),
+    ATT16(3, 32, 257, 12, 64, 0, F16, "Q-Former cross-attention, f16 model (fused)"),
+    ATT16(3, 9, 13, 2, 20, 0, F16, "fused, odd: one partial tile each way, head size 20 (padded to 32)"),
+    ATT16(2, 70, 40, 3, 128, 1, F16, "fused: two query and two key tiles, the largest head size"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),

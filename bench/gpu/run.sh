@@ -41,10 +41,16 @@ BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --conf
 echo "ours without graphs: rc $? $(head -c 400 "$OUT/ours_nographs.json")"
 timeout 120 "$BUILD/tests/test_ops" --perf --op matmul_h >"$OUT/ops_perf.log" 2>&1
 timeout 60 "$BUILD/tests/test_ops" --perf --op attention_paged >>"$OUT/ops_perf.log" 2>&1
-# The encoders' attention (TF32 GEMMs + an fp32 score matrix): its ms at 20 images x 39 layers x
-# 64/20 says what a fused tensor-core kernel would be worth at vision batch 64.
+# The encoders' attention: fused on the tensor cores for f16 models (the f16 cases), TF32 products
+# and an fp32 score matrix otherwise (the bf16 case at 20 images); then the f16 cases unfused, to
+# compare the two side by side.
 timeout 60 "$BUILD/tests/test_ops" --perf --op attention >>"$OUT/ops_perf.log" 2>&1
+BLIP2_FUSED_ATTN=0 timeout 60 "$BUILD/tests/test_ops" --perf --op attention >>"$OUT/ops_perf.log" 2>&1
 echo "ops perf: rc $? $(grep -c . "$OUT/ops_perf.log") lines"
+# Vision + Q-Former at batch 1 and 64 without the fused attention (ours.json has it with).
+BLIP2_FUSED_ATTN=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
+  --batch 1 --images 1,64 --prompt-len 45 --steps 2 --json >"$OUT/ours_unfused.json" 2>"$OUT/ours_unfused.log"
+echo "ours without the fused attention: rc $? $(head -c 300 "$OUT/ours_unfused.json")"
 timeout 120 python3 "$SHARED/tools/gemm_floor.py" >"$OUT/gemm_floor.log" 2>&1
 echo "gemm floor: rc $? $(tail -2 "$OUT/gemm_floor.log")"
 timeout 300 python3 bench/gpu/hf_baseline.py >"$OUT/hf.log" 2>&1

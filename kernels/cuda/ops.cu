@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits.h>
+#include <mma.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -992,12 +993,154 @@ void blip2_relu(float *x, size_t n) {
 /* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
  * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
  * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
+/* ------------------------------------------------------------------------------------------------
+ * Fused attention for the encoders of a 16-bit model (non-causal): scores, softmax and the
+ * weighted sum of one (image, head, 64-query tile) in one block, the score matrix never leaving
+ * shared memory. Where the unfused path writes and reads [B·NH, Tq, Tk] fp32 scores three times
+ * (~1 GB per vision layer at 64 images), this reads q, k, v once per tile and writes the output.
+ *
+ * 4 warps, 16 query rows each; keys in tiles of FA_KT. Per key tile: k and v narrowed to half into
+ * shared memory; S = (scale·q)·kᵀ on the tensor cores (WMMA 16×16×16, fp32 accumulation); an online
+ * softmax over each row (running max m and sum l, as flash attention); P = exp(S − m) in half;
+ * O = O·exp(m_old − m) + P·v, O kept in shared memory in fp32 (WMMA leaves the fragments' layout
+ * unspecified, so rows are rescaled there). Head size padded with zeros to a multiple of 16, keys
+ * past Tk and queries past Tq masked. Numerics: q·scale, k, v and P in half (10-bit mantissa, like
+ * the TF32 path), sums in fp32; |values| must stay within half's range, as they do in a 16-bit
+ * model's activations. */
+constexpr int FA_Q = 64, FA_KT = 32, FA_WARPS = FA_Q / 16, FA_MAX_HS = 128;
+
+struct fa_layout { /* byte offsets into the dynamic shared memory, each a multiple of 128 */
+    size_t q, k, v, s, p, o, m, l, bytes;
+};
+__host__ __device__ inline size_t fa_align(size_t x) { return (x + 127) & ~(size_t)127; }
+__host__ __device__ inline fa_layout fa_plan(int HSP) {
+    fa_layout L;
+    L.q = 0;
+    L.k = fa_align(L.q + (size_t)FA_Q * HSP * 2);
+    L.v = fa_align(L.k + (size_t)FA_KT * HSP * 2);
+    L.s = fa_align(L.v + (size_t)FA_KT * HSP * 2);
+    L.p = fa_align(L.s + (size_t)FA_Q * FA_KT * 4);
+    L.o = fa_align(L.p + (size_t)FA_Q * FA_KT * 2);
+    L.m = fa_align(L.o + (size_t)FA_Q * HSP * 4);
+    L.l = fa_align(L.m + (size_t)FA_Q * 4);
+    L.bytes = fa_align(L.l + (size_t)FA_Q * 4);
+    return L;
+}
+
+/* Rows [r0, r0 + n) of a [rows, HS] slice (row stride `stride`) into half [n][HSP], times mul,
+ * zeros past the rows or the head size. */
+__device__ void fa_load_half(__half *dst, const float *src, int r0, int n, int rows, int stride, int HS, int HSP,
+                             float mul) {
+    for (int i = threadIdx.x; i < n * HSP; i += blockDim.x) {
+        int r = i / HSP, d = i % HSP;
+        float x = r0 + r < rows && d < HS ? src[(size_t)(r0 + r) * stride + d] * mul : 0.0f;
+        dst[i] = __float2half_rn(x);
+    }
+}
+
+__global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, const float *q, const float *k,
+                                                                   const float *v, int Tq, int Tk, int NH, int HS,
+                                                                   int q_stride, int kv_stride, float scale) {
+    using namespace nvcuda;
+    extern __shared__ float fa_smem[];
+    const int HSP = (HS + 15) & ~15, b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
+    const fa_layout L = fa_plan(HSP);
+    unsigned char *base = (unsigned char *)fa_smem;
+    __half *Qs = (__half *)(base + L.q), *Ks = (__half *)(base + L.k), *Vs = (__half *)(base + L.v);
+    __half *Ps = (__half *)(base + L.p);
+    float *Ss = (float *)(base + L.s), *Os = (float *)(base + L.o), *M = (float *)(base + L.m), *Lsum = (float *)(base + L.l);
+    const float *qb = q + (size_t)b * Tq * q_stride + (size_t)h * HS;
+    const float *kb = k + (size_t)b * Tk * kv_stride + (size_t)h * HS, *vb = v + (size_t)b * Tk * kv_stride + (size_t)h * HS;
+    fa_load_half(Qs, qb, q0, FA_Q, Tq, q_stride, HS, HSP, scale);
+    for (int i = threadIdx.x; i < FA_Q * HSP; i += blockDim.x) Os[i] = 0.0f;
+    for (int i = threadIdx.x; i < FA_Q; i += blockDim.x) M[i] = -INFINITY, Lsum[i] = 0.0f;
+    for (int k0 = 0; k0 < Tk; k0 += FA_KT) {
+        __syncthreads(); /* the last tile's k, v and P are no longer read */
+        fa_load_half(Ks, kb, k0, FA_KT, Tk, kv_stride, HS, HSP, 1.0f);
+        fa_load_half(Vs, vb, k0, FA_KT, Tk, kv_stride, HS, HSP, 1.0f);
+        __syncthreads();
+        for (int t = 0; t < FA_KT / 16; t++) { /* S[r0 .. r0+16, t·16 .. +16] = Q·Kᵀ */
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < HSP; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fq;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fk;
+                wmma::load_matrix_sync(fq, Qs + (size_t)r0 * HSP + kk, HSP);
+                wmma::load_matrix_sync(fk, Ks + (size_t)t * 16 * HSP + kk, HSP);
+                wmma::mma_sync(acc, fq, fk, acc);
+            }
+            wmma::store_matrix_sync(Ss + (size_t)r0 * FA_KT + t * 16, acc, FA_KT, wmma::mem_row_major);
+        }
+        __syncwarp();
+        const int valid = Tk - k0 < FA_KT ? Tk - k0 : FA_KT;
+        if (lane < 16) { /* one lane per row: the online softmax, then O's row rescaled */
+            const int r = r0 + lane;
+            float *srow = Ss + (size_t)r * FA_KT, mt = -INFINITY;
+            for (int j = 0; j < valid; j++) mt = fmaxf(mt, srow[j]);
+            const float m_old = M[r], m_new = fmaxf(m_old, mt), alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            float sum = 0.0f;
+            for (int j = 0; j < FA_KT; j++) {
+                __half p = __float2half_rn(j < valid ? expf(srow[j] - m_new) : 0.0f);
+                Ps[(size_t)r * FA_KT + j] = p;
+                sum += __half2float(p);
+            }
+            M[r] = m_new, Lsum[r] = Lsum[r] * alpha + sum;
+            for (int d = 0; d < HSP; d++) Os[(size_t)r * HSP + d] *= alpha;
+        }
+        __syncwarp();
+        for (int u = 0; u < HSP; u += 16) { /* O[r0 .. r0+16, u .. u+16] += P·V */
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, Os + (size_t)r0 * HSP + u, HSP, wmma::mem_row_major);
+            for (int kk = 0; kk < FA_KT; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
+                wmma::load_matrix_sync(fp, Ps + (size_t)r0 * FA_KT + kk, FA_KT);
+                wmma::load_matrix_sync(fv, Vs + (size_t)kk * HSP + u, HSP);
+                wmma::mma_sync(acc, fp, fv, acc);
+            }
+            wmma::store_matrix_sync(Os + (size_t)r0 * HSP + u, acc, HSP, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    float *ob = out + ((size_t)b * Tq) * NH * HS + (size_t)h * HS;
+    for (int i = lane; i < 16 * HS; i += 32) {
+        int r = r0 + i / HS, d = i % HS;
+        if (q0 + r < Tq) ob[(size_t)(q0 + r) * NH * HS + d] = Os[(size_t)r * HSP + d] / Lsum[r];
+    }
+}
+
+/* BLIP2_FUSED_ATTN=0 sends a 16-bit model's encoder attention back to the TF32 products (to tell
+ * the two apart, or time one against the other). */
+bool fused_attention_enabled() {
+    static const bool on = [] {
+        const char *e = getenv("BLIP2_FUSED_ATTN");
+        return !(e && !strcmp(e, "0"));
+    }();
+    return on;
+}
+
+void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq,
+                     int Tk, int NH, int HS, int q_stride, int kv_stride, float scale) {
+    const size_t smem = fa_plan((HS + 15) & ~15).bytes;
+    static const cudaError_t optin = cudaFuncSetAttribute(k_attention_fused, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          (int)fa_plan(FA_MAX_HS).bytes); /* once: the largest plan */
+    if (!CUDA_CK(c, optin)) return;
+    dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
+    k_attention_fused<<<grid, FA_WARPS * 32, smem, c->stream>>>(out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
+    LAUNCH_CK(c, "k_attention_fused");
+}
+
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
     blip2_cuda_ctx *c = cur("attention");
     if (!c || B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0) return;
     if (Tk <= 0) {
         CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * sizeof(float), c->stream));
+        return;
+    }
+    if (wdtype == BLIP2_W_F16 && !causal && HS <= FA_MAX_HS && fused_attention_enabled()) {
+        attention_fused(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
         return;
     }
     /* Two strided-batched products and a softmax per image (batched over its heads) or per head

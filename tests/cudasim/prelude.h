@@ -33,6 +33,8 @@
 #define gridDim (blip2_sim::current()->grid_dim)
 
 inline void __syncthreads() { blip2_sim::sync_block(); }
+/* A warp barrier: the shuffle rendezvous (full warps only, as shuffles). */
+inline void __syncwarp(unsigned mask = 0xffffffffu) { blip2_sim::shuffle_xor(mask, 0, 0, 32); }
 
 template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");

@@ -114,11 +114,32 @@ inline void store_matrix_sync(P *p, const fragment<accumulator, M, N, K, T> &f, 
             p[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r] = f.x[r * f.cols + c];
 }
 
-/* d = a·b + c; d may be c. */
+/* d = a·b + c; d may be c. Every lane of a warp asks for the same products in the same order, and
+ * lanes run one after another between warp rendezvous: a lane's n-th product is kept with its
+ * operands in slot n of a ring, and a later lane whose n-th operands match takes it, so a warp's
+ * mma costs one product and 31 comparisons. */
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
 inline void mma_sync(fragment<accumulator, M, N, K, TC> &d, const fragment<matrix_a, M, N, K, TA, LA> &a,
                      const fragment<matrix_b, M, N, K, TB, LB> &b, const fragment<accumulator, M, N, K, TC> &c) {
     static_assert(std::is_same<TA, TB>::value, "wmma: a and b of one type");
+    using FA = fragment<matrix_a, M, N, K, TA, LA>;
+    using FB = fragment<matrix_b, M, N, K, TB, LB>;
+    using FC = fragment<accumulator, M, N, K, TC>;
+    struct memo {
+        bool valid;
+        FA a;
+        FB b;
+        FC c, d;
+    };
+    static thread_local memo ring[64];
+    static thread_local unsigned calls[1024]; /* per thread of the block */
+    const blip2_sim::thread_coords *t = blip2_sim::current();
+    memo &last = ring[calls[t->thread_idx.x + t->block_dim.x * (t->thread_idx.y + t->block_dim.y * t->thread_idx.z)]++ % 64];
+    if (last.valid && !memcmp(&last.a, &a, sizeof a) && !memcmp(&last.b, &b, sizeof b) && !memcmp(&last.c, &c, sizeof c)) {
+        d = last.d;
+        return;
+    }
+    last.valid = true, last.a = a, last.b = b, last.c = c;
     constexpr bool tf32 = detail::is_tf32<TA>::value;
     float out[M * N];
     for (int m = 0; m < M; m++)
@@ -131,7 +152,8 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC> &d, const fragment<matri
             }
             out[m * N + n] = s;
         }
-    for (int i = 0; i < M * N; i++) d.x[i] = detail::from_float<typename fragment<accumulator, M, N, K, TC>::element_type>(out[i]);
+    for (int i = 0; i < M * N; i++) last.d.x[i] = detail::from_float<typename FC::element_type>(out[i]);
+    d = last.d;
 }
 
 } // namespace wmma

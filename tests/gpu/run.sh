@@ -54,6 +54,8 @@ step parity_f32 120 "$T/test_parity" --device cuda --dtype f32
 step parity_f16 120 "$T/test_parity" --device cuda --dtype f16
 step parity_bf16 120 "$T/test_parity" --device cuda --dtype bf16
 step parity_f16_tp2 120 "$T/test_parity" --device cuda --dtype f16 --tp 2
+# An f16 model's encoders use the fused tensor-core attention; without it, the TF32 products.
+step parity_f16_unfused 120 env BLIP2_FUSED_ATTN=0 "$T/test_parity" --device cuda --dtype f16
 step decoding_f32 120 "$T/test_decoding" --device cuda
 step engine_f32 180 "$T/test_engine" --device cuda --dtype f32
 step engine_f16 180 "$T/test_engine" --device cuda --dtype f16
