@@ -1042,7 +1042,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
                                                                    const float *v, int Tq, int Tk, int NH, int HS,
                                                                    int q_stride, int kv_stride, float scale) {
     using namespace nvcuda;
-    extern __shared__ float fa_smem[];
+    extern __shared__ __align__(128) float fa_smem[]; /* WMMA pointers must be 32-byte aligned */
     const int HSP = (HS + 15) & ~15, b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
     const fa_layout L = fa_plan(HSP);

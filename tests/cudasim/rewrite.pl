@@ -3,7 +3,7 @@
 # parse become calls into the emulator. Line numbers are kept (one line in, one line out), and a
 # #line directive names the original file, so diagnostics point at the real source.
 #   kernel<<<grid, block[, smem[, stream]]>>>(args)  ->  blip2_sim::config(grid, block, ...).launch(kernel, "kernel", args)
-#   extern __shared__ T name[];                      ->  T *name = (T *)blip2_sim::dynamic_smem();
+#   extern __shared__ [__align__(N)] T name[];       ->  T *name = (T *)blip2_sim::dynamic_smem();
 use strict;
 use warnings;
 my ($in, $out) = @ARGV;
@@ -13,7 +13,7 @@ close $fh;
 my $text = "#line 1 \"$in\"\n";
 for my $l (@lines) {
     $l =~ s/\b(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(/blip2_sim::config($2).launch($1, "$1", /g;
-    $l =~ s/\bextern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;/$1 *$2 = ($1 *)blip2_sim::dynamic_smem();/g;
+    $l =~ s/\bextern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;/$1 *$2 = ($1 *)blip2_sim::dynamic_smem();/g;
     die "rewrite.pl: $in: a launch the rewrite does not understand: $l" if $l =~ /<<<|>>>/;
     $text .= $l;
 }
