@@ -80,10 +80,9 @@ blip2_code step_desc_share(step_desc *d, const blip2_tp *tp, blip2_status *st) {
 /* Offsets that start at 0, never go down and end at n_pen_ids (the ids themselves may be any
  * value: the op skips those outside a slice). */
 static blip2_code check_penalties(step_view *v, const int32_t *sec, blip2_status *st) {
-    for (int i = 0; i < v->n_seqs; i++)
-        if (sec[i] < 0 || sec[i + 1] < sec[i]) return blip2_fail(st, BLIP2_EINTERNAL, "bad penalty offsets in step descriptor");
-    if (sec[0] != 0 || sec[v->n_seqs] != v->n_pen_ids)
-        return blip2_fail(st, BLIP2_EINTERNAL, "bad penalty offsets in step descriptor");
+    int ok = sec[0] == 0 && sec[v->n_seqs] == v->n_pen_ids;
+    for (int i = 0; ok && i < v->n_seqs; i++) ok = sec[i + 1] >= sec[i];
+    if (!ok) return blip2_fail(st, BLIP2_EINTERNAL, "bad penalty offsets in step descriptor");
     v->pen_offs = sec;
     return BLIP2_OK;
 }
@@ -203,11 +202,14 @@ static blip2_code check_blocks(const step_exec *x, const step_view *v, blip2_sta
  * by 1 changes nothing). */
 static void apply_penalties(step_exec *x, const step_view *v, int beams) {
     const blip2_model *m = x->m;
-    int n = v->n_seqs, len = pen_section_len(n, v->n_pen_ids);
+    int n = v->n_seqs, len = pen_section_len(n, v->n_pen_ids), mine = 0;
     memcpy(x->pen_host, v->pen_offs, sizeof(int32_t) * (size_t)len);
     float *pen = (float *)(x->pen_host + n + 1), one = 1.0f;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         if ((logits_beam_n(v->modes[i]) > 0) != beams) memcpy(&pen[i], &one, sizeof one);
+        else mine += v->pen_offs[i + 1] - v->pen_offs[i];
+    }
+    if (!mine) return; /* every penalised row is of the other kind */
     m->ops->upload(x->pen_dev, x->pen_host, sizeof(int32_t) * (size_t)len);
     m->ops->penalize_rows(x->ws.logits, x->pen_dev + 2 * n + 1, x->pen_dev, (const float *)(x->pen_dev + n + 1), n,
                           m->shard.V, m->shard.v0);
@@ -215,7 +217,8 @@ static void apply_penalties(step_exec *x, const step_view *v, int beams) {
 
 /* The k best logits of every row on the backend (each rank over its vocab slice), one download,
  * one all-gather, then per LOGITS_TOPK or LOGITS_BEAM row the k best of all ranks' and (top-k)
- * whether they decide exactly (the same answer on every rank). A few hundred bytes per row instead of the V floats. */
+ * whether they decide exactly (the same answer on every rank). A few hundred bytes per row
+ * instead of the V floats. */
 static blip2_code pick_candidates(step_exec *x, const step_view *v, int k, blip2_status *st) {
     const blip2_model *m = x->m;
     int n = v->n_seqs, Vl = m->shard.V, W = x->tp->world;

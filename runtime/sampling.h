@@ -49,8 +49,9 @@ void blip2_logits_mask_eos(const blip2_decoding *d, float *logits, int V, int n_
 int32_t blip2_sample(const blip2_decoding *d, float *logits, int V, blip2_rng *rng, float *scratch);
 /* Candidates instead of the full row: how many of a row's best logits (argmax order) decide a
  * single-sequence request exactly, or 0 when it needs the whole row (top-k off or above
- * BLIP2_TOPK_MAX − 2) or is a beam search (the engine's beam candidates: LOGITS_BEAM). A repetition penalty must already be in the row (the engine applies it on
- * the backend) and is not applied again to the candidates. Greedy with min_new_tokens:
+ * BLIP2_TOPK_MAX − 2) or is a beam search (the engine's beam candidates: LOGITS_BEAM). A
+ * repetition penalty must already be in the row (the engine applies it on the backend) and is not
+ * applied again to the candidates. Greedy with min_new_tokens:
  * 2 (the best, and the next in case the best is a masked eos). Sampling with top-k: top_k + 2
  * (a spare for a masked eos, and one to see that no tie crosses the top-k boundary). */
 int blip2_decoding_candidates(const blip2_decoding *d);

@@ -932,11 +932,13 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
 
 void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
                     int wdtype, int act) {
+    if (adtype == BLIP2_W_F32) { /* matmul_h makes its own checks */
+        cuda::blip2_matmul_h(out, (const float *)inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+        return;
+    }
     blip2_cuda_ctx *c = cur("matmul_a");
     if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_a", act)) return;
-    if (adtype == BLIP2_W_F32) {
-        cuda::blip2_matmul_h(out, (const float *)inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
-    } else if (adtype == wdtype && (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16)) {
+    if (adtype == wdtype && (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16)) {
         gemm16(c, out, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
     } else {
         blip2_cuda_record(c, "matmul_a: %d-type inputs with %d-type weights", adtype, wdtype);
