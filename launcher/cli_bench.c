@@ -57,7 +57,11 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'c': a->config = optarg; break;
         case 'r': a->random = 1; break;
         case 'b': if ((a->n_batches = parse_list(optarg, a->batches, 16)) < 1) return blip2_cli_error("--batch: '%s' is not a list like 1,4,16", optarg); break;
-        case 'i': if ((a->n_images = parse_list(optarg, a->images, 16)) < 1) return blip2_cli_error("--images: '%s' is not a list like 1,8", optarg); break;
+        case 'i': /* "none": text only (profiling a decode step) */
+            a->n_images = strcmp(optarg, "none") ? parse_list(optarg, a->images, 16) : 0;
+            if (a->n_images < 0 || (a->n_images == 0 && strcmp(optarg, "none")))
+                return blip2_cli_error("--images: '%s' is not a list like 1,8 (or none)", optarg);
+            break;
         case 'p': if (blip2_cli_parse_int(optarg, 2, 2048, &a->prompt_len)) return blip2_cli_error("--prompt-len: 2..2048"); break;
         case 's': if (blip2_cli_parse_int(optarg, 1, 4096, &a->steps)) return blip2_cli_error("--steps: 1..4096"); break;
         case 'j': a->json = 1; break;
@@ -68,7 +72,7 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
-                   "                   [--images 1,8] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
+                   "                   [--images 1,8|none] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
                    "                   [--engine [--num-beams N]] [--json]\n"
                    "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
                    "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
@@ -375,6 +379,7 @@ static blip2_code run_bench(const bench_args *a, blip2_model *m, const blip2_tp 
 
 int blip2_cli_bench(int argc, char **argv) {
     bench_args a;
+    setvbuf(stdout, NULL, _IONBF, 0); /* each result as soon as it is measured: a later crash keeps it */
     int bad = parse_bench_args(argc, argv, &a);
     if (bad) return bad;
     blip2_status st = {0};

@@ -1,22 +1,23 @@
 #!/bin/bash
-# GPU benchmark of issue 8, one unattended run (at most ~5 minutes on an H100 after the build of
+# GPU benchmark of issue 8, one unattended run (about 3 minutes on an H100 after the build of
 # tests/gpu/run.sh): ours vs HF transformers fp16 vs the cuBLAS GEMM-only floor, same card, same
 # run. From the repository root on the GPU machine, after tests/gpu/prepare.sh here:
-#   bash bench/gpu/run.sh      # JSON + logs under $OUT (default .gpu/out)
+#   bash bench/gpu/run.sh      # JSON + logs under $OUT (default .gpu/out); tests/gpu/session.sh runs both
 # Ours: `blip2 bench --device cuda --dtype f16` on random weights of the real blip2-opt-2.7b config
 # (../shared/hub), prompt 45, 32 decode steps, batches 1..256, vision+Q-Former at 1 and 64, one
 # request with 16 new tokens, and (--engine) B whole requests per batch through the serving engine
 # (image, prompt, 32 forced tokens: HF generate's workload, scheduling and sampling included), the
-# same with 5 beams at B = 1, 8, 32; the op perf table (GEMV bandwidth at T=1); HF via hf_baseline.py;
-# the floor via ../shared/tools/gemm_floor.py. The op perf table also has the paged attention's GB/s
-# at decode batch 256 (f16 cache, 61 positions).
+# same with 5 beams at B = 1, 8, 32; HF via hf_baseline.py; the floor via
+# ../shared/tools/gemm_floor.py; ncu's per-kernel times of a decode step at batch 64 and of vision
+# at 64 images (ncu_summary.py); the op perf tables (GEMV bandwidth at T=1, the paged attention at
+# decode batch 256, the encoders' attention both ways).
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
 OUT=${OUT:-$PWD/.gpu/out}
 BUILD=${BUILD:-build-gpu}
 mkdir -p "$OUT"
-export OUT
+export OUT PYTHONUNBUFFERED=1
 . tests/gpu/deps.sh
 blip2_gpu_deps
 [ -x "$BUILD/blip2" ] || {
@@ -27,31 +28,47 @@ blip2_gpu_deps
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 CFG=$SHARED/hub/blip2-opt-2.7b/config.json
-timeout 300 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
-  --batch 1,8,32,64,256 --images 1,64 --prompt-len 45 --steps 32 --engine --json >"$OUT/ours.json" 2>"$OUT/ours.log"
-echo "ours: rc $? $(head -c 600 "$OUT/ours.json")"
-# Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens each, B·5 sequences
-# a step, beam candidates from the device (HF: hf_baseline.py's generate_beams).
-timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
-  --batch 1,8,32 --images 1 --prompt-len 45 --steps 32 --engine --num-beams 5 --json >"$OUT/ours_beams.json" 2>"$OUT/ours_beams.log"
-echo "ours, 5 beams: rc $? $(head -c 400 "$OUT/ours_beams.json")"
-# The same decode without CUDA graphs (what the graphs buy, side by side).
-BLIP2_GRAPHS=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
-  --batch 1,64 --images 1 --prompt-len 45 --steps 32 --json >"$OUT/ours_nographs.json" 2>"$OUT/ours_nographs.log"
-echo "ours without graphs: rc $? $(head -c 400 "$OUT/ours_nographs.json")"
-timeout 120 "$BUILD/tests/test_ops" --perf --op matmul_h >"$OUT/ops_perf.log" 2>&1
-timeout 60 "$BUILD/tests/test_ops" --perf --op attention_paged >>"$OUT/ops_perf.log" 2>&1
-# The encoders' attention: fused on the tensor cores for f16 models (the f16 cases), TF32 products
-# and an fp32 score matrix otherwise (the bf16 case at 20 images); then the f16 cases unfused, to
-# compare the two side by side.
-timeout 60 "$BUILD/tests/test_ops" --perf --op attention >>"$OUT/ops_perf.log" 2>&1
-BLIP2_FUSED_ATTN=0 timeout 60 "$BUILD/tests/test_ops" --perf --op attention >>"$OUT/ops_perf.log" 2>&1
-echo "ops perf: rc $? $(grep -c . "$OUT/ops_perf.log") lines"
-# Vision + Q-Former at batch 1 and 64 without the fused attention (ours.json has it with).
-BLIP2_FUSED_ATTN=0 timeout 120 "$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights \
-  --batch 1 --images 1,64 --prompt-len 45 --steps 2 --json >"$OUT/ours_unfused.json" 2>"$OUT/ours_unfused.log"
-echo "ours without the fused attention: rc $? $(head -c 300 "$OUT/ours_unfused.json")"
-timeout 120 python3 "$SHARED/tools/gemm_floor.py" >"$OUT/gemm_floor.log" 2>&1
-echo "gemm floor: rc $? $(tail -2 "$OUT/gemm_floor.log")"
-timeout 300 python3 bench/gpu/hf_baseline.py >"$OUT/hf.log" 2>&1
-echo "hf: rc $? $(tail -c 600 "$OUT/hf.log")"
+BENCH=("$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights --prompt-len 45)
+# bench_step name cap_s command...: stdout to $OUT/name.out, stderr to $OUT/name.err;
+# BLIP2_GPU_DEADLINE caps the steps (tests/gpu/deps.sh), most wanted first.
+bench_step() {
+  local name=$1 t t0=$SECONDS
+  t=$(blip2_gpu_cap "$2")
+  shift 2
+  [ -z "$t" ] && { echo "$name: skipped, no time left"; return; }
+  timeout "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+  echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
+}
+bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
+# Vision + Q-Former with the fused attention kernel (off by default) next to ours.json's.
+bench_step ours_fused 60 env BLIP2_FUSED_ATTN=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
+bench_step hf 180 python3 bench/gpu/hf_baseline.py
+# Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
+bench_step ours_256 90 "${BENCH[@]}" --batch 256 --images 1 --steps 32 --engine --json
+# Where the time goes, kernel by kernel (ncu, without graphs so that each kernel is its own launch):
+# a decode step at batch 64 (after the weight fills, the batch-1 warm-up and the batch-64 prefill)
+# and the first layers of vision at 64 images. ncu_summary.py groups the kernels.
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [ -x "$NCU" ]; then
+  NCU_ARGS=(--metrics gpu__time_duration.sum --csv --page raw)
+  bench_step ncu_decode 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 2000 --launch-count 1500 \
+    "${BENCH[@]}" --batch 64 --images none --steps 4
+  python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode.out" >"$OUT/ncu_decode.txt" 2>&1
+  bench_step ncu_vision 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 1247 --launch-count 800 \
+    "${BENCH[@]}" --batch 1 --images 64 --steps 1
+  python3 bench/gpu/ncu_summary.py "$OUT/ncu_vision.out" >"$OUT/ncu_vision.txt" 2>&1
+else
+  echo "ncu: not on this machine"
+fi
+# GEMV bandwidth at T=1 and the paged attention's GB/s at decode batch 256 (f16 cache, 61
+# positions); the encoders' attention with the f16 cases fused on the tensor cores (the bf16 case
+# at 20 images has TF32 products and an fp32 score matrix), then the f16 cases unfused.
+bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_h
+bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
+bench_step ops_perf_attention 30 env BLIP2_FUSED_ATTN=1 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
+bench_step ops_perf_attention_unfused 30 env BLIP2_FUSED_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
+# Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens, B·5 sequences a step.
+bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
+# What the decode graphs buy.
+bench_step ours_nographs 60 env BLIP2_GRAPHS=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json

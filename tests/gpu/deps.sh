@@ -22,3 +22,15 @@ blip2_gpu_deps() {
   BLIP2_DEPS_CMAKE="-DCMAKE_PREFIX_PATH=$deps/usr"
   echo "C libraries: carried, from .gpu/deps"
 }
+
+# A time budget for one device call: BLIP2_GPU_DEADLINE=T (a `date +%s` time) caps every step's
+# timeout at what is left, and a step that would get under 5 s is skipped, so that one slow step
+# never leaves later ones running past the call (device time counts all tries together). Without
+# it a step gets its own cap.
+blip2_gpu_cap() { # cap_s -> the timeout to use, or nothing (skip)
+  local cap=$1 left
+  [ -z "${BLIP2_GPU_DEADLINE:-}" ] && { echo "$cap"; return; }
+  left=$((BLIP2_GPU_DEADLINE - $(date +%s)))
+  [ "$left" -lt "$cap" ] && cap=$left
+  [ "$cap" -ge 5 ] && echo "$cap"
+}
