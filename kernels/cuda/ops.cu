@@ -30,6 +30,7 @@ namespace {
 constexpr int NT = 256;      /* threads per block for every kernel here */
 constexpr int NWARPS = NT / 32;
 constexpr int PAGED_MAX_HS = 128;
+constexpr int PAGED_GROUP = 4; /* keys a warp has in flight at once in k_attention_paged */
 /* k_attention_paged's static shared memory (q, per-warp partial sums, reduction scratch): well under
  * the 8 KiB the opt-in threshold below leaves it. */
 static_assert(PAGED_MAX_HS * 4 * (1 + NWARPS) + 32 * 4 + 32 * 8 < 8 * 1024, "paged attention static smem");
@@ -248,6 +249,82 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out
     for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, o0 + i, (r[i] - mean) * rstd * w[i] + b[i]);
 }
 
+/* The same two kernels with the row in registers (C <= LN_REG_C): every load of a row is issued
+ * before the first sum, where the loops above wait out the memory latency element by element (a
+ * decode row, one block: 13.6 µs a call under ncu on an H100, for 2560 floats). The same
+ * operations in the same order, so the same bits. */
+constexpr int LN_PER = 16, LN_REG_C = NT * LN_PER;
+__global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const float *inp, const float *w,
+                                                    const float *b, int C, float eps) {
+    __shared__ double red[32];
+    const float *x = inp + (size_t)blockIdx.x * C;
+    const size_t y0 = (size_t)blockIdx.x * C;
+    float v[LN_PER], wv[LN_PER], bv[LN_PER];
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        v[u] = i < C ? x[i] : 0.0f, wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
+    }
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++)
+        if ((int)threadIdx.x + u * NT < C) s += v[u];
+    s = block_sum(s, red);
+    const float mean = (float)(s / C);
+    double var = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++)
+        if ((int)threadIdx.x + u * NT < C) {
+            const float d = v[u] - mean;
+            var += (double)d * d;
+        }
+    var = block_sum(var, red);
+    const float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        if (i < C) store_act(out, adtype, y0 + i, (v[u] - mean) * rstd * wv[u] + bv[u]);
+    }
+}
+
+__global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *out, int adtype, const float *y,
+                                                             const float *bias, const float *w, const float *b, int C,
+                                                             float eps) {
+    __shared__ double red[32];
+    float *r = res + (size_t)blockIdx.x * C;
+    const float *yy = y + (size_t)blockIdx.x * C;
+    const size_t o0 = (size_t)blockIdx.x * C;
+    float v[LN_PER], wv[LN_PER], bv[LN_PER];
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        v[u] = i < C ? r[i] + (bias ? yy[i] + bias[i] : yy[i]) : 0.0f;
+        wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
+    }
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        if (i < C) r[i] = v[u], s += v[u];
+    }
+    s = block_sum(s, red); /* its barriers also order every read of y before any write of out */
+    const float mean = (float)(s / C);
+    double var = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++)
+        if ((int)threadIdx.x + u * NT < C) {
+            const float d = v[u] - mean;
+            var += (double)d * d;
+        }
+    var = block_sum(var, red);
+    const float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        if (i < C) store_act(out, adtype, o0 + i, (v[u] - mean) * rstd * wv[u] + bv[u]);
+    }
+}
+
 /* Softmax of the first lim values of a row of n (max-subtracted, double sum); the rest become 0.
  * lim == 0 gives a row of zeros. */
 __device__ void softmax_row(float *row, int n, int lim, float *shf, double *shd) {
@@ -271,15 +348,51 @@ __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
     softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
 }
 
-/* Scores [batch, Tq, Tk]: row blockIdx.x = n·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
-__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int causal) {
+/* Scores [batch, Tq, Tk], rows ld apart: row blockIdx.x = n·Tq + i; causal rows see keys
+ * j <= i + (Tk − Tq). */
+__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int ld, int causal) {
     __shared__ float shf[32];
     __shared__ double shd[32];
     int i = (int)(blockIdx.x % (unsigned)Tq);
     long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
     if (lim < 0) lim = 0;
     if (lim > Tk) lim = Tk;
-    softmax_row(scores + (size_t)blockIdx.x * Tk, Tk, (int)lim, shf, shd);
+    softmax_row(scores + (size_t)blockIdx.x * ld, Tk, (int)lim, shf, shd);
+}
+
+/* The same, one warp per row, for rows of at most SMW_KEYS keys (the encoders' 257 and 32): the
+ * row stays in registers, two warp reductions, no barriers. The block-per-row kernel above is
+ * latency-bound there: at 64 images a vision layer has 263k rows of 257, each a block of 256
+ * threads with four barriers. */
+constexpr int SMW_PER_LANE = 16, SMW_KEYS = 32 * SMW_PER_LANE;
+__global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int ld,
+                                                          int causal) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
+    if (row >= rows) return; /* a whole warp leaves: no reduction below misses a lane */
+    float *r = scores + (size_t)row * ld;
+    const int i = (int)(row % Tq);
+    long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
+    lim = lim < 0 ? 0 : lim > Tk ? Tk : lim;
+    float x[SMW_PER_LANE], mx = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < SMW_PER_LANE; u++) {
+        const int j = lane + 32 * u;
+        x[u] = j < lim ? r[j] : -INFINITY;
+        mx = fmaxf(mx, x[u]);
+    }
+    mx = warp_max(mx);
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < SMW_PER_LANE; u++)
+        if (lane + 32 * u < lim) x[u] = expf(x[u] - mx), s += x[u];
+    s = warp_sum(s);
+    const float inv = lim > 0 ? (float)(1.0 / s) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < SMW_PER_LANE; u++) {
+        const int j = lane + 32 * u;
+        if (j < Tk) r[j] = j < lim ? x[u] * inv : 0.0f;
+    }
 }
 
 /* Argmax order: does (va, ia) beat (vb, ib)? A real index beats "none" (INT_MAX); a number beats NaN;
@@ -294,15 +407,20 @@ __device__ __forceinline__ bool am_better(float va, int ia, float vb, int ib) {
     return ia < ib;
 }
 
+constexpr int AM_PER = 8;
 __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
     __shared__ float sv[32];
     __shared__ int si[32];
     const float *r = x + (size_t)blockIdx.x * n;
     float bv = 0.0f;
     int bi = INT_MAX;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = r[i];
-        if (am_better(v, i, bv, bi)) bv = v, bi = i;
+    for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * NT) { /* AM_PER loads in flight (one: 90 µs a 50k row) */
+        float v[AM_PER];
+#pragma unroll
+        for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * NT < n ? r[i0 + u * NT] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < AM_PER; u++)
+            if (i0 + u * NT < n && am_better(v[u], i0 + u * NT, bv, bi)) bv = v[u], bi = i0 + u * NT;
     }
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, bv, o);
@@ -410,7 +528,9 @@ __device__ __forceinline__ void kv_store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void kv_store(__half *p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void kv_store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
-/* grid (n_seqs, Z), NT threads: block (s, z) copies rows z, z + Z, ... of sequence s. */
+/* grid (n_seqs, Z), NT threads: block (s, z) copies rows z, z + Z, ... of sequence s, KVW_PER
+ * elements a thread per round, loaded together (one at a time, a decode row's copy took 11 µs). */
+constexpr int KVW_PER = 8;
 template <typename KT>
 __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k, const float *v, int in_stride,
                                                  const int32_t *tables, int max_blocks, const int32_t *meta, int BS,
@@ -420,10 +540,35 @@ __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k,
     const int32_t *tbl = tables + (size_t)s * max_blocks;
     for (int r = blockIdx.y; r < n_new; r += gridDim.y) {
         size_t dst = pool_row(tbl, BS, past + r) * C, src = (size_t)(row0 + r) * in_stride;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
-            kv_store(kp + dst + c, k[src + c]);
-            kv_store(vp + dst + c, v[src + c]);
+        for (int c0 = 0; c0 < C; c0 += NT * KVW_PER) { /* every load of the round before the first store */
+            float kk[KVW_PER], vv[KVW_PER];
+#pragma unroll
+            for (int u = 0; u < KVW_PER; u++) {
+                const int c = c0 + (int)threadIdx.x + u * NT;
+                kk[u] = c < C ? k[src + c] : 0.0f, vv[u] = c < C ? v[src + c] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < KVW_PER; u++) {
+                const int c = c0 + (int)threadIdx.x + u * NT;
+                if (c < C) kv_store(kp + dst + c, kk[u]), kv_store(vp + dst + c, vv[u]);
+            }
         }
+    }
+}
+
+/* Keys (or values) j0, j0 + NWARPS, ... (PAGED_GROUP of them) of one head, the lane's elements
+ * lane, lane + 32, ...: every load issued before any is used; zeros past nk or the head size. */
+template <typename KT>
+__device__ __forceinline__ void paged_load_group(float (&kv)[PAGED_GROUP][PAGED_MAX_HS / 32], const KT *head,
+                                                 const int32_t *tbl, int BS, int kv_stride, int j0, int nk, int HS,
+                                                 int lane) {
+#pragma unroll
+    for (int g = 0; g < PAGED_GROUP; g++) {
+        const int j = j0 + g * NWARPS;
+        const KT *row = head + (j < nk ? pool_row(tbl, BS, j) * kv_stride : 0);
+#pragma unroll
+        for (int u = 0; u < PAGED_MAX_HS / 32; u++)
+            kv[g][u] = j < nk && lane + 32 * u < HS ? kv_load(row + lane + 32 * u) : 0.0f;
     }
 }
 
@@ -460,13 +605,26 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = q[row * q_stride + (size_t)h * HS + d] * scale;
         __syncthreads();
         float lmax = -INFINITY;
-        for (int j = warp; j < nk; j += NWARPS) { /* uniform over the warp */
-            const KT *kr = kh + pool_row(tbl, BS, j) * kv_stride;
-            float p = 0.0f;
-            for (int d = lane; d < HS; d += 32) p += qs[d] * kv_load(kr + d);
-            p = warp_sum(p);
-            if (lane == 0) sc[j] = p;
-            lmax = fmaxf(lmax, p);
+        /* Warp w takes keys w, w + 8, ..., PAGED_GROUP at a time, so that their loads are in flight
+         * together (one key at a time, a decode row waited out the latency once per key). */
+        for (int j0 = warp; j0 < nk; j0 += PAGED_GROUP * NWARPS) { /* uniform over the warp */
+            float kv[PAGED_GROUP][PAGED_MAX_HS / 32], p[PAGED_GROUP];
+            paged_load_group(kv, kh, tbl, BS, kv_stride, j0, nk, HS, lane);
+#pragma unroll
+            for (int g = 0; g < PAGED_GROUP; g++) {
+                p[g] = 0.0f;
+#pragma unroll
+                for (int u = 0; u < PAGED_MAX_HS / 32; u++)
+                    if (lane + 32 * u < HS) p[g] += qs[lane + 32 * u] * kv[g][u];
+            }
+#pragma unroll
+            for (int g = 0; g < PAGED_GROUP; g++) {
+                const int j = j0 + g * NWARPS;
+                if (j >= nk) break;
+                const float pj = warp_sum(p[g]);
+                if (lane == 0) sc[j] = pj;
+                lmax = fmaxf(lmax, pj);
+            }
         }
         float mx = block_max(lmax, shf); /* its barriers publish sc */
         double lsum = 0;
@@ -478,13 +636,17 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         double sum = block_sum(lsum, shd);
         float inv = (float)(1.0 / sum);
         float acc[PAGED_MAX_HS / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int j = warp; j < nk; j += NWARPS) {
-            const KT *vr = vh + pool_row(tbl, BS, j) * kv_stride;
-            float p = sc[j] * inv;
+        for (int j0 = warp; j0 < nk; j0 += PAGED_GROUP * NWARPS) { /* the same keys, in the same order */
+            float kv[PAGED_GROUP][PAGED_MAX_HS / 32];
+            paged_load_group(kv, vh, tbl, BS, kv_stride, j0, nk, HS, lane);
 #pragma unroll
-            for (int u = 0; u < PAGED_MAX_HS / 32; u++) {
-                int d = lane + 32 * u;
-                if (d < HS) acc[u] += p * kv_load(vr + d);
+            for (int g = 0; g < PAGED_GROUP; g++) {
+                const int j = j0 + g * NWARPS;
+                if (j >= nk) break;
+                const float p = sc[j] * inv;
+#pragma unroll
+                for (int u = 0; u < PAGED_MAX_HS / 32; u++)
+                    if (lane + 32 * u < HS) acc[u] += p * kv[g][u];
             }
         }
 #pragma unroll
@@ -948,7 +1110,8 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
-    k_layernorm<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
+    if (C <= LN_REG_C) k_layernorm_r<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
+    else k_layernorm<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
     LAUNCH_CK(c, "k_layernorm");
 }
 
@@ -960,7 +1123,8 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
                                 int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
-    k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
+    if (C <= LN_REG_C) k_residual_layernorm_r<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
+    else k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
 }
 
@@ -1010,6 +1174,7 @@ void blip2_relu(float *x, size_t n) {
  * the TF32 path), sums in fp32; |values| must stay within half's range, as they do in a 16-bit
  * model's activations. */
 constexpr int FA_Q = 64, FA_KT = 32, FA_WARPS = FA_Q / 16, FA_MAX_HS = 128;
+static_assert(FA_KT == 32, "the softmax gives each lane of a warp one key of the tile");
 
 struct fa_layout { /* byte offsets into the dynamic shared memory, each a multiple of 128 */
     size_t q, k, v, s, p, o, m, l, bytes;
@@ -1029,20 +1194,51 @@ __host__ __device__ inline fa_layout fa_plan(int HSP) {
     return L;
 }
 
-/* Rows [r0, r0 + n) of a [rows, HS] slice (row stride `stride`) into half [n][HSP], times mul,
- * zeros past the rows or the head size. */
-__device__ void fa_load_half(__half *dst, const float *src, int r0, int n, int rows, int stride, int HS, int HSP,
-                             float mul) {
-    for (int i = threadIdx.x; i < n * HSP; i += blockDim.x) {
-        int r = i / HSP, d = i % HSP;
-        float x = r0 + r < rows && d < HS ? src[(size_t)(r0 + r) * stride + d] * mul : 0.0f;
-        dst[i] = __float2half_rn(x);
+/* Rows [r0, r0 + N) of a [rows, HS] slice (row stride `stride`) into half [N][HSP], times mul,
+ * zeros past the rows or the head size. Every load of the tile is issued before the first is
+ * used (a register array): with one load at a time the few warps of a block waited out the memory
+ * latency once per element, which made the kernel 4x slower than the unfused path (H100, first
+ * GPU run). vec: HS, stride and src 16-byte aligned, so each load is a float4. */
+template <int N>
+__device__ void fa_load_half(__half *dst, const float *src, int r0, int rows, int stride, int HS, int HSP, float mul,
+                             bool vec) {
+    constexpr int PER = N * FA_MAX_HS / (FA_WARPS * 32); /* elements per thread at the largest head size */
+    if (vec) {
+        const int q4 = HSP / 4, n = N * q4;
+        float4 buf[PER / 4];
+#pragma unroll
+        for (int u = 0; u < PER / 4; u++) {
+            const int i = threadIdx.x + u * FA_WARPS * 32, r = i / q4, d = (i - r * q4) * 4;
+            buf[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (i < n && r0 + r < rows && d < HS) buf[u] = *(const float4 *)(src + (size_t)(r0 + r) * stride + d);
+        }
+#pragma unroll
+        for (int u = 0; u < PER / 4; u++) {
+            const int i = threadIdx.x + u * FA_WARPS * 32;
+            if (i >= n) break;
+            __half2 *o = (__half2 *)(dst + (size_t)i * 4);
+            o[0] = __floats2half2_rn(buf[u].x * mul, buf[u].y * mul);
+            o[1] = __floats2half2_rn(buf[u].z * mul, buf[u].w * mul);
+        }
+        return;
+    }
+    float buf[PER];
+    const int n = N * HSP;
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * FA_WARPS * 32, r = i / HSP, d = i - r * HSP;
+        buf[u] = i < n && r0 + r < rows && d < HS ? src[(size_t)(r0 + r) * stride + d] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < PER; u++) {
+        const int i = threadIdx.x + u * FA_WARPS * 32;
+        if (i < n) dst[i] = __float2half_rn(buf[u] * mul);
     }
 }
 
 __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, const float *q, const float *k,
                                                                    const float *v, int Tq, int Tk, int NH, int HS,
-                                                                   int q_stride, int kv_stride, float scale) {
+                                                                   int q_stride, int kv_stride, float scale, bool vec) {
     using namespace nvcuda;
     extern __shared__ __align__(128) float fa_smem[]; /* WMMA pointers must be 32-byte aligned */
     const int HSP = (HS + 15) & ~15, b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
@@ -1054,13 +1250,13 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
     float *Ss = (float *)(base + L.s), *Os = (float *)(base + L.o), *M = (float *)(base + L.m), *Lsum = (float *)(base + L.l);
     const float *qb = q + (size_t)b * Tq * q_stride + (size_t)h * HS;
     const float *kb = k + (size_t)b * Tk * kv_stride + (size_t)h * HS, *vb = v + (size_t)b * Tk * kv_stride + (size_t)h * HS;
-    fa_load_half(Qs, qb, q0, FA_Q, Tq, q_stride, HS, HSP, scale);
+    fa_load_half<FA_Q>(Qs, qb, q0, Tq, q_stride, HS, HSP, scale, vec);
     for (int i = threadIdx.x; i < FA_Q * HSP; i += blockDim.x) Os[i] = 0.0f;
     for (int i = threadIdx.x; i < FA_Q; i += blockDim.x) M[i] = -INFINITY, Lsum[i] = 0.0f;
     for (int k0 = 0; k0 < Tk; k0 += FA_KT) {
         __syncthreads(); /* the last tile's k, v and P are no longer read */
-        fa_load_half(Ks, kb, k0, FA_KT, Tk, kv_stride, HS, HSP, 1.0f);
-        fa_load_half(Vs, vb, k0, FA_KT, Tk, kv_stride, HS, HSP, 1.0f);
+        fa_load_half<FA_KT>(Ks, kb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
+        fa_load_half<FA_KT>(Vs, vb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
         __syncthreads();
         for (int t = 0; t < FA_KT / 16; t++) { /* S[r0 .. r0+16, t·16 .. +16] = Q·Kᵀ */
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -1076,19 +1272,16 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
         }
         __syncwarp();
         const int valid = Tk - k0 < FA_KT ? Tk - k0 : FA_KT;
-        if (lane < 16) { /* one lane per row: the online softmax, then O's row rescaled */
-            const int r = r0 + lane;
-            float *srow = Ss + (size_t)r * FA_KT, mt = -INFINITY;
-            for (int j = 0; j < valid; j++) mt = fmaxf(mt, srow[j]);
-            const float m_old = M[r], m_new = fmaxf(m_old, mt), alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            float sum = 0.0f;
-            for (int j = 0; j < FA_KT; j++) {
-                __half p = __float2half_rn(j < valid ? expf(srow[j] - m_new) : 0.0f);
-                Ps[(size_t)r * FA_KT + j] = p;
-                sum += __half2float(p);
-            }
-            M[r] = m_new, Lsum[r] = Lsum[r] * alpha + sum;
-            for (int d = 0; d < HSP; d++) Os[(size_t)r * HSP + d] *= alpha;
+        for (int rr = 0; rr < 16; rr++) { /* the online softmax of row r0 + rr, a key per lane (FA_KT = 32) */
+            const int r = r0 + rr;
+            const float sv = lane < valid ? Ss[(size_t)r * FA_KT + lane] : -INFINITY;
+            const float m_old = M[r], m_new = fmaxf(m_old, warp_max(sv));
+            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            const __half p = __float2half_rn(lane < valid ? expf(sv - m_new) : 0.0f);
+            Ps[(size_t)r * FA_KT + lane] = p;
+            const float sum = warp_sum(__half2float(p)); /* also: every lane has read M[r] */
+            if (lane == 0) M[r] = m_new, Lsum[r] = Lsum[r] * alpha + sum;
+            for (int d = lane; d < HSP; d += 32) Os[(size_t)r * HSP + d] *= alpha; /* O's row rescaled */
         }
         __syncwarp();
         for (int u = 0; u < HSP; u += 16) { /* O[r0 .. r0+16, u .. u+16] += P·V */
@@ -1112,12 +1305,26 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
     }
 }
 
-/* BLIP2_FUSED_ATTN=0 sends a 16-bit model's encoder attention back to the TF32 products (to tell
- * the two apart, or time one against the other). */
+/* Softmax of `rows` score rows of Tk, ld apart (row n·Tq + i is query i): a warp per row where
+ * the row fits its registers, a block per row otherwise. */
+static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int ld, int causal) {
+    if (Tk <= SMW_KEYS) {
+        k_attn_softmax_warp<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, c->stream>>>(scores, rows, Tq, Tk, ld,
+                                                                                               causal);
+        return LAUNCH_CK(c, "k_attn_softmax_warp");
+    }
+    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, ld, causal);
+    return LAUNCH_CK(c, "k_attn_softmax");
+}
+
+/* BLIP2_FUSED_ATTN=1 sends a 16-bit model's encoder attention to the fused kernel; by default it
+ * takes the strided-batched products. The first H100 run (2026-11-27) measured the fused kernel
+ * 4.5x slower than them at one image (0.256 vs 0.057 ms a layer); the loads and the softmax were
+ * rewritten since, and bench/gpu/run.sh times both ways. */
 bool fused_attention_enabled() {
     static const bool on = [] {
         const char *e = getenv("BLIP2_FUSED_ATTN");
-        return !(e && !strcmp(e, "0"));
+        return e && !strcmp(e, "1");
     }();
     return on;
 }
@@ -1129,7 +1336,9 @@ void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float 
                                                           (int)fa_plan(FA_MAX_HS).bytes); /* once: the largest plan */
     if (!CUDA_CK(c, optin)) return;
     dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
-    k_attention_fused<<<grid, FA_WARPS * 32, smem, c->stream>>>(out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
+    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 && ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
+    k_attention_fused<<<grid, FA_WARPS * 32, smem, c->stream>>>(out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, scale,
+                                                                vec);
     LAUNCH_CK(c, "k_attention_fused");
 }
 
@@ -1154,19 +1363,19 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
     const bool per_image = B <= NH;
     const int outer = per_image ? B : NH, batch = per_image ? NH : B;
     const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
-    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * Tk;
+    const int ld = blip2_attention_ld(Tk); /* aligned score rows: cuBLAS's vectorised kernels */
+    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * ld;
     for (int i = 0; i < outer; i++) {
         size_t oq = per_image ? (size_t)i * Tq * q_stride : (size_t)i * HS;
         size_t okv = per_image ? (size_t)i * Tk * kv_stride : (size_t)i * HS;
         size_t oo = per_image ? (size_t)i * Tq * NH * HS : (size_t)i * HS;
         if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
                                                      CUDA_R_32F, kv_stride, skv, q + oq, CUDA_R_32F, q_stride, sq, &zero,
-                                                     scratch, CUDA_R_32F, Tk, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
+                                                     scratch, CUDA_R_32F, ld, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
-        k_attn_softmax<<<(unsigned)(batch * Tq), NT, 0, c->stream>>>(scratch, Tq, Tk, causal);
-        if (!LAUNCH_CK(c, "k_attn_softmax")) return;
+        if (!attn_softmax(c, scratch, (long long)batch * Tq, Tq, Tk, ld, causal)) return;
         if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
-                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, Tk, st_s, &zero,
+                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, ld, st_s, &zero,
                                                      out + oo, CUDA_R_32F, NH * HS, so, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
     }
