@@ -77,14 +77,10 @@ void blip2_relu(float *x, size_t n);
  * [Tq, q_stride] at q + b·Tq·q_stride, k and v [Tk, kv_stride] at k, v + b·Tk·kv_stride, out
  * [Tq, NH·HS] at out + b·Tq·NH·HS (heads concatenated h-major); head h reads columns
  * [h·HS, (h+1)·HS). scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its
- * own past). scratch holds max(B, NH)·Tq·blip2_attention_ld(Tk) floats (score matrices: the device
- * batches over heads or over sequences, whichever is more, their rows padded to 8 floats). wdtype is the model's weight type: with 16-bit weights
+ * own past). scratch holds max(B, NH)·Tq·Tk floats (score matrices: the device batches over heads
+ * or over sequences, whichever is more). wdtype is the model's weight type: with 16-bit weights
  * the device may run the two products on TF32 tensor cores (10-bit mantissa, like the weights);
  * the reference always computes in fp32. */
-/* Row stride of the device's score matrices for Tk keys: a multiple of 8 floats, so that every row
- * and every matrix starts 32-byte aligned. With Tk = 257 (the encoders) rows of 257 left cuBLAS
- * only its unvectorised kernels. */
-static inline int blip2_attention_ld(int Tk) { return (Tk + 7) & ~7; }
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
 

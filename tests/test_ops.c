@@ -598,6 +598,23 @@ static void setup_layernorm(op_ctx *x) {
     x->flops = 8.0 * T * C;
     x->bytes = (4.0 + blip2_wdtype_size(ad)) * T * C + 8.0 * C;
 }
+/* A row's norm is the same bits alone as among many rows (the device picks its kernel by the
+ * number of rows, so the two kernels must agree): row 0 again, alone. */
+static void extra_layernorm(op_ctx *x) {
+    int T = x->c->p[0], C = x->c->p[1];
+    if (T < 2 || x->c->p[2]) return; /* in place: the input is gone */
+    float *dev = x->be->alloc(sizeof(float) * C), *alone = xmalloc(sizeof(float) * C);
+    CHECK(dev != NULL, "[%s layernorm %s] no memory for the row alone", x->be->name, x->desc);
+    if (dev) {
+        x->be->layernorm(dev, D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), 1, C, x->c->f);
+        x->be->download(alone, dev, sizeof(float) * C);
+        be_sync(x);
+        CHECK(memcmp(alone, H(x, x->a[3]), sizeof(float) * C) == 0,
+              "[%s layernorm %s] row 0 alone differs from row 0 among %d rows", x->be->name, x->desc, T);
+        x->be->release(dev);
+    }
+    free(alone);
+}
 static void exec_layernorm(op_ctx *x) {
     x->be->layernorm(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->c->p[0], x->c->p[1], x->c->f);
 }
@@ -722,7 +739,7 @@ static void setup_attention(op_ctx *x) {
         }
     }
     int most = s.B > s.NH ? s.B : s.NH;
-    int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * blip2_attention_ld(s.Tk)); /* one batched product's scores */
+    int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * s.Tk); /* the score matrices of one batched product */
     int out = buf_new(x, B_OUT, (size_t)rq * s.C);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;
@@ -1540,7 +1557,8 @@ static void extra_fill_normal(op_ctx *x) {
 #define MM(T, C, OC, b, note) {"matmul", note, setup_matmul, exec_matmul, extra_matmul, {T, C, OC, b}, 0, 1e-5, 0, 0}
 #define MMH(T, C, OC, b, wd, act, note) \
     {"matmul_h", note, setup_matmul_h, exec_matmul_h, extra_matmul_h, {T, C, OC, b, wd, act}, 0, 1e-5, 1e-2, 0}
-#define LN(T, C, inpl, var, eps, note) {"layernorm", note, setup_layernorm, exec_layernorm, NULL, {T, C, inpl, var}, eps, 1e-5, 0, 0}
+#define LN(T, C, inpl, var, eps, note) \
+    {"layernorm", note, setup_layernorm, exec_layernorm, extra_layernorm, {T, C, inpl, var}, eps, 1e-5, 0, 0}
 #define RLN(T, C, alias, var, bias, eps, note) \
     {"residual_layernorm", note, setup_residual_layernorm, exec_residual_layernorm, NULL, {T, C, alias, var, bias}, eps, 1e-5, 0, 0}
 /* The _a ops: 16-bit outputs are compared to the rounded reference (tol 1e-4, see round_ref). */
@@ -1663,6 +1681,7 @@ static const op_case cases[] = {
     LN(1, 1, 0, 0, 1e-5f, "odd (C=1: variance 0)"),
     LN(3, 7, 0, 0, 1e-12f, "odd"),
     LN(3, 5000, 0, 0, 1e-5f, "C above the registers' 4096: the loop kernel"),
+    LN(300, 2560, 0, 0, 1e-5f, "300 rows: the loop kernel (row 0 alone: the register kernel)"),
     LN(65, 13, 1, 0, 1e-6f, "odd"),
 
     RLN(45, 2560, 0, 0, 1, 1e-5f, "OPT prefill: + out_proj/fc2 bias"),

@@ -30,7 +30,6 @@ namespace {
 constexpr int NT = 256;      /* threads per block for every kernel here */
 constexpr int NWARPS = NT / 32;
 constexpr int PAGED_MAX_HS = 128;
-constexpr int PAGED_GROUP = 4; /* keys a warp has in flight at once in k_attention_paged */
 /* k_attention_paged's static shared memory (q, per-warp partial sums, reduction scratch): well under
  * the 8 KiB the opt-in threshold below leaves it. */
 static_assert(PAGED_MAX_HS * 4 * (1 + NWARPS) + 32 * 4 + 32 * 8 < 8 * 1024, "paged attention static smem");
@@ -253,61 +252,18 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out
  * before the first sum, where the loops above wait out the memory latency element by element (a
  * decode row, one block: 13.6 µs a call under ncu on an H100, for 2560 floats). The same
  * operations in the same order, so the same bits. */
-constexpr int LN_PER = 16, LN_REG_C = NT * LN_PER;
-__global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const float *inp, const float *w,
-                                                    const float *b, int C, float eps) {
-    __shared__ double red[32];
-    const float *x = inp + (size_t)blockIdx.x * C;
-    const size_t y0 = (size_t)blockIdx.x * C;
-    float v[LN_PER], wv[LN_PER], bv[LN_PER];
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++) {
-        const int i = (int)threadIdx.x + u * NT;
-        v[u] = i < C ? x[i] : 0.0f, wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
-    }
-    double s = 0;
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++)
-        if ((int)threadIdx.x + u * NT < C) s += v[u];
-    s = block_sum(s, red);
-    const float mean = (float)(s / C);
-    double var = 0;
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++)
-        if ((int)threadIdx.x + u * NT < C) {
-            const float d = v[u] - mean;
-            var += (double)d * d;
-        }
-    var = block_sum(var, red);
-    const float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++) {
-        const int i = (int)threadIdx.x + u * NT;
-        if (i < C) store_act(out, adtype, y0 + i, (v[u] - mean) * rstd * wv[u] + bv[u]);
-    }
-}
-
-__global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *out, int adtype, const float *y,
-                                                             const float *bias, const float *w, const float *b, int C,
-                                                             float eps) {
-    __shared__ double red[32];
-    float *r = res + (size_t)blockIdx.x * C;
-    const float *yy = y + (size_t)blockIdx.x * C;
-    const size_t o0 = (size_t)blockIdx.x * C;
-    float v[LN_PER], wv[LN_PER], bv[LN_PER];
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++) {
-        const int i = (int)threadIdx.x + u * NT;
-        v[u] = i < C ? r[i] + (bias ? yy[i] + bias[i] : yy[i]) : 0.0f;
-        wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
-    }
-    double s = 0;
-#pragma unroll
-    for (int u = 0; u < LN_PER; u++) {
-        const int i = (int)threadIdx.x + u * NT;
-        if (i < C) r[i] = v[u], s += v[u];
-    }
-    s = block_sum(s, red); /* its barriers also order every read of y before any write of out */
+constexpr int LN_PER = 16, LN_REG_C = NT * LN_PER, LN_REG_T = 256;
+/* Few rows (decode, small prefills): the register kernels, whose latency is what counts there. Many
+ * rows (vision: 16448 at 64 images): the loop kernels, measured there; their registers leave more
+ * blocks per SM to hide the latency. Both give the same bits, so a row's norm does not depend on
+ * its batch. */
+__host__ __device__ inline bool ln_in_registers(int T, int C) { return C <= LN_REG_C && T <= LN_REG_T; }
+/* The rest of both: this thread's partial sum s of its elements v (i = threadIdx.x + u·NT < C) to
+ * the mean, the variance in the loop kernels' order, then out = (v − mean)·rstd·w + b of adtype. */
+__device__ __forceinline__ void ln_regs_finish(const float (&v)[LN_PER], const float (&wv)[LN_PER],
+                                               const float (&bv)[LN_PER], double s, double *red, void *out,
+                                               int adtype, size_t o0, int C, float eps) {
+    s = block_sum(s, red); /* its barriers also order every read of the row before any write of out */
     const float mean = (float)(s / C);
     double var = 0;
 #pragma unroll
@@ -323,6 +279,45 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *o
         const int i = (int)threadIdx.x + u * NT;
         if (i < C) store_act(out, adtype, o0 + i, (v[u] - mean) * rstd * wv[u] + bv[u]);
     }
+}
+
+__global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const float *inp, const float *w,
+                                                    const float *b, int C, float eps) {
+    __shared__ double red[32];
+    const float *x = inp + (size_t)blockIdx.x * C;
+    float v[LN_PER], wv[LN_PER], bv[LN_PER];
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        v[u] = i < C ? x[i] : 0.0f, wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
+    }
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++)
+        if ((int)threadIdx.x + u * NT < C) s += v[u];
+    ln_regs_finish(v, wv, bv, s, red, out, adtype, (size_t)blockIdx.x * C, C, eps);
+}
+
+__global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *out, int adtype, const float *y,
+                                                             const float *bias, const float *w, const float *b, int C,
+                                                             float eps) {
+    __shared__ double red[32];
+    float *r = res + (size_t)blockIdx.x * C;
+    const float *yy = y + (size_t)blockIdx.x * C;
+    float v[LN_PER], wv[LN_PER], bv[LN_PER];
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        v[u] = i < C ? r[i] + (bias ? yy[i] + bias[i] : yy[i]) : 0.0f;
+        wv[u] = i < C ? w[i] : 0.0f, bv[u] = i < C ? b[i] : 0.0f;
+    }
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < LN_PER; u++) {
+        const int i = (int)threadIdx.x + u * NT;
+        if (i < C) r[i] = v[u], s += v[u];
+    }
+    ln_regs_finish(v, wv, bv, s, red, out, adtype, (size_t)blockIdx.x * C, C, eps);
 }
 
 /* Softmax of the first lim values of a row of n (max-subtracted, double sum); the rest become 0.
@@ -348,16 +343,15 @@ __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
     softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
 }
 
-/* Scores [batch, Tq, Tk], rows ld apart: row blockIdx.x = n·Tq + i; causal rows see keys
- * j <= i + (Tk − Tq). */
-__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int ld, int causal) {
+/* Scores [batch, Tq, Tk]: row blockIdx.x = n·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
+__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int causal) {
     __shared__ float shf[32];
     __shared__ double shd[32];
     int i = (int)(blockIdx.x % (unsigned)Tq);
     long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
     if (lim < 0) lim = 0;
     if (lim > Tk) lim = Tk;
-    softmax_row(scores + (size_t)blockIdx.x * ld, Tk, (int)lim, shf, shd);
+    softmax_row(scores + (size_t)blockIdx.x * Tk, Tk, (int)lim, shf, shd);
 }
 
 /* The same, one warp per row, for rows of at most SMW_KEYS keys (the encoders' 257 and 32): the
@@ -365,12 +359,11 @@ __global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int 
  * latency-bound there: at 64 images a vision layer has 263k rows of 257, each a block of 256
  * threads with four barriers. */
 constexpr int SMW_PER_LANE = 16, SMW_KEYS = 32 * SMW_PER_LANE;
-__global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int ld,
-                                                          int causal) {
+__global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int causal) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
     if (row >= rows) return; /* a whole warp leaves: no reduction below misses a lane */
-    float *r = scores + (size_t)row * ld;
+    float *r = scores + (size_t)row * Tk;
     const int i = (int)(row % Tq);
     long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
     lim = lim < 0 ? 0 : lim > Tk ? Tk : lim;
@@ -556,28 +549,14 @@ __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k,
     }
 }
 
-/* Keys (or values) j0, j0 + NWARPS, ... (PAGED_GROUP of them) of one head, the lane's elements
- * lane, lane + 32, ...: every load issued before any is used; zeros past nk or the head size. */
-template <typename KT>
-__device__ __forceinline__ void paged_load_group(float (&kv)[PAGED_GROUP][PAGED_MAX_HS / 32], const KT *head,
-                                                 const int32_t *tbl, int BS, int kv_stride, int j0, int nk, int HS,
-                                                 int lane) {
-#pragma unroll
-    for (int g = 0; g < PAGED_GROUP; g++) {
-        const int j = j0 + g * NWARPS;
-        const KT *row = head + (j < nk ? pool_row(tbl, BS, j) * kv_stride : 0);
-#pragma unroll
-        for (int u = 0; u < PAGED_MAX_HS / 32; u++)
-            kv[g][u] = j < nk && lane + 32 * u < HS ? kv_load(row + lane + 32 * u) : 0.0f;
-    }
-}
-
 /* grid (NH, n_seqs, Z), NT threads, dynamic shared memory max_ctx floats (the scores of one row).
  * Block (h, s, z) handles head h of rows z, z + Z, ... of sequence s: warp w takes keys w, w + 8,
  * ..., its lanes split the head dimension (HS <= 128: four per lane at most). q is scaled as it is
  * loaded (q·scale, then q·kᵀ, as OPT). A row that would need more than max_ctx keys is written as
  * NaN instead of overflowing shared memory. Time goes to streaming the keys and values: one pass
- * over each, read once per (head, row). */
+ * over each, read once per (head, row). Tried and measured slower (H100, 2026-11-27): four keys
+ * per warp with their loads in flight together took 57 registers instead of 32, halved the blocks
+ * per SM, and the decode batch 256 case went from 0.162 to 0.274 ms. */
 template <typename KT>
 __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, const KT *k_pool,
                                                         const KT *v_pool, const int32_t *tables, int max_blocks,
@@ -605,26 +584,13 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = q[row * q_stride + (size_t)h * HS + d] * scale;
         __syncthreads();
         float lmax = -INFINITY;
-        /* Warp w takes keys w, w + 8, ..., PAGED_GROUP at a time, so that their loads are in flight
-         * together (one key at a time, a decode row waited out the latency once per key). */
-        for (int j0 = warp; j0 < nk; j0 += PAGED_GROUP * NWARPS) { /* uniform over the warp */
-            float kv[PAGED_GROUP][PAGED_MAX_HS / 32], p[PAGED_GROUP];
-            paged_load_group(kv, kh, tbl, BS, kv_stride, j0, nk, HS, lane);
-#pragma unroll
-            for (int g = 0; g < PAGED_GROUP; g++) {
-                p[g] = 0.0f;
-#pragma unroll
-                for (int u = 0; u < PAGED_MAX_HS / 32; u++)
-                    if (lane + 32 * u < HS) p[g] += qs[lane + 32 * u] * kv[g][u];
-            }
-#pragma unroll
-            for (int g = 0; g < PAGED_GROUP; g++) {
-                const int j = j0 + g * NWARPS;
-                if (j >= nk) break;
-                const float pj = warp_sum(p[g]);
-                if (lane == 0) sc[j] = pj;
-                lmax = fmaxf(lmax, pj);
-            }
+        for (int j = warp; j < nk; j += NWARPS) { /* uniform over the warp */
+            const KT *kr = kh + pool_row(tbl, BS, j) * kv_stride;
+            float p = 0.0f;
+            for (int d = lane; d < HS; d += 32) p += qs[d] * kv_load(kr + d);
+            p = warp_sum(p);
+            if (lane == 0) sc[j] = p;
+            lmax = fmaxf(lmax, p);
         }
         float mx = block_max(lmax, shf); /* its barriers publish sc */
         double lsum = 0;
@@ -636,17 +602,13 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         double sum = block_sum(lsum, shd);
         float inv = (float)(1.0 / sum);
         float acc[PAGED_MAX_HS / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int j0 = warp; j0 < nk; j0 += PAGED_GROUP * NWARPS) { /* the same keys, in the same order */
-            float kv[PAGED_GROUP][PAGED_MAX_HS / 32];
-            paged_load_group(kv, vh, tbl, BS, kv_stride, j0, nk, HS, lane);
+        for (int j = warp; j < nk; j += NWARPS) {
+            const KT *vr = vh + pool_row(tbl, BS, j) * kv_stride;
+            float p = sc[j] * inv;
 #pragma unroll
-            for (int g = 0; g < PAGED_GROUP; g++) {
-                const int j = j0 + g * NWARPS;
-                if (j >= nk) break;
-                const float p = sc[j] * inv;
-#pragma unroll
-                for (int u = 0; u < PAGED_MAX_HS / 32; u++)
-                    if (lane + 32 * u < HS) acc[u] += p * kv[g][u];
+            for (int u = 0; u < PAGED_MAX_HS / 32; u++) {
+                int d = lane + 32 * u;
+                if (d < HS) acc[u] += p * kv_load(vr + d);
             }
         }
 #pragma unroll
@@ -1110,7 +1072,7 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
-    if (C <= LN_REG_C) k_layernorm_r<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
+    if (ln_in_registers(T, C)) k_layernorm_r<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
     else k_layernorm<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
     LAUNCH_CK(c, "k_layernorm");
 }
@@ -1123,7 +1085,7 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
                                 int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
-    if (C <= LN_REG_C) k_residual_layernorm_r<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
+    if (ln_in_registers(T, C)) k_residual_layernorm_r<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
     else k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
 }
@@ -1305,22 +1267,21 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
     }
 }
 
-/* Softmax of `rows` score rows of Tk, ld apart (row n·Tq + i is query i): a warp per row where
- * the row fits its registers, a block per row otherwise. */
-static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int ld, int causal) {
+/* Softmax of `rows` score rows [rows, Tk] (row n·Tq + i is query i): a warp per row where the
+ * row fits its registers, a block per row otherwise. */
+static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int causal) {
     if (Tk <= SMW_KEYS) {
-        k_attn_softmax_warp<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, c->stream>>>(scores, rows, Tq, Tk, ld,
-                                                                                               causal);
+        k_attn_softmax_warp<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, c->stream>>>(scores, rows, Tq, Tk, causal);
         return LAUNCH_CK(c, "k_attn_softmax_warp");
     }
-    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, ld, causal);
+    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, causal);
     return LAUNCH_CK(c, "k_attn_softmax");
 }
 
 /* BLIP2_FUSED_ATTN=1 sends a 16-bit model's encoder attention to the fused kernel; by default it
- * takes the strided-batched products. The first H100 run (2026-11-27) measured the fused kernel
- * 4.5x slower than them at one image (0.256 vs 0.057 ms a layer); the loads and the softmax were
- * rewritten since, and bench/gpu/run.sh times both ways. */
+ * takes the strided-batched products. Measured on an H100 (2026-11-27): at first the fused kernel
+ * was 4.5x slower than them (0.256 vs 0.057 ms a vision layer); with its loads and softmax
+ * rewritten, vision + Q-Former still take 8.7 vs 4.8 ms at one image and 171 vs 135 ms at 64. */
 bool fused_attention_enabled() {
     static const bool on = [] {
         const char *e = getenv("BLIP2_FUSED_ATTN");
@@ -1363,19 +1324,18 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
     const bool per_image = B <= NH;
     const int outer = per_image ? B : NH, batch = per_image ? NH : B;
     const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
-    const int ld = blip2_attention_ld(Tk); /* aligned score rows: cuBLAS's vectorised kernels */
-    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * ld;
+    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * Tk;
     for (int i = 0; i < outer; i++) {
         size_t oq = per_image ? (size_t)i * Tq * q_stride : (size_t)i * HS;
         size_t okv = per_image ? (size_t)i * Tk * kv_stride : (size_t)i * HS;
         size_t oo = per_image ? (size_t)i * Tq * NH * HS : (size_t)i * HS;
         if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
                                                      CUDA_R_32F, kv_stride, skv, q + oq, CUDA_R_32F, q_stride, sq, &zero,
-                                                     scratch, CUDA_R_32F, ld, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
+                                                     scratch, CUDA_R_32F, Tk, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
-        if (!attn_softmax(c, scratch, (long long)batch * Tq, Tq, Tk, ld, causal)) return;
+        if (!attn_softmax(c, scratch, (long long)batch * Tq, Tq, Tk, causal)) return;
         if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
-                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, ld, st_s, &zero,
+                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, Tk, st_s, &zero,
                                                      out + oo, CUDA_R_32F, NH * HS, so, batch, ct, CUBLAS_GEMM_DEFAULT)))
             return;
     }
