@@ -1740,6 +1740,7 @@ static const op_case cases[] = {
     ATT16(3, 9, 13, 2, 20, 0, F16, "fused, odd: one partial tile each way, head size 20 (padded to 32)"),
     ATT16(2, 70, 40, 3, 128, 1, F16, "fused: two query and two key tiles, the largest head size"),
     ATT16(2, 33, 47, 3, 13, 0, F16, "fused, head size 13: element loads (no float4)"),
+    ATT16(1, 13, 400, 2, 16, 0, F16, "f16, 400 keys: above the fused kernel's 320 (the products)"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),

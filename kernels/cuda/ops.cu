@@ -1122,36 +1122,39 @@ void blip2_relu(float *x, size_t n) {
  * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
  * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
 /* ------------------------------------------------------------------------------------------------
- * Fused attention for the encoders of a 16-bit model (non-causal): scores, softmax and the
- * weighted sum of one (image, head, 64-query tile) in one block, the score matrix never leaving
- * shared memory. Where the unfused path writes and reads [B·NH, Tq, Tk] fp32 scores three times
- * (~1 GB per vision layer at 64 images), this reads q, k, v once per tile and writes the output.
+ * Fused attention for the encoders of a 16-bit model (non-causal, Tk <= FA_MAX_TK): scores,
+ * softmax and the weighted sum of one (image, head, 64-query tile) in one block, the scores never
+ * leaving shared memory. Where the unfused path writes and reads [B·NH, Tq, Tk] fp32 scores three
+ * times (~1 GB per vision layer at 64 images), this reads q once and k, v once per tile.
  *
- * 4 warps, 16 query rows each; keys in tiles of FA_KT. Per key tile: k and v narrowed to half into
- * shared memory; S = (scale·q)·kᵀ on the tensor cores (WMMA 16×16×16, fp32 accumulation); an online
- * softmax over each row (running max m and sum l, as flash attention); P = exp(S − m) in half;
- * O = O·exp(m_old − m) + P·v, O kept in shared memory in fp32 (WMMA leaves the fragments' layout
- * unspecified, so rows are rescaled there). Head size padded with zeros to a multiple of 16, keys
- * past Tk and queries past Tq masked. Numerics: q·scale, k, v and P in half (10-bit mantissa, like
- * the TF32 path), sums in fp32; |values| must stay within half's range, as they do in a 16-bit
- * model's activations. */
-constexpr int FA_Q = 64, FA_KT = 32, FA_WARPS = FA_Q / 16, FA_MAX_HS = 128;
-static_assert(FA_KT == 32, "the softmax gives each lane of a warp one key of the tile");
+ * 4 warps, 16 query rows each. The whole score rows fit shared memory (the encoders' 257 keys),
+ * so the softmax is exact, not online, and the output accumulates in registers:
+ *   1. per key tile of FA_KT: k narrowed to half in shared memory, S[rows, tile] = (scale·q)·kᵀ on
+ *      the tensor cores (WMMA 16×16×16, fp32 sums) into the block's score rows;
+ *   2. each warp's 16 rows: max, P = exp(S − max) in half written over the row's own floats (each
+ *      lane holds its keys before any write), l = Σ P;
+ *   3. per key tile: v narrowed to half, O += P·v in WMMA accumulators (HSP/16 of them per warp);
+ *   4. O / l to out, through the warp's own score rows.
+ * The first version (an online softmax per 32-key tile, O rescaled in shared memory each tile) was
+ * 4.5x slower than the unfused path on an H100, 1.3–1.8x after its loads were batched. Head size
+ * padded with zeros to a multiple of 16, keys past Tk (to FA_KT) and queries past Tq masked.
+ * Numerics: q·scale, k, v and P in half (10-bit mantissa, like the TF32 path), sums in fp32;
+ * |values| must stay within half's range, as they do in a 16-bit model's activations. */
+constexpr int FA_Q = 64, FA_KT = 32, FA_WARPS = FA_Q / 16, FA_MAX_HS = 128, FA_MAX_TK = 320;
 
 struct fa_layout { /* byte offsets into the dynamic shared memory, each a multiple of 128 */
-    size_t q, k, v, s, p, o, m, l, bytes;
+    size_t q, kv, s, l, bytes;
 };
 __host__ __device__ inline size_t fa_align(size_t x) { return (x + 127) & ~(size_t)127; }
-__host__ __device__ inline fa_layout fa_plan(int HSP) {
+__host__ __device__ inline int fa_keys(int Tk) { return (Tk + FA_KT - 1) / FA_KT * FA_KT; } /* TKP */
+/* Row stride W of the score rows: the keys, and at least the head size (O goes out through them). */
+__host__ __device__ inline int fa_width(int HSP, int TKP) { return TKP > HSP ? TKP : HSP; }
+__host__ __device__ inline fa_layout fa_plan(int HSP, int TKP) {
     fa_layout L;
     L.q = 0;
-    L.k = fa_align(L.q + (size_t)FA_Q * HSP * 2);
-    L.v = fa_align(L.k + (size_t)FA_KT * HSP * 2);
-    L.s = fa_align(L.v + (size_t)FA_KT * HSP * 2);
-    L.p = fa_align(L.s + (size_t)FA_Q * FA_KT * 4);
-    L.o = fa_align(L.p + (size_t)FA_Q * FA_KT * 2);
-    L.m = fa_align(L.o + (size_t)FA_Q * HSP * 4);
-    L.l = fa_align(L.m + (size_t)FA_Q * 4);
+    L.kv = fa_align(L.q + (size_t)FA_Q * HSP * 2);
+    L.s = fa_align(L.kv + (size_t)FA_KT * HSP * 2);
+    L.l = fa_align(L.s + (size_t)FA_Q * fa_width(HSP, TKP) * 4);
     L.bytes = fa_align(L.l + (size_t)FA_Q * 4);
     return L;
 }
@@ -1203,67 +1206,87 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
                                                                    int q_stride, int kv_stride, float scale, bool vec) {
     using namespace nvcuda;
     extern __shared__ __align__(128) float fa_smem[]; /* WMMA pointers must be 32-byte aligned */
-    const int HSP = (HS + 15) & ~15, b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
+    const int HSP = (HS + 15) & ~15, TKP = fa_keys(Tk), W = fa_width(HSP, TKP);
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
-    const fa_layout L = fa_plan(HSP);
+    const fa_layout L = fa_plan(HSP, TKP);
     unsigned char *base = (unsigned char *)fa_smem;
-    __half *Qs = (__half *)(base + L.q), *Ks = (__half *)(base + L.k), *Vs = (__half *)(base + L.v);
-    __half *Ps = (__half *)(base + L.p);
-    float *Ss = (float *)(base + L.s), *Os = (float *)(base + L.o), *M = (float *)(base + L.m), *Lsum = (float *)(base + L.l);
+    __half *Qs = (__half *)(base + L.q), *KVs = (__half *)(base + L.kv);
+    float *Ss = (float *)(base + L.s), *Lsum = (float *)(base + L.l);
+    __half *Ps = (__half *)Ss; /* row r's P: halves [r·2·W, r·2·W + TKP), over its own floats */
     const float *qb = q + (size_t)b * Tq * q_stride + (size_t)h * HS;
     const float *kb = k + (size_t)b * Tk * kv_stride + (size_t)h * HS, *vb = v + (size_t)b * Tk * kv_stride + (size_t)h * HS;
     fa_load_half<FA_Q>(Qs, qb, q0, Tq, q_stride, HS, HSP, scale, vec);
-    for (int i = threadIdx.x; i < FA_Q * HSP; i += blockDim.x) Os[i] = 0.0f;
-    for (int i = threadIdx.x; i < FA_Q; i += blockDim.x) M[i] = -INFINITY, Lsum[i] = 0.0f;
-    for (int k0 = 0; k0 < Tk; k0 += FA_KT) {
-        __syncthreads(); /* the last tile's k, v and P are no longer read */
-        fa_load_half<FA_KT>(Ks, kb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
-        fa_load_half<FA_KT>(Vs, vb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
+    for (int k0 = 0; k0 < TKP; k0 += FA_KT) { /* 1. the scores */
+        __syncthreads(); /* Q is in; the last tile's k is no longer read */
+        fa_load_half<FA_KT>(KVs, kb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
         __syncthreads();
-        for (int t = 0; t < FA_KT / 16; t++) { /* S[r0 .. r0+16, t·16 .. +16] = Q·Kᵀ */
+        for (int t = 0; t < FA_KT / 16; t++) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
             wmma::fill_fragment(acc, 0.0f);
             for (int kk = 0; kk < HSP; kk += 16) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fq;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fk;
                 wmma::load_matrix_sync(fq, Qs + (size_t)r0 * HSP + kk, HSP);
-                wmma::load_matrix_sync(fk, Ks + (size_t)t * 16 * HSP + kk, HSP);
+                wmma::load_matrix_sync(fk, KVs + (size_t)t * 16 * HSP + kk, HSP);
                 wmma::mma_sync(acc, fq, fk, acc);
             }
-            wmma::store_matrix_sync(Ss + (size_t)r0 * FA_KT + t * 16, acc, FA_KT, wmma::mem_row_major);
+            wmma::store_matrix_sync(Ss + (size_t)r0 * W + k0 + t * 16, acc, W, wmma::mem_row_major);
         }
-        __syncwarp();
-        const int valid = Tk - k0 < FA_KT ? Tk - k0 : FA_KT;
-        for (int rr = 0; rr < 16; rr++) { /* the online softmax of row r0 + rr, a key per lane (FA_KT = 32) */
-            const int r = r0 + rr;
-            const float sv = lane < valid ? Ss[(size_t)r * FA_KT + lane] : -INFINITY;
-            const float m_old = M[r], m_new = fmaxf(m_old, warp_max(sv));
-            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            const __half p = __float2half_rn(lane < valid ? expf(sv - m_new) : 0.0f);
-            Ps[(size_t)r * FA_KT + lane] = p;
-            const float sum = warp_sum(__half2float(p)); /* also: every lane has read M[r] */
-            if (lane == 0) M[r] = m_new, Lsum[r] = Lsum[r] * alpha + sum;
-            for (int d = lane; d < HSP; d += 32) Os[(size_t)r * HSP + d] *= alpha; /* O's row rescaled */
-        }
-        __syncwarp();
-        for (int u = 0; u < HSP; u += 16) { /* O[r0 .. r0+16, u .. u+16] += P·V */
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, Os + (size_t)r0 * HSP + u, HSP, wmma::mem_row_major);
-            for (int kk = 0; kk < FA_KT; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
-                wmma::load_matrix_sync(fp, Ps + (size_t)r0 * FA_KT + kk, FA_KT);
-                wmma::load_matrix_sync(fv, Vs + (size_t)kk * HSP + u, HSP);
-                wmma::mma_sync(acc, fp, fv, acc);
-            }
-            wmma::store_matrix_sync(Os + (size_t)r0 * HSP + u, acc, HSP, wmma::mem_row_major);
-        }
-        __syncwarp();
     }
+    __syncwarp();
+    for (int rr = 0; rr < 16; rr++) { /* 2. the warp's rows: exact softmax, P in half over S */
+        const int r = r0 + rr;
+        float sv[FA_MAX_TK / 32], mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < FA_MAX_TK / 32; u++) {
+            const int j = lane + 32 * u;
+            sv[u] = j < Tk ? Ss[(size_t)r * W + j] : -INFINITY;
+            mx = fmaxf(mx, sv[u]);
+        }
+        mx = warp_max(mx); /* also: every lane has read the row before any writes over it */
+        float sum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < FA_MAX_TK / 32; u++) {
+            const int j = lane + 32 * u;
+            if (j >= TKP) break;
+            const __half p = __float2half_rn(j < Tk ? expf(sv[u] - mx) : 0.0f);
+            Ps[(size_t)r * 2 * W + j] = p;
+            sum += __half2float(p);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) Lsum[r] = sum;
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[FA_MAX_HS / 16];
+#pragma unroll
+    for (int u = 0; u < FA_MAX_HS / 16; u++) wmma::fill_fragment(o[u], 0.0f);
+    for (int k0 = 0; k0 < TKP; k0 += FA_KT) { /* 3. O += P·v */
+        __syncthreads(); /* the last tile's k or v is no longer read */
+        fa_load_half<FA_KT>(KVs, vb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
+        __syncthreads();
+        for (int kk = 0; kk < FA_KT; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
+            wmma::load_matrix_sync(fp, Ps + (size_t)r0 * 2 * W + k0 + kk, 2 * W);
+#pragma unroll
+            for (int u = 0; u < FA_MAX_HS / 16; u++) {
+                if (u * 16 >= HSP) break;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
+                wmma::load_matrix_sync(fv, KVs + (size_t)kk * HSP + u * 16, HSP);
+                wmma::mma_sync(o[u], fp, fv, o[u]);
+            }
+        }
+    }
+    __syncwarp(); /* 4. O through the warp's own score rows (only this warp reads them) */
+#pragma unroll
+    for (int u = 0; u < FA_MAX_HS / 16; u++) {
+        if (u * 16 >= HSP) break;
+        wmma::store_matrix_sync(Ss + (size_t)r0 * W + u * 16, o[u], W, wmma::mem_row_major);
+    }
+    __syncwarp();
     float *ob = out + ((size_t)b * Tq) * NH * HS + (size_t)h * HS;
     for (int i = lane; i < 16 * HS; i += 32) {
-        int r = r0 + i / HS, d = i % HS;
-        if (q0 + r < Tq) ob[(size_t)(q0 + r) * NH * HS + d] = Os[(size_t)r * HSP + d] / Lsum[r];
+        const int r = r0 + i / HS, d = i % HS;
+        if (q0 + r < Tq) ob[(size_t)(q0 + r) * NH * HS + d] = Ss[(size_t)r * W + d] / Lsum[r];
     }
 }
 
@@ -1279,9 +1302,11 @@ static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int T
 }
 
 /* BLIP2_FUSED_ATTN=1 sends a 16-bit model's encoder attention to the fused kernel; by default it
- * takes the strided-batched products. Measured on an H100 (2026-11-27): at first the fused kernel
+ * takes the strided-batched products. Measured on an H100 (2026-11-27), the online-softmax version
  * was 4.5x slower than them (0.256 vs 0.057 ms a vision layer); with its loads and softmax
- * rewritten, vision + Q-Former still take 8.7 vs 4.8 ms at one image and 171 vs 135 ms at 64. */
+ * rewritten, vision + Q-Former still took 8.7 vs 4.8 ms at one image and 171 vs 135 ms at 64.
+ * The whole-row version above came after that run and has not been timed: bench/gpu/run.sh's
+ * ours_fused and ops_perf_attention give both ways side by side. */
 bool fused_attention_enabled() {
     static const bool on = [] {
         const char *e = getenv("BLIP2_FUSED_ATTN");
@@ -1292,9 +1317,9 @@ bool fused_attention_enabled() {
 
 void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq,
                      int Tk, int NH, int HS, int q_stride, int kv_stride, float scale) {
-    const size_t smem = fa_plan((HS + 15) & ~15).bytes;
+    const size_t smem = fa_plan((HS + 15) & ~15, fa_keys(Tk)).bytes;
     static const cudaError_t optin = cudaFuncSetAttribute(k_attention_fused, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          (int)fa_plan(FA_MAX_HS).bytes); /* once: the largest plan */
+                                                          (int)fa_plan(FA_MAX_HS, FA_MAX_TK).bytes); /* once: the largest */
     if (!CUDA_CK(c, optin)) return;
     dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
     const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 && ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
@@ -1311,7 +1336,7 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * sizeof(float), c->stream));
         return;
     }
-    if (wdtype == BLIP2_W_F16 && !causal && HS <= FA_MAX_HS && fused_attention_enabled()) {
+    if (wdtype == BLIP2_W_F16 && !causal && HS <= FA_MAX_HS && Tk <= FA_MAX_TK && fused_attention_enabled()) {
         attention_fused(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
         return;
     }
