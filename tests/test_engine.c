@@ -182,8 +182,8 @@ static int same_ids(const outcome *a, const outcome *b) {
 }
 
 /* bf16 on a device rounds activations to 8-bit mantissas before each product (the CPU keeps them
- * in fp32). Beam search prunes to 3 of 6 candidates every step, and an early near-tie there can
- * change the winner: on an H100 (2026-11-27) tiny-f32-sharded case 4 found another sequence than the fp32
+ * in fp32). Beam search prunes to 3 beams every step, and an early near-tie there can change the
+ * winner: on an H100 (2026-11-27) tiny-f32-sharded case 4 found another sequence than the fp32
  * golden 11274 x12 (whose final score is 0.34 above the runner-up's: the split was in the pruning).
  * There, beams are compared exactly only where the golden beam equals the golden greedy path. */
 static int g_beam_loose;

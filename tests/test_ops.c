@@ -1580,7 +1580,8 @@ static void extra_fill_normal(op_ctx *x) {
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
 /* A 16-bit model's attention on the device: with f16 weights (and BLIP2_FUSED_ATTN=1, set by main
- * unless given) the fused tensor-core kernel (q, k, v and P in half), with bf16 TF32 products (10-bit mantissas either way: 1e-2 like matmul_h). */
+ * unless given) the fused tensor-core kernel (q, k, v and P in half), with bf16 TF32 products
+ * (10-bit mantissas either way: 1e-2 like matmul_h). */
 #define ATT16(B, Tq, Tk, NH, HS, layout, wd, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, wd}, 0, 1e-5, 1e-2, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \

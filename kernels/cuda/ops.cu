@@ -257,7 +257,7 @@ constexpr int LN_PER = 16, LN_REG_C = NT * LN_PER, LN_REG_T = 256;
  * rows (vision: 16448 at 64 images): the loop kernels, measured there; their registers leave more
  * blocks per SM to hide the latency. Both give the same bits, so a row's norm does not depend on
  * its batch. */
-__host__ __device__ inline bool ln_in_registers(int T, int C) { return C <= LN_REG_C && T <= LN_REG_T; }
+inline bool ln_in_registers(int T, int C) { return C <= LN_REG_C && T <= LN_REG_T; }
 /* The rest of both: this thread's partial sum s of its elements v (i = threadIdx.x + u·NT < C) to
  * the mean, the variance in the loop kernels' order, then out = (v − mean)·rstd·w + b of adtype. */
 __device__ __forceinline__ void ln_regs_finish(const float (&v)[LN_PER], const float (&wv)[LN_PER],
@@ -1118,9 +1118,6 @@ void blip2_relu(float *x, size_t n) {
     if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_RELU);
 }
 
-/* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
- * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
- * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
 /* ------------------------------------------------------------------------------------------------
  * Fused attention for the encoders of a 16-bit model (non-causal, Tk <= FA_MAX_TK): scores,
  * softmax and the weighted sum of one (image, head, 64-query tile) in one block, the scores never
@@ -1215,7 +1212,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
     float *Ss = (float *)(base + L.s), *Lsum = (float *)(base + L.l);
     __half *Ps = (__half *)Ss; /* row r's P: halves [r·2·W, r·2·W + TKP), over its own floats */
     const float *qb = q + (size_t)b * Tq * q_stride + (size_t)h * HS;
-    const float *kb = k + (size_t)b * Tk * kv_stride + (size_t)h * HS, *vb = v + (size_t)b * Tk * kv_stride + (size_t)h * HS;
+    const size_t kv0 = (size_t)b * Tk * kv_stride + (size_t)h * HS;
+    const float *kb = k + kv0, *vb = v + kv0;
     fa_load_half<FA_Q>(Qs, qb, q0, Tq, q_stride, HS, HSP, scale, vec);
     for (int k0 = 0; k0 < TKP; k0 += FA_KT) { /* 1. the scores */
         __syncthreads(); /* Q is in; the last tile's k is no longer read */
@@ -1294,7 +1292,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
  * row fits its registers, a block per row otherwise. */
 static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int causal) {
     if (Tk <= SMW_KEYS) {
-        k_attn_softmax_warp<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, c->stream>>>(scores, rows, Tq, Tk, causal);
+        const unsigned blocks = (unsigned)((rows + NT / 32 - 1) / (NT / 32));
+        k_attn_softmax_warp<<<blocks, NT, 0, c->stream>>>(scores, rows, Tq, Tk, causal);
         return LAUNCH_CK(c, "k_attn_softmax_warp");
     }
     k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, causal);
@@ -1322,12 +1321,16 @@ void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float 
                                                           (int)fa_plan(FA_MAX_HS, FA_MAX_TK).bytes); /* once: the largest */
     if (!CUDA_CK(c, optin)) return;
     dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
-    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 && ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
+    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 &&
+                     ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
     k_attention_fused<<<grid, FA_WARPS * 32, smem, c->stream>>>(out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, scale,
                                                                 vec);
     LAUNCH_CK(c, "k_attention_fused");
 }
 
+/* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
+ * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
+ * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
     blip2_cuda_ctx *c = cur("attention");
