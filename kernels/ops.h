@@ -73,14 +73,18 @@ void blip2_residual_add(float *x, const float *y, size_t n);
 void blip2_gelu(float *x, size_t n);
 void blip2_relu(float *x, size_t n);
 
+/* The row stride of attention's score scratch: Tk rounded up to 8 floats, so that the device's
+ * products see aligned matrices (with rows of 257, cuBLAS ran them on alignment-1 kernels). */
+static inline int blip2_attention_ld(int Tk) { return (Tk + 7) & ~7; }
+
 /* Multi-head attention for B sequences of equal length (a batch of images). Sequence b has q
  * [Tq, q_stride] at q + b·Tq·q_stride, k and v [Tk, kv_stride] at k, v + b·Tk·kv_stride, out
  * [Tq, NH·HS] at out + b·Tq·NH·HS (heads concatenated h-major); head h reads columns
  * [h·HS, (h+1)·HS). scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its
- * own past). scratch holds max(B, NH)·Tq·Tk floats (score matrices: the device batches over heads
- * or over sequences, whichever is more). wdtype is the model's weight type: with 16-bit weights
- * the device may run the two products on TF32 tensor cores (10-bit mantissa, like the weights);
- * the reference always computes in fp32. */
+ * own past). scratch holds max(B, NH)·Tq·blip2_attention_ld(Tk) floats (score matrices: the
+ * device batches over heads or over sequences, whichever is more). wdtype is the model's weight
+ * type: with 16-bit weights the device may run the two products on TF32 tensor cores (10-bit
+ * mantissa, like the weights); the reference always computes in fp32. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
 

@@ -16,7 +16,8 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
     size_t B = (size_t)(max_B > 0 ? max_B : 1), T = (size_t)c->vision.T, Q = (size_t)c->Q;
     size_t Cv = (size_t)c->vision.C, Cq = (size_t)c->qformer.C, TQ = max_sz(T, Q);
     size_t K = (size_t)c->vision.channels * c->vision.patch_size * c->vision.patch_size;
-    size_t sv = max_sz(B, (size_t)c->vision.NH) * T * T, sq = max_sz(B, (size_t)c->qformer.NH) * Q * TQ;
+    size_t sv = max_sz(B, (size_t)c->vision.NH) * T * blip2_attention_ld((int)T); /* ops.h: the score scratch */
+    size_t sq = max_sz(B, (size_t)c->qformer.NH) * Q * blip2_attention_ld((int)TQ);
     ws->ops = o;
     ws->max_B = (int)B;
     float **bufs[] = {&ws->pixels, &ws->patches, &ws->x,  &ws->a,    &ws->ctx, &ws->qkv, &ws->mlp, &ws->scores,

@@ -739,7 +739,7 @@ static void setup_attention(op_ctx *x) {
         }
     }
     int most = s.B > s.NH ? s.B : s.NH;
-    int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * s.Tk); /* the score matrices of one batched product */
+    int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * blip2_attention_ld(s.Tk)); /* one batched product's scores */
     int out = buf_new(x, B_OUT, (size_t)rq * s.C);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;
@@ -1755,6 +1755,7 @@ static const op_case cases[] = {
     ATT(13, 65, 2, 3, 0, 0, 1, 0, 0, "odd"),
     ATT(65, 65, 4, 13, 1, 1, 7, 0, 0, "odd"),
     ATT(13, 13, 2, 16, 0, 1, 0, 6, 0, "large scores"),
+    ATT(5, 601, 2, 16, 1, 0, 0, 0, 0, "601 keys: a block per softmax row, a tail of 1, causal with a cache"),
     ATT_REL(13, 13, 3, 7, "causal semantics"),
     ATT_REL(5, 17, 2, 9, "causal semantics with a cache"),
 

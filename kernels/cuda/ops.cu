@@ -343,15 +343,16 @@ __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
     softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
 }
 
-/* Scores [batch, Tq, Tk]: row blockIdx.x = n·Tq + i; causal rows see keys j <= i + (Tk − Tq). */
-__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int causal) {
+/* Scores [batch, Tq, ld] (Tk used of each row of ld): row blockIdx.x = n·Tq + i; causal rows see
+ * keys j <= i + (Tk − Tq). */
+__global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int ld, int causal) {
     __shared__ float shf[32];
     __shared__ double shd[32];
     int i = (int)(blockIdx.x % (unsigned)Tq);
     long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
     if (lim < 0) lim = 0;
     if (lim > Tk) lim = Tk;
-    softmax_row(scores + (size_t)blockIdx.x * Tk, Tk, (int)lim, shf, shd);
+    softmax_row(scores + (size_t)blockIdx.x * ld, Tk, (int)lim, shf, shd);
 }
 
 /* The same, one warp per row, for rows of at most SMW_KEYS keys (the encoders' 257 and 32): the
@@ -359,11 +360,12 @@ __global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int 
  * latency-bound there: at 64 images a vision layer has 263k rows of 257, each a block of 256
  * threads with four barriers. */
 constexpr int SMW_PER_LANE = 16, SMW_KEYS = 32 * SMW_PER_LANE;
-__global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int causal) {
+__global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int ld,
+                                                          int causal) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
     if (row >= rows) return; /* a whole warp leaves: no reduction below misses a lane */
-    float *r = scores + (size_t)row * Tk;
+    float *r = scores + (size_t)row * ld;
     const int i = (int)(row % Tq);
     long long lim = causal ? (long long)i + (Tk - Tq) + 1 : Tk;
     lim = lim < 0 ? 0 : lim > Tk ? Tk : lim;
@@ -1288,15 +1290,15 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
     }
 }
 
-/* Softmax of `rows` score rows [rows, Tk] (row n·Tq + i is query i): a warp per row where the
- * row fits its registers, a block per row otherwise. */
-static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int causal) {
+/* Softmax of `rows` score rows [rows, ld] of Tk keys (row n·Tq + i is query i): a warp per row
+ * where the row fits its registers, a block per row otherwise. */
+static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int ld, int causal) {
     if (Tk <= SMW_KEYS) {
         const unsigned blocks = (unsigned)((rows + NT / 32 - 1) / (NT / 32));
-        k_attn_softmax_warp<<<blocks, NT, 0, c->stream>>>(scores, rows, Tq, Tk, causal);
+        k_attn_softmax_warp<<<blocks, NT, 0, c->stream>>>(scores, rows, Tq, Tk, ld, causal);
         return LAUNCH_CK(c, "k_attn_softmax_warp");
     }
-    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, causal);
+    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, ld, causal);
     return LAUNCH_CK(c, "k_attn_softmax");
 }
 
@@ -1328,9 +1330,35 @@ void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float 
     LAUNCH_CK(c, "k_attention_fused");
 }
 
+/* One strided-batched product on the context's stream: C = alpha·op(A)·B + beta·C, column-major,
+ * fp32 matrices, compute type ct. */
+struct sb_mat {
+    const float *p;
+    int ld;
+    long long stride;
+};
+static bool sb_gemm(blip2_cuda_ctx *c, cublasOperation_t ta, int m, int n, int k, float alpha, sb_mat a, sb_mat b,
+                    float beta, float *cp, int ldc, long long sc, int batch, cublasComputeType_t ct) {
+    return CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, ta, CUBLAS_OP_N, m, n, k, &alpha, a.p, CUDA_R_32F, a.ld,
+                                                   a.stride, b.p, CUDA_R_32F, b.ld, b.stride, &beta, cp, CUDA_R_32F, ldc,
+                                                   sc, batch, ct, CUBLAS_GEMM_DEFAULT));
+}
+
 /* Row-major S_h[Tq, Tk] = scale·Q_h·K_hᵀ is, column-major, S_hᵀ[Tk × Tq] = K_h(HS × Tk, ld kv_stride)ᵀ ·
  * Q_h(HS × Tq, ld q_stride); O_h[Tq, HS] (ld NH·HS) is O_hᵀ[HS × Tq] = V_h(HS × Tk, ld kv_stride) · P_hᵀ(Tk × Tq).
- * Head h is the batch index: stride HS in q, k, v and out, Tq·Tk in the scores. */
+ * Head h is the batch index: stride HS in q, k, v and out, Tq·ld in the scores (ld =
+ * blip2_attention_ld(Tk)).
+ *
+ * Alignment: with Tk = 257 as the scores' row count (first product) and as the inner dimension
+ * (second), cuBLAS ran both on alignment-1 TF32 kernels at ~19 TFLOP/s (ncu, H100, 2026-11-27:
+ * 1.14 ms a vision layer at 64 images); padding only the row stride did not change its choice.
+ * So the keys split into Tk8 = Tk rounded down to 8, every matrix of those products aligned, and
+ * a tail of Tk − Tk8 < 8 keys: a sliver of a product, whose PV part is added to the first
+ * (beta = 1). The padding columns [Tk, ld) of the scores are never read. */
+struct attn_half {
+    const float *k, *v; /* the first key/value row of this part (the head's column offset included) */
+    int keys, col;      /* keys in the part, its first column in the score rows */
+};
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
     blip2_cuda_ctx *c = cur("attention");
@@ -1343,29 +1371,31 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         attention_fused(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
         return;
     }
-    /* Two strided-batched products and a softmax per image (batched over its heads) or per head
-     * (batched over the images), whichever loop is shorter: 3·min(B, NH) launches. A 16-bit model
-     * runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32 SIMT
-     * would add tens of ms); an fp32 model keeps fp32. */
-    const float one = 1.0f, zero = 0.0f;
+    /* Per outer step: the two products (each in up to two parts) and a softmax per image (batched
+     * over its heads) or per head (batched over the images), whichever loop is shorter. A 16-bit
+     * model runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32
+     * SIMT would add tens of ms); an fp32 model keeps fp32. */
     const cublasComputeType_t ct = wdtype == BLIP2_W_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
     const bool per_image = B <= NH;
-    const int outer = per_image ? B : NH, batch = per_image ? NH : B;
+    const int outer = per_image ? B : NH, batch = per_image ? NH : B, ld = blip2_attention_ld(Tk), Tk8 = Tk & ~7;
     const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
-    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * Tk;
+    const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * ld;
     for (int i = 0; i < outer; i++) {
         size_t oq = per_image ? (size_t)i * Tq * q_stride : (size_t)i * HS;
         size_t okv = per_image ? (size_t)i * Tk * kv_stride : (size_t)i * HS;
         size_t oo = per_image ? (size_t)i * Tq * NH * HS : (size_t)i * HS;
-        if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, HS, &scale, k + okv,
-                                                     CUDA_R_32F, kv_stride, skv, q + oq, CUDA_R_32F, q_stride, sq, &zero,
-                                                     scratch, CUDA_R_32F, Tk, st_s, batch, ct, CUBLAS_GEMM_DEFAULT)))
-            return;
-        if (!attn_softmax(c, scratch, (long long)batch * Tq, Tq, Tk, causal)) return;
-        if (!CUBLAS_CK(c, cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, HS, Tq, Tk, &one, v + okv,
-                                                     CUDA_R_32F, kv_stride, skv, scratch, CUDA_R_32F, Tk, st_s, &zero,
-                                                     out + oo, CUDA_R_32F, NH * HS, so, batch, ct, CUBLAS_GEMM_DEFAULT)))
-            return;
+        const attn_half parts[2] = {{k + okv, v + okv, Tk8, 0},
+                                    {k + okv + (size_t)Tk8 * kv_stride, v + okv + (size_t)Tk8 * kv_stride, Tk - Tk8, Tk8}};
+        for (const attn_half &p : parts)
+            if (p.keys > 0 && !sb_gemm(c, CUBLAS_OP_T, p.keys, Tq, HS, scale, {p.k, kv_stride, skv},
+                                       {q + oq, q_stride, sq}, 0.0f, scratch + p.col, ld, st_s, batch, ct))
+                return;
+        if (!attn_softmax(c, scratch, (long long)batch * Tq, Tq, Tk, ld, causal)) return;
+        for (const attn_half &p : parts)
+            if (p.keys > 0 && !sb_gemm(c, CUBLAS_OP_N, HS, Tq, p.keys, 1.0f, {p.v, kv_stride, skv},
+                                       {scratch + p.col, ld, st_s}, p.col > 0 ? 1.0f : 0.0f, out + oo, NH * HS, so,
+                                       batch, ct))
+                return;
     }
 }
 
