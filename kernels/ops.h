@@ -198,6 +198,10 @@ typedef struct blip2_ops {
     void *(*capture_end)(char *why, size_t n);
     int (*graph_launch)(void *graph);
     void (*graph_free)(void *graph);
+    /* Whether a row's results are promised to be the same bits whatever other rows share its
+     * calls (a request's seeded samples then do not depend on who else is in the batch). NULL:
+     * yes (the host reference). CUDA: only with BLIP2_BATCH_INVARIANT=1 (kernels/cuda/ops.cu). */
+    int (*batch_invariant)(void);
 
     void (*matmul)(float *, const float *, const float *, const float *, int, int, int);
     void (*matmul_h)(float *, const float *, const uint16_t *, const float *, int, int, int, int, int);

@@ -1,8 +1,9 @@
 /* The serving engine against the goldens and against itself: greedy and beam search reproduce
  * transformers; 64 concurrent requests in random order and arrival times get exactly the ids
- * each gets alone (greedy and seeded sampling, with and without a repetition penalty); a KV
- * cache too small for everyone still serves everyone and ends with no block in use, cancellations
- * and deadlines included; a repeated image skips the vision encoder. */
+ * each gets alone (greedy, and seeded sampling where the backend promises batch invariance; with
+ * and without a repetition penalty); a KV cache too small for everyone still serves everyone and
+ * ends with no block in use, cancellations and deadlines included; a repeated image skips the
+ * vision encoder. */
 #include <jansson.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -221,6 +222,18 @@ static void test_goldens(env_t *env, const char *name, fcase *cases, int nc, out
  * (still above the GEMV's 8 rows) and 12 instead of 40 in the capacity test. */
 static int g_quick;
 
+/* Seeded samples alone vs among others: exact where the backend promises a row the same bits in
+ * any batch (ops.h batch_invariant: the host reference; CUDA with BLIP2_BATCH_INVARIANT=1).
+ * Elsewhere a draw near a boundary may move with the last bits of the logits, so the count is
+ * printed, not checked. Greedy rows are checked exactly everywhere (the goldens hold no near-tie). */
+static int exact_samples(const env_t *env, const char *name, const char *what, int same, int of) {
+    const blip2_ops *o = env->m->ops;
+    if (!o->batch_invariant || o->batch_invariant()) return 1;
+    printf("note: %s: %d of %d %s match alone vs in a batch (batch invariance is not promised by default on %s: "
+           "BLIP2_BATCH_INVARIANT=1)\n", name, same, of, what, o->name);
+    return 0;
+}
+
 static void test_batch_invariance(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
     blip2_job jobs[64];
     outcome out[64], alone[8];
@@ -253,7 +266,8 @@ static void test_batch_invariance(env_t *env, const char *name, fcase *cases, in
         same_s += same_ids(&out[i], &alone[i]);
         off_greedy += !same_ids(&alone[i], &solo[i % nc]);
     }
-    CHECK(same_s == 8, "%s: %d of 8 seeded samples match alone vs among %d", name, same_s, many);
+    if (exact_samples(env, name, "seeded samples", same_s, 8))
+        CHECK(same_s == 8, "%s: %d of 8 seeded samples match alone vs among %d", name, same_s, many);
     CHECK(off_greedy > 0, "%s: sampling never left the greedy path", name);
 
     /* Repetition penalties go to the backend with the step (each row's distinct history ids):
@@ -271,15 +285,21 @@ static void test_batch_invariance(env_t *env, const char *name, fcase *cases, in
     }
     for (int i = 2; i < 8; i += 3) run_jobs(env, &jobs[i], &alone[i], 1, 0, NULL);
     CHECK(run_jobs(env, jobs, out, many, 1, NULL) == 0, "blocks left in use");
-    int same_p = 0, checked = 0, changed = 0;
+    int same_p = 0, checked = 0, changed = 0, same_ps = 0, sampled = 0;
     for (int i = 0; i < many; i++) {
-        const outcome *want = i % 3 == 0 ? &solo[i % nc] : i % 3 == 1 ? &pen_solo[i % nc] : i < 8 ? &alone[i] : NULL;
-        if (!want) continue;
+        if (i % 3 == 2) { /* seeded with a penalty */
+            if (i < 8) sampled++, same_ps += same_ids(&out[i], &alone[i]);
+            continue;
+        }
         checked++;
-        same_p += same_ids(&out[i], want);
+        same_p += same_ids(&out[i], i % 3 == 0 ? &solo[i % nc] : &pen_solo[i % nc]);
     }
     for (int c = 0; c < nc; c++) changed += !same_ids(&pen_solo[c], &solo[c]);
-    CHECK(same_p == checked, "%s: %d of %d penalised / plain requests match alone vs in the batch", name, same_p, checked);
+    CHECK(same_p == checked, "%s: %d of %d penalised / plain greedy requests match alone vs in the batch", name, same_p,
+          checked);
+    if (exact_samples(env, name, "penalised seeded samples", same_ps, sampled))
+        CHECK(same_ps == sampled, "%s: %d of %d penalised seeded samples match alone vs in the batch", name, same_ps,
+              sampled);
     CHECK(changed > 0, "%s: the repetition penalty never changed a greedy answer", name);
 }
 

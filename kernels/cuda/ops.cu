@@ -628,6 +628,25 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * Batch invariance. By default a row's matmul sums run in an order that depends on how many rows
+ * share the call: at T <= GEMV_MAX_T the GEMV's, above it cuBLASLt's, whose heuristic may also
+ * pick split-K for some shapes. The logits then differ in their last bits between a request
+ * decoded alone and among others, and a seeded draw near a boundary can move (H100, 2026-11-27:
+ * 7 of 8 seeded samples alike in test_engine; greedy 64 of 64). BLIP2_BATCH_INVARIANT=1 sends
+ * every matmul to cuBLASLt with algorithms that reduce without split-K
+ * (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = NONE): each output's sum then runs along K in
+ * the tensor-core instruction's steps whatever M is. The cost is the GEMV's advantage at small
+ * batches. Read once per process. */
+bool batch_invariant_mode() {
+    static const bool on = [] {
+        const char *e = getenv("BLIP2_BATCH_INVARIANT");
+        return e && !strcmp(e, "1");
+    }();
+    return on;
+}
+int be_batch_invariant() { return batch_invariant_mode() ? 1 : 0; }
+
+/* ------------------------------------------------------------------------------------------------
  * Matmuls through cuBLASLt, with cublasGemmEx as the fallback when the heuristic offers nothing. */
 int align_of(const void *p) {
     uintptr_t a = (uintptr_t)p;
@@ -649,12 +668,16 @@ blip2_lt_entry *lt_algo(blip2_cuda_ctx *c, const blip2_lt_key *key, cublasLtMatm
     cublasLtMatmulPreference_t pref = &po;
     uint64_t ws = BLIP2_LT_WORKSPACE;
     uint32_t aa = (uint32_t)key->align_a, ab = (uint32_t)key->align_b, ad = (uint32_t)key->align_d;
+    const uint32_t no_split = CUBLASLT_REDUCTION_SCHEME_NONE; /* the batch-invariant mode's only scheme */
     if (!CUBLAS_CK(c, cublasLtMatmulPreferenceInit(pref)) ||
         !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws)) ||
         !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa)) ||
         !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab)) ||
         !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad, sizeof ad)) ||
-        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof ad))) {
+        !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof ad)) ||
+        (batch_invariant_mode() && !CUBLAS_CK(c, cublasLtMatmulPreferenceSetAttribute(
+                                                     pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &no_split,
+                                                     sizeof no_split)))) {
         e->used = 0;
         return NULL;
     }
@@ -940,11 +963,11 @@ unsigned gemv_threads(long long n, int per) {
 }
 
 /* BLIP2_GEMV=0 in the environment turns the GEMV path off (every 16-bit matmul goes to cuBLASLt),
- * for comparing the two. Read once per process. */
+ * for comparing the two; so does the batch-invariant mode. Read once per process. */
 bool gemv_enabled() {
     static const bool on = [] {
         const char *e = getenv("BLIP2_GEMV");
-        return !(e && !strcmp(e, "0"));
+        return !(e && !strcmp(e, "0")) && !batch_invariant_mode();
     }();
     return on;
 }
@@ -1376,7 +1399,7 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
      * model runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32
      * SIMT would add tens of ms); an fp32 model keeps fp32. */
     const cublasComputeType_t ct = wdtype == BLIP2_W_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
-    const bool per_image = B <= NH;
+    const bool per_image = B <= NH || batch_invariant_mode(); /* the same calls for an image in any batch */
     const int outer = per_image ? B : NH, batch = per_image ? NH : B, ld = blip2_attention_ld(Tk), Tk8 = Tk & ~7;
     const long long sq = per_image ? HS : (long long)Tq * q_stride, skv = per_image ? HS : (long long)Tk * kv_stride;
     const long long so = per_image ? HS : (long long)Tq * NH * HS, st_s = (long long)Tq * ld;
@@ -1731,6 +1754,7 @@ constexpr blip2_ops make_cuda_ops() {
     t.capture_end = blip2_cuda_capture_end;
     t.graph_launch = blip2_cuda_graph_launch;
     t.graph_free = blip2_cuda_graph_free;
+    t.batch_invariant = be_batch_invariant;
     t.matmul = cuda::blip2_matmul;
     t.matmul_h = cuda::blip2_matmul_h;
     t.layernorm = cuda::blip2_layernorm;

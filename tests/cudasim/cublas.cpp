@@ -253,6 +253,7 @@ struct layout_s {
 struct pref_s {
     uint64_t magic, max_workspace;
     uint32_t align[4]; /* A, B, C, D */
+    uint32_t reduction_mask; /* the split-K schemes allowed (the emulation never splits K) */
 };
 
 /* What the heuristic chose for (the alignments promised, the bias's then): matmul checks against it. */
@@ -483,7 +484,7 @@ cublasStatus_t cublasLtMatrixLayoutInit_internal(cublasLtMatrixLayout_t matLayou
 cublasStatus_t cublasLtMatmulPreferenceInit_internal(cublasLtMatmulPreference_t pref, size_t size) {
     if (!pref) return CUBLAS_STATUS_INVALID_VALUE;
     if (size < sizeof(cublasLtMatmulPreferenceOpaque_t)) return CUBLAS_STATUS_ALLOC_FAILED;
-    put(pref, pref_s{PREF_MAGIC, 0, {256, 256, 256, 256}}); /* the documented defaults */
+    put(pref, pref_s{PREF_MAGIC, 0, {256, 256, 256, 256}, CUBLASLT_REDUCTION_SCHEME_MASK}); /* the documented defaults */
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -500,6 +501,9 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
         ok = set_attr(&p.align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, sizeInBytes);
+        break;
+    case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK:
+        ok = set_attr(&p.reduction_mask, buf, sizeInBytes) && (p.reduction_mask & ~CUBLASLT_REDUCTION_SCHEME_MASK) == 0;
         break;
     default: break; /* not emulated */
     }
