@@ -42,6 +42,8 @@ bench_step() {
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
 # Vision + Q-Former with the fused attention kernel (off by default) next to ours.json's.
 bench_step ours_fused 60 env BLIP2_FUSED_ATTN=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+# Decode steps with the warp-per-key paged attention (timed in runs 2-4) next to ours' 16-byte one.
+bench_step ours_paged_warp 60 env BLIP2_PAGED_VEC=0 "${BENCH[@]}" --batch 64,256 --images none --steps 8 --json
 bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
@@ -66,6 +68,7 @@ fi
 # at 20 images has TF32 products and an fp32 score matrix), then the f16 cases unfused.
 bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_h
 bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
+bench_step ops_perf_paged_warp 30 env BLIP2_PAGED_VEC=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 bench_step ops_perf_attention 30 env BLIP2_FUSED_ATTN=1 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 bench_step ops_perf_attention_unfused 30 env BLIP2_FUSED_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 # Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens, B·5 sequences a step.

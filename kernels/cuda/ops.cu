@@ -551,6 +551,19 @@ __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k,
     }
 }
 
+/* The softmax of a row's nk scores sc (lmax: this thread's largest): sc becomes exp(s − max) and
+ * the return value is 1 / their sum (accumulated in double). Its barriers publish sc. */
+__device__ __forceinline__ float paged_softmax(float *sc, int nk, float lmax, float *shf, double *shd) {
+    const float mx = block_max(lmax, shf);
+    double lsum = 0;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        lsum += e;
+    }
+    return (float)(1.0 / block_sum(lsum, shd));
+}
+
 /* grid (NH, n_seqs, Z), NT threads, dynamic shared memory max_ctx floats (the scores of one row).
  * Block (h, s, z) handles head h of rows z, z + Z, ... of sequence s: warp w takes keys w, w + 8,
  * ..., its lanes split the head dimension (HS <= 128: four per lane at most). q is scaled as it is
@@ -594,15 +607,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
             if (lane == 0) sc[j] = p;
             lmax = fmaxf(lmax, p);
         }
-        float mx = block_max(lmax, shf); /* its barriers publish sc */
-        double lsum = 0;
-        for (int j = threadIdx.x; j < nk; j += blockDim.x) {
-            float e = expf(sc[j] - mx);
-            sc[j] = e;
-            lsum += e;
-        }
-        double sum = block_sum(lsum, shd);
-        float inv = (float)(1.0 / sum);
+        const float inv = paged_softmax(sc, nk, lmax, shf, shd);
         float acc[PAGED_MAX_HS / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = warp; j < nk; j += NWARPS) {
             const KT *vr = vh + pool_row(tbl, BS, j) * kv_stride;
@@ -1047,6 +1052,102 @@ bool valid_adtype(blip2_cuda_ctx *c, const char *op, int adtype) {
     return false;
 }
 
+/* Sixteen bytes of a KV row widened: 8 half / bf16 or 4 fp32 values. */
+template <typename KT> struct kv_vec {
+    static constexpr int n = 8;
+    static __device__ __forceinline__ void widen(const uint4 &u, float (&f)[8]) { widen8<KT>(u, f); }
+};
+template <> struct kv_vec<float> {
+    static constexpr int n = 4;
+    static __device__ __forceinline__ void widen(const uint4 &u, float (&f)[4]) {
+        f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y), f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+    }
+};
+
+/* k_attention_paged with 16-byte loads (HS and kv_stride multiples of kv_vec<KT>::n, the pools
+ * 16-byte aligned), same grid, rows and NaN rule. ncu (H100, 2026-11-27) had the warp-per-key
+ * kernel at 38 % of a batch-64 decode step, ~5x the time its KV bytes take to stream: each
+ * warp walked its keys one after another, a 2-byte load per lane then a 5-shuffle sum per key.
+ * Here a thread owns a key for q·k (its HS/n loads issued together, no shuffles: every key of a
+ * decode row is in flight at once), and for p·V groups of G = HS/n threads own a key each, one
+ * 16-byte load per thread and key, NT/G keys at a time; the slots' partial outputs are summed in
+ * shared memory in a fixed order. 40 registers (six blocks an SM; the fp32 cache's variant spills
+ * 8 bytes at that bound, 48 without it). Not yet timed on a GPU: BLIP2_PAGED_VEC=0 compares. */
+constexpr int PV_LOADS = 4; /* 16-byte K loads in flight per thread */
+template <typename KT>
+__global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, const KT *k_pool,
+                                                          const KT *v_pool, const int32_t *tables, int max_blocks,
+                                                          const int32_t *meta, int BS, int max_ctx, int NH, int HS,
+                                                          int q_stride, int kv_stride, float scale) {
+    constexpr int VN = kv_vec<KT>::n;
+    extern __shared__ float sc[];
+    __shared__ float qs[PAGED_MAX_HS];
+    __shared__ float part[NT * VN]; /* slots × HS <= NT·VN */
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    const int h = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+    const int G = HS / VN, slots = NT / G, slot = tid / G, g = tid % G;
+    const int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
+    const int32_t *tbl = tables + (size_t)s * max_blocks;
+    const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
+        const size_t row = (size_t)(row0 + r);
+        float *o = out + row * NH * HS + (size_t)h * HS;
+        const int nk = past + r + 1;
+        if (nk < 1 || nk > max_ctx) {
+            for (int d = tid; d < HS; d += NT) o[d] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        __syncthreads(); /* the previous row is done with qs, sc and part */
+        for (int d = tid; d < HS; d += NT) qs[d] = q[row * q_stride + (size_t)h * HS + d] * scale;
+        __syncthreads();
+        float lmax = -INFINITY;
+        for (int j = tid; j < nk; j += NT) {
+            const uint4 *kr = reinterpret_cast<const uint4 *>(kh + pool_row(tbl, BS, j) * kv_stride);
+            float p = 0.0f;
+            for (int c0 = 0; c0 < G; c0 += PV_LOADS) {
+                uint4 u[PV_LOADS];
+#pragma unroll
+                for (int c = 0; c < PV_LOADS; c++) u[c] = c0 + c < G ? kr[c0 + c] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int c = 0; c < PV_LOADS; c++) {
+                    if (c0 + c >= G) break;
+                    float f[VN];
+                    kv_vec<KT>::widen(u[c], f);
+#pragma unroll
+                    for (int i = 0; i < VN; i++) p = fmaf(qs[(c0 + c) * VN + i], f[i], p);
+                }
+            }
+            sc[j] = p;
+            lmax = fmaxf(lmax, p);
+        }
+        const float inv = paged_softmax(sc, nk, lmax, shf, shd);
+        float acc[VN];
+#pragma unroll
+        for (int i = 0; i < VN; i++) acc[i] = 0.0f;
+        if (slot < slots) {
+#pragma unroll 4
+            for (int j = slot; j < nk; j += slots) {
+                const uint4 u = reinterpret_cast<const uint4 *>(vh + pool_row(tbl, BS, j) * kv_stride)[g];
+                float f[VN];
+                kv_vec<KT>::widen(u, f);
+                const float p = sc[j] * inv;
+#pragma unroll
+                for (int i = 0; i < VN; i++) acc[i] = fmaf(p, f[i], acc[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < VN; i++) part[slot * HS + g * VN + i] = acc[i];
+        }
+        __syncthreads();
+        const int used = nk < slots ? nk : slots;
+        for (int d = tid; d < HS; d += NT) {
+            float t = 0.0f;
+            for (int k = 0; k < used; k++) t += part[k * HS + d];
+            o[d] = t;
+        }
+    }
+}
+
 } /* namespace */
 
 /* ------------------------------------------------------------------------------------------------
@@ -1422,32 +1523,45 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
     }
 }
 
-/* Shared memory for k_attention_paged<KT> at max_ctx: checked against the device, and the opt-in
- * above 48 KiB set once to the device's largest value (so contexts on other threads never lower
- * it under a launch). 0 when it does not fit (recorded). */
-template <typename KT> size_t paged_smem(blip2_cuda_ctx *c, int max_ctx) {
+/* Dynamic shared memory for a paged attention kernel at max_ctx: checked against the device, and
+ * the opt-in above 48 KiB set to the device's largest value (so contexts on other threads never
+ * lower it under a launch). 0 when it does not fit (recorded). */
+template <typename F> size_t paged_smem(blip2_cuda_ctx *c, F *kernel, int max_ctx) {
     size_t smem = (size_t)max_ctx * sizeof(float);
-    if (smem <= 40 * 1024) return smem; /* static + dynamic under 48 KiB: no opt-in needed */
+    if (smem <= 32 * 1024) return smem; /* static (at most 9 KiB) + dynamic under 48 KiB: no opt-in needed */
     int optin = 0;
     if (!CUDA_CK(c, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device))) return 0;
     cudaFuncAttributes fa;
-    if (!CUDA_CK(c, cudaFuncGetAttributes(&fa, k_attention_paged<KT>))) return 0;
+    if (!CUDA_CK(c, cudaFuncGetAttributes(&fa, kernel))) return 0;
     if (smem + fa.sharedSizeBytes > (size_t)optin) {
         blip2_cuda_record(c, "attention_paged: max_ctx %d needs %zu bytes of shared memory, the device has %d", max_ctx,
                           smem + fa.sharedSizeBytes, optin);
         return 0;
     }
     int most = optin - (int)fa.sharedSizeBytes;
-    if (!CUDA_CK(c, cudaFuncSetAttribute(k_attention_paged<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize, most)))
+    if (!CUDA_CK(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most)))
         return 0;
     return smem;
+}
+
+/* BLIP2_PAGED_VEC=0 keeps the warp-per-key kernel for every shape (for comparing the two). */
+bool paged_vec_enabled() {
+    static const bool on = [] {
+        const char *e = getenv("BLIP2_PAGED_VEC");
+        return !(e && !strcmp(e, "0"));
+    }();
+    return on;
 }
 
 template <typename KT>
 void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void *k_pool, const void *v_pool,
                        const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
                        int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
-    size_t smem = paged_smem<KT>(c, max_ctx);
+    constexpr int VN = kv_vec<KT>::n;
+    const bool vec = HS % VN == 0 && kv_stride % VN == 0 && (((uintptr_t)k_pool | (uintptr_t)v_pool) & 15) == 0 &&
+                     paged_vec_enabled();
+    auto *kernel = vec ? k_attention_paged_v<KT> : k_attention_paged<KT>;
+    size_t smem = paged_smem(c, kernel, max_ctx);
     if (!smem) return;
     /* Row parallelism per (head, sequence): enough blocks in all for a prefill chunk, few empty ones
      * for a large decode batch (one row per sequence). */
@@ -1456,10 +1570,9 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
     if (z > max_ctx) z = max_ctx;
     if (z < 1) z = 1;
     dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
-    k_attention_paged<KT><<<grid, NT, smem, c->stream>>>(out, q, (const KT *)k_pool, (const KT *)v_pool, tables,
-                                                         max_blocks, meta, block_size, max_ctx, NH, HS, q_stride,
-                                                         kv_stride, scale);
-    LAUNCH_CK(c, "k_attention_paged");
+    kernel<<<grid, NT, smem, c->stream>>>(out, q, (const KT *)k_pool, (const KT *)v_pool, tables, max_blocks, meta,
+                                          block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
+    LAUNCH_CK(c, "k_attention_paged(_v)");
 }
 
 void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
