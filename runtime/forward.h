@@ -99,7 +99,8 @@ typedef struct {
     const blip2_ops *ops;
     int max_tokens, max_seqs, max_ctx;
     float *x;                /* [max_tokens, Ct] the residual stream */
-    float *a;                /* [max_tokens, Ct] a norm's output, or a row-parallel matmul's partial sum */
+    float *a;                /* [max_tokens, Ct] a row-parallel matmul's partial sum, or the final norm's output */
+    void *h;                 /* [max_tokens, Ct] the other norms' outputs, of blip2_adtype (a itself when fp32) */
     float *qkv;              /* [max_tokens, 3Cl] q | k | v of this rank's heads (one matmul) */
     float *ctx;              /* [max_tokens, Cl] attention output */
     float *mlp;              /* [max_tokens, ffn_local] */

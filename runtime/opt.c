@@ -67,6 +67,8 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->idx_cap = idx_ints(max_tokens, max_seqs, max_ctx);
     ws->x = o->alloc(sizeof(float) * T * C);
     ws->a = o->alloc(sizeof(float) * T * C);
+    int ad = blip2_adtype(m);
+    ws->h = ad == BLIP2_W_F32 ? ws->a : o->alloc(blip2_wdtype_size(ad) * T * C);
     ws->qkv = o->alloc(sizeof(float) * T * 3 * s->C);
     ws->ctx = o->alloc(sizeof(float) * T * s->C);
     ws->mlp = o->alloc(sizeof(float) * T * s->ffn);
@@ -78,8 +80,8 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->host_idx = malloc(sizeof(int32_t) * ws->idx_cap);
     ws->host_pick = malloc(sizeof(int32_t) * 2 * S);
     ws->host_all = malloc(sizeof(blip2_scored_id) * S * (size_t)(s->world + 1));
-    if (!ws->x || !ws->a || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits || !ws->pick ||
-        !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all ||
+    if (!ws->x || !ws->a || !ws->h || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits ||
+        !ws->pick || !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all ||
         blip2_graph_cache_init(&ws->graphs, o, max_seqs, "decode step", st)) {
         blip2_opt_ws_free(ws);
         return blip2_fail(st, BLIP2_ENOMEM, "OPT workspace: out of %s memory for %d tokens per step", o->name, max_tokens);
@@ -92,6 +94,7 @@ void blip2_opt_ws_free(blip2_opt_ws *ws) {
     if (o) {
         void *bufs[] = {ws->x, ws->a, ws->qkv, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits, ws->pick, ws->idx};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) o->release(bufs[i]);
+        if (ws->h != ws->a) o->release(ws->h);
         blip2_graph_cache_free(&ws->graphs);
     }
     free(ws->host_idx);
@@ -136,7 +139,7 @@ static blip2_code reduce(const blip2_tp *tp, float *y, size_t n, blip2_status *s
 
 /* Vocab-parallel embedding: each rank writes the rows it owns (its vocab slice; rank 0 also the
  * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x).
- * Ends with a = LN1 of layer 0. */
+ * Ends with h = LN1 of layer 0. */
 static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int32_t *tokens, const float *image_rows,
                             blip2_opt_ws *ws, const step_idx *ix, blip2_status *st) {
     const blip2_ops *o = m->ops;
@@ -155,7 +158,8 @@ static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int3
     blip2_code rc = reduce(tp, ws->x, (size_t)ix->T * C, st);
     if (rc) return rc;
     o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
-    o->layernorm(ws->a, ws->x, m->opt.layers[0].ln1_w, m->opt.layers[0].ln1_b, ix->T, C, m->cfg.opt.eps);
+    o->layernorm_a(ws->h, ws->x, m->opt.layers[0].ln1_w, m->opt.layers[0].ln1_b, ix->T, C, m->cfg.opt.eps,
+                   blip2_adtype(m));
     return BLIP2_OK;
 }
 
@@ -171,31 +175,37 @@ static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, co
                        1.0f / sqrtf((float)m->cfg.opt.HS)); /* eager OPT scales q before q·kᵀ */
 }
 
-/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice. On entry a =
- * LN1(x); on exit a = the next layer's LN1(x), or the final norm's after the last layer. Eight
- * launches (qkv, kv write, attention, out_proj, add+norm, fc1+ReLU, fc2, add+norm) and two
- * all-reduces; the row-parallel biases are added once, after the sums, inside the add+norm. */
+/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice. On entry h =
+ * LN1(x); on exit h = the next layer's LN1(x), or after the last layer a = the final norm's (fp32,
+ * for the LM head's rows). Eight launches (qkv, kv write, attention, out_proj, add+norm, fc1+ReLU,
+ * fc2, add+norm) and two all-reduces; the row-parallel biases are added once, after the sums,
+ * inside the add+norm. The norms write h in the activation type (blip2_adtype: 16-bit on a
+ * device), which qkv and fc1 read as it is: ncu (H100, batch 64) had the narrowing before each
+ * cuBLASLt matmul at 8 % of a step. */
 static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, int layer,
                                     const step_idx *ix, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
     const blip2_opt_shard *s = &m->shard;
     const blip2_opt_layer *L = &m->opt.layers[layer];
     const blip2_ops *o = m->ops;
-    int C = c->C, Cl = s->C, T = ix->T;
+    int C = c->C, Cl = s->C, T = ix->T, ad = blip2_adtype(m);
     size_t n = (size_t)T * C;
-    blip2_mm(m, ws->qkv, ws->a, L->qkv_w, L->qkv_b, T, C, 3 * Cl, BLIP2_ACT_NONE);
+    blip2_mm_a(m, ws->qkv, ws->h, ad, L->qkv_w, L->qkv_b, T, C, 3 * Cl, BLIP2_ACT_NONE);
     opt_attention(m, kv, layer, ix, ws);
     blip2_mm(m, ws->a, ws->ctx, L->o_w, NULL, T, Cl, C, BLIP2_ACT_NONE);
     blip2_code rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;
-    o->residual_layernorm(ws->x, ws->a, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps); /* x += a + o_b; a = LN2(x) */
-    blip2_mm(m, ws->mlp, ws->a, L->fc1_w, L->fc1_b, T, C, s->ffn, BLIP2_ACT_RELU);
+    o->residual_layernorm_a(ws->x, ws->h, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps, ad); /* x += a + o_b; h = LN2 */
+    blip2_mm_a(m, ws->mlp, ws->h, ad, L->fc1_w, L->fc1_b, T, C, s->ffn, BLIP2_ACT_RELU);
     blip2_mm(m, ws->a, ws->mlp, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
     rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;
-    const blip2_opt_layer *next = layer + 1 < c->layers ? &m->opt.layers[layer + 1] : NULL;
-    const float *nw = next ? next->ln1_w : m->opt.ln_f_w, *nb = next ? next->ln1_b : m->opt.ln_f_b;
-    o->residual_layernorm(ws->x, ws->a, ws->a, L->fc2_b, nw, nb, T, C, c->eps); /* x += a + fc2_b; a = LN(x) */
+    if (layer + 1 < c->layers) { /* x += a + fc2_b; h = the next LN1(x) */
+        const blip2_opt_layer *N = &m->opt.layers[layer + 1];
+        o->residual_layernorm_a(ws->x, ws->h, ws->a, L->fc2_b, N->ln1_w, N->ln1_b, T, C, c->eps, ad);
+    } else { /* x += a + fc2_b; a = the final LN(x) */
+        o->residual_layernorm(ws->x, ws->a, ws->a, L->fc2_b, m->opt.ln_f_w, m->opt.ln_f_b, T, C, c->eps);
+    }
     return BLIP2_OK;
 }
 

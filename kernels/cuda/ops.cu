@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "internal.cuh"
 
 namespace {
@@ -839,17 +841,23 @@ template <> __device__ __forceinline__ float round_act<__nv_bfloat16>(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
 }
 
-/* Eight consecutive inputs, rounded as round_act; p is 16-byte aligned when VIN. */
-template <typename WT, bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const float *p) {
-    if constexpr (VIN) {
-        const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
-        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+/* Eight consecutive inputs, rounded as round_act; p is 16-byte aligned when VIN. 16-bit inputs
+ * (IT = WT, always VIN) are already rounded: one 16-byte load, widened exactly. */
+template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const IT *p) {
+    if constexpr (!std::is_same<IT, float>::value) {
+        static_assert(std::is_same<IT, WT>::value && VIN, "16-bit inputs are of the weights' type, 16-byte aligned");
+        widen8<WT>(__ldg(reinterpret_cast<const uint4 *>(p)), x);
     } else {
+        if constexpr (VIN) {
+            const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+            x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+        } else {
 #pragma unroll
-        for (int j = 0; j < 8; j++) x[j] = __ldg(p + j);
+            for (int j = 0; j < 8; j++) x[j] = __ldg(p + j);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) x[j] = round_act<WT>(x[j]);
     }
-#pragma unroll
-    for (int j = 0; j < 8; j++) x[j] = round_act<WT>(x[j]);
 }
 
 /* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
@@ -880,9 +888,9 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, floa
     }
 }
 
-template <int T, typename WT, bool VIN>
+template <int T, typename WT, typename IT, bool VIN>
 __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
-    k_gemv_v8(float *__restrict__ out, const float *__restrict__ inp, const uint16_t *__restrict__ w,
+    k_gemv_v8(float *__restrict__ out, const IT *__restrict__ inp, const uint16_t *__restrict__ w,
               const float *__restrict__ bias, int C, int OC, int act) {
     constexpr int R = gemv_rows(T), U = GEMV_LOADS / R;
     __shared__ float red[GEMV_MAX_THREADS / 32 * T * R];
@@ -913,7 +921,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
 #pragma unroll
                 for (int t = 0; t < T; t++) {
                     float x[8];
-                    load_x8<WT, VIN>(x, inp + (size_t)t * C + (size_t)k * 8);
+                    load_x8<WT, IT, VIN>(x, inp + (size_t)t * C + (size_t)k * 8);
 #pragma unroll
                     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -984,43 +992,53 @@ bool gemv_use(int T, int C, int wdtype) {
            C <= INT_MAX - 8 * GEMV_LOADS * GEMV_MAX_THREADS && gemv_enabled();
 }
 
+/* Whether 16-bit inputs can take the GEMV (its 16-byte path only; elsewhere cuBLASLt). */
+bool gemv16_ok(int T, int C, int wdtype, const void *inp, const void *w) {
+    return gemv_use(T, C, wdtype) && C % 8 == 0 && (((uintptr_t)inp | (uintptr_t)w) & 15) == 0;
+}
+
+/* inp is fp32, or of the weights' type when in16 (then gemv16_ok holds). */
 template <int T, typename WT>
-void gemv_launch(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int C, int OC,
-                 int act) {
+void gemv_launch(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias,
+                 int C, int OC, int act) {
     constexpr int R = gemv_rows(T);
     const unsigned grid = (unsigned)(((long long)OC + R - 1) / R);
+    const float *in32 = (const float *)inp;
     if (C % 8 == 0 && ((uintptr_t)w & 15) == 0) {
         const unsigned bs = gemv_threads(C / 8, GEMV_LOADS / R);
-        if (((uintptr_t)inp & 15) == 0)
-            k_gemv_v8<T, WT, true><<<grid, bs, 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+        if (in16)
+            k_gemv_v8<T, WT, WT, true><<<grid, bs, 0, c->stream>>>(out, (const WT *)inp, w, bias, C, OC, act);
+        else if (((uintptr_t)inp & 15) == 0)
+            k_gemv_v8<T, WT, float, true><<<grid, bs, 0, c->stream>>>(out, in32, w, bias, C, OC, act);
         else
-            k_gemv_v8<T, WT, false><<<grid, bs, 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+            k_gemv_v8<T, WT, float, false><<<grid, bs, 0, c->stream>>>(out, in32, w, bias, C, OC, act);
     } else {
-        k_gemv_s<T, WT><<<grid, gemv_threads(C, 1), 0, c->stream>>>(out, inp, w, bias, C, OC, act);
+        k_gemv_s<T, WT><<<grid, gemv_threads(C, 1), 0, c->stream>>>(out, in32, w, bias, C, OC, act);
     }
     LAUNCH_CK(c, "k_gemv");
 }
 
 template <int T>
-void gemv_launch_wd(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int C,
-                    int OC, int wdtype, int act) {
-    if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, inp, w, bias, C, OC, act);
-    else gemv_launch<T, __nv_bfloat16>(c, out, inp, w, bias, C, OC, act);
+void gemv_launch_wd(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias,
+                    int C, int OC, int wdtype, int act) {
+    if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, inp, in16, w, bias, C, OC, act);
+    else gemv_launch<T, __nv_bfloat16>(c, out, inp, in16, w, bias, C, OC, act);
 }
 
-/* out[T, OC] = act(inp[T, C] · w[OC, C]ᵀ + bias), 16-bit w, for gemv_use shapes. */
-void gemv(blip2_cuda_ctx *c, float *out, const float *inp, const uint16_t *w, const float *bias, int T, int C, int OC,
-          int wdtype, int act) {
+/* out[T, OC] = act(inp[T, C] · w[OC, C]ᵀ + bias), 16-bit w, for gemv_use shapes; inp fp32, or
+ * 16-bit of the weights' type (in16, for gemv16_ok shapes). */
+void gemv(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias, int T, int C,
+          int OC, int wdtype, int act) {
     static_assert(GEMV_MAX_T == 8, "the switch below covers T = 1 .. 8");
     switch (T) {
-    case 1: gemv_launch_wd<1>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 2: gemv_launch_wd<2>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 3: gemv_launch_wd<3>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 4: gemv_launch_wd<4>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 5: gemv_launch_wd<5>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 6: gemv_launch_wd<6>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 7: gemv_launch_wd<7>(c, out, inp, w, bias, C, OC, wdtype, act); break;
-    case 8: gemv_launch_wd<8>(c, out, inp, w, bias, C, OC, wdtype, act); break;
+    case 1: gemv_launch_wd<1>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 2: gemv_launch_wd<2>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 3: gemv_launch_wd<3>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 4: gemv_launch_wd<4>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 5: gemv_launch_wd<5>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 6: gemv_launch_wd<6>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 7: gemv_launch_wd<7>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 8: gemv_launch_wd<8>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
     default: blip2_cuda_record(c, "matmul_h: GEMV path called with T %d", T); break;
     }
 }
@@ -1165,7 +1183,7 @@ void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const 
     blip2_cuda_ctx *c = cur("matmul_h");
     if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_h", act)) return;
     if (wdtype != BLIP2_W_F32 && gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
-        gemv(c, out, inp, weight, bias, T, C, OC, wdtype, act);
+        gemv(c, out, inp, false, weight, bias, T, C, OC, wdtype, act);
     } else if (wdtype == BLIP2_W_F32) {
         gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, act == BLIP2_ACT_RELU);
         if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, (size_t)T * OC, BLIP2_ACT_GELU);
@@ -1189,7 +1207,10 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
     blip2_cuda_ctx *c = cur("matmul_a");
     if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_a", act)) return;
     if (adtype == wdtype && (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16)) {
-        gemm16(c, out, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+        if (gemv16_ok(T, C, wdtype, inp, weight))
+            gemv(c, out, inp, true, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+        else
+            gemm16(c, out, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
     } else {
         blip2_cuda_record(c, "matmul_a: %d-type inputs with %d-type weights", adtype, wdtype);
     }
