@@ -75,3 +75,6 @@ bench_step ops_perf_attention_unfused 30 env BLIP2_FUSED_ATTN=0 "$BUILD/tests/te
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
 # What the decode graphs buy.
 bench_step ours_nographs 60 env BLIP2_GRAPHS=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
+# Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
+# start with the previous one's tail gives, at batch 1 (latency) and 64.
+bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json

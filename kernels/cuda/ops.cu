@@ -89,6 +89,7 @@ __device__ float block_max(float v, float *sh) {
 /* ------------------------------------------------------------------------------------------------
  * Elementwise kernels. */
 __global__ void __launch_bounds__(NT) k_residual_add(float *x, const float *y, size_t n) {
+    pdl_entry();
     GRID_STRIDE(i, n) x[i] += y[i];
 }
 __device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f)); }
@@ -106,10 +107,12 @@ __device__ __forceinline__ float act_of(float v, int act) {
 /* out = act(x) of adtype: GELU and the narrowing for the next matmul in one pass (in place when
  * out is x and adtype F32: each element is read before it is written, by the same thread). */
 __global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const float *x, size_t n, int act) {
+    pdl_entry();
     GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(x[i], act));
 }
 /* out[t, o] += bias[o] (bias may be NULL), then ReLU if relu: the epilogue when cuBLASLt is not used. */
 __global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, size_t n, int C, int relu) {
+    pdl_entry();
     GRID_STRIDE(i, n) {
         float v = x[i];
         if (bias) v += bias[i % (size_t)C];
@@ -119,6 +122,7 @@ __global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, si
 }
 
 __global__ void __launch_bounds__(NT) k_im2col(float *out, const float *img, int CH, int H, int W, int PS) {
+    pdl_entry();
     int PW = W / PS, PH = H / PS, K = CH * PS * PS;
     size_t n = (size_t)PH * PW * K;
     GRID_STRIDE(e, n) {
@@ -130,6 +134,7 @@ __global__ void __launch_bounds__(NT) k_im2col(float *out, const float *img, int
 }
 
 __global__ void __launch_bounds__(NT) k_embedding(float *out, const int32_t *ids, const float *table, int T, int C) {
+    pdl_entry();
     size_t n = (size_t)T * C;
     GRID_STRIDE(e, n) {
         size_t t = e / (size_t)C, c = e % (size_t)C;
@@ -147,6 +152,7 @@ __device__ __forceinline__ float load_w(const void *table, int wdtype, size_t k)
 
 __global__ void __launch_bounds__(NT) k_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype,
                                                      int T, int C, int v0, int V) {
+    pdl_entry();
     size_t n = (size_t)T * C;
     GRID_STRIDE(e, n) {
         size_t t = e / (size_t)C, c = e % (size_t)C;
@@ -158,12 +164,14 @@ __global__ void __launch_bounds__(NT) k_embedding_vp(float *out, const int32_t *
 }
 
 __global__ void __launch_bounds__(NT) k_add_rows(float *x, const float *table, int row0, int T, int C) {
+    pdl_entry();
     size_t n = (size_t)T * C;
     const float *src = table + (size_t)row0 * C;
     GRID_STRIDE(e, n) x[e] += src[e];
 }
 
 __global__ void __launch_bounds__(NT) k_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C) {
+    pdl_entry();
     size_t n = (size_t)T * C;
     GRID_STRIDE(e, n) {
         size_t t = e / (size_t)C, c = e % (size_t)C;
@@ -172,6 +180,7 @@ __global__ void __launch_bounds__(NT) k_add_rows_at(float *x, const float *table
 }
 
 __global__ void __launch_bounds__(NT) k_gather_rows(float *out, const float *x, const int32_t *rows, int n_rows, int C) {
+    pdl_entry();
     size_t n = (size_t)n_rows * C;
     GRID_STRIDE(e, n) {
         size_t i = e / (size_t)C, c = e % (size_t)C;
@@ -182,6 +191,7 @@ __global__ void __launch_bounds__(NT) k_gather_rows(float *out, const float *x, 
 /* The counter-based normal generator of ops.h, element i. The float steps use __fmul_rn/__fadd_rn
  * so nvcc cannot contract them into an FMA (the C reference rounds the product, then the sum). */
 __global__ void __launch_bounds__(NT) k_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean, float sd) {
+    pdl_entry();
     GRID_STRIDE(i, n) {
         float v;
         if (sd == 0.0f) {
@@ -206,6 +216,7 @@ __global__ void __launch_bounds__(NT) k_fill_normal(void *x, int wdtype, size_t 
  * Row kernels: one block of NT threads per row. */
 __global__ void __launch_bounds__(NT) k_layernorm(void *out, int adtype, const float *inp, const float *w, const float *b,
                                                   int C, float eps) {
+    pdl_entry();
     __shared__ double red[32];
     const float *x = inp + (size_t)blockIdx.x * C;
     size_t y0 = (size_t)blockIdx.x * C;
@@ -227,6 +238,7 @@ __global__ void __launch_bounds__(NT) k_layernorm(void *out, int adtype, const f
 __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out, int adtype, const float *y,
                                                            const float *bias, const float *w, const float *b, int C,
                                                            float eps) {
+    pdl_entry();
     __shared__ double red[32];
     float *r = res + (size_t)blockIdx.x * C;
     const float *yy = y + (size_t)blockIdx.x * C;
@@ -285,6 +297,7 @@ __device__ __forceinline__ void ln_regs_finish(const float (&v)[LN_PER], const f
 
 __global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const float *inp, const float *w,
                                                     const float *b, int C, float eps) {
+    pdl_entry();
     __shared__ double red[32];
     const float *x = inp + (size_t)blockIdx.x * C;
     float v[LN_PER], wv[LN_PER], bv[LN_PER];
@@ -303,6 +316,7 @@ __global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const
 __global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *out, int adtype, const float *y,
                                                              const float *bias, const float *w, const float *b, int C,
                                                              float eps) {
+    pdl_entry();
     __shared__ double red[32];
     float *r = res + (size_t)blockIdx.x * C;
     const float *yy = y + (size_t)blockIdx.x * C;
@@ -340,6 +354,7 @@ __device__ void softmax_row(float *row, int n, int lim, float *shf, double *shd)
 }
 
 __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
+    pdl_entry();
     __shared__ float shf[32];
     __shared__ double shd[32];
     softmax_row(x + (size_t)blockIdx.x * n, n, n, shf, shd);
@@ -348,6 +363,7 @@ __global__ void __launch_bounds__(NT) k_softmax(float *x, int n) {
 /* Scores [batch, Tq, ld] (Tk used of each row of ld): row blockIdx.x = n·Tq + i; causal rows see
  * keys j <= i + (Tk − Tq). */
 __global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int Tk, int ld, int causal) {
+    pdl_entry();
     __shared__ float shf[32];
     __shared__ double shd[32];
     int i = (int)(blockIdx.x % (unsigned)Tq);
@@ -364,6 +380,7 @@ __global__ void __launch_bounds__(NT) k_attn_softmax(float *scores, int Tq, int 
 constexpr int SMW_PER_LANE = 16, SMW_KEYS = 32 * SMW_PER_LANE;
 __global__ void __launch_bounds__(NT) k_attn_softmax_warp(float *scores, long long rows, int Tq, int Tk, int ld,
                                                           int causal) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
     if (row >= rows) return; /* a whole warp leaves: no reduction below misses a lane */
@@ -406,6 +423,7 @@ __device__ __forceinline__ bool am_better(float va, int ia, float vb, int ib) {
 
 constexpr int AM_PER = 8;
 __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
+    pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float *r = x + (size_t)blockIdx.x * n;
@@ -438,6 +456,7 @@ __global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, co
 /* One block per row: the max, then Σ exp(x − max) in double (as the reference; the row is in L2
  * by the second pass). */
 __global__ void __launch_bounds__(NT) k_logsumexp_rows(float *out, const float *x, int n) {
+    pdl_entry();
     __shared__ float shf[32];
     __shared__ double shd[32];
     const float *row = x + (size_t)blockIdx.x * n;
@@ -452,12 +471,14 @@ __global__ void __launch_bounds__(NT) k_logsumexp_rows(float *out, const float *
 }
 
 __global__ void __launch_bounds__(NT) k_shift_rows(float *x, const float *shift, int T, int n) {
+    pdl_entry();
     GRID_STRIDE(i, (size_t)T * n) x[i] -= shift[i / (size_t)n];
 }
 
 /* One block per row; the row's ids are distinct, so no two threads touch one element. */
 __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen,
                                                       int n, int v0) {
+    pdl_entry();
     int t = blockIdx.x;
     float p = pen[t];
     for (int k = offs[t] + threadIdx.x; k < offs[t + 1]; k += blockDim.x) {
@@ -472,6 +493,7 @@ __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *i
  * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
  * element is marked and ties resolve exactly as argmax does. */
 __global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
+    pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ float wv;
@@ -532,6 +554,7 @@ template <typename KT>
 __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k, const float *v, int in_stride,
                                                  const int32_t *tables, int max_blocks, const int32_t *meta, int BS,
                                                  int C) {
+    pdl_entry();
     int s = blockIdx.x;
     int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
@@ -579,6 +602,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
                                                         const KT *v_pool, const int32_t *tables, int max_blocks,
                                                         const int32_t *meta, int BS, int max_ctx, int NH, int HS,
                                                         int q_stride, int kv_stride, float scale) {
+    pdl_entry();
     extern __shared__ float sc[];
     __shared__ float qs[PAGED_MAX_HS];
     __shared__ float part[NWARPS][PAGED_MAX_HS];
@@ -706,7 +730,7 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
     size_t n_out = (size_t)T * OC;
     if (C == 0) { /* no products: out = act(bias or 0) */
         if (!CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * sizeof(float), c->stream))) return;
-        k_bias_act<<<grid_for(n_out), NT, 0, c->stream>>>(out, bias, n_out, OC, relu);
+        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, bias, n_out, OC, relu);
         LAUNCH_CK(c, "k_bias_act");
         return;
     }
@@ -751,7 +775,7 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
                                    CUDA_R_32F, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
         return;
     if (bias || relu) {
-        k_bias_act<<<grid_for(n_out), NT, 0, c->stream>>>(out, bias, n_out, OC, relu);
+        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, bias, n_out, OC, relu);
         LAUNCH_CK(c, "k_bias_act");
     }
 }
@@ -888,10 +912,23 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, floa
     }
 }
 
+/* Before the PDL wait (internal.cuh): the block's R weight rows into L2, while the kernel before
+ * finishes. Weights never change during a step, so this is the one thing a GEMV may touch early. */
+__device__ __forceinline__ void gemv_prefetch(const uint16_t *w, int o0, int R, int OC, int C) {
+    const int lines = (int)(((long long)C * 2 + 127) / 128);
+    for (int i = (int)threadIdx.x; i < R * lines; i += (int)blockDim.x) {
+        const int r = min(o0 + i / lines, OC - 1);
+        prefetch_l2(reinterpret_cast<const char *>(w + (size_t)r * C) + (size_t)(i % lines) * 128);
+    }
+}
+
 template <int T, typename WT, typename IT, bool VIN>
 __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
     k_gemv_v8(float *__restrict__ out, const IT *__restrict__ inp, const uint16_t *__restrict__ w,
               const float *__restrict__ bias, int C, int OC, int act) {
+    pdl_trigger();
+    gemv_prefetch(w, (int)blockIdx.x * gemv_rows(T), gemv_rows(T), OC, C);
+    pdl_wait();
     constexpr int R = gemv_rows(T), U = GEMV_LOADS / R;
     __shared__ float red[GEMV_MAX_THREADS / 32 * T * R];
     const int o0 = (int)blockIdx.x * R, nk = C >> 3, bs = (int)blockDim.x;
@@ -937,6 +974,9 @@ template <int T, typename WT>
 __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
     k_gemv_s(float *__restrict__ out, const float *__restrict__ inp, const uint16_t *__restrict__ w,
              const float *__restrict__ bias, int C, int OC, int act) {
+    pdl_trigger();
+    gemv_prefetch(w, (int)blockIdx.x * gemv_rows(T), gemv_rows(T), OC, C);
+    pdl_wait();
     constexpr int R = gemv_rows(T);
     __shared__ float red[GEMV_MAX_THREADS / 32 * T * R];
     const int o0 = (int)blockIdx.x * R, bs = (int)blockDim.x;
@@ -1007,13 +1047,13 @@ void gemv_launch(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, cons
     if (C % 8 == 0 && ((uintptr_t)w & 15) == 0) {
         const unsigned bs = gemv_threads(C / 8, GEMV_LOADS / R);
         if (in16)
-            k_gemv_v8<T, WT, WT, true><<<grid, bs, 0, c->stream>>>(out, (const WT *)inp, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, WT, true>, grid, bs, 0, c->stream, out, (const WT *)inp, w, bias, C, OC, act);
         else if (((uintptr_t)inp & 15) == 0)
-            k_gemv_v8<T, WT, float, true><<<grid, bs, 0, c->stream>>>(out, in32, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, float, true>, grid, bs, 0, c->stream, out, in32, w, bias, C, OC, act);
         else
-            k_gemv_v8<T, WT, float, false><<<grid, bs, 0, c->stream>>>(out, in32, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, float, false>, grid, bs, 0, c->stream, out, in32, w, bias, C, OC, act);
     } else {
-        k_gemv_s<T, WT><<<grid, gemv_threads(C, 1), 0, c->stream>>>(out, in32, w, bias, C, OC, act);
+        launch(k_gemv_s<T, WT>, grid, gemv_threads(C, 1), 0, c->stream, out, in32, w, bias, C, OC, act);
     }
     LAUNCH_CK(c, "k_gemv");
 }
@@ -1046,7 +1086,7 @@ void gemv(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint1
 /* out = act(x) of adtype on the context's stream. */
 void activate(blip2_cuda_ctx *c, void *out, int adtype, const float *x, size_t n, int act) {
     if (n == 0) return;
-    k_activate<<<grid_for(n), NT, 0, c->stream>>>(out, adtype, x, n, act);
+    launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, n, act);
     LAUNCH_CK(c, "k_activate");
 }
 
@@ -1097,6 +1137,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
                                                           const KT *v_pool, const int32_t *tables, int max_blocks,
                                                           const int32_t *meta, int BS, int max_ctx, int NH, int HS,
                                                           int q_stride, int kv_stride, float scale) {
+    pdl_entry();
     constexpr int VN = kv_vec<KT>::n;
     extern __shared__ float sc[];
     __shared__ float qs[PAGED_MAX_HS];
@@ -1219,8 +1260,8 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
-    if (ln_in_registers(T, C)) k_layernorm_r<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
-    else k_layernorm<<<T, NT, 0, c->stream>>>(out, adtype, inp, w, b, C, eps);
+    auto *kernel = ln_in_registers(T, C) ? k_layernorm_r : k_layernorm;
+    launch(kernel, T, NT, 0, c->stream, out, adtype, inp, w, b, C, eps);
     LAUNCH_CK(c, "k_layernorm");
 }
 
@@ -1232,8 +1273,8 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
                                 int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
-    if (ln_in_registers(T, C)) k_residual_layernorm_r<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
-    else k_residual_layernorm<<<T, NT, 0, c->stream>>>(res, out, adtype, y, bias, w, b, C, eps);
+    auto *kernel = ln_in_registers(T, C) ? k_residual_layernorm_r : k_residual_layernorm;
+    launch(kernel, T, NT, 0, c->stream, res, out, adtype, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
 }
 
@@ -1251,7 +1292,7 @@ void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) 
 void blip2_residual_add(float *x, const float *y, size_t n) {
     blip2_cuda_ctx *c = cur("residual_add");
     if (!c || n == 0) return;
-    k_residual_add<<<grid_for(n), NT, 0, c->stream>>>(x, y, n);
+    launch(k_residual_add, grid_for(n), NT, 0, c->stream, x, y, n);
     LAUNCH_CK(c, "k_residual_add");
 }
 
@@ -1348,6 +1389,7 @@ __device__ void fa_load_half(__half *dst, const float *src, int r0, int rows, in
 __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, const float *q, const float *k,
                                                                    const float *v, int Tq, int Tk, int NH, int HS,
                                                                    int q_stride, int kv_stride, float scale, bool vec) {
+    pdl_entry();
     using namespace nvcuda;
     extern __shared__ __align__(128) float fa_smem[]; /* WMMA pointers must be 32-byte aligned */
     const int HSP = (HS + 15) & ~15, TKP = fa_keys(Tk), W = fa_width(HSP, TKP);
@@ -1440,10 +1482,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, c
 static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int ld, int causal) {
     if (Tk <= SMW_KEYS) {
         const unsigned blocks = (unsigned)((rows + NT / 32 - 1) / (NT / 32));
-        k_attn_softmax_warp<<<blocks, NT, 0, c->stream>>>(scores, rows, Tq, Tk, ld, causal);
+        launch(k_attn_softmax_warp, blocks, NT, 0, c->stream, scores, rows, Tq, Tk, ld, causal);
         return LAUNCH_CK(c, "k_attn_softmax_warp");
     }
-    k_attn_softmax<<<(unsigned)rows, NT, 0, c->stream>>>(scores, Tq, Tk, ld, causal);
+    launch(k_attn_softmax, (unsigned)rows, NT, 0, c->stream, scores, Tq, Tk, ld, causal);
     return LAUNCH_CK(c, "k_attn_softmax");
 }
 
@@ -1470,8 +1512,8 @@ void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float 
     dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
     const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 &&
                      ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
-    k_attention_fused<<<grid, FA_WARPS * 32, smem, c->stream>>>(out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, scale,
-                                                                vec);
+    launch(k_attention_fused, grid, FA_WARPS * 32, smem, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride,
+           scale, vec);
     LAUNCH_CK(c, "k_attention_fused");
 }
 
@@ -1591,8 +1633,8 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
     if (z > max_ctx) z = max_ctx;
     if (z < 1) z = 1;
     dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
-    kernel<<<grid, NT, smem, c->stream>>>(out, q, (const KT *)k_pool, (const KT *)v_pool, tables, max_blocks, meta,
-                                          block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
+    launch(kernel, grid, NT, smem, c->stream, out, q, (const KT *)k_pool, (const KT *)v_pool, tables, max_blocks, meta,
+           block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     LAUNCH_CK(c, "k_attention_paged(_v)");
 }
 
@@ -1633,21 +1675,21 @@ void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, con
     if (z < 1) z = 1;
     dim3 grid((unsigned)n_seqs, (unsigned)z);
     if (kvdtype == BLIP2_W_F32)
-        k_kv_write<float><<<grid, NT, 0, c->stream>>>((float *)k_pool, (float *)v_pool, k, v, in_stride, tables,
-                                                       max_blocks, meta, block_size, C);
+        launch(k_kv_write<float>, grid, NT, 0, c->stream, (float *)k_pool, (float *)v_pool, k, v, in_stride, tables,
+               max_blocks, meta, block_size, C);
     else if (kvdtype == BLIP2_W_F16)
-        k_kv_write<__half><<<grid, NT, 0, c->stream>>>((__half *)k_pool, (__half *)v_pool, k, v, in_stride, tables,
-                                                        max_blocks, meta, block_size, C);
+        launch(k_kv_write<__half>, grid, NT, 0, c->stream, (__half *)k_pool, (__half *)v_pool, k, v, in_stride, tables,
+               max_blocks, meta, block_size, C);
     else
-        k_kv_write<__nv_bfloat16><<<grid, NT, 0, c->stream>>>((__nv_bfloat16 *)k_pool, (__nv_bfloat16 *)v_pool, k, v,
-                                                               in_stride, tables, max_blocks, meta, block_size, C);
+        launch(k_kv_write<__nv_bfloat16>, grid, NT, 0, c->stream, (__nv_bfloat16 *)k_pool, (__nv_bfloat16 *)v_pool, k,
+               v, in_stride, tables, max_blocks, meta, block_size, C);
     LAUNCH_CK(c, "k_kv_write");
 }
 
 void blip2_softmax(float *x, int T, int n) {
     blip2_cuda_ctx *c = cur("softmax");
     if (!c || T <= 0 || n <= 0) return;
-    k_softmax<<<T, NT, 0, c->stream>>>(x, n);
+    launch(k_softmax, T, NT, 0, c->stream, x, n);
     LAUNCH_CK(c, "k_softmax");
 }
 
@@ -1655,14 +1697,14 @@ void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, in
     blip2_cuda_ctx *c = cur("im2col_patches");
     if (!c || CH <= 0 || PS <= 0 || H < PS || W < PS) return;
     size_t n = (size_t)(H / PS) * (W / PS) * CH * PS * PS;
-    k_im2col<<<grid_for(n), NT, 0, c->stream>>>(out, img, CH, H, W, PS);
+    launch(k_im2col, grid_for(n), NT, 0, c->stream, out, img, CH, H, W, PS);
     LAUNCH_CK(c, "k_im2col");
 }
 
 void blip2_embedding(float *out, const int32_t *ids, const float *table, int T, int C) {
     blip2_cuda_ctx *c = cur("embedding");
     if (!c || T <= 0 || C <= 0) return;
-    k_embedding<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(out, ids, table, T, C);
+    launch(k_embedding, grid_for((size_t)T * C), NT, 0, c->stream, out, ids, table, T, C);
     LAUNCH_CK(c, "k_embedding");
 }
 
@@ -1673,28 +1715,28 @@ void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int w
         blip2_cuda_record(c, "embedding_vp: unknown weight type %d", wdtype);
         return;
     }
-    k_embedding_vp<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(out, ids, table, wdtype, T, C, v0, V);
+    launch(k_embedding_vp, grid_for((size_t)T * C), NT, 0, c->stream, out, ids, table, wdtype, T, C, v0, V);
     LAUNCH_CK(c, "k_embedding_vp");
 }
 
 void blip2_add_rows(float *x, const float *table, int row0, int T, int C) {
     blip2_cuda_ctx *c = cur("add_rows");
     if (!c || T <= 0 || C <= 0) return;
-    k_add_rows<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(x, table, row0, T, C);
+    launch(k_add_rows, grid_for((size_t)T * C), NT, 0, c->stream, x, table, row0, T, C);
     LAUNCH_CK(c, "k_add_rows");
 }
 
 void blip2_add_rows_at(float *x, const float *table, const int32_t *rows, int T, int C) {
     blip2_cuda_ctx *c = cur("add_rows_at");
     if (!c || T <= 0 || C <= 0) return;
-    k_add_rows_at<<<grid_for((size_t)T * C), NT, 0, c->stream>>>(x, table, rows, T, C);
+    launch(k_add_rows_at, grid_for((size_t)T * C), NT, 0, c->stream, x, table, rows, T, C);
     LAUNCH_CK(c, "k_add_rows_at");
 }
 
 void blip2_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C) {
     blip2_cuda_ctx *c = cur("gather_rows");
     if (!c || n <= 0 || C <= 0) return;
-    k_gather_rows<<<grid_for((size_t)n * C), NT, 0, c->stream>>>(out, x, rows, n, C);
+    launch(k_gather_rows, grid_for((size_t)n * C), NT, 0, c->stream, out, x, rows, n, C);
     LAUNCH_CK(c, "k_gather_rows");
 }
 
@@ -1702,7 +1744,7 @@ void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
     blip2_cuda_ctx *c = cur("argmax_rows");
     if (!c || T <= 0) return;
     if (n < 0) n = 0;
-    k_argmax_rows<<<T, NT, 0, c->stream>>>(idx, val, x, n);
+    launch(k_argmax_rows, T, NT, 0, c->stream, idx, val, x, n);
     LAUNCH_CK(c, "k_argmax_rows");
 }
 
@@ -1713,7 +1755,7 @@ void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int
         blip2_cuda_record(c, "topk_rows: k %d must be in [1, min(n %d, %d)]", k, n, BLIP2_TOPK_MAX);
         return;
     }
-    k_topk_rows<<<T, NT, 0, c->stream>>>(idx, val, x, n, k);
+    launch(k_topk_rows, T, NT, 0, c->stream, idx, val, x, n, k);
     LAUNCH_CK(c, "k_topk_rows");
 }
 
@@ -1721,7 +1763,7 @@ void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int
 int blip2_argmax(const float *x, int n) {
     blip2_cuda_ctx *c = cur("argmax");
     if (!c || n <= 0) return 0;
-    k_argmax_rows<<<1, NT, 0, c->stream>>>(c->am_idx, c->am_val, x, n);
+    launch(k_argmax_rows, 1, NT, 0, c->stream, c->am_idx, c->am_val, x, n);
     if (!LAUNCH_CK(c, "k_argmax_rows")) return 0;
     if (!CUDA_CK(c, cudaMemcpyAsync(c->am_host_idx, c->am_idx, sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream)))
         return 0;
@@ -1732,21 +1774,21 @@ int blip2_argmax(const float *x, int n) {
 void blip2_penalize_rows(float *x, const int32_t *ids, const int32_t *offs, const float *pen, int T, int n, int v0) {
     blip2_cuda_ctx *c = cur("penalize_rows");
     if (!c || T <= 0 || n <= 0) return;
-    k_penalize_rows<<<T, NT, 0, c->stream>>>(x, ids, offs, pen, n, v0);
+    launch(k_penalize_rows, T, NT, 0, c->stream, x, ids, offs, pen, n, v0);
     LAUNCH_CK(c, "k_penalize_rows");
 }
 
 void blip2_logsumexp_rows(float *out, const float *x, int T, int n) {
     blip2_cuda_ctx *c = cur("logsumexp_rows");
     if (!c || T <= 0) return;
-    k_logsumexp_rows<<<T, NT, 0, c->stream>>>(out, x, n);
+    launch(k_logsumexp_rows, T, NT, 0, c->stream, out, x, n);
     LAUNCH_CK(c, "k_logsumexp_rows");
 }
 
 void blip2_shift_rows(float *x, const float *shift, int T, int n) {
     blip2_cuda_ctx *c = cur("shift_rows");
     if (!c || T <= 0 || n <= 0) return;
-    k_shift_rows<<<grid_for((size_t)T * n), NT, 0, c->stream>>>(x, shift, T, n);
+    launch(k_shift_rows, grid_for((size_t)T * n), NT, 0, c->stream, x, shift, T, n);
     LAUNCH_CK(c, "k_shift_rows");
 }
 
@@ -1757,7 +1799,7 @@ void blip2_fill_normal(void *x, int wdtype, size_t n, uint64_t seed, float mean,
         blip2_cuda_record(c, "fill_normal: unknown weight type %d", wdtype);
         return;
     }
-    k_fill_normal<<<grid_for(n), NT, 0, c->stream>>>(x, wdtype, n, seed, mean, std);
+    launch(k_fill_normal, grid_for(n), NT, 0, c->stream, x, wdtype, n, seed, mean, std);
     LAUNCH_CK(c, "k_fill_normal");
 }
 

@@ -18,6 +18,17 @@
 
 #include "sim.h"
 
+/* cudaLaunchKernelEx (kernels/cuda's launch helper) as a <<<>>> launch: its attribute, programmatic
+ * dependent launch, changes nothing where a launch's blocks run after the previous launch's. Defined
+ * before the thread-coordinate macros below, which would rewrite cfg's gridDim and blockDim. */
+template <typename... P, typename... A>
+inline cudaError_t blip2_sim_launch_ex(const cudaLaunchConfig_t *cfg, void (*kernel)(P...), A &&...args) {
+    blip2_sim::config(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream)
+        .launch(kernel, "cudaLaunchKernelEx", std::forward<A>(args)...);
+    return cudaSuccess; /* a failed launch is reported by cudaGetLastError, as the library does */
+}
+#define cudaLaunchKernelEx blip2_sim_launch_ex
+
 /* Device memory spaces: a __shared__ variable is one per block. Blocks of a launch run one after
  * the other on the launching thread, so a thread_local static is exactly that. */
 #undef __shared__

@@ -74,6 +74,9 @@ step parity_bf16 60 "$T/test_parity" --device cuda --dtype bf16
 step parity_f16_tp2 60 "$T/test_parity" --device cuda --dtype f16 --tp 2
 # An f16 model's encoders take the TF32 products by default; BLIP2_FUSED_ATTN=1, the fused kernel.
 step parity_f16_fused 60 env BLIP2_FUSED_ATTN=1 "$T/test_parity" --device cuda --dtype f16
+# Kernels are launched with programmatic dependent launch; without it, a failure that goes away
+# points at a kernel touching memory before its griddepcontrol.wait.
+step parity_f16_nopdl 60 env BLIP2_PDL=0 "$T/test_parity" --device cuda --dtype f16
 step engine_f32 90 "$T/test_engine" --device cuda --dtype f32
 # Decode steps replay CUDA graphs by default; the same checks without them tell a graph bug from
 # a kernel bug. BLIP2_BATCH_INVARIANT=1 sends every matmul to cuBLASLt without split-K (the GEMV
