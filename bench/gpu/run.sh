@@ -44,6 +44,9 @@ bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --e
 bench_step ours_fused 60 env BLIP2_FUSED_ATTN=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode steps with the warp-per-key paged attention (timed in runs 2-4) next to ours' 16-byte one.
 bench_step ours_paged_warp 60 env BLIP2_PAGED_VEC=0 "${BENCH[@]}" --batch 64,256 --images none --steps 8 --json
+# Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
+# start with the previous one's tail gives, at batch 1 (latency) and 64.
+bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
 bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
@@ -75,6 +78,3 @@ bench_step ops_perf_attention_unfused 30 env BLIP2_FUSED_ATTN=0 "$BUILD/tests/te
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
 # What the decode graphs buy.
 bench_step ours_nographs 60 env BLIP2_GRAPHS=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
-# Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
-# start with the previous one's tail gives, at batch 1 (latency) and 64.
-bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
