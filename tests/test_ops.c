@@ -1683,6 +1683,9 @@ static const op_case cases[] = {
     LN(3, 7, 0, 0, 1e-12f, "odd"),
     LN(3, 5000, 0, 0, 1e-5f, "C above the registers' 4096: the loop kernel"),
     LN(300, 2560, 0, 0, 1e-5f, "300 rows: the loop kernel (row 0 alone: the register kernel)"),
+    LN(300, 1408, 0, 0, 1e-6f, "300 rows of vision's C: 8 a thread in registers, any number of rows"),
+    LN(3, 2049, 0, 0, 1e-5f, "C just above 8 a thread: 16 in registers"),
+    LN(3, 1025, 0, 3, 1e-6f, "C just above 4 a thread: 8 in registers, eps matters"),
     LN(65, 13, 1, 0, 1e-6f, "odd"),
 
     RLN(45, 2560, 0, 0, 1, 1e-5f, "OPT prefill: + out_proj/fc2 bias"),
@@ -1690,6 +1693,7 @@ static const op_case cases[] = {
     RLN(1, 2560, 1, 0, 1, 1e-5f, "OPT decode, out aliases y"),
     RLN(64, 2560, 1, 0, 1, 1e-5f, "OPT decode batch 64"),
     RLN(257, 1408, 0, 0, 0, 1e-6f, "vision"),
+    RLN(514, 1408, 1, 0, 0, 1e-6f, "vision, 2 images (8 a thread in registers), out aliases y"),
     RLN(32, 768, 1, 0, 0, 1e-12f, "Q-Former, out aliases y"),
     RLN(13, 2560, 0, 1, 0, 1e-5f, "variance 0 rows"),
     RLN(13, 2560, 0, 1, 1, 1e-5f, "variance 0 rows with a bias"),

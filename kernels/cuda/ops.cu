@@ -262,18 +262,26 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out
     for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, o0 + i, (r[i] - mean) * rstd * w[i] + b[i]);
 }
 
-/* The same two kernels with the row in registers (C <= LN_REG_C): every load of a row is issued
+/* The same two kernels with the row in registers (C <= NT·PER): every load of a row is issued
  * before the first sum, where the loops above wait out the memory latency element by element (a
- * decode row, one block: 13.6 µs a call under ncu on an H100, for 2560 floats). The same
- * operations in the same order, so the same bits. */
-constexpr int LN_PER = 16, LN_REG_C = NT * LN_PER, LN_REG_T = 256;
-/* Few rows (decode, small prefills): the register kernels, whose latency is what counts there. Many
- * rows (vision: 16448 at 64 images): the loop kernels, measured there; their registers leave more
- * blocks per SM to hide the latency. Both give the same bits, so a row's norm does not depend on
- * its batch. */
-inline bool ln_in_registers(int T, int C) { return C <= LN_REG_C && T <= LN_REG_T; }
+ * decode row, one block: 13.6 µs a call under ncu on an H100, for 2560 floats; in the residual
+ * loop each load also waits for the store before it, which may alias). The same operations in
+ * the same order, so the same bits. */
+constexpr int LN_REG_T = 256;
+/* Elements per thread of the register kernel for a norm of T rows of C, or 0 for the loop kernel.
+ * PER = 16 (C <= 4096, the OPT rows) takes 101 registers: only for few rows (decode, small
+ * prefills), where latency is what counts; with many (a batch-64 prefill) the loop kernel
+ * measured better (H100, run 3). PER = 4 or 8 (the Q-Former's 768, vision's 1408) holds a third
+ * of that, so it serves any number of rows (vision at 64 images: 16 448). Every choice gives the
+ * same bits, so a row's norm does not depend on its batch. */
+inline int ln_per(int T, int C) {
+    if (C <= NT * 4) return 4;
+    if (C <= NT * 8) return 8;
+    return C <= NT * 16 && T <= LN_REG_T ? 16 : 0;
+}
 /* The rest of both: this thread's partial sum s of its elements v (i = threadIdx.x + u·NT < C) to
  * the mean, the variance in the loop kernels' order, then out = (v − mean)·rstd·w + b of adtype. */
+template <int LN_PER>
 __device__ __forceinline__ void ln_regs_finish(const float (&v)[LN_PER], const float (&wv)[LN_PER],
                                                const float (&bv)[LN_PER], double s, double *red, void *out,
                                                int adtype, size_t o0, int C, float eps) {
@@ -295,6 +303,7 @@ __device__ __forceinline__ void ln_regs_finish(const float (&v)[LN_PER], const f
     }
 }
 
+template <int LN_PER>
 __global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const float *inp, const float *w,
                                                     const float *b, int C, float eps) {
     pdl_entry();
@@ -313,6 +322,7 @@ __global__ void __launch_bounds__(NT) k_layernorm_r(void *out, int adtype, const
     ln_regs_finish(v, wv, bv, s, red, out, adtype, (size_t)blockIdx.x * C, C, eps);
 }
 
+template <int LN_PER>
 __global__ void __launch_bounds__(NT) k_residual_layernorm_r(float *res, void *out, int adtype, const float *y,
                                                              const float *bias, const float *w, const float *b, int C,
                                                              float eps) {
@@ -1260,7 +1270,11 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
-    auto *kernel = ln_in_registers(T, C) ? k_layernorm_r : k_layernorm;
+    const int per = ln_per(T, C);
+    auto *kernel = per == 4    ? k_layernorm_r<4>
+                   : per == 8  ? k_layernorm_r<8>
+                   : per == 16 ? k_layernorm_r<16>
+                               : k_layernorm;
     launch(kernel, T, NT, 0, c->stream, out, adtype, inp, w, b, C, eps);
     LAUNCH_CK(c, "k_layernorm");
 }
@@ -1273,7 +1287,11 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
                                 int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
-    auto *kernel = ln_in_registers(T, C) ? k_residual_layernorm_r : k_residual_layernorm;
+    const int per = ln_per(T, C);
+    auto *kernel = per == 4    ? k_residual_layernorm_r<4>
+                   : per == 8  ? k_residual_layernorm_r<8>
+                   : per == 16 ? k_residual_layernorm_r<16>
+                               : k_residual_layernorm;
     launch(kernel, T, NT, 0, c->stream, res, out, adtype, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
 }
