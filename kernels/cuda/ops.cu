@@ -110,6 +110,31 @@ __global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const fl
     pdl_entry();
     GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(x[i], act));
 }
+/* The same, four elements a thread and iteration: one 16-byte load, one 16- or 8-byte store (n a
+ * multiple of 4, x and out aligned to that). At vision batch 64 the GELU + narrowing of
+ * [16 448, 6144] took 0.32 ms a layer (ncu, H100), ~1.7x its bytes at the copy rate. */
+__global__ void __launch_bounds__(NT) k_activate_v4(void *out, int adtype, const float *x, size_t n4, int act) {
+    pdl_entry();
+    GRID_STRIDE(i, n4) {
+        const float4 v = reinterpret_cast<const float4 *>(x)[i];
+        const float a = act_of(v.x, act), b = act_of(v.y, act), c = act_of(v.z, act), d = act_of(v.w, act);
+        if (adtype == BLIP2_W_F32) {
+            reinterpret_cast<float4 *>(out)[i] = make_float4(a, b, c, d);
+        } else if (adtype == BLIP2_W_F16) { /* the lower address in the low half */
+            const unsigned lo = (unsigned)__half_as_ushort(__float2half_rn(a)) |
+                                (unsigned)__half_as_ushort(__float2half_rn(b)) << 16;
+            const unsigned hi = (unsigned)__half_as_ushort(__float2half_rn(c)) |
+                                (unsigned)__half_as_ushort(__float2half_rn(d)) << 16;
+            reinterpret_cast<uint2 *>(out)[i] = make_uint2(lo, hi);
+        } else {
+            const unsigned lo = (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(a)) |
+                                (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(b)) << 16;
+            const unsigned hi = (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(c)) |
+                                (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(d)) << 16;
+            reinterpret_cast<uint2 *>(out)[i] = make_uint2(lo, hi);
+        }
+    }
+}
 /* out[t, o] += bias[o] (bias may be NULL), then ReLU if relu: the epilogue when cuBLASLt is not used. */
 __global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, size_t n, int C, int relu) {
     pdl_entry();
@@ -1096,7 +1121,11 @@ void gemv(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint1
 /* out = act(x) of adtype on the context's stream. */
 void activate(blip2_cuda_ctx *c, void *out, int adtype, const float *x, size_t n, int act) {
     if (n == 0) return;
-    launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, n, act);
+    const uintptr_t out_align = adtype == BLIP2_W_F32 ? 15 : 7;
+    if (n % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)out & out_align) == 0)
+        launch(k_activate_v4, grid_for(n / 4), NT, 0, c->stream, out, adtype, x, n / 4, act);
+    else
+        launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, n, act);
     LAUNCH_CK(c, "k_activate");
 }
 
