@@ -47,6 +47,7 @@ static void usage(FILE *fp) {
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
             "              [--tls-cert FILE.pem --tls-key FILE.pem] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
+            "              [--batch-invariant]\n"
             "  --device            where the model runs (default cpu; cuda: GPU local-rank mod GPUs, NCCL under mpirun)\n"
             "  --dtype             weight matrices on the device (default f32 on the CPU, f16 on CUDA)\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
@@ -59,6 +60,8 @@ static void usage(FILE *fp) {
             "  --image-cache-bytes cache of image embeddings for repeated images (default 256M, 0: off)\n"
             "  --grace-ms N        on SIGTERM/SIGINT, time in-flight requests get to finish (default 10000)\n"
             "  --tls-cert/--tls-key  serve TLS with this certificate chain and private key (PEM); default plaintext\n"
+            "  --batch-invariant   a request's seeded samples do not depend on the other requests in its steps\n"
+            "                      (CUDA: no GEMV, no split-K; slower at small batches; the CPU always is)\n"
             "Sizes take K, M or G suffixes (powers of 1024). Run under mpirun -np N for tensor parallelism.\n");
 }
 
@@ -103,7 +106,8 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"tls-cert", required_argument, 0, 'C'},     {"tls-key", required_argument, 0, 'K'},
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
         {"device", required_argument, 0, 'D'},       {"dtype", required_argument, 0, 'T'},
-        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0},
+        {"batch-invariant", no_argument, 0, 'I'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     blip2_engine_opts d = blip2_engine_opts_default();
     memset(a, 0, sizeof *a);
@@ -124,6 +128,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         case 'm': a->model = optarg; break;
         case 'D': a->device = optarg; break;
         case 'T': a->dtype = optarg; break;
+        case 'I': setenv("BLIP2_BATCH_INVARIANT", "1", 1); break; /* read once, when the device first computes */
         case 'l': a->listen = optarg; break;
         case 'p': a->port_file = optarg; break;
         case 'b':
@@ -410,8 +415,9 @@ int main(int argc, char **argv) {
         pthread_mutex_unlock(&S.mu);
         blip2_engine_stats es;
         blip2_engine_get_stats(e, &es);
-        info("serving (tensor parallel over %d rank(s), %d KV blocks of %d positions)", tp.world,
-                es.blocks_total, eo.block_size);
+        int invariant = !m.ops->batch_invariant || m.ops->batch_invariant();
+        info("serving (tensor parallel over %d rank(s), %d KV blocks of %d positions; seeded sampling %s)", tp.world,
+             es.blocks_total, eo.block_size, invariant ? "batch-invariant" : "may vary with the batch");
         if (stop) blip2_engine_stop(e, a.grace_ms);
         rc = blip2_engine_run(e, &st); /* until stopped and drained; then the followers are told to stop */
         if (rc) fprintf(stderr, "blip2d: the engine failed: %s\n", st.msg);

@@ -231,7 +231,7 @@ if start_server np2 $NP --grace-ms 60000; then
 fi
 
 # ---- one process without mpirun (as the README runs it): SIGINT ends it with 0 after its request
-if start_server single 0 --grace-ms 20000; then
+if start_server single 0 --grace-ms 20000 --batch-invariant; then
   ok
   SRV=$SRV_PID
   start_poller "127.0.0.1:$PORT" 1 30 "$tmp/single.ready"
@@ -239,6 +239,7 @@ if start_server single 0 --grace-ms 20000; then
     --question "Question: how many cats are in the picture? Answer:" --max-new-tokens 100 >"$tmp/single.out" 2>&1 &
   cpid=$!
   wait "$WPID" || bad "single: the request never became active"
+  check "single: --batch-invariant reported" grep -q "seeded sampling batch-invariant" "$tmp/single.log"
   kill -INT "$SRV"
   wait_exit "$SRV" 60
   rc=$RC
