@@ -700,9 +700,10 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
  * decoded alone and among others, and a seeded draw near a boundary can move (H100, 2026-11-27:
  * 7 of 8 seeded samples alike in test_engine; greedy 64 of 64). BLIP2_BATCH_INVARIANT=1 sends
  * every matmul to cuBLASLt with algorithms that reduce without split-K
- * (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = NONE): each output's sum then runs along K in
- * the tensor-core instruction's steps whatever M is. The cost is the GEMV's advantage at small
- * batches. Read once per process. */
+ * (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = NONE): each output's sum should then run along
+ * K in the same tensor-core steps whatever M is (with BLIP2_GEMV=0 alone, run 4 already gave 8 of
+ * 8); tests/gpu/run.sh's engine_*_invariant steps check it on the card. The cost is the GEMV's
+ * advantage at small batches. Read once per process. */
 bool batch_invariant_mode() {
     static const bool on = [] {
         const char *e = getenv("BLIP2_BATCH_INVARIANT");
