@@ -125,8 +125,8 @@ static inline bool pdl_enabled() {
     return on;
 }
 
-/* kernel<<<grid, block, smem, stream>>>(args) with the PDL attribute; errors reach
- * cudaGetLastError (LAUNCH_CK) as with <<<>>>. */
+/* A kernel launch (grid, block, dynamic shared memory, stream, then the kernel's arguments) with
+ * the PDL attribute; errors reach cudaGetLastError (LAUNCH_CK) as with a triple-chevron launch. */
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A &&...args) {
     cudaLaunchAttribute attr[1];
