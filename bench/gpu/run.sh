@@ -10,7 +10,10 @@
 # same with 5 beams at B = 1, 8, 32; HF via hf_baseline.py; the floor via
 # ../shared/tools/gemm_floor.py; ncu's per-kernel times of a decode step at batch 64 and of vision
 # at 64 images (ncu_summary.py); the op perf tables (GEMV bandwidth at T=1, the paged attention at
-# decode batch 256, the encoders' attention both ways).
+# decode batch 256, the encoders' attention both ways). Side by side with their switches off: the
+# fused encoder attention (ours_fused), the warp-per-key paged attention (ours_paged_warp,
+# ops_perf_paged_warp) and programmatic dependent launch (ours_nopdl); RESULTS.md lists what each
+# of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
