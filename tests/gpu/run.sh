@@ -95,6 +95,10 @@ step cli_nographs 45 bash -c 'out=$(BLIP2_GRAPHS=0 "$BUILD/blip2" generate --mod
 step cli_beam3_f32 45 bash -c 'out=$("$BUILD/blip2" generate --model "$FIX/tiny-f16" --device cuda --dtype f32 \
   --num-beams 3 --pixel-values "$FIX/pixel_values.safetensors:chelsea" --input-ids "$ids" --max-new-tokens 12 --json) \
   && echo "$out"' 
+# Graph recording falls back to plain launches with a line on stderr (runtime/graphs.c), so the
+# steps above pass either way; with programmatic dependent launch in the recorded steps, that
+# line is worth a failure of its own.
+step graphs_recorded 5 bash -c '! grep -H "as a graph failed" "$0"/*.log' "$OUT"
 
 echo "$pass passed, $fail failed" | tee -a "$summary"
 [ "$fail" -eq 0 ]
