@@ -117,11 +117,15 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 #endif
 }
 
+/* A BLIP2_* switch of the environment: on by default unless set to "0", or off by default
+ * unless set to "1". Callers keep the answer in a function-local static (read once per process). */
+static inline bool env_switch(const char *name, bool on_by_default) {
+    const char *e = getenv(name);
+    return on_by_default ? !(e && !strcmp(e, "0")) : (e && !strcmp(e, "1"));
+}
+
 static inline bool pdl_enabled() {
-    static const bool on = [] {
-        const char *e = getenv("BLIP2_PDL");
-        return !(e && !strcmp(e, "0"));
-    }();
+    static const bool on = env_switch("BLIP2_PDL", true);
     return on;
 }
 

@@ -705,10 +705,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
  * 8); tests/gpu/run.sh's engine_*_invariant steps check it on the card. The cost is the GEMV's
  * advantage at small batches. Read once per process. */
 bool batch_invariant_mode() {
-    static const bool on = [] {
-        const char *e = getenv("BLIP2_BATCH_INVARIANT");
-        return e && !strcmp(e, "1");
-    }();
+    static const bool on = env_switch("BLIP2_BATCH_INVARIANT", false);
     return on;
 }
 int be_batch_invariant() { return batch_invariant_mode() ? 1 : 0; }
@@ -1054,10 +1051,7 @@ unsigned gemv_threads(long long n, int per) {
 /* BLIP2_GEMV=0 in the environment turns the GEMV path off (every 16-bit matmul goes to cuBLASLt),
  * for comparing the two; so does the batch-invariant mode. Read once per process. */
 bool gemv_enabled() {
-    static const bool on = [] {
-        const char *e = getenv("BLIP2_GEMV");
-        return !(e && !strcmp(e, "0")) && !batch_invariant_mode();
-    }();
+    static const bool on = env_switch("BLIP2_GEMV", true) && !batch_invariant_mode();
     return on;
 }
 
@@ -1544,10 +1538,7 @@ static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int T
  * The whole-row version above came after that run and has not been timed: bench/gpu/run.sh's
  * ours_fused and ops_perf_attention give both ways side by side. */
 bool fused_attention_enabled() {
-    static const bool on = [] {
-        const char *e = getenv("BLIP2_FUSED_ATTN");
-        return e && !strcmp(e, "1");
-    }();
+    static const bool on = env_switch("BLIP2_FUSED_ATTN", false);
     return on;
 }
 
@@ -1657,10 +1648,7 @@ template <typename F> size_t paged_smem(blip2_cuda_ctx *c, F *kernel, int max_ct
 
 /* BLIP2_PAGED_VEC=0 keeps the warp-per-key kernel for every shape (for comparing the two). */
 bool paged_vec_enabled() {
-    static const bool on = [] {
-        const char *e = getenv("BLIP2_PAGED_VEC");
-        return !(e && !strcmp(e, "0"));
-    }();
+    static const bool on = env_switch("BLIP2_PAGED_VEC", true);
     return on;
 }
 
