@@ -186,8 +186,11 @@ static int same_ids(const outcome *a, const outcome *b) {
  * in fp32). Beam search prunes to 3 beams every step, and an early near-tie there can change the
  * winner: on an H100 (2026-11-27) tiny-f32-sharded case 4 found another sequence than the fp32
  * golden 11274 x12 (whose final score is 0.34 above the runner-up's: the split was in the pruning).
- * There, beams are compared exactly only where the golden beam equals the golden greedy path. */
-static int g_beam_loose;
+ * In run 5 tiny-f16 case 1 left its golden too, although that golden's beam is its greedy path.
+ * So bf16 beams on a device (g_bf16_device) must match their goldens in all cases but at most one
+ * per fixture; each one that differs is printed. Beam search itself is held exactly to the goldens
+ * in fp32 and f16 (here and test_decoding). */
+static int g_bf16_device;
 
 static void test_goldens(env_t *env, const char *name, fcase *cases, int nc, outcome *solo) {
     blip2_job jobs[64];
@@ -204,18 +207,21 @@ static void test_goldens(env_t *env, const char *name, fcase *cases, int nc, out
     beam.num_beams = 3;
     for (int i = 0; i < nc; i++) jobs[i] = case_job(&cases[i], beam);
     CHECK(run_jobs(env, jobs, out, nc, 0, NULL) == 0, "blocks left in use after beams");
+    int beams_off = 0;
     for (int i = 0; i < nc; i++) {
-        int robust = memcmp(cases[i].greedy, cases[i].beam, sizeof(int32_t) * 12) == 0;
-        if (g_beam_loose && !robust) { /* see main */
+        const int same = out[i].code == BLIP2_OK && out[i].n == 12 && !memcmp(out[i].ids, cases[i].beam, sizeof(int32_t) * 12);
+        if (g_bf16_device) { /* see g_bf16_device */
             CHECK(out[i].code == BLIP2_OK && out[i].n == 12, "%s case %d: beam search failed", name, i);
-            if (memcmp(out[i].ids, cases[i].beam, sizeof(int32_t) * 12))
-                printf("note: %s case %d: bf16 beams differ from the fp32 golden (first ids %d %d, golden %d %d)\n", name, i,
+            if (!same)
+                printf("note: %s case %d: bf16 beams differ from the golden (first ids %d %d, golden %d %d)\n", name, i,
                        out[i].ids[0], out[i].ids[1], cases[i].beam[0], cases[i].beam[1]);
+            beams_off += !same;
             continue;
         }
-        CHECK(out[i].code == BLIP2_OK && out[i].n == 12 && memcmp(out[i].ids, cases[i].beam, sizeof(int32_t) * 12) == 0,
-              "%s case %d: beam search differs from generate_beam3_raw", name, i);
+        CHECK(same, "%s case %d: beam search differs from generate_beam3_raw", name, i);
     }
+    CHECK(beams_off <= 1, "%s: bf16 beams differ from the goldens in %d of %d cases (at most 1 allowed)", name, beams_off,
+          nc);
 }
 
 /* --quick (the CUDA emulator, where a step costs seconds): 16 concurrent requests instead of 64
@@ -225,7 +231,11 @@ static int g_quick;
 /* Seeded samples alone vs among others: exact where the backend promises a row the same bits in
  * any batch (ops.h batch_invariant: the host reference; CUDA with BLIP2_BATCH_INVARIANT=1).
  * Elsewhere a draw near a boundary may move with the last bits of the logits, so the count is
- * printed, not checked. Greedy rows are checked exactly everywhere (the goldens hold no near-tie). */
+ * printed, not checked. Plain greedy rows are checked exactly everywhere (the goldens hold no
+ * near-tie). Greedy rows with a repetition penalty have no golden and no such promise: in f16 they
+ * are checked exactly too, but bf16's 8-bit mantissas turn the GEMV's and cuBLASLt's different sum
+ * orders into logit differences that cross their ties (run 5, H100: 12 to 17 of 21 alike), so
+ * there they follow the samples' rule. */
 static int exact_samples(const env_t *env, const char *name, const char *what, int same, int of) {
     const blip2_ops *o = env->m->ops;
     if (!o->batch_invariant || o->batch_invariant()) return 1;
@@ -285,18 +295,21 @@ static void test_batch_invariance(env_t *env, const char *name, fcase *cases, in
     }
     for (int i = 2; i < 8; i += 3) run_jobs(env, &jobs[i], &alone[i], 1, 0, NULL);
     CHECK(run_jobs(env, jobs, out, many, 1, NULL) == 0, "blocks left in use");
-    int same_p = 0, checked = 0, changed = 0, same_ps = 0, sampled = 0;
+    int same_g = 0, plain = 0, same_p = 0, penalised = 0, changed = 0, same_ps = 0, sampled = 0;
     for (int i = 0; i < many; i++) {
         if (i % 3 == 2) { /* seeded with a penalty */
             if (i < 8) sampled++, same_ps += same_ids(&out[i], &alone[i]);
-            continue;
+        } else if (i % 3 == 1) {
+            penalised++, same_p += same_ids(&out[i], &pen_solo[i % nc]);
+        } else {
+            plain++, same_g += same_ids(&out[i], &solo[i % nc]);
         }
-        checked++;
-        same_p += same_ids(&out[i], i % 3 == 0 ? &solo[i % nc] : &pen_solo[i % nc]);
     }
     for (int c = 0; c < nc; c++) changed += !same_ids(&pen_solo[c], &solo[c]);
-    CHECK(same_p == checked, "%s: %d of %d penalised / plain greedy requests match alone vs in the batch", name, same_p,
-          checked);
+    CHECK(same_g == plain, "%s: %d of %d plain greedy requests among penalised ones match alone", name, same_g, plain);
+    if (!g_bf16_device || exact_samples(env, name, "penalised greedy requests", same_p, penalised))
+        CHECK(same_p == penalised, "%s: %d of %d penalised greedy requests match alone vs in the batch", name, same_p,
+              penalised);
     if (exact_samples(env, name, "penalised seeded samples", same_ps, sampled))
         CHECK(same_ps == sampled, "%s: %d of %d penalised seeded samples match alone vs in the batch", name, same_ps,
               sampled);
@@ -500,7 +513,7 @@ int main(int argc, char **argv) {
         return fprintf(stderr, "test_engine: %s\n", wdtype < 0 ? "bad --dtype" : dst.msg), 2;
     }
     printf("device %s, weights %s\n", dev.name, blip2_wdtype_name(wdtype));
-    g_beam_loose = wdtype == BLIP2_W_BF16 && strcmp(device, "cpu") != 0;
+    g_bf16_device = wdtype == BLIP2_W_BF16 && strcmp(device, "cpu") != 0;
     char path[512];
     snprintf(path, sizeof path, "%s/fixtures/MANIFEST.json", BLIP2_SHARED_DIR);
     json_error_t err;
