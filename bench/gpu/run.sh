@@ -50,12 +50,16 @@ bench_step ours_paged_warp 60 env BLIP2_PAGED_VEC=0 "${BENCH[@]}" --batch 64,256
 # Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
 # start with the previous one's tail gives, at batch 1 (latency) and 64.
 bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
+# The GEMV against cuBLASLt row count by row count (kernels/cuda/ops.cu gemv_max_t: the default
+# sends T <= 4 to the GEMV): every small batch through the GEMV, then none.
+bench_step ours_gemv8 45 env BLIP2_GEMV_MAX_T=8 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
+bench_step ours_nogemv 45 env BLIP2_GEMV=0 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
 bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
 bench_step ours_256 90 "${BENCH[@]}" --batch 256 --images 1 --steps 32 --engine --json
 # Where the time goes, kernel by kernel (ncu, without graphs so that each kernel is its own launch):
-# a decode step at batch 64 (after the weight fills, the batch-1 warm-up and the batch-64 prefill)
+# a decode step at batch 64 and at batch 1 (after the weight fills, the warm-up and the prefill)
 # and the first layers of vision at 64 images. ncu_summary.py groups the kernels.
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 if [ -x "$NCU" ]; then
@@ -63,6 +67,9 @@ if [ -x "$NCU" ]; then
   bench_step ncu_decode 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 2000 --launch-count 1500 \
     "${BENCH[@]}" --batch 64 --images none --steps 4
   python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode.out" >"$OUT/ncu_decode.txt" 2>&1
+  bench_step ncu_decode1 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 2000 --launch-count 1500 \
+    "${BENCH[@]}" --batch 1 --images none --steps 8
+  python3 bench/gpu/ncu_summary.py "$OUT/ncu_decode1.out" >"$OUT/ncu_decode1.txt" 2>&1
   bench_step ncu_vision 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 1247 --launch-count 800 \
     "${BENCH[@]}" --batch 1 --images 64 --steps 1
   python3 bench/gpu/ncu_summary.py "$OUT/ncu_vision.out" >"$OUT/ncu_vision.txt" 2>&1

@@ -8,7 +8,7 @@
  *
  * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; the attention products
  * of a 16-bit model use TF32); 16-bit-weight matmuls round the fp32 activations to the weight's
- * type (RNE) and accumulate in fp32, on the tensor cores or, at T <= GEMV_MAX_T, in a GEMV kernel
+ * type (RNE) and accumulate in fp32, on the tensor cores or, at T <= gemv_max_t(), in a GEMV kernel
  * that rounds the activations the same way (so a row's products do not depend on its batch's
  * size; BLIP2_GEMV=0 sends those to cuBLASLt too). The _a ops write that rounding where the input
  * is produced (a norm, GELU) and matmul_a takes it as it is: the same numbers, one pass fewer. Row
@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
 
 /* ------------------------------------------------------------------------------------------------
  * Batch invariance. By default a row's matmul sums run in an order that depends on how many rows
- * share the call: at T <= GEMV_MAX_T the GEMV's, above it cuBLASLt's, whose heuristic may also
+ * share the call: at T <= gemv_max_t() the GEMV's, above it cuBLASLt's, whose heuristic may also
  * pick split-K for some shapes. The logits then differ in their last bits between a request
  * decoded alone and among others, and a seeded draw near a boundary can move (H100, 2026-11-27:
  * 7 of 8 seeded samples alike in test_engine; greedy 64 of 64). BLIP2_BATCH_INVARIANT=1 sends
@@ -855,7 +855,7 @@ void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
  * weight loads are all issued before any arithmetic (64 bytes in flight per thread). The inputs
  * are read as float4 when inp is 16-byte aligned (VIN), else one float at a time. k_gemv_s takes
  * anything else (any C, any alignment) one column per thread and iteration. */
-constexpr int GEMV_MAX_T = 8;         /* matmul_h takes the GEMV path for 1 <= T <= this */
+constexpr int GEMV_MAX_T = 8;         /* the kernels' ceiling; matmul_h uses them up to gemv_max_t() rows */
 constexpr int GEMV_MAX_THREADS = 256; /* block size ceiling (multiples of 32 below it are chosen per C) */
 constexpr int GEMV_LOADS = 4;         /* 16-byte weight loads in flight per thread and iteration */
 __host__ __device__ constexpr int gemv_rows(int T) { return T <= 2 ? 1 : T <= 4 ? 2 : 4; }
@@ -1043,18 +1043,28 @@ unsigned gemv_threads(long long n, int per) {
     return (unsigned)best;
 }
 
-/* BLIP2_GEMV=0 in the environment turns the GEMV path off (every 16-bit matmul goes to cuBLASLt),
- * for comparing the two; so does the batch-invariant mode. Read once per process. */
-bool gemv_enabled() {
-    static const bool on = env_switch("BLIP2_GEMV", true) && !batch_invariant_mode();
-    return on;
+/* The most rows the GEMV takes: GEMV_DEFAULT_T, or BLIP2_GEMV_MAX_T=n (0..GEMV_MAX_T) for comparing
+ * it with cuBLASLt row count by row count. BLIP2_GEMV=0 (0 rows) sends every 16-bit matmul to
+ * cuBLASLt; so does the batch-invariant mode. Read once per process.
+ * Why 4 and not 8: at T = 5..8 each block reads all T input rows for 4 weight rows, so the L2
+ * traffic is several times the weights' bytes: on an H100 (run 5) a decode step took 4.05 ms at
+ * batch 8 (GEMV) against 3.72 at batch 32 (cuBLASLt), whose matmuls alone take 2.29 ms at 8. */
+constexpr int GEMV_DEFAULT_T = 4;
+int gemv_max_t() {
+    static const int most = [] {
+        if (!env_switch("BLIP2_GEMV", true) || batch_invariant_mode()) return 0;
+        const char *e = getenv("BLIP2_GEMV_MAX_T");
+        const int n = e && *e ? atoi(e) : GEMV_DEFAULT_T;
+        return n < 0 ? 0 : n > GEMV_MAX_T ? GEMV_MAX_T : n;
+    }();
+    return most;
 }
 
 /* Whether matmul_h takes the GEMV path. The bound on C keeps the kernels' int loop indices (which
  * run past C by less than 8·GEMV_LOADS·GEMV_MAX_THREADS) from overflowing. */
 bool gemv_use(int T, int C, int wdtype) {
-    return (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) && T >= 1 && T <= GEMV_MAX_T && C >= 0 &&
-           C <= INT_MAX - 8 * GEMV_LOADS * GEMV_MAX_THREADS && gemv_enabled();
+    return (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) && T >= 1 && T <= gemv_max_t() && C >= 0 &&
+           C <= INT_MAX - 8 * GEMV_LOADS * GEMV_MAX_THREADS;
 }
 
 /* Whether 16-bit inputs can take the GEMV (its 16-byte path only; elsewhere cuBLASLt). */
