@@ -16,6 +16,7 @@ typedef struct {
     const char *model, *config, *device, *dtype;
     int random, json, prompt_len, steps, engine, beams;
     int batches[16], n_batches, images[16], n_images;
+    int image_batch; /* --engine: the engine's vision batch (0: min(B, 64)) */
     int seed;
 } bench_args;
 
@@ -43,7 +44,8 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         {"batch", required_argument, 0, 'b'},  {"images", required_argument, 0, 'i'}, {"prompt-len", required_argument, 0, 'p'},
         {"steps", required_argument, 0, 's'},  {"json", no_argument, 0, 'j'},         {"device", required_argument, 0, 'd'},
         {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {"dtype", required_argument, 0, 't'},
-        {"engine", no_argument, 0, 'e'},       {"num-beams", required_argument, 0, 'B'}, {0, 0, 0, 0},
+        {"engine", no_argument, 0, 'e'},       {"num-beams", required_argument, 0, 'B'},
+        {"image-batch", required_argument, 0, 'I'}, {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
     a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL, a->beams = 1;
@@ -67,17 +69,19 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'j': a->json = 1; break;
         case 'e': a->engine = 1; break;
         case 'B': if (blip2_cli_parse_int(optarg, 1, 16, &a->beams)) return blip2_cli_error("--num-beams: 1..16"); break;
+        case 'I': if (blip2_cli_parse_int(optarg, 1, 256, &a->image_batch)) return blip2_cli_error("--image-batch: 1..256"); break;
         case 'd': a->device = optarg; break;
         case 't': a->dtype = optarg; break;
         case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
                    "                   [--images 1,8|none] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-                   "                   [--engine [--num-beams N]] [--json]\n"
+                   "                   [--engine [--num-beams N] [--image-batch N]] [--json]\n"
                    "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
                    "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
                    "            request sees, scheduling and sampling included; --num-beams: beam search instead\n"
-                   "            (B requests of N beams: B·N sequences a step)\n");
+                   "            (B requests of N beams: B·N sequences a step); --image-batch: the engine's vision\n"
+                   "            batch (default min(B, 64); B encodes every image at once, as HF's generate)\n");
             exit(0);
         default: return 2;
         }
@@ -243,14 +247,14 @@ static void tally_done(void *ctx, const blip2_result *res) {
 }
 
 /* B requests of `beams` sequences each (a beam's partly filled last block is its own). */
-static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps) {
+static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps, int image_batch) {
     blip2_engine_opts o = blip2_engine_opts_default();
     int per = blip2_kv_blocks_for(L + steps, o.block_size), seqs = B * beams;
     o.max_batch = seqs > 8 ? seqs : 8;
     o.max_queue = B;
     o.max_step_tokens = o.max_step_tokens > o.max_batch ? o.max_step_tokens : o.max_batch;
     o.kv_bytes = blip2_kv_block_bytes(m, o.block_size) * (size_t)(seqs * (per + 1) + 8);
-    o.max_images_per_step = B < 64 ? B : 64;
+    o.max_images_per_step = image_batch ? image_batch : B < 64 ? B : 64;
     o.image_cache_bytes = 0; /* every image is new, as in HF's generate */
     o.max_new_tokens_limit = steps;
     return o;
@@ -260,10 +264,10 @@ static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams,
  * greedy tokens, or a beam search of `beams` (eos never ends them: the model is ours, its eos id
  * is set out of reach). Rank 0 runs the engine, the others follow it. Timed from the engine's
  * start to its drain. */
-static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int beams, int L, int steps,
+static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int beams, int L, int steps, int image_batch,
                                      double *wall_s, engine_tally *t, blip2_status *st) {
     const blip2_config *c = &m->cfg;
-    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps);
+    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps, image_batch);
     m->cfg.eos_id = -1;
     memset(t, 0, sizeof *t);
     if (tp->rank != 0) return blip2_engine_follow(m, tp, &o, st);
@@ -311,7 +315,7 @@ static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const bl
         int B = a->batches[i];
         double wall = 0;
         engine_tally t;
-        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->beams, a->prompt_len, a->steps, &wall, &t, st), st);
+        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->beams, a->prompt_len, a->steps, a->image_batch, &wall, &t, st), st);
         if (rc || !root) continue;
         double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0, n = t.done ? t.done : 1;
         if (a->json) /* where a request's time went, on average: queued (admission), image, prefill */

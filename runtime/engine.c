@@ -489,7 +489,7 @@ static blip2_code check_opts(const blip2_engine_opts *o, blip2_status *st) {
     if (o->max_batch < 1 || o->max_batch > 1024) return blip2_fail(st, BLIP2_EINVAL, "max batch %d must be 1..1024", o->max_batch);
     if (o->max_step_tokens < o->max_batch)
         return blip2_fail(st, BLIP2_EINVAL, "the step token budget %d must be >= the max batch %d", o->max_step_tokens, o->max_batch);
-    if (o->block_size < 1 || o->max_queue < 1 || o->max_images_per_step < 1 || o->max_images_per_step > 64)
+    if (o->block_size < 1 || o->max_queue < 1 || o->max_images_per_step < 1 || o->max_images_per_step > ENC_MAX_IMAGES)
         return blip2_fail(st, BLIP2_EINVAL, "bad engine options");
     return BLIP2_OK;
 }

@@ -22,7 +22,7 @@ typedef struct {
     size_t kv_bytes;          /* KV memory budget of this rank (blocks = kv_bytes / block bytes) */
     int max_new_tokens_limit; /* largest max_new_tokens a request may ask for */
     size_t image_cache_bytes; /* projected query embeddings kept for repeated images (0: off) */
-    int max_images_per_step;  /* vision encoder batch */
+    int max_images_per_step;  /* vision encoder batch, 1..256 */
 } blip2_engine_opts;
 
 blip2_engine_opts blip2_engine_opts_default(void);

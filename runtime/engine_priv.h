@@ -63,7 +63,8 @@ typedef struct req {
 
 /* The image encoder thread and what it shares with the engine thread (engine_images.c): the
  * fields below `mu` are read and written under it. */
-#define ENC_MAX_REQS 128
+#define ENC_MAX_IMAGES 256 /* the largest vision batch an engine may be given */
+#define ENC_MAX_REQS 256
 typedef struct {
     pthread_t thread;
     int inited, started;
