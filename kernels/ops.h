@@ -83,8 +83,9 @@ static inline int blip2_attention_ld(int Tk) { return (Tk + 7) & ~7; }
  * [h·HS, (h+1)·HS). scores = (q·kᵀ)·scale; if causal, query i sees keys j <= i + (Tk − Tq) (its
  * own past). scratch holds max(B, NH)·Tq·blip2_attention_ld(Tk) floats (score matrices: the
  * device batches over heads or over sequences, whichever is more). wdtype is the model's weight
- * type: with 16-bit weights the device may run the two products on TF32 tensor cores (10-bit
- * mantissa, like the weights); the reference always computes in fp32. */
+ * type: with 16-bit weights the device may compute in them (not causal: q, k, v and the softmax
+ * weights rounded to the weights' type, fp32 sums, no scratch used) or run the two products on TF32
+ * tensor cores (10-bit mantissa); the reference always computes in fp32. */
 void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
                      int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
 

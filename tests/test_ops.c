@@ -1579,15 +1579,18 @@ static void extra_fill_normal(op_ctx *x) {
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
-/* A 16-bit model's attention on the device: with f16 weights (and BLIP2_FUSED_ATTN=1, set by main
- * unless given) the fused tensor-core kernel (q, k, v and P in half), with bf16 TF32 products
- * (10-bit mantissas either way: 1e-2 like matmul_h). */
+/* A 16-bit model's attention on the device: not causal and HS <= 128, the mma kernel
+ * (kernels/cuda/attention_mma.cu: q, k, v and P in the weights' type, unless BLIP2_MMA_ATTN=0),
+ * otherwise TF32 products (8 to 11 significant bits either way: 1e-2 like matmul_h). */
 #define ATT16(B, Tq, Tk, NH, HS, layout, wd, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, wd}, 0, 1e-5, 1e-2, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0, F32, 0}, scale, 1e-5, 0, 0}
+/* A 16-bit cache at one sequence (mix 0): the warp-per-head kernel's shapes. */
+#define PAGED16(Tq, Tk, NH, HS, BS, pad, kvd, note) \
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0, kvd, 0}, 0, 1e-5, 0, 0}
 #define PAGEDM(mix, order, NH, HS, BS, pad, kvd, qpad, note) \
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad}, 0, 1e-5, 0, 0}
 #define KVW(mix, C, BS, order, kvd, pad, note) \
@@ -1745,13 +1748,22 @@ static const op_case cases[] = {
     ATTB(3, 32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention, 3 images"),
     ATTB(5, 7, 13, 2, 5, 1, 0, 3, 0, 1.0f, "odd, 5 sequences over 2 heads, causal with a cache"),
     ATTB(3, 9, 9, 4, 3, 0, 1, 2, 0, 0, "odd, 3 sequences, fused"),
-    ATT16(1, 257, 257, 16, 88, 1, F16, "vision of an f16 model (fused)"),
-    ATT16(20, 257, 257, 16, 88, 1, BF16, "vision, 20 images, bf16 model (TF32 products)"),
-    ATT16(3, 32, 257, 12, 64, 0, F16, "Q-Former cross-attention, f16 model (fused)"),
-    ATT16(3, 9, 13, 2, 20, 0, F16, "fused, odd: one partial tile each way, head size 20 (padded to 32)"),
-    ATT16(2, 70, 40, 3, 128, 1, F16, "fused: two query and two key tiles, the largest head size"),
-    ATT16(2, 33, 47, 3, 13, 0, F16, "fused, head size 13: element loads (no float4)"),
-    ATT16(1, 13, 400, 2, 16, 0, F16, "f16, 400 keys: above the fused kernel's 320 (the products)"),
+    ATT16(1, 257, 257, 16, 88, 1, F16, "vision of an f16 model (mma)"),
+    ATT16(2, 257, 257, 16, 88, 1, BF16, "vision, 2 images, bf16 model (mma)"),
+    ATT16(3, 32, 257, 12, 64, 0, F16, "Q-Former cross-attention, f16 model (mma)"),
+    ATT16(2, 32, 257, 12, 64, 0, BF16, "Q-Former cross-attention, bf16 model (mma)"),
+    ATT16(2, 32, 32, 12, 64, 1, F16, "Q-Former self-attention, fused qkv (mma)"),
+    ATT16(3, 9, 13, 2, 20, 0, F16, "mma, odd: one partial tile each way, head size 20 (padded to 32)"),
+    ATT16(2, 70, 129, 3, 88, 0, BF16, "mma: two query tiles, five key tiles (the last one key)"),
+    ATT16(2, 70, 40, 3, 128, 1, F16, "mma: the largest head size"),
+    ATT16(1, 40, 70, 2, 128, 0, BF16, "mma: the largest head size, a partial key tile"),
+    ATT16(1, 21, 45, 2, 100, 0, F16, "mma: head size 100 (staging units not a multiple of the threads)"),
+    ATT16(2, 33, 47, 3, 13, 0, F16, "mma, head size 13: odd strides (element loads)"),
+    ATT16(3, 5, 37, 2, 16, 0, BF16, "mma: 5 queries (3 of 4 warps idle), head size 16"),
+    ATT16(2, 3, 1, 2, 24, 0, F16, "mma: one key"),
+    ATT16(1, 13, 400, 2, 16, 0, F16, "mma, 400 keys: 13 tiles, the last partial"),
+    ATT16(1, 17, 600, 2, 48, 0, BF16, "mma, 600 keys: 19 tiles"),
+    ATT16(1, 13, 29, 2, 136, 0, F16, "f16, head size 136: above the mma kernel's 128 (TF32 products)"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),
@@ -1777,6 +1789,9 @@ static const op_case cases[] = {
     PAGED(13, 65, 2, 3, 7, 2, 0, "odd"),
     PAGED(65, 65, 4, 13, 65, 0, 0, "odd, one block"),
     PAGED(2, 300, 2, 128, 16, 4, 0, "HS=128 (the kernel's limit), long context"),
+    PAGED16(2, 300, 3, 128, 16, 8, F16, "f16 cache, HS=128: two key groups, ten 32-key chunks"),
+    PAGED16(3, 33, 9, 16, 5, 0, BF16, "bf16 cache, HS=16: 16 key groups, a 1-key chunk, 9 heads (two blocks)"),
+    PAGED16(1, 1, 1, 8, 1, 0, F16, "f16 cache, one key, one head"),
     PAGEDM(1, 0, 32, 80, 16, 0, F32, 0, "OPT batched step"),
     PAGEDM(1, 1, 32, 80, 16, 3, F32, 0, "OPT batched step, rows reversed"),
     PAGEDM(1, 0, 32, 80, 16, 0, F16, 5120, "OPT batched step: f16 cache, q in the fused qkv rows"),
@@ -2020,9 +2035,6 @@ int main(int argc, char **argv) {
     if (g_reps < 1) g_reps = 1;
     /* Every GEMV kernel (T = 1..8) is checked, although a model sends only T <= 4 to it by default. */
     setenv("BLIP2_GEMV_MAX_T", "8", 0);
-    /* The f16 attention cases check the fused tensor-core kernel, which a model uses only when
-     * BLIP2_FUSED_ATTN=1 (its default is off, on measurement); =0 times the other path. */
-    setenv("BLIP2_FUSED_ATTN", "1", 0);
 
     const blip2_ops *backends[2];
     int n_backends = 0;

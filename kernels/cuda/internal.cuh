@@ -5,11 +5,15 @@
 
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "context.h"
 
@@ -117,6 +121,33 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 #endif
 }
 
+/* d += a·b on the tensor cores, one warp: mma.sync m16n8k16, row-major A [16×16] and column-major
+ * B [16×8] in T (__half or __nv_bfloat16, two to a register, the lower index in the low half), fp32
+ * D [16×8]. With g = lane / 4 and t = lane % 4 a lane holds (PTX ISA, "Matrix Fragments for
+ * mma.m16n8k16 with floating point type"): a0 (row g, cols 2t, 2t+1), a1 (row g+8, same cols), a2,
+ * a3 the same rows at cols 2t+8, 2t+9; b0 (k = 2t, 2t+1; n = g), b1 (k = 2t+8, 2t+9); d0, d1 (row
+ * g, cols 2t, 2t+1), d2, d3 (row g+8). Every lane of the warp must call it. Emulator: the same
+ * layouts, exchanged between the lanes (tests/cudasim/mma_sync.h); nvcc's host pass: nothing. */
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same<T, __half>::value)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::mma_m16n8k16<T>(d, a, b);
+#else
+    (void)d, (void)a, (void)b;
+#endif
+}
+
 /* A BLIP2_* switch of the environment: on by default unless set to "0", or off by default
  * unless set to "1". Callers keep the answer in a function-local static (read once per process). */
 static inline bool env_switch(const char *name, bool on_by_default) {
@@ -141,5 +172,12 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     cudaLaunchConfig_t cfg = {grid, block, smem, stream, attr, pdl_enabled() ? 1u : 0u};
     (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<A &&>(args)...);
 }
+
+/* The encoders' attention of a 16-bit model (wdtype BLIP2_W_F16 or BLIP2_W_BF16, not causal, HS <=
+ * ATTN_MMA_MAX_HS) on the tensor cores (attention_mma.cu), with blip2_attention's layouts and result.
+ * false, with nothing queued, for a type or head size it does not take; launch errors go to c. */
+constexpr int ATTN_MMA_MAX_HS = 128;
+bool attention_mma(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
+                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype);
 
 #endif

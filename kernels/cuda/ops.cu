@@ -6,9 +6,10 @@
  * instead of aborting; nothing here synchronises except download, sync, blip2_argmax and the rare
  * growth of a scratch buffer.
  *
- * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; the attention products
- * of a 16-bit model use TF32); 16-bit-weight matmuls round the fp32 activations to the weight's
- * type (RNE) and accumulate in fp32, on the tensor cores or, at T <= gemv_max_t(), in a GEMV kernel
+ * Numerics: fp32 matmuls use cuBLASLt with CUBLAS_COMPUTE_32F (no TF32; a 16-bit model's encoder
+ * attention runs in its weights' type on the tensor cores, attention_mma.cu); 16-bit-weight
+ * matmuls round the fp32 activations to the weight's type (RNE) and accumulate in fp32, on the
+ * tensor cores or, at T <= gemv_max_t(), in a GEMV kernel
  * that rounds the activations the same way (so a row's products do not depend on its batch's
  * size; BLIP2_GEMV=0 sends those to cuBLASLt too). The _a ops write that rounding where the input
  * is produced (a norm, GELU) and matmul_a takes it as it is: the same numbers, one pass fewer. Row
@@ -16,7 +17,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits.h>
-#include <mma.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1353,177 +1353,6 @@ void blip2_relu(float *x, size_t n) {
     if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_RELU);
 }
 
-/* ------------------------------------------------------------------------------------------------
- * Fused attention for the encoders of a 16-bit model (non-causal, Tk <= FA_MAX_TK): scores,
- * softmax and the weighted sum of one (image, head, 64-query tile) in one block, the scores never
- * leaving shared memory. Where the unfused path writes and reads [B·NH, Tq, Tk] fp32 scores three
- * times (~1 GB per vision layer at 64 images), this reads q once and k, v once per tile.
- *
- * 4 warps, 16 query rows each. The whole score rows fit shared memory (the encoders' 257 keys),
- * so the softmax is exact, not online, and the output accumulates in registers:
- *   1. per key tile of FA_KT: k narrowed to half in shared memory, S[rows, tile] = (scale·q)·kᵀ on
- *      the tensor cores (WMMA 16×16×16, fp32 sums) into the block's score rows;
- *   2. each warp's 16 rows: max, P = exp(S − max) in half written over the row's own floats (each
- *      lane holds its keys before any write), l = Σ P;
- *   3. per key tile: v narrowed to half, O += P·v in WMMA accumulators (HSP/16 of them per warp);
- *   4. O / l to out, through the warp's own score rows.
- * The first version (an online softmax per 32-key tile, O rescaled in shared memory each tile) was
- * 4.5x slower than the unfused path on an H100, 1.3–1.8x after its loads were batched. Head size
- * padded with zeros to a multiple of 16, keys past Tk (to FA_KT) and queries past Tq masked.
- * Numerics: q·scale, k, v and P in half (10-bit mantissa, like the TF32 path), sums in fp32;
- * |values| must stay within half's range, as they do in a 16-bit model's activations. */
-constexpr int FA_Q = 64, FA_KT = 32, FA_WARPS = FA_Q / 16, FA_MAX_HS = 128, FA_MAX_TK = 320;
-
-struct fa_layout { /* byte offsets into the dynamic shared memory, each a multiple of 128 */
-    size_t q, kv, s, l, bytes;
-};
-__host__ __device__ inline size_t fa_align(size_t x) { return (x + 127) & ~(size_t)127; }
-__host__ __device__ inline int fa_keys(int Tk) { return (Tk + FA_KT - 1) / FA_KT * FA_KT; } /* TKP */
-/* Row stride W of the score rows: the keys, and at least the head size (O goes out through them). */
-__host__ __device__ inline int fa_width(int HSP, int TKP) { return TKP > HSP ? TKP : HSP; }
-__host__ __device__ inline fa_layout fa_plan(int HSP, int TKP) {
-    fa_layout L;
-    L.q = 0;
-    L.kv = fa_align(L.q + (size_t)FA_Q * HSP * 2);
-    L.s = fa_align(L.kv + (size_t)FA_KT * HSP * 2);
-    L.l = fa_align(L.s + (size_t)FA_Q * fa_width(HSP, TKP) * 4);
-    L.bytes = fa_align(L.l + (size_t)FA_Q * 4);
-    return L;
-}
-
-/* Rows [r0, r0 + N) of a [rows, HS] slice (row stride `stride`) into half [N][HSP], times mul,
- * zeros past the rows or the head size. Every load of the tile is issued before the first is
- * used (a register array): with one load at a time the few warps of a block waited out the memory
- * latency once per element, which made the kernel 4x slower than the unfused path (H100, first
- * GPU run). vec: HS, stride and src 16-byte aligned, so each load is a float4. */
-template <int N>
-__device__ void fa_load_half(__half *dst, const float *src, int r0, int rows, int stride, int HS, int HSP, float mul,
-                             bool vec) {
-    constexpr int PER = N * FA_MAX_HS / (FA_WARPS * 32); /* elements per thread at the largest head size */
-    if (vec) {
-        const int q4 = HSP / 4, n = N * q4;
-        float4 buf[PER / 4];
-#pragma unroll
-        for (int u = 0; u < PER / 4; u++) {
-            const int i = threadIdx.x + u * FA_WARPS * 32, r = i / q4, d = (i - r * q4) * 4;
-            buf[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (i < n && r0 + r < rows && d < HS) buf[u] = *(const float4 *)(src + (size_t)(r0 + r) * stride + d);
-        }
-#pragma unroll
-        for (int u = 0; u < PER / 4; u++) {
-            const int i = threadIdx.x + u * FA_WARPS * 32;
-            if (i >= n) break;
-            __half2 *o = (__half2 *)(dst + (size_t)i * 4);
-            o[0] = __floats2half2_rn(buf[u].x * mul, buf[u].y * mul);
-            o[1] = __floats2half2_rn(buf[u].z * mul, buf[u].w * mul);
-        }
-        return;
-    }
-    float buf[PER];
-    const int n = N * HSP;
-#pragma unroll
-    for (int u = 0; u < PER; u++) {
-        const int i = threadIdx.x + u * FA_WARPS * 32, r = i / HSP, d = i - r * HSP;
-        buf[u] = i < n && r0 + r < rows && d < HS ? src[(size_t)(r0 + r) * stride + d] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < PER; u++) {
-        const int i = threadIdx.x + u * FA_WARPS * 32;
-        if (i < n) dst[i] = __float2half_rn(buf[u] * mul);
-    }
-}
-
-__global__ void __launch_bounds__(FA_WARPS * 32) k_attention_fused(float *out, const float *q, const float *k,
-                                                                   const float *v, int Tq, int Tk, int NH, int HS,
-                                                                   int q_stride, int kv_stride, float scale, bool vec) {
-    pdl_entry();
-    using namespace nvcuda;
-    extern __shared__ __align__(128) float fa_smem[]; /* WMMA pointers must be 32-byte aligned */
-    const int HSP = (HS + 15) & ~15, TKP = fa_keys(Tk), W = fa_width(HSP, TKP);
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_Q;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
-    const fa_layout L = fa_plan(HSP, TKP);
-    unsigned char *base = (unsigned char *)fa_smem;
-    __half *Qs = (__half *)(base + L.q), *KVs = (__half *)(base + L.kv);
-    float *Ss = (float *)(base + L.s), *Lsum = (float *)(base + L.l);
-    __half *Ps = (__half *)Ss; /* row r's P: halves [r·2·W, r·2·W + TKP), over its own floats */
-    const float *qb = q + (size_t)b * Tq * q_stride + (size_t)h * HS;
-    const size_t kv0 = (size_t)b * Tk * kv_stride + (size_t)h * HS;
-    const float *kb = k + kv0, *vb = v + kv0;
-    fa_load_half<FA_Q>(Qs, qb, q0, Tq, q_stride, HS, HSP, scale, vec);
-    for (int k0 = 0; k0 < TKP; k0 += FA_KT) { /* 1. the scores */
-        __syncthreads(); /* Q is in; the last tile's k is no longer read */
-        fa_load_half<FA_KT>(KVs, kb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
-        __syncthreads();
-        for (int t = 0; t < FA_KT / 16; t++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < HSP; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fq;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fk;
-                wmma::load_matrix_sync(fq, Qs + (size_t)r0 * HSP + kk, HSP);
-                wmma::load_matrix_sync(fk, KVs + (size_t)t * 16 * HSP + kk, HSP);
-                wmma::mma_sync(acc, fq, fk, acc);
-            }
-            wmma::store_matrix_sync(Ss + (size_t)r0 * W + k0 + t * 16, acc, W, wmma::mem_row_major);
-        }
-    }
-    __syncwarp();
-    for (int rr = 0; rr < 16; rr++) { /* 2. the warp's rows: exact softmax, P in half over S */
-        const int r = r0 + rr;
-        float sv[FA_MAX_TK / 32], mx = -INFINITY;
-#pragma unroll
-        for (int u = 0; u < FA_MAX_TK / 32; u++) {
-            const int j = lane + 32 * u;
-            sv[u] = j < Tk ? Ss[(size_t)r * W + j] : -INFINITY;
-            mx = fmaxf(mx, sv[u]);
-        }
-        mx = warp_max(mx); /* also: every lane has read the row before any writes over it */
-        float sum = 0.0f;
-#pragma unroll
-        for (int u = 0; u < FA_MAX_TK / 32; u++) {
-            const int j = lane + 32 * u;
-            if (j >= TKP) break;
-            const __half p = __float2half_rn(j < Tk ? expf(sv[u] - mx) : 0.0f);
-            Ps[(size_t)r * 2 * W + j] = p;
-            sum += __half2float(p);
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) Lsum[r] = sum;
-    }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[FA_MAX_HS / 16];
-#pragma unroll
-    for (int u = 0; u < FA_MAX_HS / 16; u++) wmma::fill_fragment(o[u], 0.0f);
-    for (int k0 = 0; k0 < TKP; k0 += FA_KT) { /* 3. O += P·v */
-        __syncthreads(); /* the last tile's k or v is no longer read */
-        fa_load_half<FA_KT>(KVs, vb, k0, Tk, kv_stride, HS, HSP, 1.0f, vec);
-        __syncthreads();
-        for (int kk = 0; kk < FA_KT; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
-            wmma::load_matrix_sync(fp, Ps + (size_t)r0 * 2 * W + k0 + kk, 2 * W);
-#pragma unroll
-            for (int u = 0; u < FA_MAX_HS / 16; u++) {
-                if (u * 16 >= HSP) break;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
-                wmma::load_matrix_sync(fv, KVs + (size_t)kk * HSP + u * 16, HSP);
-                wmma::mma_sync(o[u], fp, fv, o[u]);
-            }
-        }
-    }
-    __syncwarp(); /* 4. O through the warp's own score rows (only this warp reads them) */
-#pragma unroll
-    for (int u = 0; u < FA_MAX_HS / 16; u++) {
-        if (u * 16 >= HSP) break;
-        wmma::store_matrix_sync(Ss + (size_t)r0 * W + u * 16, o[u], W, wmma::mem_row_major);
-    }
-    __syncwarp();
-    float *ob = out + ((size_t)b * Tq) * NH * HS + (size_t)h * HS;
-    for (int i = lane; i < 16 * HS; i += 32) {
-        const int r = r0 + i / HS, d = i % HS;
-        if (q0 + r < Tq) ob[(size_t)(q0 + r) * NH * HS + d] = Ss[(size_t)r * W + d] / Lsum[r];
-    }
-}
-
 /* Softmax of `rows` score rows [rows, ld] of Tk keys (row n·Tq + i is query i): a warp per row
  * where the row fits its registers, a block per row otherwise. */
 static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int Tq, int Tk, int ld, int causal) {
@@ -1536,29 +1365,11 @@ static bool attn_softmax(blip2_cuda_ctx *c, float *scores, long long rows, int T
     return LAUNCH_CK(c, "k_attn_softmax");
 }
 
-/* BLIP2_FUSED_ATTN=1 sends a 16-bit model's encoder attention to the fused kernel; by default it
- * takes the strided-batched products. Measured on an H100 (2026-11-27), the online-softmax version
- * was 4.5x slower than them (0.256 vs 0.057 ms a vision layer); with its loads and softmax
- * rewritten, vision + Q-Former still took 8.7 vs 4.8 ms at one image and 171 vs 135 ms at 64.
- * The whole-row version above came after that run and has not been timed: bench/gpu/run.sh's
- * ours_fused and ops_perf_attention give both ways side by side. */
-bool fused_attention_enabled() {
-    static const bool on = env_switch("BLIP2_FUSED_ATTN", false);
+/* BLIP2_MMA_ATTN=0 sends a 16-bit model's encoder attention to the strided-batched products below
+ * instead of the tensor-core kernel (bench/gpu/run.sh's ours_products times that way). */
+static bool mma_attention_enabled() {
+    static const bool on = env_switch("BLIP2_MMA_ATTN", true);
     return on;
-}
-
-void attention_fused(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq,
-                     int Tk, int NH, int HS, int q_stride, int kv_stride, float scale) {
-    const size_t smem = fa_plan((HS + 15) & ~15, fa_keys(Tk)).bytes;
-    static const cudaError_t optin = cudaFuncSetAttribute(k_attention_fused, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          (int)fa_plan(FA_MAX_HS, FA_MAX_TK).bytes); /* once: the largest */
-    if (!CUDA_CK(c, optin)) return;
-    dim3 grid((unsigned)((Tq + FA_Q - 1) / FA_Q), (unsigned)NH, (unsigned)B);
-    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 &&
-                     ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
-    launch(k_attention_fused, grid, FA_WARPS * 32, smem, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride,
-           scale, vec);
-    LAUNCH_CK(c, "k_attention_fused");
 }
 
 /* One strided-batched product on the context's stream: C = alpha·op(A)·B + beta·C, column-major,
@@ -1598,10 +1409,9 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
         CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * sizeof(float), c->stream));
         return;
     }
-    if (wdtype == BLIP2_W_F16 && !causal && HS <= FA_MAX_HS && Tk <= FA_MAX_TK && fused_attention_enabled()) {
-        attention_fused(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale);
-        return;
-    }
+    if (!causal && mma_attention_enabled() &&
+        attention_mma(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype))
+        return; /* a 16-bit model's encoders; each block's sums are the same in any batch (batch-invariant) */
     /* Per outer step: the two products (each in up to two parts) and a softmax per image (batched
      * over its heads) or per head (batched over the images), whichever loop is shorter. A 16-bit
      * model runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32

@@ -18,6 +18,10 @@
 
 #include "sim.h"
 
+/* Sources that must tell the emulator from nvcc's host pass (where device code is never run) test
+ * this: internal.cuh's mma_16816 calls the emulated instruction here and does nothing there. */
+#define BLIP2_CUDASIM 1
+
 /* cudaLaunchKernelEx (kernels/cuda's launch helper) as a <<<>>> launch: its attribute, programmatic
  * dependent launch, changes nothing where a launch's blocks run after the previous launch's. Defined
  * before the thread-coordinate macros below, which would rewrite cfg's gridDim and blockDim. */
@@ -86,6 +90,7 @@ template <typename T> inline cudaError_t cudaFuncSetAttribute(T *entry, cudaFunc
 using std::max;
 using std::min;
 
-#include "wmma.h" /* nvcuda::wmma: the tensor cores' warp API */
+#include "wmma.h"     /* nvcuda::wmma: the tensor cores' warp API */
+#include "mma_sync.h" /* mma.sync m16n8k16, for internal.cuh's mma_16816 */
 
 #endif

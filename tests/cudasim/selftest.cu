@@ -9,6 +9,8 @@
 
 #include <mma.h>
 
+#include <cstdint>
+
 constexpr int NT = 128;
 
 /* Correct: each warp's sum through shuffles, then the block's through shared memory. */
@@ -74,6 +76,36 @@ __global__ void k_wmma_half_warp(float *c) {
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
     nvcuda::wmma::fill_fragment(fc, 1.0f);
     if (threadIdx.x < 16) nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
+}
+
+/* One warp, mma.sync m16n8k16 as internal.cuh's mma_16816 issues it: each lane gathers its
+ * fragments by the PTX ISA's layout (g = lane / 4, t = lane % 4) from a [16×16] and b [16×8]
+ * (row-major, T), adds to c [16×8] (fp32, row-major) and scatters its four results back. */
+template <typename T> __global__ void k_mma_tile(float *c, const T *a, const T *b) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    auto two = [](T lo, T hi) {
+        uint16_t l, h;
+        memcpy(&l, &lo, 2), memcpy(&h, &hi, 2);
+        return (unsigned)l | (unsigned)h << 16;
+    };
+    unsigned fa[4], fb[2];
+    for (int r = 0; r < 4; r++) {
+        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+        fa[r] = two(a[row * 16 + col], a[row * 16 + col + 1]);
+    }
+    for (int r = 0; r < 2; r++) fb[r] = two(b[(2 * t + 8 * r) * 8 + g], b[(2 * t + 8 * r + 1) * 8 + g]);
+    float d[4];
+    for (int i = 0; i < 4; i++) d[i] = c[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+    blip2_sim::mma_m16n8k16<T>(d, fa, fb);
+    for (int i = 0; i < 4; i++) c[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
+/* Half a warp issues the mma: a hang or garbage on a GPU. */
+__global__ void k_mma_half_warp(float *c) {
+    float d[4] = {0, 0, 0, 0};
+    const unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    if (threadIdx.x < 16) blip2_sim::mma_m16n8k16<__half>(d, a, b);
+    c[threadIdx.x] = d[0];
 }
 
 static int fail_if(bool bad, const char *what) {
@@ -214,6 +246,43 @@ static int case_wmma_half_warp() {
     return fail_if(cudaDeviceSynchronize() == cudaSuccess, "wmma store by half a warp: not reported");
 }
 
+/* Distinct small values (exact products and sums): a transposed or shifted fragment shows. */
+template <typename T> static int mma_case(T (*from)(float), float (*to)(T), const char *what) {
+    T ha[256], hb[128];
+    float c0[128], got[128];
+    for (int i = 0; i < 256; i++) ha[i] = from((float)(i % 13 - 6) * 0.5f);
+    for (int i = 0; i < 128; i++) hb[i] = from((float)(i % 11 - 5)), c0[i] = (float)(i % 3) * 0.25f;
+    T *da, *db;
+    float *dc;
+    cudaMalloc((void **)&da, sizeof ha), cudaMalloc((void **)&db, sizeof hb), cudaMalloc((void **)&dc, sizeof c0);
+    cudaMemcpy(da, ha, sizeof ha, cudaMemcpyHostToDevice), cudaMemcpy(db, hb, sizeof hb, cudaMemcpyHostToDevice);
+    cudaMemcpy(dc, c0, sizeof c0, cudaMemcpyHostToDevice);
+    k_mma_tile<T><<<1, 32>>>(dc, da, db);
+    if (fail_if(cudaMemcpy(got, dc, sizeof got, cudaMemcpyDeviceToHost) != cudaSuccess, what)) return 1;
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 8; n++) {
+            float s = c0[m * 8 + n];
+            for (int k = 0; k < 16; k++) s += to(ha[m * 16 + k]) * to(hb[k * 8 + n]);
+            if (fail_if(got[m * 8 + n] != s, what)) return 1;
+        }
+    return 0;
+}
+static __half half_from(float v) { return __float2half(v); }
+static float half_to(__half v) { return __half2float(v); }
+static __nv_bfloat16 bf16_from(float v) { return __float2bfloat16(v); }
+static float bf16_to(__nv_bfloat16 v) { return __bfloat162float(v); }
+static int case_mma() {
+    return mma_case<__half>(half_from, half_to, "mma m16n8k16 f16: wrong values") ||
+           mma_case<__nv_bfloat16>(bf16_from, bf16_to, "mma m16n8k16 bf16: wrong values");
+}
+
+static int case_mma_half_warp() {
+    float *c;
+    cudaMalloc((void **)&c, 32 * sizeof(float));
+    k_mma_half_warp<<<1, 32>>>(c);
+    return fail_if(cudaDeviceSynchronize() == cudaSuccess, "mma by half a warp: not reported");
+}
+
 static int run_child(int (*fn)(), const char *name) {
     fflush(stdout);
     pid_t pid = fork();
@@ -239,6 +308,8 @@ int main() {
     bad += run_child(case_graph_replay, "graph capture: a wait breaks it; a replay repeats the launch");
     bad += run_child(case_wmma, "wmma tiles (half, tf32) give the exact products");
     bad += run_child(case_wmma_half_warp, "a wmma store that half the warp skips is reported");
-    printf("%d of 9 failed\n", bad);
+    bad += run_child(case_mma, "mma.sync m16n8k16 (f16, bf16) gives the exact products in the PTX fragment layout");
+    bad += run_child(case_mma_half_warp, "an mma.sync that half the warp skips is reported");
+    printf("%d of 11 failed\n", bad);
     return bad ? 1 : 0;
 }

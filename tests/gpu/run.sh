@@ -24,6 +24,10 @@ step() { # name cap_s command...
   local name=$1 t
   t=$(blip2_gpu_cap "$2")
   shift 2
+  if blip2_gpu_skipped "$name"; then
+    echo "SKIP $name: BLIP2_GPU_SKIP" | tee -a "$summary"
+    return
+  fi
   if [ -z "$t" ]; then
     fail=$((fail + 1))
     echo "SKIP $name: no time left (BLIP2_GPU_DEADLINE=$BLIP2_GPU_DEADLINE)" | tee -a "$summary"
@@ -56,7 +60,7 @@ step build 240 cmake --build "$BUILD" -j"$(nproc)" --target blip2 test_gpu_smoke
 T=$BUILD/tests
 # Most telling first: a call that runs out of time (BLIP2_GPU_DEADLINE) skips the tail.
 step gpu_smoke 30 "$T/test_gpu_smoke"
-step ops 90 "$T/test_ops"
+step ops 90 "$T/test_ops" ${BLIP2_GPU_OPS:+--op "$BLIP2_GPU_OPS"} # BLIP2_GPU_OPS=NAME: that op's cases only
 step comm 60 "$T/test_comm"
 step parity_f16 60 "$T/test_parity" --device cuda --dtype f16
 step parity_f32 60 "$T/test_parity" --device cuda --dtype f32
@@ -72,8 +76,8 @@ step cli_nccl_np1 45 bash -c 'out=$(mpirun -np 1 "$BUILD/blip2" generate --model
 step decoding_f32 60 "$T/test_decoding" --device cuda
 step parity_bf16 60 "$T/test_parity" --device cuda --dtype bf16
 step parity_f16_tp2 60 "$T/test_parity" --device cuda --dtype f16 --tp 2
-# An f16 model's encoders take the TF32 products by default; BLIP2_FUSED_ATTN=1, the fused kernel.
-step parity_f16_fused 60 env BLIP2_FUSED_ATTN=1 "$T/test_parity" --device cuda --dtype f16
+# An f16 model's encoders take the mma attention kernel by default; BLIP2_MMA_ATTN=0, the TF32 products.
+step parity_f16_products 60 env BLIP2_MMA_ATTN=0 "$T/test_parity" --device cuda --dtype f16
 # Kernels are launched with programmatic dependent launch; without it, a failure that goes away
 # points at a kernel touching memory before its griddepcontrol.wait.
 step parity_f16_nopdl 60 env BLIP2_PDL=0 "$T/test_parity" --device cuda --dtype f16

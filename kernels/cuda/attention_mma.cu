@@ -1,0 +1,374 @@
+/* The encoders' attention of a 16-bit model on the tensor cores, FlashAttention-2 style
+ * (blip2_attention sends the non-causal calls with HS <= 128 here; BLIP2_MMA_ATTN=0 keeps the
+ * strided-batched TF32 products, which write and read [B·NH, Tq, Tk] fp32 scores three times:
+ * 1.0 ms a vision layer at 64 images on an H100). Here the scores never leave registers.
+ *
+ * A block: 4 warps, 64 query rows (16 a warp) of one (image, head); Q in shared memory. Per tile
+ * of 32 keys: S = Q·Kᵀ with mma.sync m16n8k16 (A fragments from Qs, B from Ks), the online softmax
+ * on S in registers, then O += P·V with P taken straight from S's accumulators (two adjacent 8-key
+ * C fragments are one 16-key A fragment) and V's B fragments from a transposed copy Vt[dim][key].
+ * q, k and v are fp32 in global memory and become T (half or bf16, the weights' type) on their way
+ * into shared memory. The loads are the latency: the next tile's K is loaded into registers while
+ * this tile's scores are computed, its V while this tile's P·V is, each stored (narrowed) after
+ * the next barrier. Keys past Tk: zero K and V rows, scores -inf, the 8-key groups wholly past Tk
+ * skipped. Query rows past Tq are zeros and not written; a warp with none skips the arithmetic.
+ * Head size padded with zeros to 16·KC for Q·Kᵀ; P·V in 8-wide chunks up to HS.
+ *
+ * Measured on an H100 (test_ops --perf, f16 vision attention, 2026-11-27): 0.39 ms at 64 images
+ * (60 TFLOP/s; products 1.02 ms), 0.033 ms at one (0.043). What was tried: 64-key tiles (216
+ * registers, 2 blocks an SM) took 0.54 ms; 8 warps a block 0.39 ms at 64 images but slower at one
+ * image and for the Q-Former. The first version spent its issue slots on 64-bit address arithmetic
+ * of guarded scalar loads (273 M instructions at 64 images, now 160 M); what is left is the fp32
+ * loads' conversion and the shared-memory traffic of 16-row warps.
+ *
+ * Numerics: q·scale·log2(e), k, v and P rounded to T (8 or 11 significant bits), products exact,
+ * sums fp32; the softmax in base 2, in fp32; l sums P as rounded, so the weights that multiply v
+ * add up to the divisor. Values must stay within T's range, as a 16-bit model's do. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+#include "internal.cuh"
+
+namespace {
+
+constexpr int AM_WARPS = 4, AM_THREADS = 32 * AM_WARPS, AM_Q = 16 * AM_WARPS; /* query rows per block */
+constexpr int AM_KT = 32, AM_NT = AM_KT / 8; /* keys per tile; 8-key groups (C fragments of S) per tile */
+/* Halves added to each shared row: a row stride of 4 (mod 8) words puts the 8 rows one fragment
+ * read touches on distinct banks. */
+constexpr int AM_PAD = 8;
+
+/* The sizes of the instance for head sizes up to 16·KC. Three blocks an SM (168 registers) where
+ * ptxas fits it without spilling: one more block's warps hide more of the load latency than the
+ * 64-key tiles of 2 blocks an SM did. */
+template <int KC> struct am_shape {
+    static constexpr int HSP = 16 * KC, MINB = KC < 8 ? 3 : 1;
+    static constexpr int RS = HSP + AM_PAD, VS = AM_KT + AM_PAD; /* row strides of Qs, Ks and of Vt, in halves */
+};
+
+/* How a tile of ROWS rows × HSP dims is spread over the block's threads for loading: as units of one
+ * dim × 8 rows (any layout; a warp's lanes read consecutive dims of a row, so each load instruction
+ * is one 128-byte line, and a unit is one 16-byte store of 8 keys into Vt), or as quads of 4 dims
+ * of one row (float4 loads, where HS, the row stride and the pointer allow). A thread holds SP
+ * float4 of a staged tile: its unit u is SP[2u], SP[2u+1]; its quad u is SP[u]. */
+template <int ROWS, int KC> struct am_tile {
+    static constexpr int HSP = 16 * KC, UNITS = HSP * ROWS / 8, QUADS = HSP / 4 * ROWS, NTH = AM_THREADS;
+    static constexpr int PU = (UNITS + NTH - 1) / NTH, PQ = (QUADS + NTH - 1) / NTH;
+    static constexpr int SP = 2 * PU > PQ ? 2 * PU : PQ;
+};
+
+/* 2^x: the SFU's approximation (relative error ~2^-22, subnormal results flushed), not exp2f's
+ * subnormal handling, which cost 4 more instructions per score. */
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return exp2f(x);
+#endif
+}
+
+template <typename T> __device__ __forceinline__ uint16_t to_bits(float x) {
+    uint16_t u;
+    if constexpr (std::is_same<T, __half>::value) {
+        const __half h = __float2half_rn(x);
+        memcpy(&u, &h, 2);
+    } else {
+        const __nv_bfloat16 h = __float2bfloat16_rn(x);
+        memcpy(&u, &h, 2);
+    }
+    return u;
+}
+
+/* Two floats rounded to T in one operand register, lo in the low half (the lower index). */
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned u;
+    if constexpr (std::is_same<T, __half>::value) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        memcpy(&u, &h, 4);
+    } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        memcpy(&u, &h, 4);
+    }
+    return u;
+}
+
+/* The sum of the two values of a pack2 register. */
+template <typename T> __device__ __forceinline__ float sum2(unsigned u) {
+    if constexpr (std::is_same<T, __half>::value) {
+        __half_raw lo, hi;
+        lo.x = (unsigned short)(u & 0xffffu), hi.x = (unsigned short)(u >> 16);
+        return __half2float(__half(lo)) + __half2float(__half(hi));
+    } else {
+        return __uint_as_float(u << 16) + __uint_as_float(u & 0xffff0000u); /* bf16 is fp32's top half */
+    }
+}
+
+/* Component c of v (c a compile-time constant after unrolling). */
+__device__ __forceinline__ float &comp(float4 &v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
+__device__ __forceinline__ float comp(const float4 &v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
+
+/* Rows [r0, r0 + ROWS) of a [rows, HS] slice (row stride `stride`) as units, zeros past `rows` or HS. */
+template <int ROWS, int KC, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void load_units(float4 (&st)[L::SP], const float *__restrict__ src, int r0, int rows,
+                                           int stride, int HS) {
+#pragma unroll
+    for (int u = 0; u < L::PU; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % L::HSP, r = r0 + i / L::HSP * 8;
+        const bool in = (L::UNITS % L::NTH == 0 || i < L::UNITS) && d < HS;
+        const float *p = src + (size_t)r * stride + d;
+        float v[8];
+        if (in && r + 8 <= rows) { /* every tile but the last */
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = p[(size_t)e * stride];
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = in && r + e < rows ? p[(size_t)e * stride] : 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) comp(st[2 * u + e / 4], e % 4) = v[e];
+    }
+}
+
+/* The same rows as quads (HS, stride and src multiples of 4 floats). */
+template <int ROWS, int KC, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void load_quads(float4 (&st)[L::SP], const float *__restrict__ src, int r0, int rows,
+                                           int stride, int HS) {
+#pragma unroll
+    for (int u = 0; u < L::PQ; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % (L::HSP / 4) * 4, r = r0 + i / (L::HSP / 4);
+        const bool in = (L::QUADS % L::NTH == 0 || i < L::QUADS) && d < HS && r < rows;
+        st[u] = in ? *(const float4 *)(src + (size_t)r * stride + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+/* Q or K rows, as quads where vec allows (the value tile is always units: Vt wants 8 keys a dim). */
+template <int ROWS, int KC>
+__device__ __forceinline__ void load_rows(float4 (&st)[am_tile<ROWS, KC>::SP], bool quads, const float *src, int r0,
+                                          int rows, int stride, int HS) {
+    if (quads) load_quads<ROWS, KC>(st, src, r0, rows, stride, HS);
+    else load_units<ROWS, KC>(st, src, r0, rows, stride, HS);
+}
+
+/* A staged tile, times mul, into dst [ROWS][RS] (row-major: a fragment register is 2 dims of a row). */
+template <typename T, int ROWS, int KC, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void store_rows(uint16_t *dst, const float4 (&st)[L::SP], bool quads, float mul) {
+    constexpr int RS = am_shape<KC>::RS;
+    if (quads) {
+#pragma unroll
+        for (int u = 0; u < L::PQ; u++) {
+            const int i = (int)threadIdx.x + L::NTH * u, d = i % (L::HSP / 4) * 4, r = i / (L::HSP / 4);
+            const uint2 w = {pack2<T>(st[u].x * mul, st[u].y * mul), pack2<T>(st[u].z * mul, st[u].w * mul)};
+            if (L::QUADS % L::NTH == 0 || i < L::QUADS) *(uint2 *)(dst + r * RS + d) = w;
+        }
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < L::PU; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % L::HSP, r = i / L::HSP * 8;
+        if (L::UNITS % L::NTH == 0 || i < L::UNITS)
+#pragma unroll
+            for (int e = 0; e < 8; e++) dst[(r + e) * RS + d] = to_bits<T>(comp(st[2 * u + e / 4], e % 4) * mul);
+    }
+}
+
+/* A staged value tile (units) into Vt [HSP][VS] (dim-major: a B fragment of P·V is 2 keys of a dim). */
+template <typename T, int KC, typename S = am_shape<KC>, typename L = am_tile<AM_KT, KC>>
+__device__ __forceinline__ void store_cols(uint16_t *Vt, const float4 (&st)[L::SP]) {
+#pragma unroll
+    for (int u = 0; u < L::PU; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % S::HSP, key = i / S::HSP * 8;
+        const float4 a = st[2 * u], b = st[2 * u + 1];
+        const uint4 w = {pack2<T>(a.x, a.y), pack2<T>(a.z, a.w), pack2<T>(b.x, b.y), pack2<T>(b.z, b.w)};
+        if (L::UNITS % L::NTH == 0 || i < L::UNITS) *(uint4 *)(Vt + d * S::VS + key) = w;
+    }
+}
+
+/* The softmax state of the lane's two rows (g and g + 8 of the warp's 16), in base 2: running max m,
+ * the lane's share of the running sum l (the quad's four shares add up at the end), O [dims/8][4]. */
+template <int KC> struct softmax_rows {
+    float m[2], l[2];
+    float o[2 * KC][4];
+};
+
+/* S = Q·Kᵀ over the tile's kn keys: Q's A fragments from the warp's rows of Qs, K's B fragments from Ks. */
+template <typename T, int KC, typename S = am_shape<KC>>
+__device__ __forceinline__ void scores(float (&s)[AM_NT][4], const uint16_t *Qw, const uint16_t *Ks, int kn) {
+    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t *qr = (const uint32_t *)(Qw + g * S::RS) + t; /* row g, dims 2t, 2t+1; row g+8 is 4·RS words on */
+#pragma unroll
+    for (int n = 0; n < AM_NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        const unsigned a[4] = {qr[8 * kc], qr[8 * kc + 4 * S::RS], qr[8 * kc + 4], qr[8 * kc + 4 * S::RS + 4]};
+#pragma unroll
+        for (int n = 0; n < AM_NT; n++) {
+            if (n * 8 >= kn) break; /* past Tk (the last tile only): masked by the caller */
+            const uint32_t *kr = (const uint32_t *)(Ks + (n * 8 + g) * S::RS) + t; /* key n·8+g, dims 2t, 2t+1 */
+            const unsigned b[2] = {kr[8 * kc], kr[8 * kc + 4]};
+            mma_16816<T>(s[n], a, b);
+        }
+    }
+}
+
+/* The online softmax update for one tile's scores; P [8-key group][row g, g+8] packed as A fragment
+ * halves. */
+template <typename T, int KC>
+__device__ __forceinline__ void softmax_update(unsigned (&p)[AM_NT][2], float (&s)[AM_NT][4], softmax_rows<KC> &st,
+                                               int kn) {
+    constexpr int NT = AM_NT;
+    const int t = (int)threadIdx.x & 3;
+    if (kn < AM_KT)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                if (n * 8 + 2 * t + (i & 1) >= kn) s[n][i] = -INFINITY;
+    float mx[2] = {st.m[0], st.m[1]};
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) { /* the row's max over its quad; alpha rescales what came before */
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
+        const float alpha = fast_exp2(st.m[r] - base[r]);
+        st.m[r] = mx[r];
+        st.l[r] *= alpha;
+#pragma unroll
+        for (int d = 0; d < 2 * KC; d++) st.o[d][2 * r] *= alpha, st.o[d][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            p[n][r] = pack2<T>(fast_exp2(s[n][2 * r] - base[r]), fast_exp2(s[n][2 * r + 1] - base[r]));
+            st.l[r] += sum2<T>(p[n][r]);
+        }
+}
+
+/* O += P·V over the tile's kn keys, the dims in 8-wide chunks up to HS. */
+template <typename T, int KC, typename S = am_shape<KC>>
+__device__ __forceinline__ void accumulate_pv(softmax_rows<KC> &st, const unsigned (&p)[AM_NT][2], const uint16_t *Vt,
+                                              int kn, int HS) {
+    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < AM_KT / 16; kk++) {
+        if (kk * 16 >= kn) break;
+        const unsigned a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
+#pragma unroll
+        for (int d = 0; d < 2 * KC; d++) {
+            if (d * 8 >= HS) break;
+            const uint32_t *vr = (const uint32_t *)(Vt + (d * 8 + g) * S::VS + 16 * kk) + t; /* dim d·8+g, keys 2t, 2t+1 */
+            const unsigned b[2] = {vr[0], vr[4]};
+            mma_16816<T>(st.o[d], a, b);
+        }
+    }
+}
+
+/* O / l for the lane's rows that exist, into out [Tq, NH·HS] (the head's columns from ob). */
+template <int KC>
+__device__ __forceinline__ void write_out(float *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
+    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = st.l[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = r0 + g + 8 * r;
+        if (row >= Tq) continue;
+        const float inv = 1.0f / l;
+        float *orow = ob + (size_t)row * row_stride;
+#pragma unroll
+        for (int d = 0; d < 2 * KC; d++) {
+            const int col = d * 8 + 2 * t;
+            if (col < HS) orow[col] = st.o[d][2 * r] * inv;
+            if (col + 1 < HS) orow[col + 1] = st.o[d][2 * r + 1] * inv;
+        }
+    }
+}
+
+/* grid (query tiles of AM_Q, NH, B), AM_THREADS threads; qscale = scale·log2(e); vec: q and k may be
+ * read as float4 (HS, the strides and the pointers multiples of 4 floats). */
+template <typename T, int KC>
+__global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
+    k_attention_mma(float *out, const float *q, const float *k, const float *v, int Tq, int Tk, int NH, int HS,
+                    int q_stride, int kv_stride, float qscale, bool vec) {
+    pdl_entry();
+    using S = am_shape<KC>;
+    __shared__ __align__(16) uint16_t Qs[AM_Q * S::RS];   /* [AM_Q queries][HSP + AM_PAD] in T, times qscale */
+    __shared__ __align__(16) uint16_t Ks[AM_KT * S::RS];  /* [AM_KT keys][HSP + AM_PAD] in T */
+    __shared__ __align__(16) uint16_t Vt[S::HSP * S::VS]; /* [HSP dims][AM_KT + AM_PAD] in T */
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * AM_Q, warp = (int)threadIdx.x >> 5;
+    const bool active = q0 + warp * 16 < Tq; /* the warp has query rows */
+    const size_t kv0 = (size_t)b * Tk * kv_stride + (size_t)h * HS;
+    const float *kb = k + kv0, *vb = v + kv0;
+    float4 stage[am_tile<AM_KT, KC>::SP]; /* the next K or V tile on its way to shared memory */
+    {
+        float4 qst[am_tile<AM_Q, KC>::SP];
+        load_rows<AM_KT, KC>(stage, vec, kb, 0, Tk, kv_stride, HS);
+        load_rows<AM_Q, KC>(qst, vec, q + (size_t)b * Tq * q_stride + (size_t)h * HS, q0, Tq, q_stride, HS);
+        store_rows<T, AM_Q, KC>(Qs, qst, vec, qscale);
+        store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
+        load_units<AM_KT, KC>(stage, vb, 0, Tk, kv_stride, HS);
+    }
+    softmax_rows<KC> st;
+    st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
+#pragma unroll
+    for (int d = 0; d < 2 * KC; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
+    for (int k0 = 0; k0 < Tk; k0 += AM_KT) {
+        const int kn = min(AM_KT, Tk - k0);
+        const bool more = k0 + AM_KT < Tk;
+        __syncthreads(); /* Qs, Ks hold this tile; every warp is done with the last tile's Vt */
+        store_cols<T, KC>(Vt, stage);
+        if (more) load_rows<AM_KT, KC>(stage, vec, kb, k0 + AM_KT, Tk, kv_stride, HS);
+        unsigned p[AM_NT][2];
+        if (active) {
+            float s[AM_NT][4];
+            scores<T, KC>(s, Qs + warp * 16 * S::RS, Ks, kn);
+            softmax_update<T, KC>(p, s, st, kn);
+        }
+        __syncthreads(); /* Vt holds this tile; every warp is done with Ks */
+        if (more) {
+            store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
+            load_units<AM_KT, KC>(stage, vb, k0 + AM_KT, Tk, kv_stride, HS);
+        }
+        if (active) accumulate_pv<T, KC>(st, p, Vt, kn, HS);
+    }
+    if (active) write_out<KC>(out + (size_t)b * Tq * NH * HS + (size_t)h * HS, st, q0 + warp * 16, Tq, NH * HS, HS);
+}
+
+using am_kernel = void (*)(float *, const float *, const float *, const float *, int, int, int, int, int, int, float,
+                           bool);
+
+/* The instance for head sizes (16·(KC−1), 16·KC]. */
+template <typename T> am_kernel am_pick(int KC) {
+    const am_kernel table[ATTN_MMA_MAX_HS / 16] = {
+        k_attention_mma<T, 1>, k_attention_mma<T, 2>, k_attention_mma<T, 3>, k_attention_mma<T, 4>,
+        k_attention_mma<T, 5>, k_attention_mma<T, 6>, k_attention_mma<T, 7>, k_attention_mma<T, 8>};
+    return table[KC - 1];
+}
+
+} /* namespace */
+
+bool attention_mma(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
+                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype) {
+    if ((wdtype != BLIP2_W_F16 && wdtype != BLIP2_W_BF16) || HS < 1 || HS > ATTN_MMA_MAX_HS) return false;
+    if (B <= 0 || Tq <= 0 || Tk <= 0 || NH <= 0) return true; /* nothing to do (Tk = 0: the caller zeroes out) */
+    const int KC = (HS + 15) / 16;
+    const am_kernel kernel = wdtype == BLIP2_W_F16 ? am_pick<__half>(KC) : am_pick<__nv_bfloat16>(KC);
+    const dim3 grid((unsigned)((Tq + AM_Q - 1) / AM_Q), (unsigned)NH, (unsigned)B);
+    const float qscale = scale * 1.44269504088896340736f; /* log2(e): the softmax runs on 2^x */
+    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 && ((uintptr_t)q | (uintptr_t)k) % 16 == 0;
+    launch(kernel, grid, AM_THREADS, 0, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, qscale, vec);
+    LAUNCH_CK(c, "k_attention_mma");
+    return true;
+}
