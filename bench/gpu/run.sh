@@ -11,8 +11,8 @@
 # ../shared/tools/gemm_floor.py; ncu's per-kernel times of a decode step at batch 64 and of vision
 # at 64 images (ncu_summary.py); the op perf tables (GEMV bandwidth at T=1, the paged attention at
 # decode batch 256, the encoders' attention both ways). Side by side with their switches off: the
-# fused encoder attention (ours_fused), the warp-per-key paged attention (ours_paged_warp,
-# ops_perf_paged_warp) and programmatic dependent launch (ours_nopdl); RESULTS.md lists what each
+# mma encoder attention (ours_products), the block-per-row paged attention (ours_paged_v,
+# ops_perf_paged_v) and programmatic dependent launch (ours_nopdl); RESULTS.md lists what each
 # of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
@@ -38,15 +38,16 @@ bench_step() {
   local name=$1 t t0=$SECONDS
   t=$(blip2_gpu_cap "$2")
   shift 2
+  blip2_gpu_skipped "$name" && { echo "$name: skipped (BLIP2_GPU_SKIP)"; return; }
   [ -z "$t" ] && { echo "$name: skipped, no time left"; return; }
   timeout "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
   echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
 }
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
-# Vision + Q-Former with the fused attention kernel (off by default) next to ours.json's.
-bench_step ours_fused 60 env BLIP2_FUSED_ATTN=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
-# Decode steps with the warp-per-key paged attention (timed in runs 2-4) next to ours' 16-byte one.
-bench_step ours_paged_warp 60 env BLIP2_PAGED_VEC=0 "${BENCH[@]}" --batch 64,256 --images none --steps 8 --json
+# Vision + Q-Former with the encoders' attention on the TF32 products next to ours.json's (the mma kernel).
+bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+# Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
+bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 8 --json
 # Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
 # start with the previous one's tail gives, at batch 1 (latency) and 64.
 bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
@@ -58,6 +59,9 @@ bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
 bench_step ours_256 90 "${BENCH[@]}" --batch 256 --images 1 --steps 32 --engine --json
+# The same with every image of the 256 encoded in one batch (as HF's generate) instead of batches
+# of 64 between decode steps (run 5: 17.7 ms per token where a step alone takes 7.4).
+bench_step ours_256_img256 90 "${BENCH[@]}" --batch 256 --images 256 --steps 32 --engine --image-batch 256 --json
 # Where the time goes, kernel by kernel (ncu, without graphs so that each kernel is its own launch):
 # a decode step at batch 64 and at batch 1 (after the weight fills, the warm-up and the prefill)
 # and the first layers of vision at 64 images. ncu_summary.py groups the kernels.
@@ -77,13 +81,13 @@ else
   echo "ncu: not on this machine"
 fi
 # GEMV bandwidth at T=1 and the paged attention's GB/s at decode batch 256 (f16 cache, 61
-# positions); the encoders' attention with the f16 cases fused on the tensor cores (the bf16 case
-# at 20 images has TF32 products and an fp32 score matrix), then the f16 cases unfused.
+# positions); the encoders' attention with the 16-bit cases on the mma kernel, then on the TF32
+# products (BLIP2_MMA_ATTN=0).
 bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_h
 bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
-bench_step ops_perf_paged_warp 30 env BLIP2_PAGED_VEC=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
-bench_step ops_perf_attention 30 env BLIP2_FUSED_ATTN=1 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
-bench_step ops_perf_attention_unfused 30 env BLIP2_FUSED_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
+bench_step ops_perf_paged_v 30 env BLIP2_PAGED_ONLINE=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
+bench_step ops_perf_attention 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
+bench_step ops_perf_attention_products 30 env BLIP2_MMA_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 # Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens, B·5 sequences a step.
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
 # What the decode graphs buy.

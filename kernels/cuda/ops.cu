@@ -1169,7 +1169,9 @@ template <> struct kv_vec<float> {
  * decode row is in flight at once), and for p·V groups of G = HS/n threads own a key each, one
  * 16-byte load per thread and key, NT/G keys at a time; the slots' partial outputs are summed in
  * shared memory in a fixed order. 40 registers (six blocks an SM; the fp32 cache's variant spills
- * 8 bytes at that bound, 48 without it). Not yet timed on a GPU: BLIP2_PAGED_VEC=0 compares. */
+ * 8 bytes at that bound, 48 without it). Run 5 (H100): decode 5.56 → 4.13 ms a step at batch 64,
+ * 10.20 → 7.43 at 256 against the warp-per-key kernel (BLIP2_PAGED_VEC=0). 16-bit caches now take
+ * k_attention_paged_online below; this one keeps fp32 caches and BLIP2_PAGED_ONLINE=0. */
 constexpr int PV_LOADS = 4; /* 16-byte K loads in flight per thread */
 template <typename KT>
 __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, const KT *k_pool,
@@ -1242,6 +1244,115 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
             float t = 0.0f;
             for (int k = 0; k < used; k++) t += part[k * HS + d];
             o[d] = t;
+        }
+    }
+}
+
+/* Paged attention, a warp per (head, row): PW_WARPS heads of one sequence per block, no block
+ * barrier. Run 5 (H100) had k_attention_paged_v at 1.57 TB/s for decode batch 256 (0.105 ms a
+ * layer, the largest cost of that step after the matmuls): its blocks are one (head, row) each, a
+ * few KB of keys, and wait at five block barriers; at 61 keys three quarters of its threads sit out
+ * the q·k pass. Here each warp streams its row's keys in chunks of 32 with an online softmax:
+ *   1. lane i takes key c0 + i: its HS/VN 16-byte loads in flight together, q from shared memory;
+ *   2. chunk max and sum by shuffles; the running output rescaled by exp(m_old − m_new);
+ *   3. p·V: lane (kg, g) of KG = 32 / G key groups × G = HS/VN column groups adds keys kg,
+ *      kg + KG, ... of the chunk, one 16-byte V load each, all issued together;
+ *   4. after the last chunk the KG partial rows are summed in shared memory, in a fixed order.
+ * Shared memory is fixed (no max_ctx-sized score row), so the decode graphs' max_ctx of 2048
+ * costs no occupancy. Same rows, scale and NaN rule as k_attention_paged. */
+constexpr int PW_WARPS = 8, PW_KL = 6, PW_VL = 4; /* heads per block; K and V loads in flight per lane */
+template <typename KT>
+__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float *out, const float *q, const KT *k_pool,
+                                                                    const KT *v_pool, const int32_t *tables,
+                                                                    int max_blocks, const int32_t *meta, int BS,
+                                                                    int max_ctx, int NH, int HS, int q_stride,
+                                                                    int kv_stride, float scale) {
+    pdl_entry();
+    constexpr int VN = kv_vec<KT>::n;
+    static_assert(VN == 8, "16-bit caches: G = HS/8 <= 16 column groups, so at least two key groups");
+    __shared__ float qs[PW_WARPS][PAGED_MAX_HS];     /* the row's q·scale, per warp */
+    __shared__ float ps[PW_WARPS][32];               /* the chunk's exp(s − m), per warp */
+    __shared__ float part[PW_WARPS][32 * VN];        /* KG partial output rows [KG][HS], per warp */
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.x * PW_WARPS + w, s = blockIdx.y;
+    if (h >= NH) return; /* whole warps only: nothing below synchronises the block */
+    const int G = HS / VN, KG = 32 / G, kg = lane / G, g = lane % G;
+    const int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
+    const int32_t *tbl = tables + (size_t)s * max_blocks;
+    const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    for (int r = blockIdx.z; r < n_new; r += gridDim.z) {
+        const size_t row = (size_t)(row0 + r);
+        float *o = out + row * NH * HS + (size_t)h * HS;
+        const int nk = past + r + 1;
+        if (nk < 1 || nk > max_ctx) {
+            for (int d = lane; d < HS; d += 32) o[d] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        __syncwarp(); /* the previous row is done with qs and part */
+        for (int d = lane; d < HS; d += 32) qs[w][d] = q[row * q_stride + (size_t)h * HS + d] * scale;
+        __syncwarp();
+        float m = -INFINITY, l = 0.0f, acc[VN];
+#pragma unroll
+        for (int i = 0; i < VN; i++) acc[i] = 0.0f;
+        for (int c0 = 0; c0 < nk; c0 += 32) {
+            const int j = c0 + lane;
+            float sj = -INFINITY;
+            if (j < nk) { /* 1: PW_KL loads at a time, one round for HS <= 96 */
+                const uint4 *kr = reinterpret_cast<const uint4 *>(kh + pool_row(tbl, BS, j) * kv_stride);
+                sj = 0.0f;
+                for (int c0k = 0; c0k < G; c0k += PW_KL) {
+                    uint4 u[PW_KL];
+#pragma unroll
+                    for (int c = 0; c < PW_KL; c++)
+                        if (c0k + c < G) u[c] = kr[c0k + c];
+#pragma unroll
+                    for (int c = 0; c < PW_KL; c++) {
+                        if (c0k + c >= G) break;
+                        float f[VN];
+                        kv_vec<KT>::widen(u[c], f);
+#pragma unroll
+                        for (int i = 0; i < VN; i++) sj = fmaf(qs[w][(c0k + c) * VN + i], f[i], sj);
+                    }
+                }
+            }
+            const float m_new = fmaxf(m, warp_max(sj)); /* 2 */
+            const float pj = j < nk ? expf(sj - m_new) : 0.0f, alpha = expf(m - m_new);
+            l = l * alpha + warp_sum(pj);
+            m = m_new;
+            ps[w][lane] = pj;
+            __syncwarp();
+            const int n = min(32, nk - c0); /* 3 */
+            if (kg < KG) { /* PW_VL loads at a time: two rounds for a chunk at KG = 3 (HS = 80) */
+#pragma unroll
+                for (int i = 0; i < VN; i++) acc[i] *= alpha;
+                for (int jj0 = kg; jj0 < n; jj0 += PW_VL * KG) {
+                    uint4 u[PW_VL];
+#pragma unroll
+                    for (int t = 0; t < PW_VL; t++) {
+                        const int jj = jj0 + t * KG;
+                        if (jj < n) u[t] = reinterpret_cast<const uint4 *>(vh + pool_row(tbl, BS, c0 + jj) * kv_stride)[g];
+                    }
+#pragma unroll
+                    for (int t = 0; t < PW_VL; t++) {
+                        const int jj = jj0 + t * KG;
+                        if (jj >= n) break;
+                        float f[VN];
+                        kv_vec<KT>::widen(u[t], f);
+#pragma unroll
+                        for (int i = 0; i < VN; i++) acc[i] = fmaf(ps[w][jj], f[i], acc[i]);
+                    }
+                }
+            }
+            __syncwarp(); /* ps is read before the next chunk writes it */
+        }
+        if (kg < KG) /* 4 */
+#pragma unroll
+            for (int i = 0; i < VN; i++) part[w][kg * HS + g * VN + i] = acc[i];
+        __syncwarp();
+        const float inv = 1.0f / l;
+        for (int d = lane; d < HS; d += 32) {
+            float t = 0.0f;
+            for (int k = 0; k < KG; k++) t += part[w][k * HS + d];
+            o[d] = t * inv;
         }
     }
 }
@@ -1461,10 +1572,24 @@ template <typename F> size_t paged_smem(blip2_cuda_ctx *c, F *kernel, int max_ct
     return smem;
 }
 
-/* BLIP2_PAGED_VEC=0 keeps the warp-per-key kernel for every shape (for comparing the two). */
+/* BLIP2_PAGED_VEC=0 keeps the warp-per-key kernel for every shape, BLIP2_PAGED_ONLINE=0 the
+ * block-per-row k_attention_paged_v for 16-bit caches (for comparing them). */
 bool paged_vec_enabled() {
     static const bool on = env_switch("BLIP2_PAGED_VEC", true);
     return on;
+}
+bool paged_online_enabled() {
+    static const bool on = env_switch("BLIP2_PAGED_ONLINE", true);
+    return on;
+}
+
+/* Blocks along z (rows of a sequence) for an (x, y) grid: enough blocks in all for a prefill
+ * chunk, few empty ones for a large decode batch (one row per sequence). */
+unsigned paged_rows_z(long long xy, int max_ctx) {
+    long long z = (2048 + xy - 1) / xy;
+    if (z > 16) z = 16;
+    if (z > max_ctx) z = max_ctx;
+    return (unsigned)(z < 1 ? 1 : z);
 }
 
 template <typename KT>
@@ -1474,16 +1599,20 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
     constexpr int VN = kv_vec<KT>::n;
     const bool vec = HS % VN == 0 && kv_stride % VN == 0 && (((uintptr_t)k_pool | (uintptr_t)v_pool) & 15) == 0 &&
                      paged_vec_enabled();
+    if constexpr (kv_vec<KT>::n == 8) {
+        if (vec && paged_online_enabled()) {
+            const unsigned x = (unsigned)((NH + PW_WARPS - 1) / PW_WARPS);
+            dim3 grid(x, (unsigned)n_seqs, paged_rows_z((long long)x * n_seqs, max_ctx));
+            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, q, (const KT *)k_pool,
+                   (const KT *)v_pool, tables, max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
+            LAUNCH_CK(c, "k_attention_paged_online");
+            return;
+        }
+    }
     auto *kernel = vec ? k_attention_paged_v<KT> : k_attention_paged<KT>;
     size_t smem = paged_smem(c, kernel, max_ctx);
     if (!smem) return;
-    /* Row parallelism per (head, sequence): enough blocks in all for a prefill chunk, few empty ones
-     * for a large decode batch (one row per sequence). */
-    long long z = (2048 + (long long)NH * n_seqs - 1) / ((long long)NH * n_seqs);
-    if (z > 16) z = 16;
-    if (z > max_ctx) z = max_ctx;
-    if (z < 1) z = 1;
-    dim3 grid((unsigned)NH, (unsigned)n_seqs, (unsigned)z);
+    dim3 grid((unsigned)NH, (unsigned)n_seqs, paged_rows_z((long long)NH * n_seqs, max_ctx));
     launch(kernel, grid, NT, smem, c->stream, out, q, (const KT *)k_pool, (const KT *)v_pool, tables, max_blocks, meta,
            block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     LAUNCH_CK(c, "k_attention_paged(_v)");

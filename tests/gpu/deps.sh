@@ -27,6 +27,10 @@ blip2_gpu_deps() {
 # timeout at what is left, and a step that would get under 5 s is skipped, so that one slow step
 # never leaves later ones running past the call (device time counts all tries together). Without
 # it a step gets its own cap.
+blip2_gpu_skipped() { # name: whether BLIP2_GPU_SKIP (names separated by spaces) lists it
+  case " ${BLIP2_GPU_SKIP:-} " in *" $1 "*) return 0 ;; esac
+  return 1
+}
 blip2_gpu_cap() { # cap_s -> the timeout to use, or nothing (skip)
   local cap=$1 left
   [ -z "${BLIP2_GPU_DEADLINE:-}" ] && { echo "$cap"; return; }
