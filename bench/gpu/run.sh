@@ -47,7 +47,7 @@ bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --e
 # Vision + Q-Former with the encoders' attention on the TF32 products next to ours.json's (the mma kernel).
 bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
-bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 8 --json
+bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 32 --json
 # Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
 # start with the previous one's tail gives, at batch 1 (latency) and 64.
 bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json

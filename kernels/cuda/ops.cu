@@ -1046,10 +1046,11 @@ unsigned gemv_threads(long long n, int per) {
 /* The most rows the GEMV takes: GEMV_DEFAULT_T, or BLIP2_GEMV_MAX_T=n (0..GEMV_MAX_T) for comparing
  * it with cuBLASLt row count by row count. BLIP2_GEMV=0 (0 rows) sends every 16-bit matmul to
  * cuBLASLt; so does the batch-invariant mode. Read once per process.
- * Why 4 and not 8: at T = 5..8 each block reads all T input rows for 4 weight rows, so the L2
- * traffic is several times the weights' bytes: on an H100 (run 5) a decode step took 4.05 ms at
- * batch 8 (GEMV) against 3.72 at batch 32 (cuBLASLt), whose matmuls alone take 2.29 ms at 8. */
-constexpr int GEMV_DEFAULT_T = 4;
+ * Why 1: at T >= 2 each block reads all T input rows for its weight rows, several times the
+ * weights' bytes through L2. Decode ms a step on an H100 (run 6, same run, 32 steps), GEMV up to
+ * 8 rows vs cuBLASLt for all: 3.07 / 3.21 at batch 1, 3.36 / 3.29 at 2, 3.62 / 3.33 at 4, 3.89 /
+ * 3.33 at 6, 4.41 / 3.33 at 8. */
+constexpr int GEMV_DEFAULT_T = 1;
 int gemv_max_t() {
     static const int most = [] {
         if (!env_switch("BLIP2_GEMV", true) || batch_invariant_mode()) return 0;
@@ -1261,6 +1262,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
  * Shared memory is fixed (no max_ctx-sized score row), so the decode graphs' max_ctx of 2048
  * costs no occupancy. Same rows, scale and NaN rule as k_attention_paged. */
 constexpr int PW_WARPS = 8, PW_KL = 6, PW_VL = 4; /* heads per block; K and V loads in flight per lane */
+constexpr long long PW_MIN_WARPS = 4096;           /* (head, sequence) pairs for this kernel: ~32 warps an SM */
 template <typename KT>
 __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float *out, const float *q, const KT *k_pool,
                                                                     const KT *v_pool, const int32_t *tables,
@@ -1582,6 +1584,15 @@ bool paged_online_enabled() {
     static const bool on = env_switch("BLIP2_PAGED_ONLINE", true);
     return on;
 }
+/* The fewest (head, sequence) pairs that take k_attention_paged_online: PW_MIN_WARPS, or
+ * BLIP2_PAGED_ONLINE_MIN=n (1: every shape it can take, as the op tests check it). */
+long long paged_online_min() {
+    static const long long most = [] {
+        const char *e = getenv("BLIP2_PAGED_ONLINE_MIN");
+        return e && *e ? atoll(e) : PW_MIN_WARPS;
+    }();
+    return most;
+}
 
 /* Blocks along z (rows of a sequence) for an (x, y) grid: enough blocks in all for a prefill
  * chunk, few empty ones for a large decode batch (one row per sequence). */
@@ -1600,7 +1611,10 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
     const bool vec = HS % VN == 0 && kv_stride % VN == 0 && (((uintptr_t)k_pool | (uintptr_t)v_pool) & 15) == 0 &&
                      paged_vec_enabled();
     if constexpr (kv_vec<KT>::n == 8) {
-        if (vec && paged_online_enabled()) {
+        /* A warp per (head, row) only where there are enough of them: run 6 (H100) had it at 17 µs a
+         * layer for one sequence (4 blocks) and 0.025 vs 0.015 ms for 8, but 0.093 vs 0.105 ms for
+         * 256 sequences (decode step 6.87 vs 7.43 ms). */
+        if (vec && paged_online_enabled() && (long long)NH * n_seqs >= paged_online_min()) {
             const unsigned x = (unsigned)((NH + PW_WARPS - 1) / PW_WARPS);
             dim3 grid(x, (unsigned)n_seqs, paged_rows_z((long long)x * n_seqs, max_ctx));
             launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, q, (const KT *)k_pool,

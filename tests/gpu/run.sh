@@ -61,6 +61,8 @@ T=$BUILD/tests
 # Most telling first: a call that runs out of time (BLIP2_GPU_DEADLINE) skips the tail.
 step gpu_smoke 30 "$T/test_gpu_smoke"
 step ops 90 "$T/test_ops" ${BLIP2_GPU_OPS:+--op "$BLIP2_GPU_OPS"} # BLIP2_GPU_OPS=NAME: that op's cases only
+# The warp-per-head paged attention, which by default only large decode batches take, on every shape.
+step ops_paged_online 30 env BLIP2_PAGED_ONLINE_MIN=1 "$T/test_ops" --op attention_paged
 step comm 60 "$T/test_comm"
 step parity_f16 60 "$T/test_parity" --device cuda --dtype f16
 step parity_f32 60 "$T/test_parity" --device cuda --dtype f32
