@@ -1174,6 +1174,28 @@ template <> struct kv_vec<float> {
  * 10.20 → 7.43 at 256 against the warp-per-key kernel (BLIP2_PAGED_VEC=0). 16-bit caches now take
  * k_attention_paged_online below; this one keeps fp32 caches and BLIP2_PAGED_ONLINE=0. */
 constexpr int PV_LOADS = 4; /* 16-byte K loads in flight per thread */
+
+/* q·k of one cached key row kr (G chunks of 16 bytes), L loads in flight at a time; qs holds
+ * q·scale in fp32. */
+template <typename KT, int L>
+__device__ __forceinline__ float key_dot(const uint4 *kr, const float *qs, int G) {
+    constexpr int VN = kv_vec<KT>::n;
+    float p = 0.0f;
+    for (int c0 = 0; c0 < G; c0 += L) {
+        uint4 u[L];
+#pragma unroll
+        for (int c = 0; c < L; c++) u[c] = c0 + c < G ? kr[c0 + c] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int c = 0; c < L; c++) {
+            if (c0 + c >= G) break;
+            float f[VN];
+            kv_vec<KT>::widen(u[c], f);
+#pragma unroll
+            for (int i = 0; i < VN; i++) p = fmaf(qs[(c0 + c) * VN + i], f[i], p);
+        }
+    }
+    return p;
+}
 template <typename KT>
 __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, const KT *k_pool,
                                                           const KT *v_pool, const int32_t *tables, int max_blocks,
@@ -1205,20 +1227,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
         float lmax = -INFINITY;
         for (int j = tid; j < nk; j += NT) {
             const uint4 *kr = reinterpret_cast<const uint4 *>(kh + pool_row(tbl, BS, j) * kv_stride);
-            float p = 0.0f;
-            for (int c0 = 0; c0 < G; c0 += PV_LOADS) {
-                uint4 u[PV_LOADS];
-#pragma unroll
-                for (int c = 0; c < PV_LOADS; c++) u[c] = c0 + c < G ? kr[c0 + c] : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                for (int c = 0; c < PV_LOADS; c++) {
-                    if (c0 + c >= G) break;
-                    float f[VN];
-                    kv_vec<KT>::widen(u[c], f);
-#pragma unroll
-                    for (int i = 0; i < VN; i++) p = fmaf(qs[(c0 + c) * VN + i], f[i], p);
-                }
-            }
+            const float p = key_dot<KT, PV_LOADS>(kr, qs, G);
             sc[j] = p;
             lmax = fmaxf(lmax, p);
         }
@@ -1300,21 +1309,7 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float 
             float sj = -INFINITY;
             if (j < nk) { /* 1: PW_KL loads at a time, one round for HS <= 96 */
                 const uint4 *kr = reinterpret_cast<const uint4 *>(kh + pool_row(tbl, BS, j) * kv_stride);
-                sj = 0.0f;
-                for (int c0k = 0; c0k < G; c0k += PW_KL) {
-                    uint4 u[PW_KL];
-#pragma unroll
-                    for (int c = 0; c < PW_KL; c++)
-                        if (c0k + c < G) u[c] = kr[c0k + c];
-#pragma unroll
-                    for (int c = 0; c < PW_KL; c++) {
-                        if (c0k + c >= G) break;
-                        float f[VN];
-                        kv_vec<KT>::widen(u[c], f);
-#pragma unroll
-                        for (int i = 0; i < VN; i++) sj = fmaf(qs[w][(c0k + c) * VN + i], f[i], sj);
-                    }
-                }
+                sj = key_dot<KT, PW_KL>(kr, qs[w], G);
             }
             const float m_new = fmaxf(m, warp_max(sj)); /* 2 */
             const float pj = j < nk ? expf(sj - m_new) : 0.0f, alpha = expf(m - m_new);
