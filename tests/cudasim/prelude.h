@@ -90,7 +90,6 @@ template <typename T> inline cudaError_t cudaFuncSetAttribute(T *entry, cudaFunc
 using std::max;
 using std::min;
 
-#include "wmma.h"     /* nvcuda::wmma: the tensor cores' warp API */
 #include "mma_sync.h" /* mma.sync m16n8k16, for internal.cuh's mma_16816 */
 
 #endif

@@ -42,42 +42,6 @@ __global__ void k_fill(int *out, int n, int value) {
     for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x) out[i] = value;
 }
 
-/* One warp, one tile on the tensor cores' API: c[16×16] += a[16×16] (row-major) · b (column-major),
- * in half, then the same shape again with tf32 inputs (k = 8, two steps, rounded with
- * __float_to_tf32 as the CUDA guide says to). */
-__global__ void k_wmma_tile(float *c, const __half *a, const __half *b) {
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::col_major> fb;
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
-    nvcuda::wmma::load_matrix_sync(fa, a, 16);
-    nvcuda::wmma::load_matrix_sync(fb, b, 16);
-    nvcuda::wmma::load_matrix_sync(fc, c, 16, nvcuda::wmma::mem_row_major);
-    nvcuda::wmma::mma_sync(fc, fa, fb, fc);
-    nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
-}
-__global__ void k_wmma_tf32(float *c, const float *a, const float *b) {
-    using namespace nvcuda;
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
-    wmma::fill_fragment(fc, 0.0f);
-    for (int k0 = 0; k0 < 16; k0 += 8) {
-        wmma::load_matrix_sync(fa, a + k0, 16);
-        wmma::load_matrix_sync(fb, b + k0 * 16, 16);
-        for (int i = 0; i < fa.num_elements; i++) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
-        for (int i = 0; i < fb.num_elements; i++) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
-        wmma::mma_sync(fc, fa, fb, fc);
-    }
-    wmma::store_matrix_sync(c, fc, 16, wmma::mem_col_major);
-}
-
-/* Half a warp stores a tile: a hang or garbage on a GPU (the store is collective). */
-__global__ void k_wmma_half_warp(float *c) {
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
-    nvcuda::wmma::fill_fragment(fc, 1.0f);
-    if (threadIdx.x < 16) nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
-}
-
 /* One warp, mma.sync m16n8k16 as internal.cuh's mma_16816 issues it: each lane gathers its
  * fragments by the PTX ISA's layout (g = lane / 4, t = lane % 4) from a [16×16] and b [16×8]
  * (row-major, T), adds to c [16×8] (fp32, row-major) and scatters its four results back. */
@@ -200,52 +164,6 @@ static int case_graph_replay() {
     return fail_if(got[0] != 5 || got[3] != 5, "graph replay: wrong values");
 }
 
-/* Small integers (exact products and sums), and for tf32 values with bits below its mantissa that
- * the rounding must drop: 1 + 2^-12 → 1, 3 + 2^-9 → 3 + 2^-9 (kept). */
-static int case_wmma() {
-    __half ha[256], hb[256];
-    float fa[256], fb[256], c0[256], got[256], want[256];
-    for (int i = 0; i < 256; i++) {
-        ha[i] = __float2half((float)(i % 7 - 3));
-        hb[i] = __float2half((float)(i % 5 - 2));
-        c0[i] = (float)(i % 3);
-        fa[i] = i % 2 ? 1.0f + 1.0f / 4096 : 3.0f + 1.0f / 512;
-        fb[i] = (float)(i % 4 - 1);
-    }
-    __half *da, *db;
-    float *dc, *dfa, *dfb;
-    cudaMalloc((void **)&da, sizeof ha), cudaMalloc((void **)&db, sizeof hb), cudaMalloc((void **)&dc, sizeof c0);
-    cudaMalloc((void **)&dfa, sizeof fa), cudaMalloc((void **)&dfb, sizeof fb);
-    cudaMemcpy(da, ha, sizeof ha, cudaMemcpyHostToDevice), cudaMemcpy(db, hb, sizeof hb, cudaMemcpyHostToDevice);
-    cudaMemcpy(dc, c0, sizeof c0, cudaMemcpyHostToDevice);
-    cudaMemcpy(dfa, fa, sizeof fa, cudaMemcpyHostToDevice), cudaMemcpy(dfb, fb, sizeof fb, cudaMemcpyHostToDevice);
-    k_wmma_tile<<<1, 32>>>(dc, da, db);
-    if (fail_if(cudaMemcpy(got, dc, sizeof got, cudaMemcpyDeviceToHost) != cudaSuccess, "wmma: error")) return 1;
-    for (int m = 0; m < 16; m++)
-        for (int n = 0; n < 16; n++) {
-            float s = c0[m * 16 + n];
-            for (int k = 0; k < 16; k++) s += __half2float(ha[m * 16 + k]) * __half2float(hb[n * 16 + k]);
-            want[m * 16 + n] = s;
-        }
-    if (fail_if(memcmp(got, want, sizeof got) != 0, "wmma half tile: wrong values")) return 1;
-    k_wmma_tf32<<<1, 32>>>(dc, dfa, dfb);
-    if (fail_if(cudaMemcpy(got, dc, sizeof got, cudaMemcpyDeviceToHost) != cudaSuccess, "wmma tf32: error")) return 1;
-    for (int m = 0; m < 16; m++)
-        for (int n = 0; n < 16; n++) {
-            float s = 0;
-            for (int k = 0; k < 16; k++) s += (fa[m * 16 + k] == 3.0f + 1.0f / 512 ? fa[m * 16 + k] : 1.0f) * fb[k * 16 + n];
-            want[n * 16 + m] = s;
-        }
-    return fail_if(memcmp(got, want, sizeof got) != 0, "wmma tf32 tile: wrong values");
-}
-
-static int case_wmma_half_warp() {
-    float *c;
-    cudaMalloc((void **)&c, 256 * sizeof(float));
-    k_wmma_half_warp<<<1, 32>>>(c);
-    return fail_if(cudaDeviceSynchronize() == cudaSuccess, "wmma store by half a warp: not reported");
-}
-
 /* Distinct small values (exact products and sums): a transposed or shifted fragment shows. */
 template <typename T> static int mma_case(T (*from)(float), float (*to)(T), const char *what) {
     T ha[256], hb[128];
@@ -306,8 +224,6 @@ int main() {
     bad += run_child(case_out_of_bounds, "a write past a device allocation is reported");
     bad += run_child(case_read_before_wait, "a result read before the wait has not arrived");
     bad += run_child(case_graph_replay, "graph capture: a wait breaks it; a replay repeats the launch");
-    bad += run_child(case_wmma, "wmma tiles (half, tf32) give the exact products");
-    bad += run_child(case_wmma_half_warp, "a wmma store that half the warp skips is reported");
     bad += run_child(case_mma, "mma.sync m16n8k16 (f16, bf16) gives the exact products in the PTX fragment layout");
     bad += run_child(case_mma_half_warp, "an mma.sync that half the warp skips is reported");
     printf("%d of 11 failed\n", bad);
