@@ -73,40 +73,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-template <typename T> __device__ __forceinline__ uint16_t to_bits(float x) {
-    uint16_t u;
-    if constexpr (std::is_same<T, __half>::value) {
-        const __half h = __float2half_rn(x);
-        memcpy(&u, &h, 2);
-    } else {
-        const __nv_bfloat16 h = __float2bfloat16_rn(x);
-        memcpy(&u, &h, 2);
-    }
-    return u;
-}
-
-/* Two floats rounded to T in one operand register, lo in the low half (the lower index). */
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned u;
-    if constexpr (std::is_same<T, __half>::value) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        memcpy(&u, &h, 4);
-    } else {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        memcpy(&u, &h, 4);
-    }
-    return u;
-}
-
 /* The sum of the two values of a pack2 register. */
 template <typename T> __device__ __forceinline__ float sum2(unsigned u) {
-    if constexpr (std::is_same<T, __half>::value) {
-        __half_raw lo, hi;
-        lo.x = (unsigned short)(u & 0xffffu), hi.x = (unsigned short)(u >> 16);
-        return __half2float(__half(lo)) + __half2float(__half(hi));
-    } else {
-        return __uint_as_float(u << 16) + __uint_as_float(u & 0xffff0000u); /* bf16 is fp32's top half */
-    }
+    float lo, hi;
+    widen2<T>(u, lo, hi);
+    return lo + hi;
 }
 
 /* Component c of v (c a compile-time constant after unrolling). */

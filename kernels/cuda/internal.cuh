@@ -121,6 +121,40 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 #endif
 }
 
+/* 16-bit values (T: __half or __nv_bfloat16) as bits: rounded to nearest even from fp32, two packed
+ * in a 32-bit word with the lower index in the low half, and widened back exactly. */
+template <typename T> __device__ __forceinline__ uint16_t to_bits(float x) {
+    uint16_t u;
+    if constexpr (std::is_same<T, __half>::value) {
+        const __half h = __float2half_rn(x);
+        memcpy(&u, &h, 2);
+    } else {
+        const __nv_bfloat16 h = __float2bfloat16_rn(x);
+        memcpy(&u, &h, 2);
+    }
+    return u;
+}
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned u;
+    if constexpr (std::is_same<T, __half>::value) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        memcpy(&u, &h, 4);
+    } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        memcpy(&u, &h, 4);
+    }
+    return u;
+}
+template <typename T> __device__ __forceinline__ void widen2(unsigned u, float &lo, float &hi);
+template <> __device__ __forceinline__ void widen2<__half>(unsigned u, float &lo, float &hi) {
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+}
+template <> __device__ __forceinline__ void widen2<__nv_bfloat16>(unsigned u, float &lo, float &hi) {
+    lo = __uint_as_float(u << 16); /* bf16 is fp32's top half */
+    hi = __uint_as_float(u & 0xffff0000u);
+}
+
 /* d += a·b on the tensor cores, one warp: mma.sync m16n8k16, row-major A [16×16] and column-major
  * B [16×8] in T (__half or __nv_bfloat16, two to a register, the lower index in the low half), fp32
  * D [16×8]. With g = lane / 4 and t = lane % 4 a lane holds (PTX ISA, "Matrix Fragments for
@@ -153,6 +187,12 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 static inline bool env_switch(const char *name, bool on_by_default) {
     const char *e = getenv(name);
     return on_by_default ? !(e && !strcmp(e, "0")) : (e && !strcmp(e, "1"));
+}
+/* A BLIP2_* number of the environment, or dflt where it is unset or empty (callers keep it, and
+ * bound it, as for env_switch). */
+static inline long long env_int(const char *name, long long dflt) {
+    const char *e = getenv(name);
+    return e && *e ? atoll(e) : dflt;
 }
 
 static inline bool pdl_enabled() {

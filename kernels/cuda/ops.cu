@@ -110,13 +110,9 @@ __global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const fl
     pdl_entry();
     GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(x[i], act));
 }
-/* v rounded as store_act to the 16-bit adtype, as its bits. */
-__device__ __forceinline__ unsigned act16_bits(int adtype, float v) {
-    return adtype == BLIP2_W_F16 ? __half_as_ushort(__float2half_rn(v)) : __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-/* Two of them packed for one 4-byte store (the lower address in the low half). */
+/* Two values rounded as store_act to the 16-bit adtype, packed for one 4-byte store. */
 __device__ __forceinline__ unsigned pack_act2(int adtype, float lo, float hi) {
-    return act16_bits(adtype, lo) | act16_bits(adtype, hi) << 16;
+    return adtype == BLIP2_W_F16 ? pack2<__half>(lo, hi) : pack2<__nv_bfloat16>(lo, hi);
 }
 /* The same, four elements a thread and iteration: one 16-byte load, one 16- or 8-byte store (n a
  * multiple of 4, x and out aligned to that). At vision batch 64 the GELU + narrowing of
@@ -864,16 +860,6 @@ __host__ __device__ constexpr int gemv_rows(int T) { return T <= 2 ? 1 : T <= 4 
 __host__ __device__ constexpr int gemv_min_blocks(int T) { return T <= 4 ? 4 : 2; }
 static_assert(GEMV_MAX_T * gemv_rows(GEMV_MAX_T) <= 32, "the epilogue uses one thread per (t, row) of the first warp");
 
-/* Two 16-bit values packed in a 32-bit word (the lower address in the low half), widened exactly. */
-template <typename WT> __device__ __forceinline__ void widen2(unsigned u, float &lo, float &hi);
-template <> __device__ __forceinline__ void widen2<__half>(unsigned u, float &lo, float &hi) {
-    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
-    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
-}
-template <> __device__ __forceinline__ void widen2<__nv_bfloat16>(unsigned u, float &lo, float &hi) {
-    lo = __uint_as_float(u << 16);
-    hi = __uint_as_float(u & 0xffff0000u);
-}
 template <typename WT> __device__ __forceinline__ float widen1(unsigned short u);
 template <> __device__ __forceinline__ float widen1<__half>(unsigned short u) { return __half2float(__ushort_as_half(u)); }
 template <> __device__ __forceinline__ float widen1<__nv_bfloat16>(unsigned short u) {
@@ -1054,9 +1040,8 @@ constexpr int GEMV_DEFAULT_T = 1;
 int gemv_max_t() {
     static const int most = [] {
         if (!env_switch("BLIP2_GEMV", true) || batch_invariant_mode()) return 0;
-        const char *e = getenv("BLIP2_GEMV_MAX_T");
-        const int n = e && *e ? atoi(e) : GEMV_DEFAULT_T;
-        return n < 0 ? 0 : n > GEMV_MAX_T ? GEMV_MAX_T : n;
+        const long long n = env_int("BLIP2_GEMV_MAX_T", GEMV_DEFAULT_T);
+        return n < 0 ? 0 : n > GEMV_MAX_T ? GEMV_MAX_T : (int)n;
     }();
     return most;
 }
@@ -1582,10 +1567,7 @@ bool paged_online_enabled() {
 /* The fewest (head, sequence) pairs that take k_attention_paged_online: PW_MIN_WARPS, or
  * BLIP2_PAGED_ONLINE_MIN=n (1: every shape it can take, as the op tests check it). */
 long long paged_online_min() {
-    static const long long most = [] {
-        const char *e = getenv("BLIP2_PAGED_ONLINE_MIN");
-        return e && *e ? atoll(e) : PW_MIN_WARPS;
-    }();
+    static const long long most = env_int("BLIP2_PAGED_ONLINE_MIN", PW_MIN_WARPS);
     return most;
 }
 
