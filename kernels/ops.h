@@ -55,16 +55,20 @@ void blip2_layernorm_a(void *out, const float *inp, const float *w, const float 
 void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
                                 int T, int C, float eps, int adtype);
 
-/* out[i] = act(x[i]) for n elements, out of adtype (ACT_NONE: a plain conversion). out may equal x
- * only when adtype is F32. */
-void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype);
+/* out[i] = act(x[i]) for n elements, x of xdtype (F32, or a 16-bit type: widened exactly), out of
+ * adtype (ACT_NONE: a plain conversion). out may equal x only when adtype == xdtype. */
+void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype);
 
 /* out[T, OC] = act(inp[T, C] · weight[OC, C]ᵀ + bias[OC]) with inp of adtype and weight of wdtype;
  * adtype is F32 or wdtype. F32 inputs: blip2_matmul (+ act) or blip2_matmul_h. 16-bit inputs are
  * widened exactly, so the result is the fp32 product of the two rounded operands (CUDA: cuBLASLt
- * at every T; the GEMV of blip2_matmul_h reads fp32 inputs). */
-void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
-                    int wdtype, int act);
+ * at every T; the GEMV of blip2_matmul_h reads fp32 inputs). out is of odtype: F32, or wdtype
+ * (16 bits: what the next matmul or a 16-bit kernel reads, written once instead of fp32 that is
+ * narrowed again). bias [OC] (may be NULL) is fp32 with an fp32 out, and of odtype with a 16-bit
+ * one (cuBLASLt's epilogue takes a bias of D's type; a 16-bit HF model holds its biases so),
+ * widened exactly; act's result is rounded once (nearest even). */
+void blip2_matmul_a(void *out, const void *inp, const void *weight, const void *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act, int odtype);
 
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
@@ -85,9 +89,11 @@ static inline int blip2_attention_ld(int Tk) { return (Tk + 7) & ~7; }
  * device batches over heads or over sequences, whichever is more). wdtype is the model's weight
  * type: with 16-bit weights the device may compute in them (not causal: q, k, v and the softmax
  * weights rounded to the weights' type, fp32 sums, no scratch used) or run the two products on TF32
- * tensor cores (10-bit mantissa); the reference always computes in fp32. */
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype);
+ * tensor cores (10-bit mantissa); the reference always computes in fp32. q, k, v and out are of
+ * iodtype: F32, or wdtype (16 bits: a 16-bit matmul's output read as it is, widened exactly; out
+ * rounded to nearest even), strides and offsets counted in elements of that type. */
+void blip2_attention(void *out, const void *q, const void *k, const void *v, float *scratch, int B, int Tq, int Tk,
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype, int iodtype);
 
 /* Causal attention of a batched step over paged keys/values. Sequence i (of n_seqs) owns rows
  * [meta[3i], meta[3i] + meta[3i+1]) of q and out (n_new rows, in order) and has meta[3i+2] = past
@@ -96,10 +102,15 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
  * (BLIP2_W_*: a 16-bit cache is widened on read; one layer's pool; the new rows are already
  * written). Row r of sequence i sees keys j <= past + r. q [rows, q_stride] → out [rows, NH·HS].
  * Each q element is multiplied by scale (rounded to fp32) before the dot products, as eager OPT
- * scales its q projection. scratch holds max_ctx floats (host backends only). */
-void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
-                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
-                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale);
+ * scales its q projection. scratch holds max_ctx floats (host backends only).
+ * k_new, v_new (NULL: the new rows are already written): the new keys and values, rows as q's
+ * (row stride q_stride, NH·HS columns), written into the pools first, as blip2_kv_write would; a
+ * device then writes each (head, sequence)'s rows from the block that attends them, in one launch.
+ * For decode steps (one new row per sequence): a sequence's rows then go one after another. */
+void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+                           const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
+                           int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
+                           float scale);
 
 /* Writes the new keys/values of a batched step into one layer's paged pool: row meta[3i] + t of
  * k and v [rows, in_stride] (the first C columns) goes to position meta[3i+2] + t of sequence i
@@ -212,15 +223,15 @@ typedef struct blip2_ops {
     void (*layernorm_a)(void *, const float *, const float *, const float *, int, int, float, int);
     void (*residual_layernorm_a)(float *, void *, const float *, const float *, const float *, const float *, int, int,
                                  float, int);
-    void (*activate_a)(void *, const float *, size_t, int, int);
-    void (*matmul_a)(float *, const void *, const void *, const float *, int, int, int, int, int, int);
+    void (*activate_a)(void *, const void *, size_t, int, int, int);
+    void (*matmul_a)(void *, const void *, const void *, const void *, int, int, int, int, int, int, int);
     void (*residual_add)(float *, const float *, size_t);
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);
-    void (*attention)(float *, const float *, const float *, const float *, float *, int, int, int, int, int, int,
-                      int, float, int, int);
-    void (*attention_paged)(float *, const float *, const void *, const void *, int, const int32_t *, int,
-                            const int32_t *, int, int, float *, int, int, int, int, int, float);
+    void (*attention)(void *, const void *, const void *, const void *, float *, int, int, int, int, int, int,
+                      int, float, int, int, int);
+    void (*attention_paged)(float *, const float *, void *, void *, int, const float *, const float *, const int32_t *,
+                            int, const int32_t *, int, int, float *, int, int, int, int, int, float);
     void (*kv_write)(void *, void *, int, const float *, const float *, int, const int32_t *, int, const int32_t *, int,
                      int, int);
     void (*softmax)(float *, int, int);

@@ -3,6 +3,7 @@
 #define BLIP2_BACKEND_H
 
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "model.h"
 
@@ -11,11 +12,30 @@
  * the bytes); on the CPU reference fp32, as it keeps activations exact. */
 static inline int blip2_adtype(const blip2_model *m) { return m->ops->device ? m->wdtype : BLIP2_W_F32; }
 
-/* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type) and w in the
- * model's wdtype. */
+/* The element type of the outputs of the matmuls whose only readers take 16 bits (vision qkv and
+ * fc1, OPT fc1): the activation type, or fp32 with BLIP2_OUT16=0 (the earlier path, for comparing
+ * them in one benchmark run). */
+static inline int blip2_out16_type(const blip2_model *m) {
+    static int off = -1;
+    if (off < 0) {
+        const char *e = getenv("BLIP2_OUT16");
+        off = e && e[0] == '0' && !e[1];
+    }
+    return off ? BLIP2_W_F32 : blip2_adtype(m);
+}
+
+/* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type), w in the
+ * model's wdtype and out of odtype (fp32, or the 16-bit adtype: then bias is the layer's 16-bit
+ * twin, model.h). */
+static inline void blip2_mm_ao(const blip2_model *m, void *out, int odtype, const void *inp, int adtype, const float *w,
+                               const void *bias, int T, int C, int OC, int act) {
+    m->ops->matmul_a(out, inp, w, bias, T, C, OC, adtype, m->wdtype, act, odtype);
+}
+
+/* The same with an fp32 out. */
 static inline void blip2_mm_a(const blip2_model *m, float *out, const void *inp, int adtype, const float *w,
                               const float *bias, int T, int C, int OC, int act) {
-    m->ops->matmul_a(out, inp, w, bias, T, C, OC, adtype, m->wdtype, act);
+    blip2_mm_ao(m, out, BLIP2_W_F32, inp, adtype, w, bias, T, C, OC, act);
 }
 
 /* The same with fp32 inp. */

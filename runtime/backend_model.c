@@ -53,6 +53,33 @@ static blip2_code upload_tensor(blip2_model *m, const blip2_weight_entry *e, con
     return BLIP2_OK;
 }
 
+/* The 16-bit twins of the biases whose matmuls write 16-bit outputs (model.h), in one backend
+ * buffer, converted there from the fp32 biases. Only where the forward uses them: a device
+ * backend with 16-bit weights (blip2_adtype). */
+static blip2_code model_bias16(blip2_model *m, blip2_status *st) {
+    const blip2_config *c = &m->cfg;
+    if (!m->ops->device || m->wdtype == BLIP2_W_F32) return BLIP2_OK;
+    int have_vision = m->vision.layers && m->vision.layers[0].qkv_b;
+    size_t per_v = have_vision ? 3 * (size_t)c->vision.C + (size_t)c->vision.mlp : 0, per_o = (size_t)m->shard.ffn;
+    size_t n = per_v * c->vision.layers + per_o * c->opt.layers;
+    uint16_t *d = n ? dev_alloc(m, n * sizeof(uint16_t)) : NULL;
+    if (n && !d) return blip2_fail(st, BLIP2_ENOMEM, "%s: out of memory for the 16-bit biases", m->ops->name);
+    const blip2_ops *o = m->ops;
+    int wd = m->wdtype;
+    for (int l = 0; have_vision && l < c->vision.layers; l++) {
+        blip2_vision_layer *L = &m->vision.layers[l];
+        L->qkv_b16 = d, L->fc1_b16 = d + 3 * (size_t)c->vision.C;
+        o->activate_a(L->qkv_b16, L->qkv_b, 3 * (size_t)c->vision.C, BLIP2_ACT_NONE, wd, BLIP2_W_F32);
+        o->activate_a(L->fc1_b16, L->fc1_b, (size_t)c->vision.mlp, BLIP2_ACT_NONE, wd, BLIP2_W_F32);
+        d += per_v;
+    }
+    for (int l = 0; l < c->opt.layers; l++, d += per_o) {
+        m->opt.layers[l].fc1_b16 = d;
+        o->activate_a(d, m->opt.layers[l].fc1_b, per_o, BLIP2_ACT_NONE, wd, BLIP2_W_F32);
+    }
+    return BLIP2_OK;
+}
+
 /* A tensor this rank holds and uploads (a tied lm_head is embed_tokens: it goes up once). */
 static int held_here(const blip2_model *m, const blip2_weight_entry *e, int tied) {
     return *e->field && !(tied && e->field == (float **)&m->opt.lm_head);
@@ -76,7 +103,7 @@ blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdty
     blip2_code rc = blip2_weight_table(m, &e, &n, st);
     int tied = m->opt.lm_head == m->opt.wte;
     uint16_t *stage = rc ? NULL : blip2_malloc(STAGE_ELEMS * sizeof(uint16_t), st);
-    if (!rc && (!stage || !(m->dev_owned = blip2_calloc((size_t)n, sizeof *m->dev_owned, st)))) rc = BLIP2_ENOMEM;
+    if (!rc && (!stage || !(m->dev_owned = blip2_calloc((size_t)n + 1, sizeof *m->dev_owned, st)))) rc = BLIP2_ENOMEM;
     size_t total = 0, done = 0;
     for (int i = 0; !rc && i < n; i++)
         if (held_here(m, &e[i], tied)) total += blip2_weight_local_numel(m, &e[i]);
@@ -91,10 +118,11 @@ blip2_code blip2_model_to_backend(blip2_model *m, const blip2_ops *ops, int wdty
         done += k;
         if (progress) progress_line(m, done, total, &shown);
     }
-    char err[256] = "";
-    if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "uploading weights: %s", err);
     if (tied) m->opt.lm_head = m->opt.wte;
     m->wdtype = wdtype;
+    if (!rc) rc = model_bias16(m, st);
+    char err[256] = "";
+    if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "uploading weights: %s", err);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]); /* host copies are no longer read */
     m->n_owned = 0;
     blip2_checkpoint_close(&m->ckpt);
@@ -116,7 +144,7 @@ blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int wor
     int n = 0;
     blip2_code rc = blip2_model_plan(cfg, rank, world, m, st);
     if (!rc) rc = blip2_weight_table(m, &e, &n, st);
-    if (!rc && !(m->dev_owned = blip2_calloc((size_t)n, sizeof *m->dev_owned, st))) rc = BLIP2_ENOMEM;
+    if (!rc && !(m->dev_owned = blip2_calloc((size_t)n + 1, sizeof *m->dev_owned, st))) rc = BLIP2_ENOMEM; /* + the 16-bit biases */
     m->ops = ops;
     for (int i = 0; !rc && i < n; i++) {
         if (e[i].optional || (e[i].rank0_only && rank != 0)) continue;
@@ -132,6 +160,7 @@ blip2_code blip2_model_init_random_on(const blip2_config *cfg, int rank, int wor
     }
     m->opt.lm_head = m->opt.wte;
     m->wdtype = wdtype;
+    if (!rc) rc = model_bias16(m, st);
     char err[256] = "";
     if (!rc && ops->sync(err, sizeof err)) rc = blip2_fail(st, BLIP2_EINTERNAL, "random weights: %s", err);
     free(e);

@@ -25,6 +25,10 @@ typedef struct {
     float *fc1_b;         /* [mlp] */
     float *fc2_w;         /* [Cv, mlp] */
     float *fc2_b;         /* [Cv] */
+    /* qkv_b, fc1_b in wdtype: the biases of the 16-bit qkv and fc1 outputs of a device model with
+     * 16-bit activations (blip2_model_bias16; cuBLASLt's epilogue takes a bias of D's type); NULL
+     * elsewhere */
+    void *qkv_b16, *fc1_b16;
 } blip2_vision_layer;
 
 typedef struct {
@@ -75,6 +79,7 @@ typedef struct {
     float *ln2_w, *ln2_b; /* [Ct] final_layer_norm (the per-layer FFN pre-LN) */
     float *fc1_w, *fc1_b; /* [ffn, Ct], [ffn] */
     float *fc2_w, *fc2_b; /* [Ct, ffn], [Ct] (bias whole) */
+    void *fc1_b16;        /* [ffn] fc1_b in wdtype, as the vision layer's (16-bit fc1 output) */
 } blip2_opt_layer;
 
 typedef struct {

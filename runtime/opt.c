@@ -163,25 +163,29 @@ static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int3
     return BLIP2_OK;
 }
 
-/* New keys/values into the layer's blocks, then every sequence attends over its own. */
+/* New keys/values into the layer's blocks, then every sequence attends over its own. A decode step
+ * (one new row per sequence: T == n_seqs) hands them to the attention, which writes them itself
+ * (one launch fewer a layer); a prefill chunk writes them first, so its rows can be spread over
+ * blocks. */
 static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, const step_idx *ix, blip2_opt_ws *ws) {
     const blip2_ops *o = m->ops;
-    int Cl = m->shard.C;
+    int Cl = m->shard.C, decode = ix->T == ix->n_seqs;
     void *kp = blip2_kv_layer(kv, kv->k, layer), *vp = blip2_kv_layer(kv, kv->v, layer);
     const float *q = ws->qkv, *k = ws->qkv + Cl, *v = ws->qkv + 2 * Cl; /* rows of 3Cl */
-    o->kv_write(kp, vp, kv->dtype, k, v, 3 * Cl, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size, Cl);
-    o->attention_paged(ws->ctx, q, kp, vp, kv->dtype, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size,
-                       ws->scores, ws->max_ctx, m->shard.NH, m->cfg.opt.HS, 3 * Cl, Cl,
-                       1.0f / sqrtf((float)m->cfg.opt.HS)); /* eager OPT scales q before q·kᵀ */
+    if (!decode)
+        o->kv_write(kp, vp, kv->dtype, k, v, 3 * Cl, ix->tables, ix->max_blocks, ix->meta, ix->n_seqs, kv->block_size, Cl);
+    o->attention_paged(ws->ctx, q, kp, vp, kv->dtype, decode ? k : NULL, decode ? v : NULL, ix->tables, ix->max_blocks,
+                       ix->meta, ix->n_seqs, kv->block_size, ws->scores, ws->max_ctx, m->shard.NH, m->cfg.opt.HS,
+                       3 * Cl, Cl, 1.0f / sqrtf((float)m->cfg.opt.HS)); /* eager OPT scales q before q·kᵀ */
 }
 
 /* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice. On entry h =
  * LN1(x); on exit h = the next layer's LN1(x), or after the last layer a = the final norm's (fp32,
  * for the LM head's rows). Eight launches (qkv, kv write, attention, out_proj, add+norm, fc1+ReLU,
  * fc2, add+norm) and two all-reduces; the row-parallel biases are added once, after the sums,
- * inside the add+norm. The norms write h in the activation type (blip2_adtype: 16-bit on a
- * device), which qkv and fc1 read as it is: ncu (H100, batch 64) had the narrowing before each
- * cuBLASLt matmul at 8 % of a step. */
+ * inside the add+norm. The norms and fc1 write h and mlp in the activation type (blip2_adtype:
+ * 16-bit on a device), which qkv, fc1 and fc2 read as they are: ncu (H100, batch 64) had the
+ * narrowing before each cuBLASLt matmul at 8 % of a step. */
 static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, int layer,
                                     const step_idx *ix, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
@@ -196,8 +200,10 @@ static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, bl
     blip2_code rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;
     o->residual_layernorm_a(ws->x, ws->h, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps, ad); /* x += a + o_b; h = LN2 */
-    blip2_mm_a(m, ws->mlp, ws->h, ad, L->fc1_w, L->fc1_b, T, C, s->ffn, BLIP2_ACT_RELU);
-    blip2_mm(m, ws->a, ws->mlp, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
+    int od = blip2_out16_type(m); /* 16-bit on a device: what fc2 reads, no narrowing pass */
+    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, od == BLIP2_W_F32 ? (const void *)L->fc1_b : L->fc1_b16, T, C,
+                s->ffn, BLIP2_ACT_RELU);
+    blip2_mm_a(m, ws->a, ws->mlp, od, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
     rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;
     if (layer + 1 < c->layers) { /* x += a + fc2_b; h = the next LN1(x) */

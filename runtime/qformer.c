@@ -15,7 +15,8 @@ static void qformer_attn(const blip2_model *m, const blip2_qformer_attn *A, int 
     blip2_mm(m, ws->qq, ws->qx, A->q_w, A->q_b, B * Q, C, C, BLIP2_ACT_NONE);
     blip2_mm_a(m, ws->qk, kv_src, kv_type, A->k_w, A->k_b, B * Tk, Ckv, C, BLIP2_ACT_NONE);
     blip2_mm_a(m, ws->qv, kv_src, kv_type, A->v_w, A->v_b, B * Tk, Ckv, C, BLIP2_ACT_NONE);
-    o->attention(ws->qctx, ws->qq, ws->qk, ws->qv, ws->scores, B, Q, Tk, c->NH, c->HS, C, C, scale, 0, m->wdtype);
+    o->attention(ws->qctx, ws->qq, ws->qk, ws->qv, ws->scores, B, Q, Tk, c->NH, c->HS, C, C, scale, 0, m->wdtype,
+                 BLIP2_W_F32);
     blip2_mm(m, ws->qo, ws->qctx, A->o_w, A->o_b, B * Q, C, C, BLIP2_ACT_NONE);
     o->residual_layernorm(ws->qo, ws->qx, ws->qx, NULL, A->ln_w, A->ln_b, B * Q, C, c->eps); /* o += x; x = LN(o) */
 }
@@ -35,7 +36,7 @@ void blip2_qformer_run(const blip2_model *m, blip2_encoder_ws *ws, int B) {
     int Q = m->cfg.Q, C = c->C;
     if (ws->image_a != ws->image) /* the image rows in the activation type, once for every cross-attention */
         m->ops->activate_a(ws->image_a, ws->image, (size_t)B * m->cfg.vision.T * m->cfg.vision.C, BLIP2_ACT_NONE,
-                           blip2_adtype(m));
+                           blip2_adtype(m), BLIP2_W_F32);
     for (int b = 0; b < B; b++)
         m->ops->layernorm(ws->qx + (size_t)b * Q * C, m->qformer.query_tokens, m->qformer.ln_w, m->qformer.ln_b, Q, C,
                           c->eps);

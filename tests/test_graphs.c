@@ -26,7 +26,7 @@ enum {
 
 typedef struct {
     int op;
-    const void *p[8];
+    const void *p[10];
     int i[12];
     float f[2];
     size_t z;
@@ -66,27 +66,27 @@ static void r_layernorm_a(void *out, const float *inp, const float *w, const flo
     if (!g_recording) return blip2_cpu_ops.layernorm_a(out, inp, w, b, T, C, eps, ad);
     rec((tape_op){OP_LNA, {out, P(inp), P(w), P(b)}, {T, C, ad}, {eps}, 0});
 }
-static void r_matmul_a(float *out, const void *inp, const void *w, const float *bias, int T, int C, int OC, int ad, int wd,
-                       int act) {
-    if (!g_recording) return blip2_cpu_ops.matmul_a(out, inp, w, bias, T, C, OC, ad, wd, act);
-    rec((tape_op){OP_MMA, {P(out), inp, w, P(bias)}, {T, C, OC, ad, wd, act}, {0}, 0});
+static void r_matmul_a(void *out, const void *inp, const void *w, const void *bias, int T, int C, int OC, int ad, int wd,
+                       int act, int od) {
+    if (!g_recording) return blip2_cpu_ops.matmul_a(out, inp, w, bias, T, C, OC, ad, wd, act, od);
+    rec((tape_op){OP_MMA, {out, inp, w, bias}, {T, C, OC, ad, wd, act, od}, {0}, 0});
 }
-static void r_activate_a(void *out, const float *x, size_t n, int act, int ad) {
-    if (!g_recording) return blip2_cpu_ops.activate_a(out, x, n, act, ad);
-    rec((tape_op){OP_ACTA, {out, P(x)}, {act, ad}, {0}, n});
+static void r_activate_a(void *out, const void *x, size_t n, int act, int ad, int xd) {
+    if (!g_recording) return blip2_cpu_ops.activate_a(out, x, n, act, ad, xd);
+    rec((tape_op){OP_ACTA, {out, x}, {act, ad, xd}, {0}, n});
 }
 static void r_kv_write(void *kp, void *vp, int kvd, const float *k, const float *v, int in_stride, const int32_t *tables,
                        int mb, const int32_t *meta, int n_seqs, int bs, int C) {
     if (!g_recording) return blip2_cpu_ops.kv_write(kp, vp, kvd, k, v, in_stride, tables, mb, meta, n_seqs, bs, C);
     rec((tape_op){OP_KVW, {kp, vp, P(k), P(v), P(tables), P(meta)}, {kvd, in_stride, mb, n_seqs, bs, C}, {0}, 0});
 }
-static void r_attention_paged(float *out, const float *q, const void *kp, const void *vp, int kvd, const int32_t *tables,
-                              int mb, const int32_t *meta, int n_seqs, int bs, float *scratch, int max_ctx, int NH, int HS,
-                              int qs, int kvs, float scale) {
+static void r_attention_paged(float *out, const float *q, void *kp, void *vp, int kvd, const float *k_new,
+                              const float *v_new, const int32_t *tables, int mb, const int32_t *meta, int n_seqs, int bs,
+                              float *scratch, int max_ctx, int NH, int HS, int qs, int kvs, float scale) {
     if (!g_recording)
-        return blip2_cpu_ops.attention_paged(out, q, kp, vp, kvd, tables, mb, meta, n_seqs, bs, scratch, max_ctx, NH, HS,
-                                             qs, kvs, scale);
-    rec((tape_op){OP_ATTN, {P(out), P(q), kp, vp, P(tables), P(meta), P(scratch)},
+        return blip2_cpu_ops.attention_paged(out, q, kp, vp, kvd, k_new, v_new, tables, mb, meta, n_seqs, bs, scratch,
+                                             max_ctx, NH, HS, qs, kvs, scale);
+    rec((tape_op){OP_ATTN, {P(out), P(q), kp, vp, P(tables), P(meta), P(scratch), P(k_new), P(v_new)},
                   {kvd, mb, n_seqs, bs, max_ctx, NH, HS, qs, kvs}, {scale}, 0});
 }
 static void r_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
@@ -116,10 +116,11 @@ static void r_add_rows(float *x, const float *table, int row0, int T, int C) {
     if (!g_recording) return blip2_cpu_ops.add_rows(x, table, row0, T, C);
     rec((tape_op){OP_ADD_ROWS, {P(x), P(table)}, {row0, T, C}, {0}, 0});
 }
-static void r_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                        int NH, int HS, int qs, int kvs, float scale, int causal, int wd) {
-    if (!g_recording) return blip2_cpu_ops.attention(out, q, k, v, scratch, B, Tq, Tk, NH, HS, qs, kvs, scale, causal, wd);
-    rec((tape_op){OP_DENSE_ATTN, {P(out), P(q), P(k), P(v), P(scratch)}, {B, Tq, Tk, NH, HS, qs, kvs, causal, wd}, {scale}, 0});
+static void r_attention(void *out, const void *q, const void *k, const void *v, float *scratch, int B, int Tq, int Tk,
+                        int NH, int HS, int qs, int kvs, float scale, int causal, int wd, int iod) {
+    if (!g_recording)
+        return blip2_cpu_ops.attention(out, q, k, v, scratch, B, Tq, Tk, NH, HS, qs, kvs, scale, causal, wd, iod);
+    rec((tape_op){OP_DENSE_ATTN, {out, q, k, v, P(scratch)}, {B, Tq, Tk, NH, HS, qs, kvs, causal, wd, iod}, {scale}, 0});
 }
 
 /* What a recording must not contain (a CUDA capture fails on them). */
@@ -148,15 +149,17 @@ static void play(const tape *t) {
         case OP_ADD_ROWS_AT: c->add_rows_at(F(o->p[0]), F(o->p[1]), I(o->p[2]), i[0], i[1]); break;
         case OP_LN: c->layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), i[0], i[1], o->f[0]); break;
         case OP_LNA: c->layernorm_a((void *)o->p[0], F(o->p[1]), F(o->p[2]), F(o->p[3]), i[0], i[1], o->f[0], i[2]); break;
-        case OP_MMA: c->matmul_a(F(o->p[0]), o->p[1], o->p[2], F(o->p[3]), i[0], i[1], i[2], i[3], i[4], i[5]); break;
-        case OP_ACTA: c->activate_a((void *)o->p[0], F(o->p[1]), o->z, i[0], i[1]); break;
+        case OP_MMA:
+            c->matmul_a((void *)o->p[0], o->p[1], o->p[2], o->p[3], i[0], i[1], i[2], i[3], i[4], i[5], i[6]);
+            break;
+        case OP_ACTA: c->activate_a((void *)o->p[0], o->p[1], o->z, i[0], i[1], i[2]); break;
         case OP_KVW:
             c->kv_write((void *)o->p[0], (void *)o->p[1], i[0], F(o->p[2]), F(o->p[3]), i[1], I(o->p[4]), i[2], I(o->p[5]),
                         i[3], i[4], i[5]);
             break;
         case OP_ATTN:
-            c->attention_paged(F(o->p[0]), F(o->p[1]), o->p[2], o->p[3], i[0], I(o->p[4]), i[1], I(o->p[5]), i[2], i[3],
-                               F(o->p[6]), i[4], i[5], i[6], i[7], i[8], o->f[0]);
+            c->attention_paged(F(o->p[0]), F(o->p[1]), (void *)o->p[2], (void *)o->p[3], i[0], F(o->p[7]), F(o->p[8]),
+                               I(o->p[4]), i[1], I(o->p[5]), i[2], i[3], F(o->p[6]), i[4], i[5], i[6], i[7], i[8], o->f[0]);
             break;
         case OP_RLN:
             c->residual_layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1], o->f[0]);
@@ -170,8 +173,8 @@ static void play(const tape *t) {
         case OP_COPY: c->copy((void *)o->p[0], o->p[1], o->z); break;
         case OP_ADD_ROWS: c->add_rows(F(o->p[0]), F(o->p[1]), i[0], i[1], i[2]); break;
         case OP_DENSE_ATTN:
-            c->attention(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), i[0], i[1], i[2], i[3], i[4], i[5], i[6],
-                         o->f[0], i[7], i[8]);
+            c->attention((void *)o->p[0], o->p[1], o->p[2], o->p[3], F(o->p[4]), i[0], i[1], i[2], i[3], i[4], i[5], i[6],
+                         o->f[0], i[7], i[8], i[9]);
             break;
         }
     }

@@ -123,7 +123,7 @@ static const char *wd_name(int wdtype) { return wdtype == BLIP2_W_F32 ? "f32" : 
  * reset to between timed runs. */
 #define GUARD 64
 #define SENTINEL 0x7FA5A5A5u /* exponent all ones, quiet bit clear, mantissa non-zero: a signalling NaN */
-#define MAXBUF 8
+#define MAXBUF 10
 
 enum { B_IN, B_OUT, B_INOUT, B_SCRATCH };
 
@@ -163,7 +163,7 @@ typedef struct op_case {
     void (*setup)(op_ctx *);
     void (*exec)(op_ctx *);
     void (*extra)(op_ctx *); /* optional checks beyond the generic ones (runs on the host copies) */
-    int p[10];
+    int p[12];
     float f;        /* eps, scale or amplitude, per op */
     double tol;     /* relative L2 bound; 0 = bitwise equal */
     double tol_dev; /* the bound on device backends, when looser (0: tol) */
@@ -462,26 +462,30 @@ static void exec_matmul_h(op_ctx *x) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * matmul_a: p = {T, C, OC, bias, adtype, wdtype, act}. Inputs and weights uniform in [-1, 1],
- * each rounded to its type; the reference is the double product of the two (widened exactly),
- * bias, then act. 16-bit inputs are exact, so the bound is fp32's on every backend; fp32 inputs
- * with 16-bit weights are matmul_h's case (the device rounds them: tol_dev). aux holds the
- * widened weights [OC, C], then the widened inputs [T, C], for the all-rows projection check. */
+ * matmul_a: p = {T, C, OC, bias, adtype, wdtype, act, odtype}. Inputs, weights and the bias uniform
+ * in [-1, 1], each rounded to its type (the bias is of odtype); the reference is the double product
+ * of the two (widened exactly), bias, then act, rounded as the op rounds a 16-bit out (round_ref).
+ * 16-bit inputs are exact, so the bound is fp32's on every backend (a 16-bit out's: TOL_SUM16);
+ * fp32 inputs with 16-bit weights are matmul_h's case (the device rounds them: tol_dev). aux holds
+ * the widened weights [OC, C], then the widened inputs [T, C] and bias [OC], for the all-rows
+ * projection check. */
 static void setup_matmul_a(op_ctx *x) {
     int T = x->c->p[0], C = x->c->p[1], OC = x->c->p[2], bias = x->c->p[3], ad = x->c->p[4], wd = x->c->p[5];
-    int act = x->c->p[6];
-    snprintf(x->desc, sizeof x->desc, "T=%d C=%d OC=%d %s x %s%s%s", T, C, OC, wd_name(ad), wd_name(wd),
-             bias ? " +bias" : "", act == BLIP2_ACT_GELU ? " +gelu" : act == BLIP2_ACT_RELU ? " +relu" : "");
-    size_t nw = (size_t)OC * C, ni = (size_t)T * C;
+    int act = x->c->p[6], od = x->c->p[7];
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d OC=%d %s x %s%s%s -> %s", T, C, OC, wd_name(ad), wd_name(wd),
+             bias ? (od == BLIP2_W_F32 ? " +bias" : od == BLIP2_W_F16 ? " +f16 bias" : " +bf16 bias") : "",
+             act == BLIP2_ACT_GELU ? " +gelu" : act == BLIP2_ACT_RELU ? " +relu" : "", wd_name(od));
+    size_t nw = (size_t)OC * C, ni = (size_t)T * C, nb = bias ? (size_t)OC : 0;
     int in = buf_new_w(x, B_IN, ni, ad), w = buf_new_w(x, B_IN, nw, wd);
-    int b = bias ? buf_new(x, B_IN, OC) : -1, out = buf_new(x, B_OUT, (size_t)T * OC);
-    float *W = xmalloc(sizeof(float) * (nw + ni ? nw + ni : 1)), *I = W + nw;
+    int b = bias ? buf_new_w(x, B_IN, OC, od) : -1, out = buf_new_w(x, B_OUT, (size_t)T * OC, od);
+    float *W = xmalloc(sizeof(float) * (nw + ni + nb ? nw + ni + nb : 1)), *I = W + nw, *Bv = I + ni;
     fill_uniform(&x->rng, W, nw, -1, 1);
     fill_uniform(&x->rng, I, ni, -1, 1);
-    const int types[2] = {wd, ad}, bufs[2] = {w, in};
-    float *vals[2] = {W, I};
-    size_t counts[2] = {nw, ni};
-    for (int k = 0; k < 2; k++)
+    fill_uniform(&x->rng, Bv, nb, -1, 1);
+    const int types[3] = {wd, ad, od}, bufs[3] = {w, in, b};
+    float *vals[3] = {W, I, Bv};
+    size_t counts[3] = {nw, ni, nb};
+    for (int k = 0; k < 3; k++)
         for (size_t i = 0; i < counts[k]; i++) {
             if (types[k] == BLIP2_W_F32) {
                 H(x, bufs[k])[i] = vals[k][i];
@@ -490,54 +494,120 @@ static void setup_matmul_a(op_ctx *x) {
             H16(x, bufs[k])[i] = t_to16(vals[k][i], types[k]);
             vals[k][i] = t_from16(H16(x, bufs[k])[i], types[k]);
         }
-    if (bias) fill_uniform(&x->rng, H(x, b), OC, -1, 1);
     x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
     x->out = out;
+    x->out_type = od;
     x->aux = W;
     plan_rows(x, T, OC, (double)C * OC);
     for (int t = 0; t < T; t++) {
         if (!row_checked(x, t)) continue;
         for (int o = 0; o < OC; o++)
             x->ref[(size_t)t * OC + o] =
-                act_d((bias ? H(x, b)[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
+                act_d((bias ? Bv[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
     }
+    round_ref(x, od);
     x->flops = 2.0 * T * C * OC;
-    x->bytes = (double)blip2_wdtype_size(wd) * nw + (double)blip2_wdtype_size(ad) * ni + 4.0 * ((double)T * OC + OC);
+    x->bytes = (double)blip2_wdtype_size(wd) * nw + (double)blip2_wdtype_size(ad) * ni +
+               (double)blip2_wdtype_size(od) * ((double)T * OC + nb);
 }
+/* The spacing of 16-bit values of type wdtype around v (a value of that type). */
+static double ulp16(float v, int wdtype) {
+    int e;
+    frexp(fabs((double)v), &e); /* |v| in [2^(e-1), 2^e) */
+    if (wdtype == BLIP2_W_F16) return ldexp(1.0, (e - 1 < -14 ? -14 : e - 1) - 10);
+    return ldexp(1.0, (e - 1 < -126 ? -126 : e - 1) - 7);
+}
+/* projection_check for a 16-bit output O [T, OC] (buffer ob of type od), row by row: the rounding
+ * adds to a row's out·r a noise of variance Σ (ulp²/12)·r², the product's own error (relative L2
+ * tol) one of variance tol²·Σ (out·r)²; the bound is six σ of the two. A relative bound over all
+ * rows would fail by chance at T = 1 (out·r of one row can be near 0) and hardly see one bad row
+ * among 257 in bf16; a row computed from the wrong inputs or written to the wrong place is off by
+ * some hundred σ. */
+static void projection_check16(op_ctx *x, const float *I, const float *W, const float *B, int ob, int od, int T, int C,
+                               int OC, double tol) {
+    double *r = xmalloc(sizeof(double) * OC), *u = calloc((size_t)C ? (size_t)C : 1, sizeof(double)), br = 0, worst = 0;
+    int worst_t = 0;
+    uint64_t s = x->rng ^ 0x5eedu;
+    for (int o = 0; o < OC; o++) {
+        r[o] = rng_normal(&s);
+        if (B) br += B[o] * r[o];
+        for (int c = 0; c < C; c++) u[c] += W[(size_t)o * C + c] * r[o];
+    }
+    for (int t = 0; t < T; t++) {
+        double y = 0, z = br, var = 0;
+        for (int o = 0; o < OC; o++) {
+            float v = elem(x, ob, od, (size_t)t * OC + o);
+            double q = ulp16(v, od), vr = v * r[o];
+            y += vr;
+            var += q * q / 12 * r[o] * r[o] + tol * tol * vr * vr;
+        }
+        for (int c = 0; c < C; c++) z += I[(size_t)t * C + c] * u[c];
+        double ratio = var > 0 ? fabs(y - z) / (6 * sqrt(var)) : fabs(y - z);
+        if (isnan(ratio)) ratio = INFINITY;
+        if (ratio > worst) worst = ratio, worst_t = t;
+    }
+    CHECK(worst <= 1, "[%s %s %s] all-rows projection check: row %d off by %.3g times the bound (6 sigma)", x->be->name,
+          x->c->op, x->desc, worst_t, worst);
+    free(r);
+    free(u);
+}
+/* Every row by projection (no activation); a 16-bit out with its rounding's noise allowed. */
 static void extra_matmul_a(op_ctx *x) {
     const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2], od = p[7];
     if (p[6] != BLIP2_ACT_NONE) return;
-    const float *W = x->aux;
-    projection_check(x, W + (size_t)p[2] * p[1], W, x->a[2] >= 0 ? H(x, x->a[2]) : NULL, H(x, x->a[3]), p[0], p[1],
-                     p[2], case_tol(x));
+    const float *W = x->aux, *I = W + (size_t)OC * C, *B = p[3] ? I + (size_t)T * C : NULL;
+    if (od == BLIP2_W_F32) projection_check(x, I, W, B, H(x, x->a[3]), T, C, OC, case_tol(x));
+    else projection_check16(x, I, W, B, x->a[3], od, T, C, OC, case_tol(x));
 }
 static void exec_matmul_a(op_ctx *x) {
     const int *p = x->c->p;
     x->be->matmul_a(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, p[0], p[1], p[2],
-                    p[4], p[5], p[6]);
+                    p[4], p[5], p[6], p[7]);
 }
 
 /* ------------------------------------------------------------------------------------------------
- * activate_a: p = {n, act, adtype, inplace}. out = act(x) of adtype, x uniform in [-6, 6] (both
- * tails of GELU); in place (out = x) for fp32. */
+ * activate_a: p = {n, act, adtype, inplace, xdtype}. out = act(x) of adtype, x of xdtype uniform in
+ * [-6, 6] (both tails of GELU), rounded to xdtype when 16-bit (the reference acts on the widened
+ * value); in place (out = x) needs adtype == xdtype. A case with tol 0 (no GELU, out F32 or xdtype:
+ * the result is exact) also starts with the type's extremes: ±0, the smallest and largest
+ * subnormals, ±the largest finite value, which a widening that flushes or clamps gets wrong. */
 static void setup_activate_a(op_ctx *x) {
-    int n = x->c->p[0], act = x->c->p[1], ad = x->c->p[2], inplace = x->c->p[3];
-    snprintf(x->desc, sizeof x->desc, "n=%d %s -> %s%s", n,
+    int n = x->c->p[0], act = x->c->p[1], ad = x->c->p[2], inplace = x->c->p[3], xd = x->c->p[4];
+    snprintf(x->desc, sizeof x->desc, "n=%d %s %s -> %s%s", n, wd_name(xd),
              act == BLIP2_ACT_GELU ? "gelu" : act == BLIP2_ACT_RELU ? "relu" : "none", wd_name(ad),
              inplace ? " in-place" : "");
-    int in = buf_new(x, inplace ? B_INOUT : B_IN, (size_t)n);
+    if (inplace && ad != xd) {
+        fprintf(stderr, "test_ops: activate_a in place needs adtype == xdtype\n");
+        exit(2);
+    }
+    int in = buf_new_w(x, inplace ? B_INOUT : B_IN, (size_t)n, xd);
     int out = inplace ? in : buf_new_w(x, B_OUT, (size_t)n, ad);
-    fill_uniform(&x->rng, H(x, in), (size_t)n, -6, 6);
+    float *v = xmalloc(sizeof(float) * (size_t)n);
+    fill_uniform(&x->rng, v, (size_t)n, -6, 6);
+    if (xd == BLIP2_W_F32) {
+        memcpy(H(x, in), v, sizeof(float) * (size_t)n);
+    } else {
+        static const uint16_t f16_ext[] = {0x0000, 0x8000, 0x0001, 0x83ff, 0x7bff, 0xfbff};
+        static const uint16_t bf16_ext[] = {0x0000, 0x8000, 0x8001, 0x007f, 0x7f7f, 0xff7f};
+        const uint16_t *ext = xd == BLIP2_W_F16 ? f16_ext : bf16_ext;
+        for (int i = 0; i < n; i++) {
+            H16(x, in)[i] = x->c->tol == 0 && i < 6 ? ext[i] : t_to16(v[i], xd);
+            v[i] = t_from16(H16(x, in)[i], xd);
+        }
+    }
     x->a[0] = out, x->a[1] = in;
     x->out = out;
     x->out_type = ad;
     plan_rows(x, 1, n, 20.0 * n);
-    for (int i = 0; i < n; i++) x->ref[i] = act_d(H(x, in)[i], act);
+    for (int i = 0; i < n; i++) x->ref[i] = act_d(v[i], act);
     round_ref(x, ad);
-    x->bytes = (4.0 + blip2_wdtype_size(ad)) * n;
+    free(v);
+    x->bytes = ((double)blip2_wdtype_size(xd) + blip2_wdtype_size(ad)) * n;
 }
 static void exec_activate_a(op_ctx *x) {
-    x->be->activate_a(D(x, x->a[0]), D(x, x->a[1]), (size_t)x->c->p[0], x->c->p[1], x->c->p[2]);
+    const int *p = x->c->p;
+    x->be->activate_a(D(x, x->a[0]), D(x, x->a[1]), (size_t)p[0], p[1], p[2], p[4]);
 }
 
 /* The double LayerNorm of rows [T, C] (biased variance, eps inside the sqrt) into ref. */
@@ -668,9 +738,12 @@ static void exec_gelu(op_ctx *x) { x->be->gelu(D(x, x->a[0]), (size_t)x->c->p[0]
 static void exec_relu(op_ctx *x) { x->be->relu(D(x, x->a[0]), (size_t)x->c->p[0]); }
 
 /* ------------------------------------------------------------------------------------------------
- * attention: p = {Tq, Tk, NH, HS, causal, layout, pad, amp, B, wdtype}, f = scale (0: 1/√HS); amp is the
- * std of q and k (0 means 1); B sequences one after the other (0 means 1; the op loops over the
- * images or over the heads, whichever is fewer, so B > NH and B < NH are both cases).
+ * attention: p = {Tq, Tk, NH, HS, causal, layout, pad, amp, B, wdtype, iodtype}, f = scale (0: 1/√HS);
+ * amp is the std of q and k (0 means 1); B sequences one after the other (0 means 1; the op loops
+ * over the images or over the heads, whichever is fewer, so B > NH and B < NH are both cases).
+ * iodtype 16-bit: q, k, v (NaN padding included) and out are of that type, the values drawn as for
+ * fp32 and rounded to it; the reference is the double one on the widened values, rounded. aux
+ * then holds the widened buffers (q, then k and v when separate).
  * layout 0: separate q [B·Tq+2, C+pad], k and v [B·Tk+3, C+pad] buffers (Q-Former cross-attention,
  *           the OPT KV cache); rows past B·Tq / B·Tk and the pad columns hold NaN.
  * layout 1: one fused qkv buffer [B·T, 3C+pad] with k at column C and v at 2C (vision
@@ -716,35 +789,55 @@ static void setup_attention(op_ctx *x) {
     float amp = x->c->p[7] ? (float)x->c->p[7] : 1.0f;
     snprintf(x->desc, sizeof x->desc, "B=%d Tq=%d Tk=%d NH=%d HS=%d%s %s pad=%d scale=%.4g%s", s.B, s.Tq, s.Tk, s.NH,
              s.HS, s.causal ? " causal" : "", fused ? "fused-qkv" : "q,k,v", pad, s.scale, amp != 1 ? " big-scores" : "");
-    int qb, kb, vb;
+    int qb, kb, vb, io = x->c->p[10];
+    if (io != BLIP2_W_F32)
+        strncat(x->desc, io == BLIP2_W_F16 ? " io f16" : " io bf16", sizeof x->desc - strlen(x->desc) - 1);
     const float qnan = NAN;
+    size_t nq = fused ? (size_t)rq * s.qs : (size_t)(rq + 2) * s.qs, nkv = fused ? 0 : (size_t)(rk + 3) * s.kvs;
+    /* the values as floats: the buffers themselves (fp32), or the widened copies in aux (16-bit) */
+    float *Wq = NULL, *Wk = NULL, *Wv = NULL;
+    if (io != BLIP2_W_F32) {
+        Wq = x->aux = xmalloc(sizeof(float) * (nq + 2 * nkv));
+        Wk = fused ? Wq : Wq + nq, Wv = fused ? Wq : Wk + nkv;
+    }
     if (fused) {
-        qb = kb = vb = buf_new(x, B_IN, (size_t)rq * s.qs);
-        float *Q = H(x, qb);
+        qb = kb = vb = buf_new_w(x, B_IN, nq, io);
+        float *Q = io == BLIP2_W_F32 ? H(x, qb) : Wq;
         for (int t = 0; t < rq; t++)
             for (int c = 0; c < s.qs; c++)
                 Q[(size_t)t * s.qs + c] = c < 2 * s.C ? amp * rng_normal(&x->rng) : c < 3 * s.C ? rng_uniform(&x->rng, -1, 1) : qnan;
     } else {
-        qb = buf_new(x, B_IN, (size_t)(rq + 2) * s.qs);
-        kb = buf_new(x, B_IN, (size_t)(rk + 3) * s.kvs);
-        vb = buf_new(x, B_IN, (size_t)(rk + 3) * s.kvs);
+        qb = buf_new_w(x, B_IN, nq, io);
+        kb = buf_new_w(x, B_IN, nkv, io);
+        vb = buf_new_w(x, B_IN, nkv, io);
         for (int which = 0; which < 3; which++) {
             int b = which == 0 ? qb : which == 1 ? kb : vb, rows = which == 0 ? rq : rk;
             int stride = which == 0 ? s.qs : s.kvs;
-            float *M = H(x, b);
-            for (size_t i = 0; i < x->b[b].n; i++) {
+            float *M = io == BLIP2_W_F32 ? H(x, b) : which == 0 ? Wq : which == 1 ? Wk : Wv;
+            for (size_t i = 0; i < (which == 0 ? nq : nkv); i++) {
                 int t = (int)(i / stride), c = (int)(i % stride);
                 M[i] = (t >= rows || c >= s.C) ? qnan : which < 2 ? amp * rng_normal(&x->rng) : rng_uniform(&x->rng, -1, 1);
             }
         }
     }
+    if (io != BLIP2_W_F32) /* rounded into the buffers, the copies widened back: exactly the op's inputs */
+        for (int which = 0; which < (fused ? 1 : 3); which++) {
+            int b = which == 0 ? qb : which == 1 ? kb : vb;
+            float *M = which == 0 ? Wq : which == 1 ? Wk : Wv;
+            for (size_t i = 0; i < (which == 0 ? nq : nkv); i++) {
+                H16(x, b)[i] = t_to16(M[i], io);
+                M[i] = t_from16(H16(x, b)[i], io);
+            }
+        }
     int most = s.B > s.NH ? s.B : s.NH;
     int sc = buf_new(x, B_SCRATCH, (size_t)most * s.Tq * blip2_attention_ld(s.Tk)); /* one batched product's scores */
-    int out = buf_new(x, B_OUT, (size_t)rq * s.C);
+    int out = buf_new_w(x, B_OUT, (size_t)rq * s.C, io);
     x->a[0] = out, x->a[1] = qb, x->a[2] = kb, x->a[3] = vb, x->a[4] = sc, x->a[5] = fused;
     x->out = out;
+    x->out_type = io;
     plan_rows(x, rq, s.C, 2.0 * s.Tk * s.C);
-    const float *q = H(x, qb), *k = H(x, kb) + (fused ? s.C : 0), *v = H(x, vb) + (fused ? 2 * s.C : 0);
+    const float *q = io == BLIP2_W_F32 ? H(x, qb) : Wq, *k = (io == BLIP2_W_F32 ? H(x, kb) : Wk) + (fused ? s.C : 0),
+                *v = (io == BLIP2_W_F32 ? H(x, vb) : Wv) + (fused ? 2 * s.C : 0);
     double keys = 0;
     for (int r = 0; r < rq; r++) {
         int b = r / s.Tq, i = r % s.Tq;
@@ -753,16 +846,20 @@ static void setup_attention(op_ctx *x) {
             attn_ref_row(x->ref + (size_t)r * s.C, q + (size_t)b * s.Tq * s.qs, k + (size_t)b * s.Tk * s.kvs,
                          v + (size_t)b * s.Tk * s.kvs, &s, i);
     }
+    round_ref(x, io);
     x->flops = 4.0 * keys * s.C;
-    x->bytes = 4.0 * ((double)rq * s.C * 2 + 2.0 * rk * s.C);
+    x->bytes = (double)blip2_wdtype_size(io) * ((double)rq * s.C * 2 + 2.0 * rk * s.C);
 }
 
 static void exec_attention(op_ctx *x) {
     attn_shape s = attn_get(x);
-    int fused = x->a[5];
-    float *q = D(x, x->a[1]), *k = D(x, x->a[2]) + (fused ? s.C : 0), *v = D(x, x->a[3]) + (fused ? 2 * s.C : 0);
+    int fused = x->a[5], io = x->c->p[10];
+    size_t ko = fused ? (size_t)s.C : 0, vo = fused ? 2 * (size_t)s.C : 0; /* in elements of io */
+    const void *q = D(x, x->a[1]), *k, *v;
+    if (io == BLIP2_W_F32) k = D(x, x->a[2]) + ko, v = D(x, x->a[3]) + vo;
+    else k = D16(x, x->a[2]) + ko, v = D16(x, x->a[3]) + vo;
     x->be->attention(D(x, x->a[0]), q, k, v, D(x, x->a[4]), s.B, s.Tq, s.Tk, s.NH, s.HS, s.qs, s.kvs, s.scale,
-                     s.causal, x->c->p[9]);
+                     s.causal, x->c->p[9], io);
 }
 
 /* Causal semantics from the op itself, independent of the reference: row i of a causal call must
@@ -779,7 +876,7 @@ static void exec_attention_rel(op_ctx *x) {
     for (int i = 0; i < s.Tq; i++) {
         int n_keys = i + (s.Tk - s.Tq) + 1;
         x->be->attention(D(x, x->a[6]) + (size_t)i * s.C, D(x, x->a[1]) + (size_t)i * s.qs, D(x, x->a[2]), D(x, x->a[3]),
-                         D(x, x->a[4]), 1, 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0, BLIP2_W_F32);
+                         D(x, x->a[4]), 1, 1, n_keys, s.NH, s.HS, s.qs, s.kvs, s.scale, 0, BLIP2_W_F32, BLIP2_W_F32);
     }
 }
 static void extra_attention_rel(op_ctx *x) {
@@ -935,10 +1032,13 @@ static void put_elem(op_ctx *x, int b, int wd, size_t i, float v) {
  * pools hold kvdtype (a 16-bit cache); the reference reads their widened values and scales q in
  * float first, as the op does. max_ctx is the longest context exactly for odd mixes and 5 more
  * otherwise. */
+/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order, kvdtype, qpad, fused}. fused: the new
+ * rows' keys and values come as k_new/v_new rows (q's stride) and the pool's new positions start
+ * as 7s, so the op must write them (the k pool is compared in full as the second output). */
 static void setup_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
     int NH = p[2], HS = p[3], BS = p[4], pad = p[5], mix = p[6], order = p[7], kvd = p[8], C = NH * HS,
-        stride = C + pad, qstride = stride + p[9];
+        stride = C + pad, qstride = stride + p[9], fused = p[10];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
     kv_layout L = kv_plan(x, mix, p[0], p[1], BS, order);
     int max_ctx = L.max_ctx + (mix % 2 ? 0 : 5);
@@ -950,16 +1050,20 @@ static void setup_attention_paged(op_ctx *x) {
                  p[0], p[1], NH, HS, BS, pad, p[9], wd_name(kvd), scale, L.n_blocks - 2, L.n_blocks);
     size_t pool = (size_t)L.n_blocks * BS * stride;
     int qb = buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride);
-    int kp = buf_new_w(x, B_IN, pool, kvd), vp = buf_new_w(x, B_IN, pool, kvd);
+    int kp = buf_new_w(x, fused ? B_INOUT : B_IN, pool, kvd), vp = buf_new_w(x, fused ? B_INOUT : B_IN, pool, kvd);
+    int kn = fused ? buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride) : -1;
+    int vn = fused ? buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride) : -1;
     int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
     int sc = buf_new(x, B_SCRATCH, max_ctx), out = buf_new(x, B_OUT, (size_t)L.rows * C);
     kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
     float *Q = H(x, qb);
     for (size_t i = 0; i < x->b[qb].n; i++)
         Q[i] = ((int)(i / qstride) < L.rows && (int)(i % qstride) < C) ? rng_normal(&x->rng) : NAN;
-    for (size_t i = 0; i < pool; i++) put_elem(x, kp, kvd, i, NAN), put_elem(x, vp, kvd, i, NAN);
+    for (size_t i = 0; i < pool; i++) /* fused: finite, so the pool compares bit for bit */
+        put_elem(x, kp, kvd, i, fused ? 7.0f : NAN), put_elem(x, vp, kvd, i, fused ? 7.0f : NAN);
+    for (size_t i = 0; fused && i < x->b[kn].n; i++) H(x, kn)[i] = H(x, vn)[i] = NAN; /* past C: not to be read */
     x->a[0] = out, x->a[1] = qb, x->a[2] = kp, x->a[3] = vp, x->a[4] = tb, x->a[5] = mb, x->a[6] = sc;
-    x->a[7] = L.n_seqs, x->a[8] = L.max_blocks, x->a[9] = max_ctx;
+    x->a[7] = L.n_seqs, x->a[8] = L.max_blocks, x->a[9] = max_ctx, x->a[10] = kn, x->a[11] = vn;
     x->out = out;
     plan_rows(x, L.rows, C, 2.0 * L.max_ctx * C);
     double keys = 0;
@@ -980,12 +1084,31 @@ static void setup_attention_paged(op_ctx *x) {
         }
         for (int r = 0; r < n_new; r++)
             for (int c = 0; c < C; c++) qc[(size_t)r * C + c] = Q[(size_t)(L.row0[i] + r) * qstride + c] * scale;
+        for (int r = 0; fused && r < n_new; r++) { /* the new rows move from the pool to k_new/v_new */
+            size_t row = kv_pool_row(table, BS, L.s[i].past + r) * stride, src = (size_t)(L.row0[i] + r) * qstride;
+            for (int c = 0; c < C; c++) {
+                H(x, kn)[src + c] = kc[(size_t)(L.s[i].past + r) * C + c];
+                H(x, vn)[src + c] = vc[(size_t)(L.s[i].past + r) * C + c];
+                put_elem(x, kp, kvd, row + c, 7.0f), put_elem(x, vp, kvd, row + c, 7.0f);
+            }
+        }
         attn_shape sh = {n_new, ctx, NH, HS, C, 1, C, C, 1, 1.0f};
         for (int r = 0; r < n_new; r++) {
             keys += L.s[i].past + r + 1;
             if (row_checked(x, L.row0[i] + r)) attn_ref_row(x->ref + (size_t)(L.row0[i] + r) * C, qc, kc, vc, &sh, r);
         }
         free(kc), free(vc), free(qc);
+    }
+    if (fused) { /* the k pool after the op: as filled, with the new rows back */
+        double *rk = plan_out2(x, kp, pool, 0);
+        x->out2_type = kvd;
+        for (size_t i = 0; i < pool; i++) rk[i] = elem(x, kp, kvd, i);
+        for (int i = 0; i < L.n_seqs; i++)
+            for (int r = 0; r < L.s[i].n_new; r++) {
+                const int32_t *table = HI(x, tb) + (size_t)i * L.max_blocks;
+                size_t row = kv_pool_row(table, BS, L.s[i].past + r) * stride, src = (size_t)(L.row0[i] + r) * qstride;
+                for (int c = 0; c < C; c++) rk[row + c] = H(x, kn)[src + c];
+            }
     }
     x->flops = 4.0 * keys * C;
     x->bytes = 4.0 * 2.0 * L.rows * C + 2.0 * keys * C * blip2_wdtype_size(kvd);
@@ -994,8 +1117,10 @@ static void exec_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
     int HS = p[3], stride = p[2] * HS + p[5];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
-    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), p[8], DI(x, x->a[4]), x->a[8],
-                           DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride + p[9], stride, scale);
+    const float *kn = p[10] ? D(x, x->a[10]) : NULL, *vn = p[10] ? D(x, x->a[11]) : NULL; /* NULL: in the pool already */
+    x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), p[8], kn, vn, DI(x, x->a[4]),
+                           x->a[8], DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride + p[9], stride,
+                           scale);
 }
 
 /* kv_write: p = {mix, C, BS, order, kvdtype, pad}. k and v rows have C + pad columns (pad NaN: OPT
@@ -1573,9 +1698,24 @@ static void extra_fill_normal(op_ctx *x) {
 #define TOL_ACT(n, ad) ((ad) == F32 || (n) >= 100 ? TOL_A(ad) : (ad) == F16 ? 1e-3 : 8e-3)
 #define ACTA(n, act, ad, inpl, note) \
     {"activate_a", note, setup_activate_a, exec_activate_a, NULL, {n, act, ad, inpl}, 0, TOL_ACT(n, ad), 0, 0}
+/* x of xdtype (a 16-bit matmul's output). Without GELU, into fp32 or xd's own type, the result is
+ * exact: tol 0 (bitwise). */
+#define ACTX(n, act, xd, ad, inpl, note) \
+    {"activate_a", note, setup_activate_a, exec_activate_a, NULL, {n, act, ad, inpl, xd}, 0, \
+     (act) != A_GELU && ((ad) == F32 || (ad) == (xd)) ? 0 : TOL_ACT(n, ad), 0, 0}
 #define MMA(T, C, OC, b, ad, wd, act, note) \
     {"matmul_a", note, setup_matmul_a, exec_matmul_a, extra_matmul_a, {T, C, OC, b, ad, wd, act}, 0, 1e-5, \
      (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
+/* A 16-bit result of a long fp32 sum (a matmul, attention) against the rounded reference: where
+ * the fp32 value and the double one straddle a rounding midpoint they round to neighbours. With a
+ * sum's fp32 error (~3e-7) that is a few elements of thousands, each a whole ulp: in bf16 (2^-8)
+ * up to ~2.5e-4 over 40 seeds, so 5e-4 (rounding by truncation is ~3e-3); f16 as TOL_A. */
+#define TOL_SUM16(t) ((t) == BF16 ? 5e-4 : TOL_A(t))
+/* A 16-bit out and bias (od = wd); fp32 inputs with 16-bit weights keep matmul_h's device bound
+ * (its inputs rounded). */
+#define MMAO(T, C, OC, b, ad, wd, act, od, note) \
+    {"matmul_a", note, setup_matmul_a, exec_matmul_a, extra_matmul_a, {T, C, OC, b, ad, wd, act, od}, 0, \
+     TOL_SUM16(od), (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, amp, B, F32}, scale, 1e-5, 0, 0}
@@ -1584,6 +1724,12 @@ static void extra_fill_normal(op_ctx *x) {
  * otherwise TF32 products (8 to 11 significant bits either way: 1e-2 like matmul_h). */
 #define ATT16(B, Tq, Tk, NH, HS, layout, wd, note) \
     {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, 0, layout, 0, 0, B, wd}, 0, 1e-5, 1e-2, 0}
+/* 16-bit q, k, v and out (iodtype = wd: a 16-bit matmul's outputs read as they are). The reference
+ * backend computes fp32 on the widened values (TOL_SUM16); the device's products are 16-bit or
+ * TF32 as in ATT16 (1e-2). Causal, or HS > 128, is not the mma kernel's. */
+#define ATTIO(B, Tq, Tk, NH, HS, causal, layout, pad, wd, note) \
+    {"attention", note, setup_attention, exec_attention, NULL, {Tq, Tk, NH, HS, causal, layout, pad, 0, B, wd, wd}, 0, \
+     TOL_SUM16(wd), 1e-2, 0}
 #define ATT_REL(Tq, Tk, NH, HS, note) \
     {"attention", note, setup_attention_rel, exec_attention_rel, extra_attention_rel, {Tq, Tk, NH, HS, 1, 0, 3, 0}, 0, 1e-5, 0, 0}
 #define PAGED(Tq, Tk, NH, HS, BS, pad, scale, note) \
@@ -1591,6 +1737,9 @@ static void extra_fill_normal(op_ctx *x) {
 /* A 16-bit cache at one sequence (mix 0): the warp-per-head kernel's shapes. */
 #define PAGED16(Tq, Tk, NH, HS, BS, pad, kvd, note) \
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {Tq, Tk, NH, HS, BS, pad, 0, 0, kvd, 0}, 0, 1e-5, 0, 0}
+/* The same with the new rows' keys and values written by the op (k_new/v_new). */
+#define PAGEDF(mix, order, NH, HS, BS, pad, kvd, qpad, note) \
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad, 1}, 0, 1e-5, 0, 0}
 #define PAGEDM(mix, order, NH, HS, BS, pad, kvd, qpad, note) \
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad}, 0, 1e-5, 0, 0}
 #define KVW(mix, C, BS, order, kvd, pad, note) \
@@ -1728,6 +1877,16 @@ static const op_case cases[] = {
     ACTA(64 * 2560, A_NONE, F16, 0, "decode batch 64 narrowing, 4 a thread"),
     ACTA(7, A_NONE, F32, 0, "odd fp32"),
     ACTA(1, A_GELU, F16, 0, "odd"),
+    ACTX(6144 * 3, A_GELU, F16, F16, 0, "a 16-bit fc1 output's GELU -> fc2 input"),
+    ACTX(257 * 6144, A_GELU, BF16, BF16, 1, "vision fc1's bf16 output, GELU in place"),
+    ACTX(32 * 3072, A_GELU, BF16, F32, 0, "16-bit in, fp32 out"),
+    ACTX(4099, A_RELU, F16, F32, 0, "ReLU f16 -> fp32: exact"),
+    ACTX(4100, A_NONE, BF16, F32, 0, "bf16 -> fp32 widening: exact"),
+    ACTX(4099, A_RELU, BF16, BF16, 1, "ReLU bf16 in place: exact"),
+    ACTX(77, A_GELU, F16, F16, 1, "odd, in place"),
+    ACTX(77, A_GELU, BF16, BF16, 0, "odd"),
+    ACTX(77, A_NONE, F16, F32, 0, "odd widening: exact"),
+    ACTX(77, A_RELU, F16, F16, 0, "odd: exact"),
     MMA(257, 1408, 4224, 1, F16, F16, A_NONE, "vision qkv from a 16-bit LN"),
     MMA(257, 6144, 1408, 1, BF16, BF16, A_NONE, "vision fc2 (K=6144) from 16-bit GELU"),
     MMA(257, 1408, 6144, 1, F16, F16, A_GELU, "GELU after"),
@@ -1741,6 +1900,18 @@ static const op_case cases[] = {
     MMA(1, 2560, 77, 1, F32, BF16, A_NONE, "fp32 inputs: matmul_h's GEMV"),
     MMA(13, 65, 7, 1, F32, F32, A_GELU, "all fp32: matmul + GELU"),
     MMA(7, 13, 65, 0, F32, F32, A_RELU, "all fp32: matmul + ReLU"),
+    MMAO(1, 2560, 10240, 1, F16, F16, A_RELU, F16, "OPT decode fc1 + ReLU -> fc2's 16-bit input (GEMV)"),
+    MMAO(1, 2560, 10240, 1, BF16, BF16, A_RELU, BF16, "OPT decode fc1 + ReLU, bf16 (GEMV)"),
+    MMAO(5, 2560, 7680, 1, F16, F16, A_NONE, F16, "OPT qkv, 5 rows: the GEMV's rows"),
+    MMAO(64, 2560, 2560, 1, BF16, BF16, A_NONE, BF16, "decode batch 64: cuBLASLt, 16-bit epilogue"),
+    MMAO(257, 1408, 4224, 1, F16, F16, A_NONE, F16, "vision qkv -> 16-bit attention"),
+    MMAO(257, 1408, 6144, 1, BF16, BF16, A_NONE, BF16, "vision fc1 -> 16-bit GELU"),
+    MMAO(45, 2560, 2560, 0, F16, F16, A_NONE, F16, "no bias"),
+    MMAO(3, 13, 77, 1, F16, F16, A_GELU, F16, "odd (odd element count)"),
+    MMAO(3, 13, 77, 0, BF16, BF16, A_RELU, BF16, "odd, no bias"),
+    MMAO(7, 77, 13, 1, BF16, BF16, A_NONE, BF16, "odd bias count"),
+    MMAO(1, 2560, 2560, 1, F32, F16, A_NONE, F16, "fp32 inputs, 16-bit out: matmul_h's GEMV"),
+    MMAO(9, 2560, 2560, 1, F32, BF16, A_RELU, BF16, "fp32 inputs, 16-bit out: above the GEMV"),
 
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
     ATTB(4, 257, 257, 16, 88, 0, 1, 0, 0, 0, "vision, 4 images (a loop over images)"),
@@ -1764,6 +1935,17 @@ static const op_case cases[] = {
     ATT16(1, 13, 400, 2, 16, 0, F16, "mma, 400 keys: 13 tiles, the last partial"),
     ATT16(1, 17, 600, 2, 48, 0, BF16, "mma, 600 keys: 19 tiles"),
     ATT16(1, 13, 29, 2, 136, 0, F16, "f16, head size 136: above the mma kernel's 128 (TF32 products)"),
+    ATTIO(2, 257, 257, 16, 88, 0, 1, 0, F16, "vision, 2 images, the 16-bit fused qkv (mma)"),
+    ATTIO(2, 257, 257, 16, 88, 0, 1, 0, BF16, "vision, 2 images, the 16-bit fused qkv (mma)"),
+    ATTIO(2, 32, 257, 12, 64, 0, 0, 0, F16, "Q-Former cross-attention, 16-bit q, k, v (mma)"),
+    ATTIO(3, 32, 257, 12, 64, 0, 0, 0, BF16, "Q-Former cross-attention, 16-bit q, k, v (mma)"),
+    ATTIO(2, 5, 7, 3, 24, 0, 0, 0, F16, "odd, 16-bit io (mma)"),
+    ATTIO(3, 7, 7, 3, 24, 0, 1, 0, BF16, "odd, fused, 16-bit io (mma)"),
+    ATTIO(2, 9, 13, 2, 13, 0, 0, 1, F16, "odd strides (27 elements), head size 13: 16-bit element loads"),
+    ATTIO(1, 45, 45, 4, 80, 1, 0, 0, F16, "causal, 16-bit io: not the mma kernel"),
+    ATTIO(2, 45, 45, 4, 80, 1, 1, 0, BF16, "causal, fused, 16-bit io: not the mma kernel"),
+    ATTIO(1, 13, 29, 2, 136, 0, 0, 0, F16, "head size 136, 16-bit io: not the mma kernel"),
+    ATTIO(2, 29, 29, 2, 136, 0, 1, 0, BF16, "head size 136, fused, 16-bit io: not the mma kernel"),
     ATT(32, 32, 12, 64, 0, 1, 0, 0, 0, "Q-Former self-attention"),
     ATT(32, 257, 12, 64, 0, 0, 0, 0, 0, "Q-Former cross-attention"),
     ATT(45, 45, 32, 80, 1, 0, 0, 0, 0.11180339887f, "OPT prefill (causal)"),
@@ -1804,6 +1986,13 @@ static const op_case cases[] = {
     PAGEDM(4, 0, 3, 5, 2, 1, F16, 1, "odd, f16 cache"),
     PAGEDM(4, 1, 1, 1, 1, 0, F32, 0, "odd, one-position blocks"),
     PAGEDM(4, 1, 1, 1, 1, 0, BF16, 0, "odd, one-position blocks, bf16 cache"),
+    PAGEDF(2, 0, 32, 80, 16, 0, F16, 5120, "fused KV write: OPT decode batch, f16 cache, fused qkv rows"),
+    PAGEDF(2, 1, 32, 80, 16, 0, F32, 0, "fused KV write: decode batch, fp32 cache, rows reversed"),
+    PAGEDF(7, 0, 32, 80, 16, 0, BF16, 5120, "fused KV write: decode batch 256 (the warp-per-head kernel)"),
+    PAGEDF(6, 0, 32, 80, 16, 0, F16, 5120, "fused KV write: decode of one sequence"),
+    PAGEDF(1, 0, 4, 64, 16, 3, F16, 7, "fused KV write: decode rows + prefill chunks (rows in order, one block)"),
+    PAGEDF(3, 1, 3, 33, 5, 2, BF16, 3, "fused KV write: chunked prefill, odd, bf16 cache"),
+    PAGEDF(4, 0, 3, 5, 2, 1, F32, 1, "fused KV write: odd"),
     /* kv_write */
     KVW(1, 2560, 16, 0, F32, 0, "OPT batched step"),
     KVW(1, 2560, 16, 1, F32, 0, "OPT batched step, rows reversed"),

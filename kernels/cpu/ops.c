@@ -115,9 +115,28 @@ static void attend_row(float *out, const float *q, const head_pool *p, const int
     }
 }
 
-void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
-                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
-                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
+static void store_row(void *pool, int kvdtype, size_t dst, const float *x, int n);
+
+/* The new rows' keys and values (NH·HS columns of rows like q's) into their pool rows. */
+static void put_new_rows(void *k_pool, void *v_pool, int kvdtype, const float *k_new, const float *v_new,
+                         const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
+                         int C, int q_stride, int kv_stride) {
+    for (int i = 0; i < n_seqs; i++)
+        for (int t = 0; t < meta[3 * i + 1]; t++) {
+            size_t dst = kv_offset(tables + (size_t)i * max_blocks, block_size, meta[3 * i + 2] + t, kv_stride);
+            size_t src = (size_t)(meta[3 * i] + t) * q_stride;
+            store_row(k_pool, kvdtype, dst, k_new + src, C);
+            store_row(v_pool, kvdtype, dst, v_new + src, C);
+        }
+}
+
+void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+                           const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
+                           int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
+                           float scale) {
+    if (k_new)
+        put_new_rows(k_pool, v_pool, kvdtype, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size, NH * HS,
+                     q_stride, kv_stride);
     (void)max_ctx;
     for (int i = 0; i < n_seqs; i++) {
         int row0 = meta[3 * i], n_new = meta[3 * i + 1], past = meta[3 * i + 2];
@@ -155,9 +174,8 @@ void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, con
 
 /* Contiguous keys: per sequence and head, S = scale·Q·Kᵀ and O = softmax(S)·V as two sgemms, so
  * the vision encoder's 257×257 attention runs at matmul speed instead of a scalar loop. */
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
-    (void)wdtype; /* the reference is fp32 whatever the weights */
+static void attention_f32(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq,
+                          int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal) {
     int ld_out = NH * HS;
     for (int b = 0; b < B; b++) {
         const float *qb = q + (size_t)b * Tq * q_stride, *kb = k + (size_t)b * Tk * kv_stride;
@@ -173,6 +191,36 @@ void blip2_attention(float *out, const float *q, const float *k, const float *v,
                         0.0f, ob + h * HS, ld_out);
         }
     }
+}
+
+/* n elements of x (of xdtype) widened into a new fp32 array; NULL for n == 0. The reference's
+ * 16-bit attention: not a request path (the CPU backend's activations are fp32). */
+static float *widened_copy(const void *x, int xdtype, size_t n) {
+    if (!n) return NULL;
+    float *f = malloc(sizeof(float) * n);
+    if (!f) abort();
+    for (size_t i = 0; i < n; i++) f[i] = widen(x, xdtype, i);
+    return f;
+}
+
+void blip2_attention(void *out, const void *q, const void *k, const void *v, float *scratch, int B, int Tq, int Tk,
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype, int iodtype) {
+    (void)wdtype; /* the reference is fp32 whatever the weights */
+    if (iodtype == BLIP2_W_F32) {
+        attention_f32(out, q, k, v, scratch, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal);
+        return;
+    }
+    if (B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0) return;
+    /* the elements the op reads: up to the last row's last head */
+    size_t nq = (size_t)(B * Tq - 1) * q_stride + (size_t)NH * HS;
+    size_t nkv = Tk > 0 ? (size_t)(B * Tk - 1) * kv_stride + (size_t)NH * HS : 0, no = (size_t)B * Tq * NH * HS;
+    float *qf = widened_copy(q, iodtype, nq), *kf = widened_copy(k, iodtype, nkv), *vf = widened_copy(v, iodtype, nkv);
+    float *of = malloc(sizeof(float) * no);
+    if (!of) abort();
+    if (Tk > 0) attention_f32(of, qf, kf, vf, scratch, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal);
+    else memset(of, 0, sizeof(float) * no);
+    store_row(out, iodtype, 0, of, (int)no);
+    free(qf), free(kf), free(vf), free(of);
 }
 
 void blip2_im2col_patches(float *out, const float *img, int CH, int H, int W, int PS) {
@@ -348,19 +396,45 @@ void blip2_residual_layernorm_a(float *res, void *out, const float *y, const flo
     }
 }
 
-void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) {
+void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype) {
     enum { CHUNK = 256 };
     float v[CHUNK];
-    for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
+    for (size_t i0 = 0; i0 < n; i0 += CHUNK) { /* a chunk is read whole before it is stored: out may be x */
         size_t k = n - i0 < CHUNK ? n - i0 : CHUNK;
-        for (size_t i = 0; i < k; i++) v[i] = act1(x[i0 + i], act);
+        for (size_t i = 0; i < k; i++) v[i] = act1(widen(x, xdtype, i0 + i), act);
         store_row(out, adtype, i0, v, (int)k);
     }
 }
 
 /* 16-bit inputs: widened 64 rows at a time (exact), then the fp32-input path. */
-void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
-                    int wdtype, int act) {
+static void matmul_a_f32(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC,
+                         int adtype, int wdtype, int act);
+
+/* A 16-bit out: 64 rows at a time into fp32 (with the bias of odtype widened), then rounded. */
+static void matmul_a_16(void *out, const void *inp, const void *weight, const void *bias, int T, int C, int OC, int adtype,
+                        int wdtype, int act, int odtype) {
+    enum { SLAB = 64 };
+    float *y = malloc(sizeof(float) * SLAB * (size_t)(OC > 0 ? OC : 1)), *b = bias ? malloc(sizeof(float) * OC) : NULL;
+    if (!y || (bias && !b)) abort(); /* 64 rows of outputs: not a request-sized allocation */
+    for (int o = 0; bias && o < OC; o++) b[o] = widen(bias, odtype, (size_t)o);
+    size_t in_row = (size_t)C * blip2_wdtype_size(adtype);
+    for (int t0 = 0; t0 < T; t0 += SLAB) {
+        int n = T - t0 < SLAB ? T - t0 : SLAB;
+        matmul_a_f32(y, (const char *)inp + (size_t)t0 * in_row, weight, b, n, C, OC, adtype, wdtype, act);
+        store_row(out, odtype, (size_t)t0 * OC, y, n * OC);
+    }
+    free(y);
+    free(b);
+}
+
+void blip2_matmul_a(void *out, const void *inp, const void *weight, const void *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act, int odtype) {
+    if (odtype == BLIP2_W_F32) matmul_a_f32(out, inp, weight, bias, T, C, OC, adtype, wdtype, act);
+    else matmul_a_16(out, inp, weight, bias, T, C, OC, adtype, wdtype, act, odtype);
+}
+
+static void matmul_a_f32(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC,
+                         int adtype, int wdtype, int act) {
     if (adtype == BLIP2_W_F32 && wdtype != BLIP2_W_F32) {
         blip2_matmul_h(out, inp, weight, bias, T, C, OC, wdtype, act);
     } else if (adtype == BLIP2_W_F32) {
@@ -373,7 +447,7 @@ void blip2_matmul_a(float *out, const void *inp, const void *weight, const float
         for (int t0 = 0; t0 < T; t0 += SLAB) {
             int n = T - t0 < SLAB ? T - t0 : SLAB;
             for (size_t i = 0; i < (size_t)n * C; i++) x[i] = widen(inp, adtype, (size_t)t0 * C + i);
-            blip2_matmul_a(out + (size_t)t0 * OC, x, weight, bias, n, C, OC, BLIP2_W_F32, wdtype, act);
+            matmul_a_f32(out + (size_t)t0 * OC, x, weight, bias, n, C, OC, BLIP2_W_F32, wdtype, act);
         }
         free(x);
     }

@@ -7,8 +7,9 @@
  * of 32 keys: S = Q·Kᵀ with mma.sync m16n8k16 (A fragments from Qs, B from Ks), the online softmax
  * on S in registers, then O += P·V with P taken straight from S's accumulators (two adjacent 8-key
  * C fragments are one 16-key A fragment) and V's B fragments from a transposed copy Vt[dim][key].
- * q, k and v are fp32 in global memory and become T (half or bf16, the weights' type) on their way
- * into shared memory. The loads are the latency: the next tile's K is loaded into registers while
+ * q, k and v are fp32 or T in global memory (IT; T when the model's qkv matmul writes 16 bits,
+ * half the bytes of fp32) and become T (half or bf16, the weights' type) on their way into shared
+ * memory; out is of the same IT. The loads are the latency: the next tile's K is loaded into registers while
  * this tile's scores are computed, its V while this tile's P·V is, each stored (narrowed) after
  * the next barrier. Keys past Tk: zero K and V rows, scores -inf, the 8-key groups wholly past Tk
  * skipped. Query rows past Tq are zeros and not written; a warp with none skips the arithmetic.
@@ -84,46 +85,70 @@ template <typename T> __device__ __forceinline__ float sum2(unsigned u) {
 __device__ __forceinline__ float &comp(float4 &v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 __device__ __forceinline__ float comp(const float4 &v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 
+/* Global q, k, v and out elements: fp32 (IT = float), or 16-bit of the weights' type T (IT =
+ * uint16_t: a 16-bit matmul's output read as it is, half the bytes), widened to fp32 for staging. */
+template <typename IT, typename T> struct am_io;
+template <typename T> struct am_io<float, T> {
+    static __device__ __forceinline__ float get(const float *p) { return *p; }
+    static __device__ __forceinline__ float4 get4(const float *p) { return *(const float4 *)p; }
+    static __device__ __forceinline__ void put(float *p, float v) { *p = v; }
+};
+template <typename T> struct am_io<uint16_t, T> {
+    static __device__ __forceinline__ float get(const uint16_t *p) {
+        float lo, hi;
+        widen2<T>((unsigned)*p, lo, hi);
+        return lo;
+    }
+    static __device__ __forceinline__ float4 get4(const uint16_t *p) { /* 8-byte aligned */
+        const uint2 u = *(const uint2 *)p;
+        float4 f;
+        widen2<T>(u.x, f.x, f.y);
+        widen2<T>(u.y, f.z, f.w);
+        return f;
+    }
+    static __device__ __forceinline__ void put(uint16_t *p, float v) { *p = to_bits<T>(v); }
+};
+
 /* Rows [r0, r0 + ROWS) of a [rows, HS] slice (row stride `stride`) as units, zeros past `rows` or HS. */
-template <int ROWS, int KC, typename L = am_tile<ROWS, KC>>
-__device__ __forceinline__ void load_units(float4 (&st)[L::SP], const float *__restrict__ src, int r0, int rows,
+template <int ROWS, int KC, typename IO, typename IT, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void load_units(float4 (&st)[L::SP], const IT *__restrict__ src, int r0, int rows,
                                            int stride, int HS) {
 #pragma unroll
     for (int u = 0; u < L::PU; u++) {
         const int i = (int)threadIdx.x + L::NTH * u, d = i % L::HSP, r = r0 + i / L::HSP * 8;
         const bool in = (L::UNITS % L::NTH == 0 || i < L::UNITS) && d < HS;
-        const float *p = src + (size_t)r * stride + d;
+        const IT *p = src + (size_t)r * stride + d;
         float v[8];
         if (in && r + 8 <= rows) { /* every tile but the last */
 #pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = p[(size_t)e * stride];
+            for (int e = 0; e < 8; e++) v[e] = IO::get(p + (size_t)e * stride);
         } else {
 #pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = in && r + e < rows ? p[(size_t)e * stride] : 0.0f;
+            for (int e = 0; e < 8; e++) v[e] = in && r + e < rows ? IO::get(p + (size_t)e * stride) : 0.0f;
         }
 #pragma unroll
         for (int e = 0; e < 8; e++) comp(st[2 * u + e / 4], e % 4) = v[e];
     }
 }
 
-/* The same rows as quads (HS, stride and src multiples of 4 floats). */
-template <int ROWS, int KC, typename L = am_tile<ROWS, KC>>
-__device__ __forceinline__ void load_quads(float4 (&st)[L::SP], const float *__restrict__ src, int r0, int rows,
+/* The same rows as quads (HS, stride and src multiples of 4 elements). */
+template <int ROWS, int KC, typename IO, typename IT, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void load_quads(float4 (&st)[L::SP], const IT *__restrict__ src, int r0, int rows,
                                            int stride, int HS) {
 #pragma unroll
     for (int u = 0; u < L::PQ; u++) {
         const int i = (int)threadIdx.x + L::NTH * u, d = i % (L::HSP / 4) * 4, r = r0 + i / (L::HSP / 4);
         const bool in = (L::QUADS % L::NTH == 0 || i < L::QUADS) && d < HS && r < rows;
-        st[u] = in ? *(const float4 *)(src + (size_t)r * stride + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        st[u] = in ? IO::get4(src + (size_t)r * stride + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 }
 
 /* Q or K rows, as quads where vec allows (the value tile is always units: Vt wants 8 keys a dim). */
-template <int ROWS, int KC>
-__device__ __forceinline__ void load_rows(float4 (&st)[am_tile<ROWS, KC>::SP], bool quads, const float *src, int r0,
+template <int ROWS, int KC, typename IO, typename IT>
+__device__ __forceinline__ void load_rows(float4 (&st)[am_tile<ROWS, KC>::SP], bool quads, const IT *src, int r0,
                                           int rows, int stride, int HS) {
-    if (quads) load_quads<ROWS, KC>(st, src, r0, rows, stride, HS);
-    else load_units<ROWS, KC>(st, src, r0, rows, stride, HS);
+    if (quads) load_quads<ROWS, KC, IO>(st, src, r0, rows, stride, HS);
+    else load_units<ROWS, KC, IO>(st, src, r0, rows, stride, HS);
 }
 
 /* A staged tile, times mul, into dst [ROWS][RS] (row-major: a fragment register is 2 dims of a row). */
@@ -246,8 +271,8 @@ __device__ __forceinline__ void accumulate_pv(softmax_rows<KC> &st, const unsign
 }
 
 /* O / l for the lane's rows that exist, into out [Tq, NH·HS] (the head's columns from ob). */
-template <int KC>
-__device__ __forceinline__ void write_out(float *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
+template <int KC, typename IO, typename IT>
+__device__ __forceinline__ void write_out(IT *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
     const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -257,39 +282,42 @@ __device__ __forceinline__ void write_out(float *ob, softmax_rows<KC> &st, int r
         const int row = r0 + g + 8 * r;
         if (row >= Tq) continue;
         const float inv = 1.0f / l;
-        float *orow = ob + (size_t)row * row_stride;
+        IT *orow = ob + (size_t)row * row_stride;
 #pragma unroll
         for (int d = 0; d < 2 * KC; d++) {
             const int col = d * 8 + 2 * t;
-            if (col < HS) orow[col] = st.o[d][2 * r] * inv;
-            if (col + 1 < HS) orow[col + 1] = st.o[d][2 * r + 1] * inv;
+            if (col < HS) IO::put(orow + col, st.o[d][2 * r] * inv);
+            if (col + 1 < HS) IO::put(orow + col + 1, st.o[d][2 * r + 1] * inv);
         }
     }
 }
 
 /* grid (query tiles of AM_Q, NH, B), AM_THREADS threads; qscale = scale·log2(e); vec: q and k may be
- * read as float4 (HS, the strides and the pointers multiples of 4 floats). */
-template <typename T, int KC>
+ * read as quads (HS, the strides and the pointers multiples of 4 elements); q, k, v and out of IT. */
+template <typename T, int KC, typename IT>
 __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
-    k_attention_mma(float *out, const float *q, const float *k, const float *v, int Tq, int Tk, int NH, int HS,
+    k_attention_mma(void *out_, const void *q_, const void *k_, const void *v_, int Tq, int Tk, int NH, int HS,
                     int q_stride, int kv_stride, float qscale, bool vec) {
     pdl_entry();
     using S = am_shape<KC>;
+    using IO = am_io<IT, T>;
+    IT *out = (IT *)out_;
+    const IT *q = (const IT *)q_, *k = (const IT *)k_, *v = (const IT *)v_;
     __shared__ __align__(16) uint16_t Qs[AM_Q * S::RS];   /* [AM_Q queries][HSP + AM_PAD] in T, times qscale */
     __shared__ __align__(16) uint16_t Ks[AM_KT * S::RS];  /* [AM_KT keys][HSP + AM_PAD] in T */
     __shared__ __align__(16) uint16_t Vt[S::HSP * S::VS]; /* [HSP dims][AM_KT + AM_PAD] in T */
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * AM_Q, warp = (int)threadIdx.x >> 5;
     const bool active = q0 + warp * 16 < Tq; /* the warp has query rows */
     const size_t kv0 = (size_t)b * Tk * kv_stride + (size_t)h * HS;
-    const float *kb = k + kv0, *vb = v + kv0;
+    const IT *kb = k + kv0, *vb = v + kv0;
     float4 stage[am_tile<AM_KT, KC>::SP]; /* the next K or V tile on its way to shared memory */
     {
         float4 qst[am_tile<AM_Q, KC>::SP];
-        load_rows<AM_KT, KC>(stage, vec, kb, 0, Tk, kv_stride, HS);
-        load_rows<AM_Q, KC>(qst, vec, q + (size_t)b * Tq * q_stride + (size_t)h * HS, q0, Tq, q_stride, HS);
+        load_rows<AM_KT, KC, IO>(stage, vec, kb, 0, Tk, kv_stride, HS);
+        load_rows<AM_Q, KC, IO>(qst, vec, q + (size_t)b * Tq * q_stride + (size_t)h * HS, q0, Tq, q_stride, HS);
         store_rows<T, AM_Q, KC>(Qs, qst, vec, qscale);
         store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
-        load_units<AM_KT, KC>(stage, vb, 0, Tk, kv_stride, HS);
+        load_units<AM_KT, KC, IO>(stage, vb, 0, Tk, kv_stride, HS);
     }
     softmax_rows<KC> st;
     st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
@@ -300,7 +328,7 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         const bool more = k0 + AM_KT < Tk;
         __syncthreads(); /* Qs, Ks hold this tile; every warp is done with the last tile's Vt */
         store_cols<T, KC>(Vt, stage);
-        if (more) load_rows<AM_KT, KC>(stage, vec, kb, k0 + AM_KT, Tk, kv_stride, HS);
+        if (more) load_rows<AM_KT, KC, IO>(stage, vec, kb, k0 + AM_KT, Tk, kv_stride, HS);
         unsigned p[AM_NT][2];
         if (active) {
             float s[AM_NT][4];
@@ -310,35 +338,41 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         __syncthreads(); /* Vt holds this tile; every warp is done with Ks */
         if (more) {
             store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
-            load_units<AM_KT, KC>(stage, vb, k0 + AM_KT, Tk, kv_stride, HS);
+            load_units<AM_KT, KC, IO>(stage, vb, k0 + AM_KT, Tk, kv_stride, HS);
         }
         if (active) accumulate_pv<T, KC>(st, p, Vt, kn, HS);
     }
-    if (active) write_out<KC>(out + (size_t)b * Tq * NH * HS + (size_t)h * HS, st, q0 + warp * 16, Tq, NH * HS, HS);
+    if (active)
+        write_out<KC, IO>(out + (size_t)b * Tq * NH * HS + (size_t)h * HS, st, q0 + warp * 16, Tq, NH * HS, HS);
 }
 
-using am_kernel = void (*)(float *, const float *, const float *, const float *, int, int, int, int, int, int, float,
-                           bool);
+using am_kernel = void (*)(void *, const void *, const void *, const void *, int, int, int, int, int, int, float, bool);
 
 /* The instance for head sizes (16·(KC−1), 16·KC]. */
-template <typename T> am_kernel am_pick(int KC) {
+template <typename T, typename IT> am_kernel am_pick(int KC) {
     const am_kernel table[ATTN_MMA_MAX_HS / 16] = {
-        k_attention_mma<T, 1>, k_attention_mma<T, 2>, k_attention_mma<T, 3>, k_attention_mma<T, 4>,
-        k_attention_mma<T, 5>, k_attention_mma<T, 6>, k_attention_mma<T, 7>, k_attention_mma<T, 8>};
+        k_attention_mma<T, 1, IT>, k_attention_mma<T, 2, IT>, k_attention_mma<T, 3, IT>, k_attention_mma<T, 4, IT>,
+        k_attention_mma<T, 5, IT>, k_attention_mma<T, 6, IT>, k_attention_mma<T, 7, IT>, k_attention_mma<T, 8, IT>};
     return table[KC - 1];
 }
 
 } /* namespace */
 
-bool attention_mma(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
-                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype) {
+bool attention_mma(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, int B, int Tq, int Tk,
+                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype, int iodtype) {
     if ((wdtype != BLIP2_W_F16 && wdtype != BLIP2_W_BF16) || HS < 1 || HS > ATTN_MMA_MAX_HS) return false;
+    if (iodtype != BLIP2_W_F32 && iodtype != wdtype) return false;
     if (B <= 0 || Tq <= 0 || Tk <= 0 || NH <= 0) return true; /* nothing to do (Tk = 0: the caller zeroes out) */
     const int KC = (HS + 15) / 16;
-    const am_kernel kernel = wdtype == BLIP2_W_F16 ? am_pick<__half>(KC) : am_pick<__nv_bfloat16>(KC);
+    const bool io16 = iodtype != BLIP2_W_F32;
+    const am_kernel kernel = wdtype == BLIP2_W_F16 ? (io16 ? am_pick<__half, uint16_t>(KC) : am_pick<__half, float>(KC))
+                                                   : (io16 ? am_pick<__nv_bfloat16, uint16_t>(KC)
+                                                           : am_pick<__nv_bfloat16, float>(KC));
     const dim3 grid((unsigned)((Tq + AM_Q - 1) / AM_Q), (unsigned)NH, (unsigned)B);
     const float qscale = scale * 1.44269504088896340736f; /* log2(e): the softmax runs on 2^x */
-    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 && ((uintptr_t)q | (uintptr_t)k) % 16 == 0;
+    const uintptr_t quad_bytes = io16 ? 8 : 16; /* a quad's load: 4 elements */
+    const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 &&
+                     ((uintptr_t)q | (uintptr_t)k) % quad_bytes == 0;
     launch(kernel, grid, AM_THREADS, 0, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, qscale, vec);
     LAUNCH_CK(c, "k_attention_mma");
     return true;

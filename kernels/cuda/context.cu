@@ -51,6 +51,7 @@ extern "C" void blip2_cuda_ctx_destroy(blip2_cuda_ctx *ctx) {
     if (ctx->lt) cublasLtDestroy(ctx->lt);
     if (ctx->lt_ws) cudaFree(ctx->lt_ws);
     if (ctx->act16) cudaFree(ctx->act16);
+    if (ctx->wide) cudaFree(ctx->wide);
     for (int i = 0; i < 2; i++) {
         if (ctx->stage_ev[i]) cudaEventDestroy(ctx->stage_ev[i]);
         if (ctx->stage[i]) cudaFreeHost(ctx->stage[i]);

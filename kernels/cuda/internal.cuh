@@ -20,7 +20,7 @@
 /* One cached cuBLASLt algorithm: the heuristic's first choice for a problem key. ok == 0 means the
  * heuristic offered nothing for the key (or cuBLASLt refused it), so the op uses cublasGemmEx. */
 typedef struct {
-    int T, C, OC, abtype, epilogue, bias;     /* problem */
+    int T, C, OC, abtype, dtype, epilogue, bias; /* problem */
     int align_a, align_b, align_d, align_bias; /* pointer alignments (bytes, capped at 256) the algorithm was chosen for */
 } blip2_lt_key;
 
@@ -45,7 +45,9 @@ struct blip2_cuda_ctx {
     int lt_next; /* round-robin replacement slot */
     void *act16;  /* device scratch: fp32 activations converted to 16 bits before a 16-bit matmul */
     size_t act16_bytes;
-    unsigned scratch_gen; /* bumped whenever a scratch buffer (act16) moves: graphs recorded before are stale */
+    void *wide; /* device scratch: 16-bit values widened to fp32 (wide_scratch in ops.cu) */
+    size_t wide_bytes;
+    unsigned scratch_gen; /* bumped whenever a scratch buffer (act16, wide) moves: graphs recorded before are stale */
     int capturing;        /* a graph is being recorded on the stream */
     void *stage[2]; /* pinned staging chunks for uploads (allocated on first use) */
     cudaEvent_t stage_ev[2];
@@ -214,10 +216,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 }
 
 /* The encoders' attention of a 16-bit model (wdtype BLIP2_W_F16 or BLIP2_W_BF16, not causal, HS <=
- * ATTN_MMA_MAX_HS) on the tensor cores (attention_mma.cu), with blip2_attention's layouts and result.
+ * ATTN_MMA_MAX_HS) on the tensor cores (attention_mma.cu), with blip2_attention's layouts and result
+ * (q, k, v and out of iodtype: fp32 or wdtype).
  * false, with nothing queued, for a type or head size it does not take; launch errors go to c. */
 constexpr int ATTN_MMA_MAX_HS = 128;
-bool attention_mma(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, int B, int Tq, int Tk,
-                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype);
+bool attention_mma(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, int B, int Tq, int Tk,
+                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype, int iodtype);
 
 #endif

@@ -12,8 +12,10 @@
  * tensor cores or, at T <= gemv_max_t(), in a GEMV kernel
  * that rounds the activations the same way (so a row's products do not depend on its batch's
  * size; BLIP2_GEMV=0 sends those to cuBLASLt too). The _a ops write that rounding where the input
- * is produced (a norm, GELU) and matmul_a takes it as it is: the same numbers, one pass fewer. Row
- * reductions (layernorm, softmax) accumulate in double like the C reference. No fast-math. */
+ * is produced (a norm, GELU, or a matmul with a 16-bit out: cuBLASLt's D in the weights' type,
+ * bias of that type, one rounding after the epilogue) and matmul_a, activate_a and attention take
+ * it as it is: the same numbers, one pass fewer. Row reductions (layernorm, softmax) accumulate in
+ * double like the C reference. No fast-math. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits.h>
@@ -104,36 +106,54 @@ __device__ __forceinline__ void store_act(void *out, int adtype, size_t i, float
 __device__ __forceinline__ float act_of(float v, int act) {
     return act == BLIP2_ACT_GELU ? gelu_erf(v) : act == BLIP2_ACT_RELU ? (v > 0.0f ? v : 0.0f) : v;
 }
-/* out = act(x) of adtype: GELU and the narrowing for the next matmul in one pass (in place when
- * out is x and adtype F32: each element is read before it is written, by the same thread). */
-__global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const float *x, size_t n, int act) {
+/* Element i of x of xdtype (BLIP2_W_*), widened exactly; xdtype is uniform per launch. */
+__device__ __forceinline__ float load_act(const void *x, int xdtype, size_t i) {
+    if (xdtype == BLIP2_W_F32) return ((const float *)x)[i];
+    const unsigned short u = ((const unsigned short *)x)[i];
+    return xdtype == BLIP2_W_F16 ? __half2float(__ushort_as_half(u)) : __uint_as_float((unsigned)u << 16);
+}
+/* out = act(x) of adtype, x of xdtype: GELU and the narrowing for the next matmul in one pass (in
+ * place when out is x and the types are equal: each element is read before it is written, by the
+ * same thread). */
+__global__ void __launch_bounds__(NT) k_activate(void *out, int adtype, const void *x, int xdtype, size_t n, int act) {
     pdl_entry();
-    GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(x[i], act));
+    GRID_STRIDE(i, n) store_act(out, adtype, i, act_of(load_act(x, xdtype, i), act));
 }
 /* Two values rounded as store_act to the 16-bit adtype, packed for one 4-byte store. */
 __device__ __forceinline__ unsigned pack_act2(int adtype, float lo, float hi) {
     return adtype == BLIP2_W_F16 ? pack2<__half>(lo, hi) : pack2<__nv_bfloat16>(lo, hi);
 }
-/* The same, four elements a thread and iteration: one 16-byte load, one 16- or 8-byte store (n a
- * multiple of 4, x and out aligned to that). At vision batch 64 the GELU + narrowing of
+/* Element i of a 4-element group of x (16-byte fp32 or 8-byte 16-bit loads), widened. */
+__device__ __forceinline__ float4 load_act4(const void *x, int xdtype, size_t i) {
+    if (xdtype == BLIP2_W_F32) return reinterpret_cast<const float4 *>(x)[i];
+    const uint2 u = reinterpret_cast<const uint2 *>(x)[i];
+    float4 f;
+    if (xdtype == BLIP2_W_F16) widen2<__half>(u.x, f.x, f.y), widen2<__half>(u.y, f.z, f.w);
+    else widen2<__nv_bfloat16>(u.x, f.x, f.y), widen2<__nv_bfloat16>(u.y, f.z, f.w);
+    return f;
+}
+/* The same, four elements a thread and iteration: one 16- or 8-byte load, one 16- or 8-byte store
+ * (n a multiple of 4, x and out aligned to that). At vision batch 64 the GELU + narrowing of
  * [16 448, 6144] took 0.32 ms a layer (ncu, H100), ~1.7x its bytes at the copy rate. */
-__global__ void __launch_bounds__(NT) k_activate_v4(void *out, int adtype, const float *x, size_t n4, int act) {
+__global__ void __launch_bounds__(NT) k_activate_v4(void *out, int adtype, const void *x, int xdtype, size_t n4,
+                                                    int act) {
     pdl_entry();
     GRID_STRIDE(i, n4) {
-        const float4 v = reinterpret_cast<const float4 *>(x)[i];
+        const float4 v = load_act4(x, xdtype, i);
         const float a = act_of(v.x, act), b = act_of(v.y, act), c = act_of(v.z, act), d = act_of(v.w, act);
         if (adtype == BLIP2_W_F32) reinterpret_cast<float4 *>(out)[i] = make_float4(a, b, c, d);
         else reinterpret_cast<uint2 *>(out)[i] = make_uint2(pack_act2(adtype, a, b), pack_act2(adtype, c, d));
     }
 }
-/* out[t, o] += bias[o] (bias may be NULL), then ReLU if relu: the epilogue when cuBLASLt is not used. */
-__global__ void __launch_bounds__(NT) k_bias_act(float *x, const float *bias, size_t n, int C, int relu) {
+/* out[t, o] += bias[o] (bias may be NULL, else of x's type), then ReLU if relu: the epilogue when
+ * cuBLASLt is not used. */
+__global__ void __launch_bounds__(NT) k_bias_act(void *x, int xdtype, const void *bias, size_t n, int C, int relu) {
     pdl_entry();
     GRID_STRIDE(i, n) {
-        float v = x[i];
-        if (bias) v += bias[i % (size_t)C];
+        float v = load_act(x, xdtype, i);
+        if (bias) v += load_act(bias, xdtype, i % (size_t)C);
         if (relu) v = v > 0.0f ? v : 0.0f;
-        x[i] = v;
+        store_act(x, xdtype, i, v);
     }
 }
 
@@ -602,6 +622,20 @@ __global__ void __launch_bounds__(NT) k_kv_write(KT *kp, KT *vp, const float *k,
     }
 }
 
+/* Fused KV write (blip2_attention_paged with k_new): head h's slice of row `row`'s new key and
+ * value (fp32, row stride q_stride: the qkv matmul's output) into its pool row at position pos,
+ * by threads i0, i0 + step, ... of the block or warp that then attends that row, which is why only
+ * one block (z = 1) may take a sequence's rows: they go in order, each row's keys written before
+ * it reads them. The caller's barrier publishes the writes. Saves the k_kv_write launch (ncu,
+ * H100: 4.7 µs a layer at batch 1, 5.4 at 64). */
+template <typename KT>
+__device__ __forceinline__ void paged_put_new(KT *kp, KT *vp, const float *kn, const float *vn, const int32_t *tbl,
+                                              int BS, int pos, size_t row, int q_stride, int kv_stride, int h, int HS,
+                                              int i0, int step) {
+    const size_t src = row * q_stride + (size_t)h * HS, dst = pool_row(tbl, BS, pos) * kv_stride + (size_t)h * HS;
+    for (int d = i0; d < HS; d += step) kv_store(kp + dst + d, kn[src + d]), kv_store(vp + dst + d, vn[src + d]);
+}
+
 /* The softmax of a row's nk scores sc (lmax: this thread's largest): sc becomes exp(s − max) and
  * the return value is 1 / their sum (accumulated in double). Its barriers publish sc. */
 __device__ __forceinline__ float paged_softmax(float *sc, int nk, float lmax, float *shf, double *shd) {
@@ -624,10 +658,10 @@ __device__ __forceinline__ float paged_softmax(float *sc, int nk, float lmax, fl
  * per warp with their loads in flight together took 57 registers instead of 32, halved the blocks
  * per SM, and the decode batch 256 case went from 0.162 to 0.274 ms. */
 template <typename KT>
-__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, const KT *k_pool,
-                                                        const KT *v_pool, const int32_t *tables, int max_blocks,
-                                                        const int32_t *meta, int BS, int max_ctx, int NH, int HS,
-                                                        int q_stride, int kv_stride, float scale) {
+__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, KT *k_pool, KT *v_pool,
+                                                        const float *kn, const float *vn, const int32_t *tables,
+                                                        int max_blocks, const int32_t *meta, int BS, int max_ctx,
+                                                        int NH, int HS, int q_stride, int kv_stride, float scale) {
     pdl_entry();
     extern __shared__ float sc[];
     __shared__ float qs[PAGED_MAX_HS];
@@ -643,6 +677,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         size_t row = (size_t)(row0 + r);
         float *o = out + row * NH * HS + (size_t)h * HS;
         int nk = past + r + 1;
+        if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, threadIdx.x, NT);
         if (nk < 1 || nk > max_ctx) {
             for (int d = threadIdx.x; d < HS; d += blockDim.x) o[d] = __int_as_float(0x7fc00000);
             continue;
@@ -747,14 +782,19 @@ blip2_lt_entry *lt_algo(blip2_cuda_ctx *c, const blip2_lt_key *key, cublasLtMatm
     return e;
 }
 
-/* out[T, OC] = in[T, C] · w[OC, C]ᵀ (+ bias) (ReLU if relu), A/B of type ab, C/D fp32, fp32 compute.
+/* The BLIP2_W_* type of a cuBLAS data type (fp32, f16, bf16). */
+static int w_of(cudaDataType_t t) { return t == CUDA_R_16F ? BLIP2_W_F16 : t == CUDA_R_16BF ? BLIP2_W_BF16 : BLIP2_W_F32; }
+
+/* out[T, OC] = in[T, C] · w[OC, C]ᵀ (+ bias) (ReLU if relu), A/B of type ab, C/D and the bias of
+ * type dt (fp32, or ab: a 16-bit out), fp32 compute.
  * Column-major: D[OC × T] = op(A)·B with A = w as C × OC (lda C) transposed, B = in as C × T (ldb C). */
-void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaDataType_t ab, const float *bias, int T,
-          int C, int OC, int relu) {
+void gemm(blip2_cuda_ctx *c, void *out, cudaDataType_t dt, const void *w, const void *in, cudaDataType_t ab,
+          const void *bias, int T, int C, int OC, int relu) {
     size_t n_out = (size_t)T * OC;
+    const int od = w_of(dt);
     if (C == 0) { /* no products: out = act(bias or 0) */
-        if (!CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * sizeof(float), c->stream))) return;
-        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, bias, n_out, OC, relu);
+        if (!CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * blip2_wdtype_size(od), c->stream))) return;
+        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, od, bias, n_out, OC, relu);
         LAUNCH_CK(c, "k_bias_act");
         return;
     }
@@ -763,7 +803,7 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
     cublasLtMatmulDesc_t desc = &dop;
     cublasLtMatrixLayoutOpaque_t lao, lbo, ldo;
     cublasLtMatrixLayout_t la = &lao, lb = &lbo, ld = &ldo;
-    int32_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N, bias_type = CUDA_R_32F;
+    int32_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N, bias_type = dt; /* cuBLASLt: a bias of D's type */
     uint32_t epi = bias ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
                         : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
     int ok = CUBLAS_CK(c, cublasLtMatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
@@ -776,11 +816,12 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
                                                          sizeof bias_type));
     ok = ok && CUBLAS_CK(c, cublasLtMatrixLayoutInit(la, ab, (uint64_t)C, (uint64_t)OC, C)) &&
          CUBLAS_CK(c, cublasLtMatrixLayoutInit(lb, ab, (uint64_t)C, (uint64_t)T, C)) &&
-         CUBLAS_CK(c, cublasLtMatrixLayoutInit(ld, CUDA_R_32F, (uint64_t)OC, (uint64_t)T, OC));
+         CUBLAS_CK(c, cublasLtMatrixLayoutInit(ld, dt, (uint64_t)OC, (uint64_t)T, OC));
     if (!ok) return;
     blip2_lt_key key;
     memset(&key, 0, sizeof key);
-    key.T = T, key.C = C, key.OC = OC, key.abtype = (int)ab, key.epilogue = (int)epi, key.bias = bias != NULL;
+    key.T = T, key.C = C, key.OC = OC, key.abtype = (int)ab, key.dtype = (int)dt, key.epilogue = (int)epi;
+    key.bias = bias != NULL;
     key.align_a = align_of(w), key.align_b = align_of(in), key.align_d = align_of(out);
     key.align_bias = bias ? align_of(bias) : 0;
     blip2_lt_entry *e = lt_algo(c, &key, desc, la, lb, ld);
@@ -795,36 +836,44 @@ void gemm(blip2_cuda_ctx *c, float *out, const void *w, const void *in, cudaData
         }
         e->ok = 0; /* refused before launching anything: use the fallback from now on */
     }
+    /* a 16-bit out is rounded here before the bias is added: one more rounding than the epilogue */
     if (!CUBLAS_CK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, T, C, &alpha, w, ab, C, in, ab, C, &beta, out,
-                                   CUDA_R_32F, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
+                                   dt, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
         return;
     if (bias || relu) {
-        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, bias, n_out, OC, relu);
+        launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, od, bias, n_out, OC, relu);
         LAUNCH_CK(c, "k_bias_act");
     }
 }
 
-/* The 16-bit activation scratch, grown on demand. Growing waits for the stream (the old buffer may
- * still be read by queued work); it happens a handful of times per context. */
-void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) {
-    if (bytes <= c->act16_bytes) return c->act16;
+/* A device scratch buffer (*buf, *cap bytes), grown on demand. Growing waits for the stream (the old
+ * buffer may still be read by queued work); it happens a handful of times per context. */
+static void *scratch_grow(blip2_cuda_ctx *c, void **buf, size_t *cap, size_t bytes, const char *what) {
+    if (bytes <= *cap) return *buf;
     size_t want = bytes < ((size_t)1 << 20) ? ((size_t)1 << 20) : bytes + bytes / 4;
     if (c->capturing) { /* a recorded graph must not see the buffer move under it */
-        blip2_cuda_record(c, "matmul_h: the 16-bit scratch must grow to %zu bytes while a graph is recorded", bytes);
+        blip2_cuda_record(c, "%s: its scratch must grow to %zu bytes while a graph is recorded", what, bytes);
         return NULL;
     }
     if (!CUDA_CK(c, cudaStreamSynchronize(c->stream))) return NULL;
-    if (c->act16) cudaFree(c->act16);
-    c->act16 = NULL;
-    c->act16_bytes = 0;
+    if (*buf) cudaFree(*buf);
+    *buf = NULL;
+    *cap = 0;
     c->scratch_gen++;
-    if (!CUDA_CK(c, cudaMalloc(&c->act16, want))) {
-        c->act16 = NULL;
+    if (!CUDA_CK(c, cudaMalloc(buf, want))) {
+        *buf = NULL;
         return NULL;
     }
-    c->act16_bytes = want;
-    return c->act16;
+    *cap = want;
+    return *buf;
 }
+
+/* The 16-bit activation scratch: fp32 inputs narrowed for a 16-bit matmul. */
+void *act16_scratch(blip2_cuda_ctx *c, size_t bytes) { return scratch_grow(c, &c->act16, &c->act16_bytes, bytes, "matmul_h"); }
+
+/* The fp32 scratch: a 16-bit op's values widened for an fp32 path (a GELU out before its rounding,
+ * the fallbacks of 16-bit attention). */
+void *wide_scratch(blip2_cuda_ctx *c, size_t bytes) { return scratch_grow(c, &c->wide, &c->wide_bytes, bytes, "wide"); }
 
 /* ------------------------------------------------------------------------------------------------
  * GEMV: 16-bit-weight matmuls at small T (decode, one row per sequence of a small batch).
@@ -901,8 +950,8 @@ template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void lo
 /* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
  * (blockDim.x / 32)·T·R floats. */
 template <int T, int R>
-__device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, float *__restrict__ out,
-                                            const float *__restrict__ bias, int o0, int OC, int act) {
+__device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, void *__restrict__ out, int odtype,
+                                            const void *__restrict__ bias, int o0, int OC, int act) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int t = 0; t < T; t++)
@@ -918,10 +967,8 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, floa
         if (o < OC) {
             float s = 0.0f;
             for (int k = 0; k < nw; k++) s += red[k * (T * R) + i];
-            if (bias) s += bias[o];
-            if (act == BLIP2_ACT_GELU) s = gelu_erf(s);
-            else if (act == BLIP2_ACT_RELU) s = s > 0.0f ? s : 0.0f;
-            out[(size_t)t * OC + o] = s;
+            if (bias) s += load_act(bias, odtype, o); /* fp32, or 16-bit with a 16-bit out */
+            store_act(out, odtype, (size_t)t * OC + o, act_of(s, act));
         }
     }
 }
@@ -938,8 +985,8 @@ __device__ __forceinline__ void gemv_prefetch(const uint16_t *w, int o0, int R, 
 
 template <int T, typename WT, typename IT, bool VIN>
 __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
-    k_gemv_v8(float *__restrict__ out, const IT *__restrict__ inp, const uint16_t *__restrict__ w,
-              const float *__restrict__ bias, int C, int OC, int act) {
+    k_gemv_v8(void *__restrict__ out, int odtype, const IT *__restrict__ inp, const uint16_t *__restrict__ w,
+              const void *__restrict__ bias, int C, int OC, int act) {
     pdl_trigger();
     gemv_prefetch(w, (int)blockIdx.x * gemv_rows(T), gemv_rows(T), OC, C);
     pdl_wait();
@@ -981,13 +1028,13 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
             }
         }
     }
-    gemv_finish<T, R>(acc, red, out, bias, o0, OC, act);
+    gemv_finish<T, R>(acc, red, out, odtype, bias, o0, OC, act);
 }
 
 template <int T, typename WT>
 __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
-    k_gemv_s(float *__restrict__ out, const float *__restrict__ inp, const uint16_t *__restrict__ w,
-             const float *__restrict__ bias, int C, int OC, int act) {
+    k_gemv_s(void *__restrict__ out, int odtype, const float *__restrict__ inp, const uint16_t *__restrict__ w,
+             const void *__restrict__ bias, int C, int OC, int act) {
     pdl_trigger();
     gemv_prefetch(w, (int)blockIdx.x * gemv_rows(T), gemv_rows(T), OC, C);
     pdl_wait();
@@ -1014,7 +1061,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
             for (int r = 0; r < R; r++) acc[t][r] = fmaf(x, wf[r], acc[t][r]);
         }
     }
-    gemv_finish<T, R>(acc, red, out, bias, o0, OC, act);
+    gemv_finish<T, R>(acc, red, out, odtype, bias, o0, OC, act);
 }
 
 /* Threads per block: of the multiples of 32 up to GEMV_MAX_THREADS, the smallest that covers n
@@ -1060,58 +1107,59 @@ bool gemv16_ok(int T, int C, int wdtype, const void *inp, const void *w) {
 
 /* inp is fp32, or of the weights' type when in16 (then gemv16_ok holds). */
 template <int T, typename WT>
-void gemv_launch(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias,
-                 int C, int OC, int act) {
+void gemv_launch(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool in16, const uint16_t *w,
+                 const void *bias, int C, int OC, int act) {
     constexpr int R = gemv_rows(T);
     const unsigned grid = (unsigned)(((long long)OC + R - 1) / R);
     const float *in32 = (const float *)inp;
     if (C % 8 == 0 && ((uintptr_t)w & 15) == 0) {
         const unsigned bs = gemv_threads(C / 8, GEMV_LOADS / R);
         if (in16)
-            launch(k_gemv_v8<T, WT, WT, true>, grid, bs, 0, c->stream, out, (const WT *)inp, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, WT, true>, grid, bs, 0, c->stream, out, odtype, (const WT *)inp, w, bias, C, OC, act);
         else if (((uintptr_t)inp & 15) == 0)
-            launch(k_gemv_v8<T, WT, float, true>, grid, bs, 0, c->stream, out, in32, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, float, true>, grid, bs, 0, c->stream, out, odtype, in32, w, bias, C, OC, act);
         else
-            launch(k_gemv_v8<T, WT, float, false>, grid, bs, 0, c->stream, out, in32, w, bias, C, OC, act);
+            launch(k_gemv_v8<T, WT, float, false>, grid, bs, 0, c->stream, out, odtype, in32, w, bias, C, OC, act);
     } else {
-        launch(k_gemv_s<T, WT>, grid, gemv_threads(C, 1), 0, c->stream, out, in32, w, bias, C, OC, act);
+        launch(k_gemv_s<T, WT>, grid, gemv_threads(C, 1), 0, c->stream, out, odtype, in32, w, bias, C, OC, act);
     }
     LAUNCH_CK(c, "k_gemv");
 }
 
 template <int T>
-void gemv_launch_wd(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias,
-                    int C, int OC, int wdtype, int act) {
-    if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, inp, in16, w, bias, C, OC, act);
-    else gemv_launch<T, __nv_bfloat16>(c, out, inp, in16, w, bias, C, OC, act);
+void gemv_launch_wd(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool in16, const uint16_t *w,
+                    const void *bias, int C, int OC, int wdtype, int act) {
+    if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, odtype, inp, in16, w, bias, C, OC, act);
+    else gemv_launch<T, __nv_bfloat16>(c, out, odtype, inp, in16, w, bias, C, OC, act);
 }
 
 /* out[T, OC] = act(inp[T, C] · w[OC, C]ᵀ + bias), 16-bit w, for gemv_use shapes; inp fp32, or
- * 16-bit of the weights' type (in16, for gemv16_ok shapes). */
-void gemv(blip2_cuda_ctx *c, float *out, const void *inp, bool in16, const uint16_t *w, const float *bias, int T, int C,
-          int OC, int wdtype, int act) {
+ * 16-bit of the weights' type (in16, for gemv16_ok shapes); out and bias fp32, or both of the
+ * weights' type (odtype). */
+void gemv(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool in16, const uint16_t *w, const void *bias, int T,
+          int C, int OC, int wdtype, int act) {
     static_assert(GEMV_MAX_T == 8, "the switch below covers T = 1 .. 8");
     switch (T) {
-    case 1: gemv_launch_wd<1>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 2: gemv_launch_wd<2>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 3: gemv_launch_wd<3>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 4: gemv_launch_wd<4>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 5: gemv_launch_wd<5>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 6: gemv_launch_wd<6>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 7: gemv_launch_wd<7>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
-    case 8: gemv_launch_wd<8>(c, out, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 1: gemv_launch_wd<1>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 2: gemv_launch_wd<2>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 3: gemv_launch_wd<3>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 4: gemv_launch_wd<4>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 5: gemv_launch_wd<5>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 6: gemv_launch_wd<6>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 7: gemv_launch_wd<7>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
+    case 8: gemv_launch_wd<8>(c, out, odtype, inp, in16, w, bias, C, OC, wdtype, act); break;
     default: blip2_cuda_record(c, "matmul_h: GEMV path called with T %d", T); break;
     }
 }
 
-/* out = act(x) of adtype on the context's stream. */
-void activate(blip2_cuda_ctx *c, void *out, int adtype, const float *x, size_t n, int act) {
+/* out = act(x) of adtype, x of xdtype, on the context's stream. */
+void activate(blip2_cuda_ctx *c, void *out, int adtype, const void *x, int xdtype, size_t n, int act) {
     if (n == 0) return;
-    const uintptr_t out_align = adtype == BLIP2_W_F32 ? 15 : 7;
-    if (n % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)out & out_align) == 0)
-        launch(k_activate_v4, grid_for(n / 4), NT, 0, c->stream, out, adtype, x, n / 4, act);
+    const uintptr_t out_align = adtype == BLIP2_W_F32 ? 15 : 7, in_align = xdtype == BLIP2_W_F32 ? 15 : 7;
+    if (n % 4 == 0 && ((uintptr_t)x & in_align) == 0 && ((uintptr_t)out & out_align) == 0)
+        launch(k_activate_v4, grid_for(n / 4), NT, 0, c->stream, out, adtype, x, xdtype, n / 4, act);
     else
-        launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, n, act);
+        launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, xdtype, n, act);
     LAUNCH_CK(c, "k_activate");
 }
 
@@ -1121,12 +1169,27 @@ bool valid_act(blip2_cuda_ctx *c, const char *op, int act) {
     return false;
 }
 
-/* A 16-bit input (already in the weights' type) through cuBLASLt; ReLU in the epilogue, the exact
- * erf GELU after it (cuBLASLt's GELU epilogue is the tanh approximation). */
-void gemm16(blip2_cuda_ctx *c, float *out, const void *inp16, const uint16_t *weight, const float *bias, int T, int C,
-            int OC, int wdtype, int act) {
-    gemm(c, out, weight, inp16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, act == BLIP2_ACT_RELU);
-    if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, (size_t)T * OC, BLIP2_ACT_GELU);
+/* A 16-bit input (already in the weights' type) through cuBLASLt into out of odtype (fp32 or the
+ * weights' type; bias of odtype); ReLU in the epilogue, the exact erf GELU after it (cuBLASLt's
+ * GELU epilogue is the tanh approximation), on fp32 values: a 16-bit out then goes through the
+ * fp32 scratch, so it is rounded once. */
+void gemm16(blip2_cuda_ctx *c, void *out, int odtype, const void *inp16, const uint16_t *weight, const void *bias, int T,
+            int C, int OC, int wdtype, int act) {
+    const cudaDataType_t ab = wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    const size_t n = (size_t)T * OC;
+    if (act != BLIP2_ACT_GELU) {
+        gemm(c, out, odtype == BLIP2_W_F32 ? CUDA_R_32F : ab, weight, inp16, ab, bias, T, C, OC, act == BLIP2_ACT_RELU);
+        return;
+    }
+    float *y = odtype == BLIP2_W_F32 ? (float *)out : (float *)wide_scratch(c, n * sizeof(float) + sizeof(float) * OC);
+    if (!y) return;
+    const void *b32 = bias;
+    if (bias && odtype != BLIP2_W_F32) { /* the 16-bit bias widened (exactly) after the product rows */
+        activate(c, y + n, BLIP2_W_F32, bias, odtype, (size_t)OC, BLIP2_ACT_NONE);
+        b32 = y + n;
+    }
+    gemm(c, y, CUDA_R_32F, weight, inp16, ab, b32, T, C, OC, 0);
+    activate(c, out, odtype, y, BLIP2_W_F32, n, BLIP2_ACT_GELU);
 }
 
 bool valid_adtype(blip2_cuda_ctx *c, const char *op, int adtype) {
@@ -1182,10 +1245,10 @@ __device__ __forceinline__ float key_dot(const uint4 *kr, const float *qs, int G
     return p;
 }
 template <typename KT>
-__global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, const KT *k_pool,
-                                                          const KT *v_pool, const int32_t *tables, int max_blocks,
-                                                          const int32_t *meta, int BS, int max_ctx, int NH, int HS,
-                                                          int q_stride, int kv_stride, float scale) {
+__global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, KT *k_pool, KT *v_pool,
+                                                          const float *kn, const float *vn, const int32_t *tables,
+                                                          int max_blocks, const int32_t *meta, int BS, int max_ctx,
+                                                          int NH, int HS, int q_stride, int kv_stride, float scale) {
     pdl_entry();
     constexpr int VN = kv_vec<KT>::n;
     extern __shared__ float sc[];
@@ -1202,6 +1265,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
         const size_t row = (size_t)(row0 + r);
         float *o = out + row * NH * HS + (size_t)h * HS;
         const int nk = past + r + 1;
+        if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, tid, NT);
         if (nk < 1 || nk > max_ctx) {
             for (int d = tid; d < HS; d += NT) o[d] = __int_as_float(0x7fc00000);
             continue;
@@ -1258,11 +1322,11 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
 constexpr int PW_WARPS = 8, PW_KL = 6, PW_VL = 4; /* heads per block; K and V loads in flight per lane */
 constexpr long long PW_MIN_WARPS = 4096;           /* (head, sequence) pairs for this kernel: ~32 warps an SM */
 template <typename KT>
-__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float *out, const float *q, const KT *k_pool,
-                                                                    const KT *v_pool, const int32_t *tables,
-                                                                    int max_blocks, const int32_t *meta, int BS,
-                                                                    int max_ctx, int NH, int HS, int q_stride,
-                                                                    int kv_stride, float scale) {
+__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float *out, const float *q, KT *k_pool,
+                                                                    KT *v_pool, const float *kn, const float *vn,
+                                                                    const int32_t *tables, int max_blocks,
+                                                                    const int32_t *meta, int BS, int max_ctx, int NH,
+                                                                    int HS, int q_stride, int kv_stride, float scale) {
     pdl_entry();
     constexpr int VN = kv_vec<KT>::n;
     static_assert(VN == 8, "16-bit caches: G = HS/8 <= 16 column groups, so at least two key groups");
@@ -1279,6 +1343,7 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float 
         const size_t row = (size_t)(row0 + r);
         float *o = out + row * NH * HS + (size_t)h * HS;
         const int nk = past + r + 1;
+        if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, lane, 32);
         if (nk < 1 || nk > max_ctx) {
             for (int d = lane; d < HS; d += 32) o[d] = __int_as_float(0x7fc00000);
             continue;
@@ -1348,44 +1413,48 @@ namespace cuda {
 void blip2_matmul(float *out, const float *inp, const float *weight, const float *bias, int T, int C, int OC) {
     blip2_cuda_ctx *c = cur("matmul");
     if (!c || T <= 0 || OC <= 0) return;
-    gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, 0);
+    gemm(c, out, CUDA_R_32F, weight, inp, CUDA_R_32F, bias, T, C, OC, 0);
+}
+
+/* out (of odtype: fp32, or the 16-bit wdtype) = act(inp · weightᵀ + bias) for fp32 inp. */
+static void matmul_f32_in(blip2_cuda_ctx *c, void *out, int odtype, const float *inp, const uint16_t *weight,
+                          const void *bias, int T, int C, int OC, int wdtype, int act) {
+    if (wdtype != BLIP2_W_F32 && gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
+        gemv(c, out, odtype, inp, false, weight, bias, T, C, OC, wdtype, act);
+    } else if (wdtype == BLIP2_W_F32) {
+        gemm(c, out, CUDA_R_32F, weight, inp, CUDA_R_32F, bias, T, C, OC, act == BLIP2_ACT_RELU);
+        if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, BLIP2_W_F32, (size_t)T * OC, BLIP2_ACT_GELU);
+    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) { /* narrowed to the weights' type first */
+        size_t n_in = (size_t)T * C;
+        void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
+        if (!a16) return;
+        activate(c, a16, wdtype, inp, BLIP2_W_F32, n_in, BLIP2_ACT_NONE);
+        gemm16(c, out, odtype, a16, weight, bias, T, C, OC, wdtype, act);
+    } else {
+        blip2_cuda_record(c, "matmul_h: unknown weight type %d", wdtype);
+    }
 }
 
 void blip2_matmul_h(float *out, const float *inp, const uint16_t *weight, const float *bias, int T, int C, int OC,
                     int wdtype, int act) {
     blip2_cuda_ctx *c = cur("matmul_h");
     if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_h", act)) return;
-    if (wdtype != BLIP2_W_F32 && gemv_use(T, C, wdtype)) { /* small T: hand-written GEMV, bias and act fused */
-        gemv(c, out, inp, false, weight, bias, T, C, OC, wdtype, act);
-    } else if (wdtype == BLIP2_W_F32) {
-        gemm(c, out, weight, inp, CUDA_R_32F, bias, T, C, OC, act == BLIP2_ACT_RELU);
-        if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, (size_t)T * OC, BLIP2_ACT_GELU);
-    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) { /* narrowed to the weights' type first */
-        size_t n_in = (size_t)T * C;
-        void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
-        if (!a16) return;
-        activate(c, a16, wdtype, inp, n_in, BLIP2_ACT_NONE);
-        gemm16(c, out, a16, weight, bias, T, C, OC, wdtype, act);
-    } else {
-        blip2_cuda_record(c, "matmul_h: unknown weight type %d", wdtype);
-    }
+    matmul_f32_in(c, out, BLIP2_W_F32, inp, weight, bias, T, C, OC, wdtype, act);
 }
 
-void blip2_matmul_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC, int adtype,
-                    int wdtype, int act) {
-    if (adtype == BLIP2_W_F32) { /* matmul_h makes its own checks */
-        cuda::blip2_matmul_h(out, (const float *)inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
-        return;
-    }
+void blip2_matmul_a(void *out, const void *inp, const void *weight, const void *bias, int T, int C, int OC, int adtype,
+                    int wdtype, int act, int odtype) {
     blip2_cuda_ctx *c = cur("matmul_a");
     if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_a", act)) return;
-    if (adtype == wdtype && (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16)) {
-        if (gemv16_ok(T, C, wdtype, inp, weight))
-            gemv(c, out, inp, true, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
-        else
-            gemm16(c, out, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+    const bool w16 = wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16;
+    if ((adtype != BLIP2_W_F32 && (adtype != wdtype || !w16)) || (odtype != BLIP2_W_F32 && (odtype != wdtype || !w16))) {
+        blip2_cuda_record(c, "matmul_a: %d-type inputs and %d-type outputs with %d-type weights", adtype, odtype, wdtype);
+    } else if (adtype == BLIP2_W_F32) {
+        matmul_f32_in(c, out, odtype, (const float *)inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
+    } else if (gemv16_ok(T, C, wdtype, inp, weight)) {
+        gemv(c, out, odtype, inp, true, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
     } else {
-        blip2_cuda_record(c, "matmul_a: %d-type inputs with %d-type weights", adtype, wdtype);
+        gemm16(c, out, odtype, inp, (const uint16_t *)weight, bias, T, C, OC, wdtype, act);
     }
 }
 
@@ -1423,10 +1492,12 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
     cuda::blip2_residual_layernorm_a(res, out, y, bias, w, b, T, C, eps, BLIP2_W_F32);
 }
 
-void blip2_activate_a(void *out, const float *x, size_t n, int act, int adtype) {
+void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype) {
     blip2_cuda_ctx *c = cur("activate");
-    if (!c || !valid_act(c, "activate", act) || !valid_adtype(c, "activate", adtype)) return;
-    activate(c, out, adtype, x, n, act);
+    if (!c || !valid_act(c, "activate", act) || !valid_adtype(c, "activate", adtype) ||
+        !valid_adtype(c, "activate", xdtype))
+        return;
+    activate(c, out, adtype, x, xdtype, n, act);
 }
 
 void blip2_residual_add(float *x, const float *y, size_t n) {
@@ -1438,12 +1509,12 @@ void blip2_residual_add(float *x, const float *y, size_t n) {
 
 void blip2_gelu(float *x, size_t n) {
     blip2_cuda_ctx *c = cur("gelu");
-    if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_GELU);
+    if (c) activate(c, x, BLIP2_W_F32, x, BLIP2_W_F32, n, BLIP2_ACT_GELU);
 }
 
 void blip2_relu(float *x, size_t n) {
     blip2_cuda_ctx *c = cur("relu");
-    if (c) activate(c, x, BLIP2_W_F32, x, n, BLIP2_ACT_RELU);
+    if (c) activate(c, x, BLIP2_W_F32, x, BLIP2_W_F32, n, BLIP2_ACT_RELU);
 }
 
 /* Softmax of `rows` score rows [rows, ld] of Tk keys (row n·Tq + i is query i): a warp per row
@@ -1494,17 +1565,49 @@ struct attn_half {
     const float *k, *v; /* the first key/value row of this part (the head's column offset included) */
     int keys, col;      /* keys in the part, its first column in the score rows */
 };
-void blip2_attention(float *out, const float *q, const float *k, const float *v, float *scratch, int B, int Tq, int Tk,
-                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype) {
+static void attention_f32(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, float *scratch,
+                          int B, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal,
+                          int wdtype);
+
+/* 16-bit q, k, v for a path that reads fp32 (causal, HS above the mma kernel's, BLIP2_MMA_ATTN=0):
+ * widened into the fp32 scratch, attended there, out narrowed. Not the encoders' path on a device. */
+static void attention_widened(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, float *scratch,
+                              int B, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal,
+                              int wdtype, int iodtype) {
+    const size_t nq = (size_t)(B * Tq - 1) * q_stride + (size_t)NH * HS; /* up to the last row's last head */
+    const size_t nkv = (size_t)(B * Tk - 1) * kv_stride + (size_t)NH * HS, no = (size_t)B * Tq * NH * HS;
+    float *w = (float *)wide_scratch(c, sizeof(float) * (nq + 2 * nkv + no));
+    if (!w) return;
+    float *qf = w, *kf = qf + nq, *vf = kf + nkv, *of = vf + nkv;
+    activate(c, qf, BLIP2_W_F32, q, iodtype, nq, BLIP2_ACT_NONE);
+    activate(c, kf, BLIP2_W_F32, k, iodtype, nkv, BLIP2_ACT_NONE);
+    activate(c, vf, BLIP2_W_F32, v, iodtype, nkv, BLIP2_ACT_NONE);
+    attention_f32(c, of, qf, kf, vf, scratch, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal, wdtype);
+    activate(c, out, iodtype, of, BLIP2_W_F32, no, BLIP2_ACT_NONE);
+}
+
+void blip2_attention(void *out, const void *q, const void *k, const void *v, float *scratch, int B, int Tq, int Tk,
+                     int NH, int HS, int q_stride, int kv_stride, float scale, int causal, int wdtype, int iodtype) {
     blip2_cuda_ctx *c = cur("attention");
-    if (!c || B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0) return;
+    if (!c || B <= 0 || Tq <= 0 || NH <= 0 || HS <= 0 || !valid_adtype(c, "attention", iodtype)) return;
     if (Tk <= 0) {
-        CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * sizeof(float), c->stream));
+        CUDA_CK(c, cudaMemsetAsync(out, 0, (size_t)B * Tq * NH * HS * blip2_wdtype_size(iodtype), c->stream));
         return;
     }
     if (!causal && mma_attention_enabled() &&
-        attention_mma(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype))
+        attention_mma(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype, iodtype))
         return; /* a 16-bit model's encoders; each block's sums are the same in any batch (batch-invariant) */
+    if (iodtype != BLIP2_W_F32)
+        attention_widened(c, out, q, k, v, scratch, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal, wdtype, iodtype);
+    else
+        attention_f32(c, (float *)out, (const float *)q, (const float *)k, (const float *)v, scratch, B, Tq, Tk, NH, HS,
+                      q_stride, kv_stride, scale, causal, wdtype);
+}
+
+/* The strided-batched products (fp32 q, k, v, out). */
+static void attention_f32(blip2_cuda_ctx *c, float *out, const float *q, const float *k, const float *v, float *scratch,
+                          int B, int Tq, int Tk, int NH, int HS, int q_stride, int kv_stride, float scale, int causal,
+                          int wdtype) {
     /* Per outer step: the two products (each in up to two parts) and a softmax per image (batched
      * over its heads) or per head (batched over the images), whichever loop is shorter. A 16-bit
      * model runs the products on TF32 tensor cores (at vision batch 64 they are ~1 TFLOP: fp32
@@ -1580,10 +1683,12 @@ unsigned paged_rows_z(long long xy, int max_ctx) {
     return (unsigned)(z < 1 ? 1 : z);
 }
 
+/* kn, vn: the fused KV write (NULL: none); then one block or warp takes all rows of a (head,
+ * sequence), z = 1. */
 template <typename KT>
-void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void *k_pool, const void *v_pool,
-                       const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
-                       int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
+void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, void *k_pool, void *v_pool, const float *kn,
+                       const float *vn, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
+                       int block_size, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
     constexpr int VN = kv_vec<KT>::n;
     const bool vec = HS % VN == 0 && kv_stride % VN == 0 && (((uintptr_t)k_pool | (uintptr_t)v_pool) & 15) == 0 &&
                      paged_vec_enabled();
@@ -1593,9 +1698,9 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
          * 256 sequences (decode step 6.87 vs 7.43 ms). */
         if (vec && paged_online_enabled() && (long long)NH * n_seqs >= paged_online_min()) {
             const unsigned x = (unsigned)((NH + PW_WARPS - 1) / PW_WARPS);
-            dim3 grid(x, (unsigned)n_seqs, paged_rows_z((long long)x * n_seqs, max_ctx));
-            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, q, (const KT *)k_pool,
-                   (const KT *)v_pool, tables, max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
+            dim3 grid(x, (unsigned)n_seqs, kn ? 1u : paged_rows_z((long long)x * n_seqs, max_ctx));
+            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, q, (KT *)k_pool, (KT *)v_pool,
+                   kn, vn, tables, max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
             LAUNCH_CK(c, "k_attention_paged_online");
             return;
         }
@@ -1603,15 +1708,26 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, const void
     auto *kernel = vec ? k_attention_paged_v<KT> : k_attention_paged<KT>;
     size_t smem = paged_smem(c, kernel, max_ctx);
     if (!smem) return;
-    dim3 grid((unsigned)NH, (unsigned)n_seqs, paged_rows_z((long long)NH * n_seqs, max_ctx));
-    launch(kernel, grid, NT, smem, c->stream, out, q, (const KT *)k_pool, (const KT *)v_pool, tables, max_blocks, meta,
+    dim3 grid((unsigned)NH, (unsigned)n_seqs, kn ? 1u : paged_rows_z((long long)NH * n_seqs, max_ctx));
+    launch(kernel, grid, NT, smem, c->stream, out, q, (KT *)k_pool, (KT *)v_pool, kn, vn, tables, max_blocks, meta,
            block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     LAUNCH_CK(c, "k_attention_paged(_v)");
 }
 
-void blip2_attention_paged(float *out, const float *q, const void *k_pool, const void *v_pool, int kvdtype,
-                           const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size,
-                           float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C);
+
+/* BLIP2_FUSED_KV=0: the new keys and values through k_kv_write first, as before the fusion (for
+ * comparing them). */
+bool fused_kv_enabled() {
+    static const bool on = env_switch("BLIP2_FUSED_KV", true);
+    return on;
+}
+
+void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+                           const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
+                           int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
+                           float scale) {
     (void)scratch; /* the scores live in shared memory */
     blip2_cuda_ctx *c = cur("attention_paged");
     if (!c || n_seqs <= 0 || NH <= 0 || HS <= 0) return;
@@ -1620,15 +1736,20 @@ void blip2_attention_paged(float *out, const float *q, const void *k_pool, const
                           block_size, max_ctx, PAGED_MAX_HS);
         return;
     }
+    if (k_new && !fused_kv_enabled() && kv_stride == NH * HS) { /* kv_write's rows are as wide as they are apart */
+        cuda::blip2_kv_write(k_pool, v_pool, kvdtype, k_new, v_new, q_stride, tables, max_blocks, meta, n_seqs,
+                             block_size, NH * HS);
+        k_new = v_new = NULL;
+    }
     if (kvdtype == BLIP2_W_F32)
-        attention_paged_t<float>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size, max_ctx, NH,
-                                 HS, q_stride, kv_stride, scale);
+        attention_paged_t<float>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
+                                 max_ctx, NH, HS, q_stride, kv_stride, scale);
     else if (kvdtype == BLIP2_W_F16)
-        attention_paged_t<__half>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size, max_ctx, NH,
-                                  HS, q_stride, kv_stride, scale);
+        attention_paged_t<__half>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
+                                  max_ctx, NH, HS, q_stride, kv_stride, scale);
     else if (kvdtype == BLIP2_W_BF16)
-        attention_paged_t<__nv_bfloat16>(c, out, q, k_pool, v_pool, tables, max_blocks, meta, n_seqs, block_size,
-                                         max_ctx, NH, HS, q_stride, kv_stride, scale);
+        attention_paged_t<__nv_bfloat16>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs,
+                                         block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     else
         blip2_cuda_record(c, "attention_paged: unknown KV type %d", kvdtype);
 }

@@ -77,10 +77,12 @@ int64_t elem_size(cudaDataType t) {
     return t == CUDA_R_32F ? 4 : (t == CUDA_R_16F || t == CUDA_R_16BF) ? 2 : 0;
 }
 
-/* A/B of type ab, C/D of type cd, fp32 compute: what the fake (and cuBLAS, for these) supports. */
+/* A/B of type ab, C/D of type cd (fp32, or ab when 16-bit), fp32 compute: what the fake (and
+ * cuBLAS, for these) supports. */
 bool supported(cudaDataType ab, cudaDataType cd, cublasComputeType_t ct) {
     bool f32 = ct == CUBLAS_COMPUTE_32F || ct == CUBLAS_COMPUTE_32F_PEDANTIC;
-    return cd == CUDA_R_32F && elem_size(ab) && (f32 || (ct == CUBLAS_COMPUTE_32F_FAST_TF32 && ab == CUDA_R_32F));
+    bool cd_ok = cd == CUDA_R_32F || (cd == ab && elem_size(ab) == 2);
+    return cd_ok && elem_size(ab) && (f32 || (ct == CUBLAS_COMPUTE_32F_FAST_TF32 && ab == CUDA_R_32F));
 }
 
 bool op_ok(int32_t op) { return op == CUBLAS_OP_N || op == CUBLAS_OP_T || op == CUBLAS_OP_C; }
@@ -98,6 +100,38 @@ float half_to_float(uint16_t h) {
 }
 
 float bf16_to_float(uint16_t h) { return from_bits((uint32_t)h << 16); }
+
+/* fp32 to bf16 / half, rounded to nearest even (NaN stays NaN), as cuBLAS writes a 16-bit D. */
+uint16_t float_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+uint16_t float_to_half(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+    if (a < 0x38800000u) { /* subnormal or zero: a multiple of 2^-24, rounded to nearest even */
+        float f = std::fabs(x) * 16777216.0f; /* exact: a power of two */
+        return (uint16_t)(sign | (uint32_t)std::nearbyint(f));
+    }
+    uint32_t r = a + 0xfffu + ((a >> 13) & 1); /* round the 13 dropped bits to nearest even */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+/* Element i of a typed array as float; v stored into it (rounded when 16-bit). */
+float load_as_float(const void *p, cudaDataType t, int64_t i) {
+    if (t == CUDA_R_32F) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return t == CUDA_R_16F ? half_to_float(h) : bf16_to_float(h);
+}
+void store_from_float(void *p, cudaDataType t, int64_t i, float v) {
+    if (t == CUDA_R_32F) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = t == CUDA_R_16F ? float_to_half(v) : float_to_bf16(v);
+}
 
 /* fp32 rounded to TF32 (10 mantissa bits, nearest even), as the tensor cores read it. */
 float to_tf32(float x) {
@@ -139,7 +173,7 @@ struct job {
     bool ta, tb, tf32, relu;
     int64_t m, n, k, batch;
     float alpha, beta;
-    const float *bias; /* per row of D, or NULL */
+    const void *bias; /* per row of D (of D's type), or NULL */
 };
 
 /* Matrix z of the batch x as packed doubles (rows × cols, leading dimension rows). */
@@ -174,15 +208,14 @@ void run(const job &g) {
                         (blasint)g.n, (blasint)g.k, 1.0, a.get(), (blasint)std::max<int64_t>(1, g.a.rows), b.get(),
                         (blasint)std::max<int64_t>(1, g.b.rows), 0.0, t.get(), (blasint)g.m);
         }
-        const float *c = g.beta != 0.0f ? (const float *)g.c.p + z * g.c.stride : nullptr;
-        float *d = (float *)g.d.p + z * g.d.stride;
+        const bool c = g.beta != 0.0f;
         for (int64_t j = 0; j < g.n; j++)
             for (int64_t i = 0; i < g.m; i++) {
                 float v = g.alpha * (float)t[i + j * g.m];
-                if (c) v += g.beta * c[i + j * g.c.ld];
-                if (g.bias) v += g.bias[i];
+                if (c) v += g.beta * load_as_float(g.c.p, g.c.type, z * g.c.stride + i + j * g.c.ld);
+                if (g.bias) v += load_as_float(g.bias, g.d.type, i);
                 if (g.relu) v = std::fmax(v, 0.0f);
-                d[i + j * g.d.ld] = v;
+                store_from_float((void *)g.d.p, g.d.type, z * g.d.stride + i + j * g.d.ld, v);
             }
     }
 }
@@ -311,7 +344,7 @@ cublasStatus_t lt_check(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, cublasLtM
     uint32_t epi = p->d.epilogue;
     bool epi_ok = epi == CUBLASLT_EPILOGUE_DEFAULT || epi == CUBLASLT_EPILOGUE_RELU || has_bias(epi);
     if (p->a.type != p->b.type || p->c.type != p->dd.type || p->d.scale != CUDA_R_32F ||
-        !supported(p->a.type, p->dd.type, p->d.compute) || !epi_ok || (has_bias(epi) && p->d.bias_type != CUDA_R_32F))
+        !supported(p->a.type, p->dd.type, p->d.compute) || !epi_ok || (has_bias(epi) && p->d.bias_type != p->dd.type))
         return CUBLAS_STATUS_NOT_SUPPORTED;
     if (!layout_ok(p->a) || !layout_ok(p->b) || !layout_ok(p->c) || !layout_ok(p->dd))
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -566,9 +599,9 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t
     g.m = p.m, g.n = p.n, g.k = p.k, g.batch = 1;
     g.tf32 = p.d.compute == CUBLAS_COMPUTE_32F_FAST_TF32;
     g.relu = p.d.epilogue == CUBLASLT_EPILOGUE_RELU || p.d.epilogue == CUBLASLT_EPILOGUE_RELU_BIAS;
-    g.bias = has_bias(p.d.epilogue) ? (const float *)p.d.bias : nullptr;
+    g.bias = has_bias(p.d.epilogue) ? p.d.bias : nullptr; /* of D's type (lt_check) */
     if (g.m == 0 || g.n == 0) return CUBLAS_STATUS_SUCCESS;
-    mat bias{p.d.bias, CUDA_R_32F, g.m, 1, g.m, 0};
+    mat bias{p.d.bias, p.dd.type, g.m, 1, g.m, 0};
     if (!in_device(fn, "A", g.a, 1) || !in_device(fn, "B", g.b, 1) || (g.beta != 0.0f && !in_device(fn, "C", g.c, 1)) ||
         !in_device(fn, "D", g.d, 1) || (has_bias(p.d.epilogue) && !in_device(fn, "bias", bias, 1)))
         return CUBLAS_STATUS_INVALID_VALUE;
