@@ -12,7 +12,8 @@
 # at 64 images (ncu_summary.py); the op perf tables (GEMV bandwidth at T=1, the paged attention at
 # decode batch 256, the encoders' attention both ways). Side by side with their switches off: the
 # mma encoder attention (ours_products), the block-per-row paged attention (ours_paged_v,
-# ops_perf_paged_v) and programmatic dependent launch (ours_nopdl); RESULTS.md lists what each
+# ops_perf_paged_v), programmatic dependent launch (ours_nopdl), the 16-bit matmul outputs
+# (ours_out16off) and the fused KV write (ours_kvwrite); RESULTS.md lists what each
 # of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
@@ -44,6 +45,12 @@ bench_step() {
   echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
 }
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
+# The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
+# (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
+bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
+# Decode with the new keys and values written by k_kv_write before the attention (BLIP2_FUSED_KV=0)
+# instead of by the attention kernel itself.
+bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 --images none --steps 32 --json
 # Vision + Q-Former with the encoders' attention on the TF32 products next to ours.json's (the mma kernel).
 bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
