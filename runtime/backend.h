@@ -12,16 +12,30 @@
  * the bytes); on the CPU reference fp32, as it keeps activations exact. */
 static inline int blip2_adtype(const blip2_model *m) { return m->ops->device ? m->wdtype : BLIP2_W_F32; }
 
-/* The element type of the outputs of the matmuls whose only readers take 16 bits (vision qkv and
- * fc1, OPT fc1): the activation type, or fp32 with BLIP2_OUT16=0 (the earlier path, for comparing
- * them in one benchmark run). */
+/* Whether environment variable name is set to exactly "1" (on = 1) or "0" (on = 0). */
+static inline int blip2_env_is(const char *name, int on) {
+    const char *e = getenv(name);
+    return e && e[0] == (on ? '1' : '0') && !e[1];
+}
+
+/* The element type of the outputs of the matmuls whose only readers take 16 bits (vision fc1 for
+ * GELU, OPT fc1 for fc2): the activation type, or fp32 with BLIP2_OUT16=0 (the earlier path, for
+ * comparing them in one benchmark run). */
 static inline int blip2_out16_type(const blip2_model *m) {
     static int off = -1;
-    if (off < 0) {
-        const char *e = getenv("BLIP2_OUT16");
-        off = e && e[0] == '0' && !e[1];
-    }
+    if (off < 0) off = blip2_env_is("BLIP2_OUT16", 0);
     return off ? BLIP2_W_F32 : blip2_adtype(m);
+}
+
+/* The same for the vision qkv output, which the encoder attention reads: fp32 unless
+ * BLIP2_QKV16=1. Run 8 (H100, ncu, 64 images): the mma attention kernel took 0.67 ms a layer
+ * reading 16-bit q, k, v against 0.39 reading fp32 (it widens and re-narrows them on the way to
+ * shared memory; issue-bound, so half the bytes bought nothing), which cancelled the rest of the
+ * 16-bit path's gain (vision 99.9 vs 99.3 ms). */
+static inline int blip2_qkv16_type(const blip2_model *m) {
+    static int on = -1;
+    if (on < 0) on = blip2_env_is("BLIP2_QKV16", 1);
+    return on ? blip2_out16_type(m) : BLIP2_W_F32;
 }
 
 /* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type), w in the

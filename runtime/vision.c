@@ -21,26 +21,27 @@ static void vision_embed(const blip2_model *m, int B, blip2_encoder_ws *ws) {
 
 /* One pre-LN layer over all B·T rows; attention batched over the images. On entry ws->h holds
  * LN1(x); the last residual add is fused with the next norm: the next layer's LN1 into h, or
- * after the last layer post_layernorm into ws->image. Activations a matmul or attention reads
- * (h: the norms, GELU; qkv, ctx, the fc1 output) are in the model's activation type
- * (blip2_adtype): on a device 16-bit, written once, where fp32 made attention read twice the
- * bytes and a pass narrow them again (ncu, H100, 64 images: attention 15 ms, GELU 5 ms of a
- * 97 ms encoder). The residual stream x and the row-parallel outputs a stay fp32. */
+ * after the last layer post_layernorm into ws->image. Activations a matmul reads (h: the norms,
+ * GELU) and the fc1 output GELU reads are in the model's activation type (blip2_adtype): on a
+ * device 16-bit, written once (run 8, H100, 64 images: GELU 0.20 ms a layer reading 16 bits,
+ * 0.32 reading fp32). qkv and ctx stay fp32 unless BLIP2_QKV16=1 (backend.h: the attention kernel
+ * is slower on 16-bit inputs for now); the residual stream x and the row outputs a stay fp32. */
 static void vision_layer_forward(const blip2_model *m, int l, int B, blip2_encoder_ws *ws) {
     const blip2_vision_config *c = &m->cfg.vision;
     const blip2_vision_layer *L = &m->vision.layers[l];
     const blip2_ops *o = m->ops;
-    int BT = B * c->T, C = c->C, ad = blip2_adtype(m), od = blip2_out16_type(m), o16 = od != BLIP2_W_F32;
-    size_t es = blip2_wdtype_size(od);
+    int BT = B * c->T, C = c->C, ad = blip2_adtype(m), qd = blip2_qkv16_type(m), od = blip2_out16_type(m);
+    size_t es = blip2_wdtype_size(qd);
     float scale = 1.0f / sqrtf((float)c->HS); /* HF: scores · head_dim^-0.5 */
     char *qkv = (char *)ws->qkv;
-    blip2_mm_ao(m, qkv, od, ws->h, ad, L->qkv_w, o16 ? L->qkv_b16 : (const void *)L->qkv_b, BT, C, 3 * C, BLIP2_ACT_NONE);
-    o->attention(ws->ctx, qkv, qkv + C * es, qkv + 2 * C * es, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
-                 scale, 0, m->wdtype, od);
-    blip2_mm_a(m, ws->a, ws->ctx, od, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
-    o->residual_layernorm_a(ws->x, ws->h, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps, ad); /* x += a; h = LN2(x) */
-    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, o16 ? L->fc1_b16 : (const void *)L->fc1_b, BT, C, c->mlp,
+    blip2_mm_ao(m, qkv, qd, ws->h, ad, L->qkv_w, qd != BLIP2_W_F32 ? L->qkv_b16 : (const void *)L->qkv_b, BT, C, 3 * C,
                 BLIP2_ACT_NONE);
+    o->attention(ws->ctx, qkv, qkv + C * es, qkv + 2 * C * es, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
+                 scale, 0, m->wdtype, qd);
+    blip2_mm_a(m, ws->a, ws->ctx, qd, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
+    o->residual_layernorm_a(ws->x, ws->h, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps, ad); /* x += a; h = LN2(x) */
+    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, od != BLIP2_W_F32 ? L->fc1_b16 : (const void *)L->fc1_b, BT, C,
+                c->mlp, BLIP2_ACT_NONE);
     o->activate_a(ws->h, ws->mlp, (size_t)BT * c->mlp, BLIP2_ACT_GELU, ad, od);
     blip2_mm_a(m, ws->a, ws->h, ad, L->fc2_w, L->fc2_b, BT, c->mlp, C, BLIP2_ACT_NONE);
     if (l + 1 < c->layers) { /* x += a; h = the next LN1(x) */

@@ -48,6 +48,9 @@ bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --e
 # The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
 # (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
 bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
+# Vision with 16-bit q, k, v into the mma attention (BLIP2_QKV16=1; run 8: its kernel 0.67 against
+# 0.39 ms a layer on fp32 ones, so the default keeps them fp32).
+bench_step ours_qkv16 45 env BLIP2_QKV16=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode with the new keys and values written by k_kv_write before the attention (BLIP2_FUSED_KV=0)
 # instead of by the attention kernel itself.
 bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 --images none --steps 32 --json
