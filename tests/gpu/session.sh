@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call for all of the GPU work: tests/gpu/run.sh, then bench/gpu/run.sh, within a budget
-# of BUDGET_S seconds (default 300; the tests get until 45 % of it, steps that would start too late
+# of BUDGET_S seconds (default 300; the tests get until 50 % of it, steps that would start too late
 # are skipped), everything packed into $OUT/gpu.tgz (the device tool brings back only a few files
 # per call) and the two summaries printed. After tests/gpu/prepare.sh here, with ".gpu" carried:
 #   bash tests/gpu/session.sh [BUDGET_S]
@@ -11,7 +11,7 @@ final=${OUT:-$PWD/.gpu/out}
 OUT=$(mktemp -d /tmp/blip2-gpu.XXXXXX)
 export OUT
 t0=$(date +%s)
-BLIP2_GPU_DEADLINE=$((t0 + budget * 45 / 100)) bash tests/gpu/run.sh >"$OUT/tests.txt" 2>&1
+BLIP2_GPU_DEADLINE=$((t0 + budget * 50 / 100)) bash tests/gpu/run.sh >"$OUT/tests.txt" 2>&1
 BLIP2_GPU_DEADLINE=$((t0 + budget)) bash bench/gpu/run.sh >"$OUT/bench.txt" 2>&1
 mkdir -p "$final"
 tar czf "$final/gpu.tgz" -C "$OUT" .
