@@ -356,16 +356,21 @@ static void setup_matmul(op_ctx *x) {
 /* Every row, cheaply (Freivalds): for random r [OC], out·r must equal inp·(Wᵀr) + b·r. A single
  * element off by more than ~1e-5·√(T·OC) of the typical output moves this past the bound, so it
  * covers the rows the sampled reference skips at O(T·OC + OC·C + T·C) cost. */
-static void projection_check(op_ctx *x, const float *I, const float *W, const float *B, const float *O, int T, int C,
-                             int OC, double tol) {
-    double *r = xmalloc(sizeof(double) * OC), *u = calloc((size_t)C ? (size_t)C : 1, sizeof(double)), br = 0, num = 0,
-           den = 0;
+/* The check's random r [OC], u = Wᵀr [C] and b·r (both checks below). */
+static double freivalds_vectors(op_ctx *x, const float *W, const float *B, int C, int OC, double **r, double **u) {
+    double br = 0;
+    *r = xmalloc(sizeof(double) * OC), *u = calloc((size_t)C ? (size_t)C : 1, sizeof(double));
     uint64_t s = x->rng ^ 0x5eedu;
     for (int o = 0; o < OC; o++) {
-        r[o] = rng_normal(&s);
-        if (B) br += B[o] * r[o];
-        for (int c = 0; c < C; c++) u[c] += W[(size_t)o * C + c] * r[o];
+        (*r)[o] = rng_normal(&s);
+        if (B) br += B[o] * (*r)[o];
+        for (int c = 0; c < C; c++) (*u)[c] += W[(size_t)o * C + c] * (*r)[o];
     }
+    return br;
+}
+static void projection_check(op_ctx *x, const float *I, const float *W, const float *B, const float *O, int T, int C,
+                             int OC, double tol) {
+    double *r, *u, num = 0, den = 0, br = freivalds_vectors(x, W, B, C, OC, &r, &u);
     for (int t = 0; t < T; t++) {
         double y = 0, z = br;
         for (int o = 0; o < OC; o++) y += O[(size_t)t * OC + o] * r[o];
@@ -525,14 +530,8 @@ static double ulp16(float v, int wdtype) {
  * some hundred σ. */
 static void projection_check16(op_ctx *x, const float *I, const float *W, const float *B, int ob, int od, int T, int C,
                                int OC, double tol) {
-    double *r = xmalloc(sizeof(double) * OC), *u = calloc((size_t)C ? (size_t)C : 1, sizeof(double)), br = 0, worst = 0;
+    double *r, *u, worst = 0, br = freivalds_vectors(x, W, B, C, OC, &r, &u);
     int worst_t = 0;
-    uint64_t s = x->rng ^ 0x5eedu;
-    for (int o = 0; o < OC; o++) {
-        r[o] = rng_normal(&s);
-        if (B) br += B[o] * r[o];
-        for (int c = 0; c < C; c++) u[c] += W[(size_t)o * C + c] * r[o];
-    }
     for (int t = 0; t < T; t++) {
         double y = 0, z = br, var = 0;
         for (int o = 0; o < OC; o++) {
