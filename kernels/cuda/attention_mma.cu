@@ -11,7 +11,9 @@
  * half the bytes of fp32) and become T (half or bf16, the weights' type) on their way into shared
  * memory; out is of the same IT. The loads are the latency: the next tile's K is loaded into registers while
  * this tile's scores are computed, its V while this tile's P·V is, each stored (narrowed) after
- * the next barrier. Keys past Tk: zero K and V rows, scores -inf, the 8-key groups wholly past Tk
+ * the next barrier, and nothing reads the loaded registers before then (a read waits for the load).
+ * 16-bit K and V are staged as they are, with no conversion (am_stage); Q is widened, scaled and
+ * narrowed, once a block. Keys past Tk: zero K and V rows, scores -inf, the 8-key groups wholly past Tk
  * skipped. Query rows past Tq are zeros and not written; a warp with none skips the arithmetic.
  * Head size padded with zeros to 16·KC for Q·Kᵀ; P·V in 8-wide chunks up to HS.
  *
@@ -20,7 +22,10 @@
  * registers, 2 blocks an SM) took 0.54 ms; 8 warps a block 0.39 ms at 64 images but slower at one
  * image and for the Q-Former. The first version spent its issue slots on 64-bit address arithmetic
  * of guarded scalar loads (273 M instructions at 64 images, now 160 M); what is left is the fp32
- * loads' conversion and the shared-memory traffic of 16-row warps.
+ * loads' conversion and the shared-memory traffic of 16-row warps. 16-bit q, k, v (BLIP2_QKV16)
+ * took 0.67 ms: they were widened as loaded (so each tile waited for its loads, the likely cause)
+ * and narrowed again. Staged as they are (2026-11-27, not yet timed on a GPU), the loop issues 13%
+ * fewer instructions than before (sm_90 SASS, a full tile, HS 88) and 7% fewer than for fp32.
  *
  * Numerics: q·scale·log2(e), k, v and P rounded to T (8 or 11 significant bits), products exact,
  * sums fp32; the softmax in base 2, in fp32; l sums P as rounded, so the weights that multiply v
@@ -185,6 +190,138 @@ __device__ __forceinline__ void store_cols(uint16_t *Vt, const float4 (&st)[L::S
     }
 }
 
+/* The K and V tiles' staging. fp32 inputs: float4, narrowed to T on the store. 16-bit inputs: the
+ * elements as they are (already T: copying the bits is what widening and narrowing again did), no
+ * conversion either way, in as many registers (SP uint4). A K chunk u (8 dims of one row: 16-byte
+ * loads and stores) is st[u], quads 2u, 2u+1 are st[u]'s halves; a unit's 8 values (K or V) are the
+ * 8 words of st[2u], st[2u+1], one each, packed only when stored: an instruction that reads a loaded
+ * register waits for the load, and the loads are meant to land during the tile's mma (packing them
+ * at once, as widening them did, stalled each tile on its loads). */
+template <typename IT, int KC> struct am_stage { using type = float4[am_tile<AM_KT, KC>::SP]; };
+template <int KC> struct am_stage<uint16_t, KC> { using type = uint4[am_tile<AM_KT, KC>::SP]; };
+
+/* Word c of w (c a compile-time constant after unrolling). */
+__device__ __forceinline__ unsigned &word(uint4 &w, int c) {
+    return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
+}
+__device__ __forceinline__ unsigned word(const uint4 &w, int c) {
+    return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
+}
+
+/* The low halves of lo and hi as one word: one PRMT (a shift and an or otherwise). */
+__device__ __forceinline__ unsigned pack_lo(unsigned lo, unsigned hi) {
+#if defined(__CUDA_ARCH__)
+    return __byte_perm(lo, hi, 0x5410);
+#else
+    return (lo & 0xffffu) | hi << 16;
+#endif
+}
+
+/* load_units for 16-bit inputs: a unit's 8 rows into st[2u], st[2u+1], a word each, as they are. */
+template <int ROWS, int KC, typename IO, typename L = am_tile<ROWS, KC>>
+__device__ __forceinline__ void load_units(uint4 (&st)[L::SP], const uint16_t *__restrict__ src, int r0, int rows,
+                                           int stride, int HS) {
+#pragma unroll
+    for (int u = 0; u < L::PU; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % L::HSP, r = r0 + i / L::HSP * 8;
+        const bool in = (L::UNITS % L::NTH == 0 || i < L::UNITS) && d < HS;
+        const uint16_t *p = src + (size_t)r * stride + d;
+        if (in && r + 8 <= rows) { /* every tile but the last */
+#pragma unroll
+            for (int e = 0; e < 8; e++) word(st[2 * u + e / 4], e % 4) = p[(size_t)e * stride];
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                word(st[2 * u + e / 4], e % 4) = in && r + e < rows ? p[(size_t)e * stride] : 0u;
+        }
+    }
+}
+
+/* K rows [r0, r0 + AM_KT) of 16-bit inputs as pieces of W dims of one row: W = 8, chunks (16-byte
+ * loads: HS, stride and src multiples of 8 elements, src 16-byte aligned), or W = 4, quads (8-byte).
+ * A piece is wholly in or past HS (a multiple of W); zeros past HS or rows. */
+template <int W, int KC, typename L = am_tile<AM_KT, KC>>
+__device__ __forceinline__ void load_pieces(uint4 (&st)[L::SP], const uint16_t *__restrict__ src, int r0, int rows,
+                                            int stride, int HS) {
+    constexpr int PR = L::HSP / W, N = PR * AM_KT, P = (N + L::NTH - 1) / L::NTH; /* pieces a row, a tile, a thread */
+#pragma unroll
+    for (int u = 0; u < P; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % PR * W, r = r0 + i / PR;
+        const bool in = (N % L::NTH == 0 || i < N) && d < HS && r < rows;
+        const uint16_t *p = src + (size_t)r * stride + d;
+        if constexpr (W == 8) {
+            st[u] = in ? *(const uint4 *)p : make_uint4(0u, 0u, 0u, 0u);
+        } else {
+            const uint2 w = in ? *(const uint2 *)p : make_uint2(0u, 0u);
+            word(st[u / 2], u % 2 * 2) = w.x, word(st[u / 2], u % 2 * 2 + 1) = w.y;
+        }
+    }
+}
+
+/* Staged pieces into Ks [AM_KT][RS] (RS·2 bytes = 32·KC + 16: a chunk's store is 16-byte aligned). Indexed in
+ * pieces, not halves, so that the compiler sees the alignment (else it splits the first store into words). */
+template <int W, int KC, typename L = am_tile<AM_KT, KC>>
+__device__ __forceinline__ void store_pieces(uint16_t *Ks, const uint4 (&st)[L::SP]) {
+    constexpr int RS = am_shape<KC>::RS, PR = L::HSP / W, N = PR * AM_KT, P = (N + L::NTH - 1) / L::NTH;
+#pragma unroll
+    for (int u = 0; u < P; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, j = i / PR * (RS / W) + i % PR; /* in pieces */
+        if (N % L::NTH == 0 || i < N) {
+            if constexpr (W == 8) ((uint4 *)Ks)[j] = st[u];
+            else ((uint2 *)Ks)[j] = make_uint2(word(st[u / 2], u % 2 * 2), word(st[u / 2], u % 2 * 2 + 1));
+        }
+    }
+}
+
+/* store_cols for 16-bit inputs: a unit's 8 words packed into its 16-byte store. */
+template <typename T, int KC, typename S = am_shape<KC>, typename L = am_tile<AM_KT, KC>>
+__device__ __forceinline__ void store_cols(uint16_t *Vt, const uint4 (&st)[L::SP]) {
+#pragma unroll
+    for (int u = 0; u < L::PU; u++) {
+        const int i = (int)threadIdx.x + L::NTH * u, d = i % S::HSP, key = i / S::HSP * 8;
+        const uint4 a = st[2 * u], b = st[2 * u + 1];
+        const uint4 w = {pack_lo(a.x, a.y), pack_lo(a.z, a.w), pack_lo(b.x, b.y), pack_lo(b.z, b.w)};
+        if (L::UNITS % L::NTH == 0 || i < L::UNITS) *(uint4 *)(Vt + d * S::VS + key) = w;
+    }
+}
+
+/* A K tile into the stage and from it into Ks. fp32: as Q (quads where vec allows, else units). 16-bit:
+ * chunks where vec16 allows, else quads where vec does, else units (stored an element at a time). */
+template <int KC, typename IO, typename IT>
+__device__ __forceinline__ void load_keys(float4 (&st)[am_tile<AM_KT, KC>::SP], bool vec, bool /* vec16 */,
+                                          const IT *src, int r0, int rows, int stride, int HS) {
+    load_rows<AM_KT, KC, IO>(st, vec, src, r0, rows, stride, HS);
+}
+template <int KC, typename IO>
+__device__ __forceinline__ void load_keys(uint4 (&st)[am_tile<AM_KT, KC>::SP], bool vec, bool vec16,
+                                          const uint16_t *src, int r0, int rows, int stride, int HS) {
+    if (vec16) load_pieces<8, KC>(st, src, r0, rows, stride, HS);
+    else if (vec) load_pieces<4, KC>(st, src, r0, rows, stride, HS);
+    else load_units<AM_KT, KC, IO>(st, src, r0, rows, stride, HS);
+}
+template <typename T, int KC>
+__device__ __forceinline__ void store_keys(uint16_t *Ks, const float4 (&st)[am_tile<AM_KT, KC>::SP], bool vec,
+                                           bool /* vec16 */) {
+    store_rows<T, AM_KT, KC>(Ks, st, vec, 1.0f);
+}
+template <typename T, int KC, typename L = am_tile<AM_KT, KC>>
+__device__ __forceinline__ void store_keys(uint16_t *Ks, const uint4 (&st)[L::SP], bool vec, bool vec16) {
+    constexpr int RS = am_shape<KC>::RS;
+    if (vec16) {
+        store_pieces<8, KC>(Ks, st);
+    } else if (vec) {
+        store_pieces<4, KC>(Ks, st);
+    } else {
+#pragma unroll
+        for (int u = 0; u < L::PU; u++) {
+            const int i = (int)threadIdx.x + L::NTH * u, d = i % L::HSP, r = i / L::HSP * 8;
+            if (L::UNITS % L::NTH == 0 || i < L::UNITS)
+#pragma unroll
+                for (int e = 0; e < 8; e++) Ks[(r + e) * RS + d] = (uint16_t)word(st[2 * u + e / 4], e % 4);
+        }
+    }
+}
+
 /* The softmax state of the lane's two rows (g and g + 8 of the warp's 16), in base 2: running max m,
  * the lane's share of the running sum l (the quad's four shares add up at the end), O [dims/8][4]. */
 template <int KC> struct softmax_rows {
@@ -293,11 +430,12 @@ __device__ __forceinline__ void write_out(IT *ob, softmax_rows<KC> &st, int r0, 
 }
 
 /* grid (query tiles of AM_Q, NH, B), AM_THREADS threads; qscale = scale·log2(e); vec: q and k may be
- * read as quads (HS, the strides and the pointers multiples of 4 elements); q, k, v and out of IT. */
+ * read as quads (HS, the strides and the pointers multiples of 4 elements); vec16 (16-bit IT only): k
+ * as chunks of 8 (HS, kv_stride multiples of 8, k 16-byte aligned); q, k, v and out of IT. */
 template <typename T, int KC, typename IT>
 __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
     k_attention_mma(void *out_, const void *q_, const void *k_, const void *v_, int Tq, int Tk, int NH, int HS,
-                    int q_stride, int kv_stride, float qscale, bool vec) {
+                    int q_stride, int kv_stride, float qscale, bool vec, bool vec16) {
     pdl_entry();
     using S = am_shape<KC>;
     using IO = am_io<IT, T>;
@@ -310,13 +448,13 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
     const bool active = q0 + warp * 16 < Tq; /* the warp has query rows */
     const size_t kv0 = (size_t)b * Tk * kv_stride + (size_t)h * HS;
     const IT *kb = k + kv0, *vb = v + kv0;
-    float4 stage[am_tile<AM_KT, KC>::SP]; /* the next K or V tile on its way to shared memory */
+    typename am_stage<IT, KC>::type stage; /* the next K or V tile on its way to shared memory */
     {
-        float4 qst[am_tile<AM_Q, KC>::SP];
-        load_rows<AM_KT, KC, IO>(stage, vec, kb, 0, Tk, kv_stride, HS);
+        float4 qst[am_tile<AM_Q, KC>::SP]; /* Q is widened whatever IT: it is scaled, once a block */
+        load_keys<KC, IO>(stage, vec, vec16, kb, 0, Tk, kv_stride, HS);
         load_rows<AM_Q, KC, IO>(qst, vec, q + (size_t)b * Tq * q_stride + (size_t)h * HS, q0, Tq, q_stride, HS);
         store_rows<T, AM_Q, KC>(Qs, qst, vec, qscale);
-        store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
+        store_keys<T, KC>(Ks, stage, vec, vec16);
         load_units<AM_KT, KC, IO>(stage, vb, 0, Tk, kv_stride, HS);
     }
     softmax_rows<KC> st;
@@ -328,7 +466,7 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         const bool more = k0 + AM_KT < Tk;
         __syncthreads(); /* Qs, Ks hold this tile; every warp is done with the last tile's Vt */
         store_cols<T, KC>(Vt, stage);
-        if (more) load_rows<AM_KT, KC, IO>(stage, vec, kb, k0 + AM_KT, Tk, kv_stride, HS);
+        if (more) load_keys<KC, IO>(stage, vec, vec16, kb, k0 + AM_KT, Tk, kv_stride, HS);
         unsigned p[AM_NT][2];
         if (active) {
             float s[AM_NT][4];
@@ -337,7 +475,7 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         }
         __syncthreads(); /* Vt holds this tile; every warp is done with Ks */
         if (more) {
-            store_rows<T, AM_KT, KC>(Ks, stage, vec, 1.0f);
+            store_keys<T, KC>(Ks, stage, vec, vec16);
             load_units<AM_KT, KC, IO>(stage, vb, k0 + AM_KT, Tk, kv_stride, HS);
         }
         if (active) accumulate_pv<T, KC>(st, p, Vt, kn, HS);
@@ -346,7 +484,8 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         write_out<KC, IO>(out + (size_t)b * Tq * NH * HS + (size_t)h * HS, st, q0 + warp * 16, Tq, NH * HS, HS);
 }
 
-using am_kernel = void (*)(void *, const void *, const void *, const void *, int, int, int, int, int, int, float, bool);
+using am_kernel = void (*)(void *, const void *, const void *, const void *, int, int, int, int, int, int, float, bool,
+                           bool);
 
 /* The instance for head sizes (16·(KC−1), 16·KC]. */
 template <typename T, typename IT> am_kernel am_pick(int KC) {
@@ -373,7 +512,10 @@ bool attention_mma(blip2_cuda_ctx *c, void *out, const void *q, const void *k, c
     const uintptr_t quad_bytes = io16 ? 8 : 16; /* a quad's load: 4 elements */
     const bool vec = HS % 4 == 0 && q_stride % 4 == 0 && kv_stride % 4 == 0 &&
                      ((uintptr_t)q | (uintptr_t)k) % quad_bytes == 0;
-    launch(kernel, grid, AM_THREADS, 0, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, qscale, vec);
+    /* 16-bit k as chunks of 8: every row's and head's start (kv_stride, HS multiples of 8) 16-byte aligned */
+    const bool vec16 = io16 && HS % 8 == 0 && kv_stride % 8 == 0 && (uintptr_t)k % 16 == 0;
+    launch(kernel, grid, AM_THREADS, 0, c->stream, out, q, k, v, Tq, Tk, NH, HS, q_stride, kv_stride, qscale, vec,
+           vec16);
     LAUNCH_CK(c, "k_attention_mma");
     return true;
 }
