@@ -39,17 +39,18 @@ static inline int blip2_qkv16_type(const blip2_model *m) {
 }
 
 /* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type), w in the
- * model's wdtype and out of odtype (fp32, or the 16-bit adtype: then bias is the layer's 16-bit
- * twin, model.h). */
+ * model's wdtype and out of odtype: fp32 with the fp32 bias, or the 16-bit adtype with bias16, the
+ * layer's 16-bit twin of it (model.h; the op takes a bias of its out's type). */
 static inline void blip2_mm_ao(const blip2_model *m, void *out, int odtype, const void *inp, int adtype, const float *w,
-                               const void *bias, int T, int C, int OC, int act) {
-    m->ops->matmul_a(out, inp, w, bias, T, C, OC, adtype, m->wdtype, act, odtype);
+                               const float *bias, const void *bias16, int T, int C, int OC, int act) {
+    const void *b = odtype == BLIP2_W_F32 ? (const void *)bias : bias16;
+    m->ops->matmul_a(out, inp, w, b, T, C, OC, adtype, m->wdtype, act, odtype);
 }
 
 /* The same with an fp32 out. */
 static inline void blip2_mm_a(const blip2_model *m, float *out, const void *inp, int adtype, const float *w,
                               const float *bias, int T, int C, int OC, int act) {
-    blip2_mm_ao(m, out, BLIP2_W_F32, inp, adtype, w, bias, T, C, OC, act);
+    blip2_mm_ao(m, out, BLIP2_W_F32, inp, adtype, w, bias, NULL, T, C, OC, act);
 }
 
 /* The same with fp32 inp. */

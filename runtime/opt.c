@@ -201,8 +201,7 @@ static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, bl
     if (rc) return rc;
     o->residual_layernorm_a(ws->x, ws->h, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps, ad); /* x += a + o_b; h = LN2 */
     int od = blip2_out16_type(m); /* 16-bit on a device: what fc2 reads, no narrowing pass */
-    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, od == BLIP2_W_F32 ? (const void *)L->fc1_b : L->fc1_b16, T, C,
-                s->ffn, BLIP2_ACT_RELU);
+    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, L->fc1_b, L->fc1_b16, T, C, s->ffn, BLIP2_ACT_RELU);
     blip2_mm_a(m, ws->a, ws->mlp, od, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
     rc = reduce(tp, ws->a, n, st);
     if (rc) return rc;

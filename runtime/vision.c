@@ -34,14 +34,12 @@ static void vision_layer_forward(const blip2_model *m, int l, int B, blip2_encod
     size_t es = blip2_wdtype_size(qd);
     float scale = 1.0f / sqrtf((float)c->HS); /* HF: scores · head_dim^-0.5 */
     char *qkv = (char *)ws->qkv;
-    blip2_mm_ao(m, qkv, qd, ws->h, ad, L->qkv_w, qd != BLIP2_W_F32 ? L->qkv_b16 : (const void *)L->qkv_b, BT, C, 3 * C,
-                BLIP2_ACT_NONE);
+    blip2_mm_ao(m, qkv, qd, ws->h, ad, L->qkv_w, L->qkv_b, L->qkv_b16, BT, C, 3 * C, BLIP2_ACT_NONE);
     o->attention(ws->ctx, qkv, qkv + C * es, qkv + 2 * C * es, ws->scores, B, c->T, c->T, c->NH, c->HS, 3 * C, 3 * C,
                  scale, 0, m->wdtype, qd);
     blip2_mm_a(m, ws->a, ws->ctx, qd, L->proj_w, L->proj_b, BT, C, C, BLIP2_ACT_NONE);
     o->residual_layernorm_a(ws->x, ws->h, ws->a, NULL, L->ln2_w, L->ln2_b, BT, C, c->eps, ad); /* x += a; h = LN2(x) */
-    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, od != BLIP2_W_F32 ? L->fc1_b16 : (const void *)L->fc1_b, BT, C,
-                c->mlp, BLIP2_ACT_NONE);
+    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, L->fc1_b, L->fc1_b16, BT, C, c->mlp, BLIP2_ACT_NONE);
     o->activate_a(ws->h, ws->mlp, (size_t)BT * c->mlp, BLIP2_ACT_GELU, ad, od);
     blip2_mm_a(m, ws->a, ws->h, ad, L->fc2_w, L->fc2_b, BT, c->mlp, C, BLIP2_ACT_NONE);
     if (l + 1 < c->layers) { /* x += a; h = the next LN1(x) */
