@@ -23,7 +23,7 @@
 
 typedef struct {
     const char *model, *listen, *port_file, *tls_cert, *tls_key, *device, *dtype;
-    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers;
+    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers, hold_ms;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
 
@@ -47,7 +47,7 @@ static void usage(FILE *fp) {
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
             "              [--tls-cert FILE.pem --tls-key FILE.pem] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-            "              [--batch-invariant]\n"
+            "              [--batch-invariant] [--hold-for-images MS]\n"
             "  --device            where the model runs (default cpu; cuda: GPU local-rank mod GPUs, NCCL under mpirun)\n"
             "  --dtype             weight matrices on the device (default f32 on the CPU, f16 on CUDA)\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
@@ -62,6 +62,9 @@ static void usage(FILE *fp) {
             "  --tls-cert/--tls-key  serve TLS with this certificate chain and private key (PEM); default plaintext\n"
             "  --batch-invariant   a request's seeded samples do not depend on the other requests in its steps\n"
             "                      (CUDA: no GEMV, no split-K; slower at small batches; the CPU always is)\n"
+            "  --hold-for-images MS  while more requests wait for their images than sequences are decoding, steps\n"
+            "                      wait for the image encoder (at most MS at a time): a burst is encoded at full\n"
+            "                      speed and decoded in one batch, running sequences pause meanwhile (default 0: off)\n"
             "Sizes take K, M or G suffixes (powers of 1024). Run under mpirun -np N for tensor parallelism.\n");
 }
 
@@ -107,6 +110,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
         {"device", required_argument, 0, 'D'},       {"dtype", required_argument, 0, 'T'},
         {"batch-invariant", no_argument, 0, 'I'},    {"help", no_argument, 0, 'h'},
+        {"hold-for-images", required_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
     blip2_engine_opts d = blip2_engine_opts_default();
@@ -168,6 +172,10 @@ static int parse_args(int argc, char **argv, args_t *a) {
         case 'w':
             if (parse_long(optarg, 1, 64, &v)) return fail_usage("--workers '%s': expected 1..64", optarg);
             a->workers = (int)v;
+            break;
+        case 'H':
+            if (parse_long(optarg, 0, 60000, &v)) return fail_usage("--hold-for-images '%s': expected 0..60000 ms", optarg);
+            a->hold_ms = (int)v;
             break;
         case 'C': a->tls_cert = optarg; break;
         case 'K': a->tls_key = optarg; break;
@@ -401,6 +409,7 @@ int main(int argc, char **argv) {
     eo.kv_bytes = a.kv_bytes;
     eo.max_new_tokens_limit = a.max_new_limit;
     eo.image_cache_bytes = a.image_cache_bytes;
+    eo.hold_for_images_ms = a.hold_ms;
     blip2_engine *e = NULL;
     if (!rc) {
         if (rank0) rc = blip2_engine_create(&m, &tp, &in, &eo, &e, &st);

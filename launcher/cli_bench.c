@@ -18,6 +18,7 @@ typedef struct {
     int random, json, prompt_len, steps, engine, beams;
     int batches[16], n_batches, images[16], n_images;
     int image_batch; /* --engine: the engine's vision batch (0: min(B, 64)) */
+    int hold_ms;     /* --engine: blip2_engine_opts.hold_for_images_ms */
     int seed;
 } bench_args;
 
@@ -46,7 +47,7 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         {"steps", required_argument, 0, 's'},  {"json", no_argument, 0, 'j'},         {"device", required_argument, 0, 'd'},
         {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {"dtype", required_argument, 0, 't'},
         {"engine", no_argument, 0, 'e'},       {"num-beams", required_argument, 0, 'B'},
-        {"image-batch", required_argument, 0, 'I'}, {0, 0, 0, 0},
+        {"image-batch", required_argument, 0, 'I'}, {"hold-for-images", required_argument, 0, 'H'}, {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
     a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL, a->beams = 1;
@@ -71,20 +72,23 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'e': a->engine = 1; break;
         case 'B': if (blip2_cli_parse_int(optarg, 1, 16, &a->beams)) return blip2_cli_error("--num-beams: 1..16"); break;
         case 'I': if (blip2_cli_parse_int(optarg, 1, 256, &a->image_batch)) return blip2_cli_error("--image-batch: 1..256"); break;
+        case 'H': if (blip2_cli_parse_int(optarg, 0, 60000, &a->hold_ms)) return blip2_cli_error("--hold-for-images: 0..60000 ms"); break;
         case 'd': a->device = optarg; break;
         case 't': a->dtype = optarg; break;
         case 'S': if (blip2_cli_parse_int(optarg, 0, 1 << 30, &a->seed)) return blip2_cli_error("--seed: a non-negative integer"); break;
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
                    "                   [--images 1,8|none] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-                   "                   [--engine [--num-beams N] [--image-batch N]] [--json]\n"
+                   "                   [--engine [--num-beams N] [--image-batch N] [--hold-for-images MS]] [--json]\n"
                    "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
                    "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
                    "            request sees, scheduling and sampling included, timed on a second wave of B after\n"
                    "            a first that warms the engine (the first's wall time is printed too);\n"
                    "            --num-beams: beam search instead\n"
                    "            (B requests of N beams: B·N sequences a step); --image-batch: the engine's vision\n"
-                   "            batch (default min(B, 64); B encodes every image at once, as HF's generate)\n");
+                   "            batch (default min(B, 64); B encodes every image at once, as HF's generate);\n"
+                   "            --hold-for-images: steps wait (at most MS at a time) while more requests wait for\n"
+                   "            their images than sequences are ready (blip2d --hold-for-images)\n");
             exit(0);
         default: return 2;
         }
@@ -239,6 +243,9 @@ static blip2_code bench_request(const blip2_model *m, const blip2_tp *tp, req_be
 typedef struct {
     double decode_ms_sum, queue_ms_sum, image_ms_sum, prefill_ms_sum;
     double host_gap_ms; /* mean host time between back-to-back steps (blip2_engine_stats) */
+    int steps, steps_encoding; /* decode/prefill steps run; of those, while the encoder was busy */
+    int steps_prefill;         /* of those, steps with a prefill chunk */
+    double decode_step_ms, prefill_step_ms; /* mean launch-to-results time of each kind */
     int done, failed, tokens;
     char msg[256];
 } engine_tally;
@@ -258,7 +265,8 @@ static void tally_done(void *ctx, const blip2_result *res) {
 }
 
 /* B requests of `beams` sequences each (a beam's partly filled last block is its own). */
-static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps, int image_batch) {
+static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps, int image_batch,
+                                         int hold_ms) {
     blip2_engine_opts o = blip2_engine_opts_default();
     int per = blip2_kv_blocks_for(L + steps, o.block_size), seqs = B * beams;
     o.max_batch = seqs > 8 ? seqs : 8;
@@ -268,6 +276,7 @@ static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams,
     o.max_images_per_step = image_batch ? image_batch : B < 64 ? B : 64;
     o.image_cache_bytes = 0; /* every image is new, as in HF's generate */
     o.max_new_tokens_limit = steps;
+    o.hold_for_images_ms = hold_ms;
     return o;
 }
 
@@ -288,6 +297,7 @@ typedef struct {
     pthread_cond_t cv;
     int warm_seen;           /* first-wave requests finished (done or failed) */
     double t0, cold_s;       /* the second wave's start; the first wave's wall time */
+    blip2_engine_stats at_t0; /* the engine's counters when the second wave started */
     blip2_code rc;
     blip2_status st;
 } engine_waves;
@@ -302,13 +312,23 @@ static void wave_warm_done(void *ctx, const blip2_result *res) {
 }
 static void wave_timed_done(void *ctx, const blip2_result *res) { tally_done(&((engine_waves *)ctx)->timed, res); }
 
-/* Random pixels per request (different in the two waves), the same prompt. */
-static blip2_code submit_wave(engine_waves *w, int wave, blip2_job_callbacks *cb) {
+/* Pseudo-random pixels for every request of a wave (different in the two waves), made before
+ * the wave is submitted: made between submissions (~0.3 ms a request), they held back the last
+ * of 256 requests by tens of ms and handed the encoder its first images a few at a time. */
+static void make_wave_pixels(engine_waves *w, int wave) {
     size_t px = (size_t)3 * w->c->vision.image_size * w->c->vision.image_size;
     for (int b = 0; b < w->B; b++) {
         size_t k = (size_t)wave * w->B + b;
-        for (size_t i = 0; i < px; i++) w->pix[i] = (float)(((i + 7919u * k) * 2654435761u) % 1000) / 250.0f - 2.0f;
-        blip2_job job = {.pixels = w->pix, .input_ids = w->ids, .n_input_ids = w->L, .dec = w->dec};
+        float *p = w->pix + (size_t)b * px;
+        for (size_t i = 0; i < px; i++) p[i] = (float)(((i + 7919u * k) * 2654435761u) % 1000) / 250.0f - 2.0f;
+    }
+}
+
+/* The wave's B requests: their pixels (make_wave_pixels), the same prompt. */
+static blip2_code submit_wave(engine_waves *w, blip2_job_callbacks *cb) {
+    size_t px = (size_t)3 * w->c->vision.image_size * w->c->vision.image_size;
+    for (int b = 0; b < w->B; b++) {
+        blip2_job job = {.pixels = w->pix + (size_t)b * px, .input_ids = w->ids, .n_input_ids = w->L, .dec = w->dec};
         blip2_code rc = blip2_engine_submit(w->e, &job, cb, &w->st);
         if (rc) return rc;
     }
@@ -319,14 +339,17 @@ static blip2_code submit_wave(engine_waves *w, int wave, blip2_job_callbacks *cb
 static void *waves_main(void *arg) {
     engine_waves *w = arg;
     blip2_job_callbacks warm = {.ctx = w, .on_done = wave_warm_done}, timed = {.ctx = w, .on_done = wave_timed_done};
+    make_wave_pixels(w, 0);
     double t = now_s();
-    w->rc = submit_wave(w, 0, &warm);
+    w->rc = submit_wave(w, &warm);
     pthread_mutex_lock(&w->mu);
     while (!w->rc && w->warm_seen < w->B) pthread_cond_wait(&w->cv, &w->mu);
     pthread_mutex_unlock(&w->mu);
     w->cold_s = now_s() - t;
+    make_wave_pixels(w, 1);
+    blip2_engine_get_stats(w->e, &w->at_t0);
     w->t0 = now_s();
-    if (!w->rc && !w->warm.failed) w->rc = submit_wave(w, 1, &timed);
+    if (!w->rc && !w->warm.failed) w->rc = submit_wave(w, &timed);
     blip2_engine_stop(w->e, 1 << 30); /* drain: the run ends when every request is done */
     return NULL;
 }
@@ -335,18 +358,18 @@ static void *waves_main(void *arg) {
  * greedy tokens, or a beam search of `beams` (eos never ends them: the model is ours, its eos id
  * is set out of reach), after a first wave of B on the same engine (engine_waves). Rank 0 runs
  * the engine, the others follow it. */
-static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, int beams, int L, int steps,
-                                     int image_batch, double *wall_s, double *cold_s, engine_tally *t,
-                                     blip2_status *st) {
+static blip2_code bench_engine_batch(const bench_args *a, blip2_model *m, const blip2_tp *tp, int B, double *wall_s,
+                                     double *cold_s, engine_tally *t, blip2_status *st) {
     const blip2_config *c = &m->cfg;
-    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps, image_batch);
+    int beams = a->beams, L = a->prompt_len, steps = a->steps;
+    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps, a->image_batch, a->hold_ms);
     m->cfg.eos_id = -1;
     memset(t, 0, sizeof *t);
     if (tp->rank != 0) return blip2_engine_follow(m, tp, &o, st);
     engine_waves w = {.c = c, .B = B, .L = L, .dec = blip2_decoding_default()};
     w.dec.max_new_tokens = steps;
     w.dec.num_beams = beams;
-    w.pix = malloc(sizeof(float) * 3 * (size_t)c->vision.image_size * c->vision.image_size);
+    w.pix = malloc(sizeof(float) * 3 * (size_t)c->vision.image_size * c->vision.image_size * (size_t)B);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)L);
     w.ids = ids;
     blip2_inputs in = {.cfg = c};
@@ -371,7 +394,14 @@ static blip2_code bench_engine_batch(blip2_model *m, const blip2_tp *tp, int B, 
     *wall_s = end - w.t0, *cold_s = w.cold_s, *t = w.timed;
     blip2_engine_stats es;
     blip2_engine_get_stats(w.e, &es);
-    t->host_gap_ms = es.host_gaps ? (double)es.host_gap_ns / (double)es.host_gaps * 1e-6 : 0;
+    uint64_t gaps = es.host_gaps - w.at_t0.host_gaps; /* the timed wave's share of the counters */
+    t->host_gap_ms = gaps ? (double)(es.host_gap_ns - w.at_t0.host_gap_ns) / (double)gaps * 1e-6 : 0;
+    t->steps = (int)(es.steps - w.at_t0.steps), t->steps_encoding = (int)(es.steps_while_encoding - w.at_t0.steps_while_encoding);
+    t->steps_prefill = (int)(es.steps_prefill - w.at_t0.steps_prefill);
+    int n_decode = t->steps - t->steps_prefill;
+    t->decode_step_ms = n_decode > 0 ? (double)(es.step_ns_decode - w.at_t0.step_ns_decode) / n_decode * 1e-6 : 0;
+    t->prefill_step_ms =
+        t->steps_prefill > 0 ? (double)(es.step_ns_prefill - w.at_t0.step_ns_prefill) / t->steps_prefill * 1e-6 : 0;
     blip2_engine_destroy(w.e);
     pthread_mutex_destroy(&w.mu);
     pthread_cond_destroy(&w.cv);
@@ -390,22 +420,25 @@ static blip2_code run_engine_bench(const bench_args *a, blip2_model *m, const bl
         int B = a->batches[i];
         double wall = 0, cold = 0;
         engine_tally t;
-        rc = blip2_tp_agree(tp, bench_engine_batch(m, tp, B, a->beams, a->prompt_len, a->steps, a->image_batch, &wall,
-                                                   &cold, &t, st), st);
+        rc = blip2_tp_agree(tp, bench_engine_batch(a, m, tp, B, &wall, &cold, &t, st), st);
         if (rc || !root) continue;
         double per_token = a->steps > 1 && t.done ? t.decode_ms_sum / t.done / (a->steps - 1) : 0, n = t.done ? t.done : 1;
         if (a->json) /* where a request's time went, on average: queued (admission), image, prefill */
             printf("%s{\"batch\": %d, \"wall_ms\": %.2f, \"requests_per_s\": %.3f, \"tokens_per_s\": %.2f, "
                    "\"decode_ms_per_token\": %.3f, \"mean_queue_ms\": %.2f, \"mean_image_ms\": %.2f, "
                    "\"mean_prefill_ms\": %.2f, \"num_beams\": %d, \"host_gap_ms_per_step\": %.3f, "
-                   "\"cold_wall_ms\": %.2f}",
+                   "\"steps\": %d, \"steps_while_encoding\": %d, \"steps_prefill\": %d, \"decode_step_ms\": %.3f, "
+                   "\"prefill_step_ms\": %.3f, \"cold_wall_ms\": %.2f}",
                    i ? ", " : "", B, wall * 1e3, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n,
-                   t.image_ms_sum / n, t.prefill_ms_sum / n, a->beams, t.host_gap_ms, cold * 1e3);
+                   t.image_ms_sum / n, t.prefill_ms_sum / n, a->beams, t.host_gap_ms, t.steps, t.steps_encoding,
+                   t.steps_prefill, t.decode_step_ms, t.prefill_step_ms, cold * 1e3);
         else
             printf("engine batch %3d, %d beam(s): %9.1f ms for %d requests (%8.2f requests/s, %9.2f tokens/s), decode %.2f ms/token; "
-                   "mean queue %.1f, image %.1f, prefill %.1f ms; host %.3f ms between steps (first wave %.1f ms)\n",
+                   "mean queue %.1f, image %.1f, prefill %.1f ms; host %.3f ms between steps; %d steps (%d while "
+                   "encoding; %d with prefill, %.2f ms each; decode-only %.2f ms) (first wave %.1f ms)\n",
                    B, a->beams, wall * 1e3, t.done, t.done / wall, t.tokens / wall, per_token, t.queue_ms_sum / n, t.image_ms_sum / n,
-                   t.prefill_ms_sum / n, t.host_gap_ms, cold * 1e3);
+                   t.prefill_ms_sum / n, t.host_gap_ms, t.steps, t.steps_encoding, t.steps_prefill, t.prefill_step_ms,
+                   t.decode_step_ms, cold * 1e3);
     }
     if (root && a->json) printf("]");
     m->cfg.eos_id = eos;

@@ -334,6 +334,7 @@ static int build_step(blip2_engine *e) {
     int n_tok = 0, n_img = 0, n_rows = 0, budget = e->o.max_step_tokens;
     size_t C = (size_t)e->m->cfg.opt.C;
     step_desc_begin(d, STEP_OP_RUN);
+    e->step_prefill = 0;
     for (int i = 0; i < e->n_copies; i++) step_desc_add_copy(d, e->copies[2 * i], e->copies[2 * i + 1]);
     e->n_copies = 0;
     for (int i = 0; i < e->n_act; i++) {
@@ -365,6 +366,7 @@ static int build_step(blip2_engine *e) {
             if (is_img) memcpy(e->img_rows + n_img++ * C, r->projected + (size_t)r->img_fed++ * C, sizeof(float) * C);
         }
         if (!r->t_prefill) r->t_prefill = blip2_now_ns();
+        e->step_prefill = 1;
         e->refs_step[n_rows].r = r, e->refs_step[n_rows].seq = -1 - chunk, e->refs_step[n_rows++].mode = mode;
         budget -= chunk;
     }
@@ -401,6 +403,24 @@ static int wait_for_work(blip2_engine *e) {
     return pthread_cond_timedwait(&e->cv, &e->mu, &ts);
 }
 
+/* hold_for_images_ms: whether this turn runs no step, leaving the GPU to the image encoder —
+ * while it is busy, more requests wait for images than sequences are ready to step, and the
+ * hold has lasted less than the limit (the decoding sequences' longest pause). */
+static int hold_for_images(blip2_engine *e, int64_t now) {
+    if (e->o.hold_for_images_ms <= 0 || !engine_encoder_busy(e)) return e->hold_since = 0, 0;
+    int waiting = 0, ready_seqs = 0;
+    for (int i = 0; i < e->n_act; i++) {
+        const req_t *r = e->act[i];
+        if (ready(r)) ready_seqs += r->n_seq;
+        else if (!r->projected && !r->finishing) waiting++;
+    }
+    if (waiting <= ready_seqs) return e->hold_since = 0, 0;
+    if (!e->hold_since) e->hold_since = now;
+    if (now - e->hold_since < (int64_t)e->o.hold_for_images_ms * 1000000) return 1;
+    e->hold_since = 0; /* one step, then hold again */
+    return 0;
+}
+
 /* One turn of the loop; returns 0 when the engine is done. */
 static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
     int64_t now = blip2_now_ns();
@@ -421,6 +441,12 @@ static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
     check_active(e, now, cancel_all);
     engine_collect_images(e); /* rows encoded while the last step ran */
     engine_hand_images(e);    /* new images go to the encoder; the step below does not wait for them */
+    if (hold_for_images(e, now)) {
+        e->t_results = 0; /* a pause, not a host gap */
+        emit_all(e);
+        engine_encoder_wait(e, 2);
+        return 1;
+    }
     int n_rows = build_step(e);
     if (n_rows < 0) {
         *rc = blip2_fail(st, BLIP2_EINTERNAL, "KV block accounting failed");
@@ -433,12 +459,16 @@ static int engine_turn(blip2_engine *e, blip2_status *st, blip2_code *rc) {
         pthread_mutex_unlock(&e->mu);
     }
     e->t_results = 0;
+    int64_t t_launch = blip2_now_ns();
     if (launched) *rc = launch_step(e, n_rows, st);
     emit_all(e); /* the last step's tokens, while this one computes */
     if (launched && !*rc) {
         *rc = finish_step(e, st);
+        int64_t dt = e->t_results - t_launch; /* to the results, before the decisions */
         pthread_mutex_lock(&e->mu);
         e->stats.steps++, e->stats.steps_while_encoding += encoding;
+        e->stats.steps_prefill += e->step_prefill;
+        *(e->step_prefill ? &e->stats.step_ns_prefill : &e->stats.step_ns_decode) += dt;
         pthread_mutex_unlock(&e->mu);
     } else if (!launched && encoding) {
         engine_encoder_wait(e, 20); /* nothing to run until images arrive */

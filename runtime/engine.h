@@ -23,6 +23,12 @@ typedef struct {
     int max_new_tokens_limit; /* largest max_new_tokens a request may ask for */
     size_t image_cache_bytes; /* projected query embeddings kept for repeated images (0: off) */
     int max_images_per_step;  /* vision encoder batch, 1..256 */
+    /* > 0: while the image encoder is busy and more admitted requests wait for their images than
+     * sequences could step, run no step, for at most this many ms at a time (a burst is then
+     * encoded with the GPU to itself and decoded in one batch, as HF's generate runs it, instead
+     * of small batches decoding beside the encoder; the decoding sequences pause meanwhile).
+     * 0: steps never wait for images. */
+    int hold_for_images_ms;
 } blip2_engine_opts;
 
 blip2_engine_opts blip2_engine_opts_default(void);
@@ -87,6 +93,10 @@ typedef struct {
      * admission, the next descriptor). */
     uint64_t host_gaps;
     int64_t host_gap_ns;
+    /* Steps by kind, with their time from launch to results on the host: decode-only steps (one
+     * row per sequence: graphs where they apply) and steps that carry a prefill chunk. */
+    uint64_t steps_prefill;
+    int64_t step_ns_decode, step_ns_prefill;
 } blip2_engine_stats;
 
 typedef struct blip2_engine blip2_engine;

@@ -107,7 +107,9 @@ struct blip2_engine {
     float *img_rows;                             /* [max_step_tokens, Ct] the step's image rows */
     struct { req_t *r; int seq; int mode; } *refs_step; /* what each step row belongs to (r NULL: retired since) */
     int inflight_rows;   /* rows of refs_step in the step now running (0: none) */
+    int step_prefill;    /* whether the step build_step made carries a prefill chunk */
     int64_t t_results;   /* when the last step's results reached the host (0: no step since a pause) */
+    int64_t hold_since;  /* when steps began to wait for images (hold_for_images_ms; 0: not waiting) */
     step_view view;      /* that step's descriptor */
     struct { req_t *r; int32_t id; } *emits; /* tokens decided at the last step, to stream (r NULL: retired) */
     int n_emits;

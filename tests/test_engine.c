@@ -14,7 +14,7 @@
 #include "device.h"
 #include "engine.h"
 
-typedef struct {
+typedef struct outcome {
     int32_t ids[64];
     int n;
     blip2_code code;
@@ -23,6 +23,8 @@ typedef struct {
     int tokens_seen;
     char text[512];
     size_t streamed;
+    const struct outcome *lead; /* another request: its tokens_seen when this one's first token came */
+    int lead_at_first;
 } outcome;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -32,7 +34,8 @@ static int n_done;
 static void on_token(void *ctx, int32_t id, const char *piece, size_t len) {
     outcome *o = ctx;
     (void)id;
-    __atomic_fetch_add(&o->tokens_seen, 1, __ATOMIC_RELEASE); /* read by a submitter thread in the overlap test */
+    if (__atomic_fetch_add(&o->tokens_seen, 1, __ATOMIC_RELEASE) == 0 && o->lead) /* read by a submitter thread in the overlap test */
+        o->lead_at_first = __atomic_load_n(&o->lead->tokens_seen, __ATOMIC_ACQUIRE);
     if (o->streamed + len < sizeof o->text) memcpy(o->text + o->streamed, piece, len), o->streamed += len;
 }
 
@@ -458,6 +461,51 @@ static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int 
           (long long)s.host_gap_ns, (unsigned long long)s.steps);
 }
 
+static void *stop_when_done(void *p) {
+    blip2_engine *e = p;
+    pthread_mutex_lock(&mu);
+    while (n_done < 3) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    blip2_engine_stop(e, 60000);
+    return NULL;
+}
+
+/* hold_for_images_ms: three requests queued before the engine runs, one image a batch. While the
+ * second image is encoded one request is ready and two wait for theirs, so no step runs: the first
+ * request has not decoded past its first token when the second's first token comes (both prefill
+ * in the step after the hold). Answers as alone, every block back. (Without the hold the first
+ * decodes beside the encoder, as test_encode_overlap wants.) */
+static void test_hold_for_images(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+    enum { N = 3 };
+    env_t h = *env;
+    h.o.hold_for_images_ms = 60000, h.o.max_images_per_step = 1, h.o.max_step_tokens = 512;
+    blip2_decoding greedy = blip2_decoding_default();
+    greedy.max_new_tokens = 12;
+    blip2_job jobs[N];
+    outcome out[N];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+    out[1].lead = &out[0], out[1].lead_at_first = -1;
+    blip2_engine *e = make_engine(&h);
+    if (!e) return;
+    n_done = 0;
+    for (int i = 0; i < N; i++) submit_one(e, &jobs[i], &out[i]);
+    pthread_t t;
+    pthread_create(&t, NULL, stop_when_done, e);
+    blip2_status st = {0};
+    CHECK(blip2_engine_run(e, &st) == BLIP2_OK, "engine: %s", st.msg);
+    pthread_join(t, NULL);
+    blip2_engine_stats s;
+    blip2_engine_get_stats(e, &s);
+    blip2_engine_destroy(e);
+    int equal = 0;
+    for (int i = 0; i < N; i++) equal += same_ids(&out[i], &solo[i % nc]);
+    CHECK(equal == N && s.blocks_in_use == 0, "%s: hold: %d of %d answers as alone, %d blocks in use", name, equal, N,
+          s.blocks_in_use);
+    CHECK(out[1].lead_at_first == 1, "%s: hold: the first request had %d tokens when the second's first came (want 1)",
+          name, out[1].lead_at_first);
+}
+
 /* Stop strings are checked while the next step already runs: a request a stop string ends is in
  * that step, and its row there must be dropped. Its answer ends exactly at the token that
  * completes the stop string (as many tokens streamed as returned), the others in the batch are
@@ -549,6 +597,7 @@ int main(int argc, char **argv) {
         test_capacity(&env, names[k], cases, solo);
         test_image_cache(&env, names[k]);
         test_encode_overlap(&env, names[k], cases, nc, solo);
+        test_hold_for_images(&env, names[k], cases, nc, solo);
         test_stop_strings(&env, names[k], cases, solo);
         for (int i = 0; i < nc; i++) free(cases[i].ids);
         blip2_inputs_free(&in);
