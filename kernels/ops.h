@@ -50,11 +50,6 @@ void blip2_residual_layernorm(float *res, float *out, const float *y, const floa
 /* blip2_layernorm with out [T, C] of adtype (it must not overlap inp unless adtype is F32). */
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype);
 
-/* blip2_residual_layernorm with out [T, C] of adtype; out may equal y only when adtype is F32,
- * and must not overlap res or y otherwise. */
-void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
-                                int T, int C, float eps, int adtype);
-
 /* out[i] = act(x[i]) for n elements, x of xdtype (F32, or a 16-bit type: widened exactly), out of
  * adtype (ACT_NONE: a plain conversion). out may equal x only when adtype == xdtype. */
 void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype);
@@ -69,6 +64,22 @@ void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, i
  * widened exactly; act's result is rounded once (nearest even). */
 void blip2_matmul_a(void *out, const void *inp, const void *weight, const void *bias, int T, int C, int OC, int adtype,
                     int wdtype, int act, int odtype);
+
+/* out[T, OC] += inp[T, C] · weight[OC, C]ᵀ + bias[OC]: a matmul that adds into the fp32 residual
+ * stream (the last matmul of a pre-LN block), so no separate pass adds its result. inp of adtype,
+ * weight of wdtype, as blip2_matmul_a; bias fp32 (may be NULL). The reference adds (product +
+ * bias) to out; a device may add out first (cuBLASLt's beta = 1, then its bias epilogue): the
+ * order of the two fp32 additions is the backend's. out must not overlap inp. */
+void blip2_matmul_acc_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC,
+                        int adtype, int wdtype);
+
+/* out = blip2_matmul_a(LN(x)): h [T, C] of adtype receives blip2_layernorm_a(x, ln_w, ln_b, eps),
+ * then out[T, OC] = act(h · weightᵀ + bias) of odtype. A device may fuse the norm into the matmul
+ * (CUDA: the one-row GEMV, which then saves a launch and a round trip of the row), and then h is
+ * not written: h is the op's scratch, not a result. out must not overlap x or h. */
+void blip2_matmul_ln_a(void *out, void *h, const float *x, const float *ln_w, const float *ln_b, float eps,
+                       const void *weight, const void *bias, int T, int C, int OC, int adtype, int wdtype, int act,
+                       int odtype);
 
 /* x[i] += y[i] for n elements. */
 void blip2_residual_add(float *x, const float *y, size_t n);
@@ -221,10 +232,11 @@ typedef struct blip2_ops {
     void (*residual_layernorm)(float *, float *, const float *, const float *, const float *, const float *, int, int,
                                float);
     void (*layernorm_a)(void *, const float *, const float *, const float *, int, int, float, int);
-    void (*residual_layernorm_a)(float *, void *, const float *, const float *, const float *, const float *, int, int,
-                                 float, int);
     void (*activate_a)(void *, const void *, size_t, int, int, int);
     void (*matmul_a)(void *, const void *, const void *, const void *, int, int, int, int, int, int, int);
+    void (*matmul_acc_a)(float *, const void *, const void *, const float *, int, int, int, int, int);
+    void (*matmul_ln_a)(void *, void *, const float *, const float *, const float *, float, const void *, const void *,
+                        int, int, int, int, int, int, int);
     void (*residual_add)(float *, const float *, size_t);
     void (*gelu)(float *, size_t);
     void (*relu)(float *, size_t);

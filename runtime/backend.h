@@ -47,6 +47,15 @@ static inline void blip2_mm_ao(const blip2_model *m, void *out, int odtype, cons
     m->ops->matmul_a(out, inp, w, b, T, C, OC, adtype, m->wdtype, act, odtype);
 }
 
+/* blip2_mm_ao of LN(x) (ops.h matmul_ln_a): the norm into h [T, C] of the activation type unless
+ * the backend fuses it into the matmul. */
+static inline void blip2_mm_ln_ao(const blip2_model *m, void *out, int odtype, void *h, const float *x, const float *ln_w,
+                                  const float *ln_b, float eps, const float *w, const float *bias, const void *bias16,
+                                  int T, int C, int OC, int act) {
+    const void *b = odtype == BLIP2_W_F32 ? (const void *)bias : bias16;
+    m->ops->matmul_ln_a(out, h, x, ln_w, ln_b, eps, w, b, T, C, OC, blip2_adtype(m), m->wdtype, act, odtype);
+}
+
 /* The same with an fp32 out. */
 static inline void blip2_mm_a(const blip2_model *m, float *out, const void *inp, int adtype, const float *w,
                               const float *bias, int T, int C, int OC, int act) {

@@ -20,12 +20,10 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
     size_t sq = max_sz(B, (size_t)c->qformer.NH) * Q * blip2_attention_ld((int)TQ);
     ws->ops = o;
     ws->max_B = (int)B;
-    float **bufs[] = {&ws->pixels, &ws->patches, &ws->x,  &ws->a,    &ws->ctx, &ws->qkv, &ws->mlp, &ws->scores,
-                      &ws->image,  &ws->qx,      &ws->qq, &ws->qctx, &ws->qo,  &ws->qk,  &ws->qv,  &ws->qmlp,
-                      &ws->proj};
+    float **bufs[] = {&ws->pixels, &ws->patches, &ws->x,  &ws->ctx, &ws->qkv, &ws->mlp, &ws->scores, &ws->image,
+                      &ws->qx,     &ws->qq,      &ws->qctx, &ws->qo, &ws->qk,  &ws->qv,  &ws->qmlp,   &ws->proj};
     size_t n[] = {B * 3 * c->vision.image_size * c->vision.image_size,
                   (size_t)c->vision.P * K,
-                  B * T * Cv,
                   B * T * Cv,
                   B * T * Cv,
                   B * T * 3 * Cv,
@@ -56,8 +54,8 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
 
 void blip2_encoder_ws_free(blip2_encoder_ws *ws) {
     if (ws->ops) {
-        void *bufs[] = {ws->pixels, ws->patches, ws->x,  ws->a,  ws->ctx, ws->qkv,  ws->mlp,  ws->scores, ws->image,
-                        ws->qx,     ws->qq,      ws->qctx, ws->qo, ws->qk,  ws->qv, ws->qmlp, ws->proj};
+        void *bufs[] = {ws->pixels, ws->patches, ws->x,  ws->ctx, ws->qkv, ws->mlp,  ws->scores, ws->image,
+                        ws->qx,     ws->qq,      ws->qctx, ws->qo,  ws->qk,  ws->qv,   ws->qmlp,   ws->proj};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ws->ops->release(bufs[i]);
         ws->ops->release(ws->h);
         if (ws->image_a != ws->image) ws->ops->release(ws->image_a);

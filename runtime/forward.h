@@ -22,7 +22,7 @@ typedef struct {
     int max_B;
     float *pixels;        /* [B, 3, H, W] */
     float *patches;       /* [P, 3·PS·PS] one image's patches as matmul rows */
-    float *x, *a, *ctx;   /* [B·T, Cv] residual stream, norm / matmul output, attention output */
+    float *x, *ctx;       /* [B·T, Cv] residual stream (proj and fc2 add into it), attention output */
     float *qkv;           /* [B·T, 3Cv] */
     float *mlp;           /* [B·T, mlp_v] */
     float *scores;        /* attention scores: [max(B, NH)·Tq·Tk] of either encoder */
@@ -98,14 +98,13 @@ typedef struct {
 typedef struct {
     const blip2_ops *ops;
     int max_tokens, max_seqs, max_ctx;
-    float *x;                /* [max_tokens, Ct] the residual stream */
-    float *a;                /* [max_tokens, Ct] a row-parallel matmul's partial sum, or the final norm's output */
-    void *h;                 /* [max_tokens, Ct] the other norms' outputs, of blip2_adtype (a itself when fp32) */
+    float *x;                /* [max_tokens, Ct] the residual stream (the row-parallel matmuls add into it) */
+    void *h;                 /* [max_tokens, Ct] of blip2_adtype: a norm's output where not fused into its matmul */
     float *qkv;              /* [max_tokens, 3Cl] q | k | v of this rank's heads (one matmul) */
     float *ctx;              /* [max_tokens, Cl] attention output */
     float *mlp;              /* [max_tokens, ffn_local] */
     float *scores;           /* [max_ctx] (host backends) */
-    float *last;             /* [max_seqs, Ct] */
+    float *last;             /* [max_seqs, Ct] each sequence's last row, then its final norm */
     float *logits;           /* [max_seqs, V_local]: the step's result, one row per sequence */
     int32_t *pick;           /* [2·max_seqs] per-row argmax: n ids, then n values (float bits) */
     int32_t *idx;            /* backend copy of the step's index arrays (below) */

@@ -66,9 +66,7 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->max_ctx = max_ctx;
     ws->idx_cap = idx_ints(max_tokens, max_seqs, max_ctx);
     ws->x = o->alloc(sizeof(float) * T * C);
-    ws->a = o->alloc(sizeof(float) * T * C);
-    int ad = blip2_adtype(m);
-    ws->h = ad == BLIP2_W_F32 ? ws->a : o->alloc(blip2_wdtype_size(ad) * T * C);
+    ws->h = o->alloc(blip2_wdtype_size(blip2_adtype(m)) * T * C);
     ws->qkv = o->alloc(sizeof(float) * T * 3 * s->C);
     ws->ctx = o->alloc(sizeof(float) * T * s->C);
     ws->mlp = o->alloc(sizeof(float) * T * s->ffn);
@@ -80,7 +78,7 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
     ws->host_idx = malloc(sizeof(int32_t) * ws->idx_cap);
     ws->host_pick = malloc(sizeof(int32_t) * 2 * S);
     ws->host_all = malloc(sizeof(blip2_scored_id) * S * (size_t)(s->world + 1));
-    if (!ws->x || !ws->a || !ws->h || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits ||
+    if (!ws->x || !ws->h || !ws->qkv || !ws->ctx || !ws->mlp || !ws->scores || !ws->last || !ws->logits ||
         !ws->pick || !ws->idx || !ws->host_idx || !ws->host_pick || !ws->host_all ||
         blip2_graph_cache_init(&ws->graphs, o, max_seqs, "decode step", st)) {
         blip2_opt_ws_free(ws);
@@ -92,9 +90,8 @@ blip2_code blip2_opt_ws_init(blip2_opt_ws *ws, const blip2_model *m, int max_tok
 void blip2_opt_ws_free(blip2_opt_ws *ws) {
     const blip2_ops *o = ws->ops;
     if (o) {
-        void *bufs[] = {ws->x, ws->a, ws->qkv, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits, ws->pick, ws->idx};
+        void *bufs[] = {ws->x, ws->h, ws->qkv, ws->ctx, ws->mlp, ws->scores, ws->last, ws->logits, ws->pick, ws->idx};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) o->release(bufs[i]);
-        if (ws->h != ws->a) o->release(ws->h);
         blip2_graph_cache_free(&ws->graphs);
     }
     free(ws->host_idx);
@@ -139,7 +136,7 @@ static blip2_code reduce(const blip2_tp *tp, float *y, size_t n, blip2_status *s
 
 /* Vocab-parallel embedding: each rank writes the rows it owns (its vocab slice; rank 0 also the
  * image rows) and zeros elsewhere, so one all-reduce assembles every row exactly (x + 0 = x).
- * Ends with h = LN1 of layer 0. */
+ * Ends with x, the residual stream. */
 static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int32_t *tokens, const float *image_rows,
                             blip2_opt_ws *ws, const step_idx *ix, blip2_status *st) {
     const blip2_ops *o = m->ops;
@@ -158,8 +155,6 @@ static blip2_code opt_embed(const blip2_model *m, const blip2_tp *tp, const int3
     blip2_code rc = reduce(tp, ws->x, (size_t)ix->T * C, st);
     if (rc) return rc;
     o->add_rows_at(ws->x, m->opt.wpe, ix->pos, ix->T, C);
-    o->layernorm_a(ws->h, ws->x, m->opt.layers[0].ln1_w, m->opt.layers[0].ln1_b, ix->T, C, m->cfg.opt.eps,
-                   blip2_adtype(m));
     return BLIP2_OK;
 }
 
@@ -179,39 +174,39 @@ static void opt_attention(const blip2_model *m, blip2_kv_pool *kv, int layer, co
                        3 * Cl, Cl, 1.0f / sqrtf((float)m->cfg.opt.HS)); /* eager OPT scales q before q·kᵀ */
 }
 
-/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice. On entry h =
- * LN1(x); on exit h = the next layer's LN1(x), or after the last layer a = the final norm's (fp32,
- * for the LM head's rows). Eight launches (qkv, kv write, attention, out_proj, add+norm, fc1+ReLU,
- * fc2, add+norm) and two all-reduces; the row-parallel biases are added once, after the sums,
- * inside the add+norm. The norms and fc1 write h and mlp in the activation type (blip2_adtype:
- * 16-bit on a device), which qkv, fc1 and fc2 read as they are: ncu (H100, batch 64) had the
- * narrowing before each cuBLASLt matmul at 8 % of a step. */
+/* A row-parallel matmul's product added into the residual stream x: rank 0 adds its partial
+ * product and the bias to x, the other ranks overwrite their x with their partial product, and
+ * the all-reduce sums them, so every rank holds x + Σ partials + bias with no separate add. */
+static blip2_code add_row_parallel(const blip2_model *m, const blip2_tp *tp, float *x, const void *inp, int adtype,
+                                   const float *w, const float *bias, int T, int C_in, int C, blip2_status *st) {
+    if (tp->rank == 0) m->ops->matmul_acc_a(x, inp, w, bias, T, C_in, C, adtype, m->wdtype);
+    else blip2_mm_a(m, x, inp, adtype, w, NULL, T, C_in, C, BLIP2_ACT_NONE);
+    return reduce(tp, x, (size_t)T * C, st);
+}
+
+/* One pre-LN layer over all T rows of the step on this rank's heads and ffn slice, on the
+ * residual stream x. Each norm is the prologue of the matmul after it (matmul_ln_a: one launch at
+ * a decode step of one sequence, the norm kernel and the matmul otherwise) and each row-parallel
+ * matmul adds into x itself (add_row_parallel): five launches at batch 1 (qkv, attention,
+ * out_proj, fc1, fc2; a prefill chunk also writes its keys first) and two all-reduces. h (the
+ * norm's output, where not fused) and fc1's output are in the activation type (blip2_adtype:
+ * 16-bit on a device), which the matmuls read as they are: ncu (H100, batch 64) had the narrowing
+ * before each cuBLASLt matmul at 8 % of a step. */
 static blip2_code opt_layer_forward(const blip2_model *m, const blip2_tp *tp, blip2_kv_pool *kv, int layer,
                                     const step_idx *ix, blip2_opt_ws *ws, blip2_status *st) {
     const blip2_opt_config *c = &m->cfg.opt;
     const blip2_opt_shard *s = &m->shard;
     const blip2_opt_layer *L = &m->opt.layers[layer];
-    const blip2_ops *o = m->ops;
-    int C = c->C, Cl = s->C, T = ix->T, ad = blip2_adtype(m);
-    size_t n = (size_t)T * C;
-    blip2_mm_a(m, ws->qkv, ws->h, ad, L->qkv_w, L->qkv_b, T, C, 3 * Cl, BLIP2_ACT_NONE);
+    int C = c->C, Cl = s->C, T = ix->T;
+    blip2_mm_ln_ao(m, ws->qkv, BLIP2_W_F32, ws->h, ws->x, L->ln1_w, L->ln1_b, c->eps, L->qkv_w, L->qkv_b, NULL, T, C,
+                   3 * Cl, BLIP2_ACT_NONE);
     opt_attention(m, kv, layer, ix, ws);
-    blip2_mm(m, ws->a, ws->ctx, L->o_w, NULL, T, Cl, C, BLIP2_ACT_NONE);
-    blip2_code rc = reduce(tp, ws->a, n, st);
+    blip2_code rc = add_row_parallel(m, tp, ws->x, ws->ctx, BLIP2_W_F32, L->o_w, L->o_b, T, Cl, C, st);
     if (rc) return rc;
-    o->residual_layernorm_a(ws->x, ws->h, ws->a, L->o_b, L->ln2_w, L->ln2_b, T, C, c->eps, ad); /* x += a + o_b; h = LN2 */
     int od = blip2_out16_type(m); /* 16-bit on a device: what fc2 reads, no narrowing pass */
-    blip2_mm_ao(m, ws->mlp, od, ws->h, ad, L->fc1_w, L->fc1_b, L->fc1_b16, T, C, s->ffn, BLIP2_ACT_RELU);
-    blip2_mm_a(m, ws->a, ws->mlp, od, L->fc2_w, NULL, T, s->ffn, C, BLIP2_ACT_NONE);
-    rc = reduce(tp, ws->a, n, st);
-    if (rc) return rc;
-    if (layer + 1 < c->layers) { /* x += a + fc2_b; h = the next LN1(x) */
-        const blip2_opt_layer *N = &m->opt.layers[layer + 1];
-        o->residual_layernorm_a(ws->x, ws->h, ws->a, L->fc2_b, N->ln1_w, N->ln1_b, T, C, c->eps, ad);
-    } else { /* x += a + fc2_b; a = the final LN(x) */
-        o->residual_layernorm(ws->x, ws->a, ws->a, L->fc2_b, m->opt.ln_f_w, m->opt.ln_f_b, T, C, c->eps);
-    }
-    return BLIP2_OK;
+    blip2_mm_ln_ao(m, ws->mlp, od, ws->h, ws->x, L->ln2_w, L->ln2_b, c->eps, L->fc1_w, L->fc1_b, L->fc1_b16, T, C, s->ffn,
+                   BLIP2_ACT_RELU);
+    return add_row_parallel(m, tp, ws->x, ws->mlp, od, L->fc2_w, L->fc2_b, T, s->ffn, C, st);
 }
 
 static blip2_code check_step(const blip2_model *m, const blip2_kv_pool *kv, const blip2_seq_step *seqs, int n_seqs,
@@ -241,7 +236,8 @@ static blip2_code step_body(const blip2_model *m, const blip2_tp *tp, blip2_kv_p
     blip2_code rc = opt_embed(m, tp, tokens, image_rows, ws, ix, st);
     for (int l = 0; !rc && l < c->layers; l++) rc = opt_layer_forward(m, tp, kv, l, ix, ws, st);
     if (rc) return rc;
-    m->ops->gather_rows(ws->last, ws->a, ix->last, ix->n_seqs, c->C); /* only each sequence's last row needs logits */
+    m->ops->gather_rows(ws->last, ws->x, ix->last, ix->n_seqs, c->C); /* only each sequence's last row needs logits */
+    m->ops->layernorm(ws->last, ws->last, m->opt.ln_f_w, m->opt.ln_f_b, ix->n_seqs, c->C, c->eps); /* final norm */
     blip2_mm(m, ws->logits, ws->last, m->opt.lm_head, NULL, ix->n_seqs, c->C, m->shard.V, BLIP2_ACT_NONE); /* vocab slice */
     return BLIP2_OK;
 }

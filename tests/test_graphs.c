@@ -20,8 +20,8 @@
 /* ---- the recording backend ---- */
 
 enum {
-    OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_LNA, OP_MMA, OP_ACTA, OP_KVW, OP_ATTN, OP_RLN, OP_RLNA, OP_GATHER,
-    OP_I2C, OP_COPY, OP_ADD_ROWS, OP_DENSE_ATTN
+    OP_EMB_VP, OP_ADD_ROWS_AT, OP_LN, OP_LNA, OP_MMA, OP_ACTA, OP_KVW, OP_ATTN, OP_RLN, OP_GATHER,
+    OP_I2C, OP_COPY, OP_ADD_ROWS, OP_DENSE_ATTN, OP_MM_ACC, OP_MM_LN
 };
 
 typedef struct {
@@ -71,6 +71,16 @@ static void r_matmul_a(void *out, const void *inp, const void *w, const void *bi
     if (!g_recording) return blip2_cpu_ops.matmul_a(out, inp, w, bias, T, C, OC, ad, wd, act, od);
     rec((tape_op){OP_MMA, {out, inp, w, bias}, {T, C, OC, ad, wd, act, od}, {0}, 0});
 }
+static void r_matmul_acc_a(float *out, const void *inp, const void *w, const float *bias, int T, int C, int OC, int ad,
+                           int wd) {
+    if (!g_recording) return blip2_cpu_ops.matmul_acc_a(out, inp, w, bias, T, C, OC, ad, wd);
+    rec((tape_op){OP_MM_ACC, {P(out), inp, w, P(bias)}, {T, C, OC, ad, wd}, {0}, 0});
+}
+static void r_matmul_ln_a(void *out, void *h, const float *x, const float *lw, const float *lb, float eps, const void *w,
+                          const void *bias, int T, int C, int OC, int ad, int wd, int act, int od) {
+    if (!g_recording) return blip2_cpu_ops.matmul_ln_a(out, h, x, lw, lb, eps, w, bias, T, C, OC, ad, wd, act, od);
+    rec((tape_op){OP_MM_LN, {out, h, P(x), P(lw), P(lb), w, bias}, {T, C, OC, ad, wd, act, od}, {eps}, 0});
+}
 static void r_activate_a(void *out, const void *x, size_t n, int act, int ad, int xd) {
     if (!g_recording) return blip2_cpu_ops.activate_a(out, x, n, act, ad, xd);
     rec((tape_op){OP_ACTA, {out, x}, {act, ad, xd}, {0}, n});
@@ -93,11 +103,6 @@ static void r_residual_layernorm(float *res, float *out, const float *y, const f
                                  int T, int C, float eps) {
     if (!g_recording) return blip2_cpu_ops.residual_layernorm(res, out, y, bias, w, b, T, C, eps);
     rec((tape_op){OP_RLN, {P(res), P(out), P(y), P(bias), P(w), P(b)}, {T, C}, {eps}, 0});
-}
-static void r_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w,
-                                   const float *b, int T, int C, float eps, int ad) {
-    if (!g_recording) return blip2_cpu_ops.residual_layernorm_a(res, out, y, bias, w, b, T, C, eps, ad);
-    rec((tape_op){OP_RLNA, {P(res), out, P(y), P(bias), P(w), P(b)}, {T, C, ad}, {eps}, 0});
 }
 static void r_gather_rows(float *out, const float *x, const int32_t *rows, int n, int C) {
     if (!g_recording) return blip2_cpu_ops.gather_rows(out, x, rows, n, C);
@@ -153,6 +158,11 @@ static void play(const tape *t) {
             c->matmul_a((void *)o->p[0], o->p[1], o->p[2], o->p[3], i[0], i[1], i[2], i[3], i[4], i[5], i[6]);
             break;
         case OP_ACTA: c->activate_a((void *)o->p[0], o->p[1], o->z, i[0], i[1], i[2]); break;
+        case OP_MM_ACC: c->matmul_acc_a(F(o->p[0]), o->p[1], o->p[2], F(o->p[3]), i[0], i[1], i[2], i[3], i[4]); break;
+        case OP_MM_LN:
+            c->matmul_ln_a((void *)o->p[0], (void *)o->p[1], F(o->p[2]), F(o->p[3]), F(o->p[4]), o->f[0], o->p[5], o->p[6],
+                           i[0], i[1], i[2], i[3], i[4], i[5], i[6]);
+            break;
         case OP_KVW:
             c->kv_write((void *)o->p[0], (void *)o->p[1], i[0], F(o->p[2]), F(o->p[3]), i[1], I(o->p[4]), i[2], I(o->p[5]),
                         i[3], i[4], i[5]);
@@ -163,10 +173,6 @@ static void play(const tape *t) {
             break;
         case OP_RLN:
             c->residual_layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1], o->f[0]);
-            break;
-        case OP_RLNA:
-            c->residual_layernorm_a(F(o->p[0]), (void *)o->p[1], F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1],
-                                    o->f[0], i[2]);
             break;
         case OP_GATHER: c->gather_rows(F(o->p[0]), F(o->p[1]), I(o->p[2]), i[0], i[1]); break;
         case OP_I2C: c->im2col_patches(F(o->p[0]), F(o->p[1]), i[0], i[1], i[2], i[3]); break;
@@ -219,7 +225,7 @@ static blip2_ops recording_ops(void) {
     o.graph_launch = r_graph_launch, o.graph_free = r_graph_free;
     o.embedding_vp = r_embedding_vp, o.add_rows_at = r_add_rows_at, o.layernorm = r_layernorm;
     o.layernorm_a = r_layernorm_a, o.matmul_a = r_matmul_a, o.activate_a = r_activate_a;
-    o.residual_layernorm_a = r_residual_layernorm_a;
+    o.matmul_acc_a = r_matmul_acc_a, o.matmul_ln_a = r_matmul_ln_a;
     o.kv_write = r_kv_write, o.attention_paged = r_attention_paged;
     o.residual_layernorm = r_residual_layernorm, o.gather_rows = r_gather_rows;
     o.im2col_patches = r_im2col, o.copy = r_copy, o.add_rows = r_add_rows, o.attention = r_attention;

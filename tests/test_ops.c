@@ -368,15 +368,23 @@ static double freivalds_vectors(op_ctx *x, const float *W, const float *B, int C
     }
     return br;
 }
+/* The error is measured against the size of the terms, √Σ_t Σ_o (O[t,o]·r[o])², not against
+ * Σ_o O[t,o]·r[o] itself: the same expectation, but at T = 1 that one sum is now and then near 0
+ * by chance (over seeds 1 to 40 the T = 1 cases of matmul, matmul_h and matmul_a failed the old
+ * bound 7 times, 1.1e-5 to 2e-4, with every element within 1e-6). A row computed from the wrong
+ * inputs is still ~1/√T off. */
 static void projection_check(op_ctx *x, const float *I, const float *W, const float *B, const float *O, int T, int C,
                              int OC, double tol) {
     double *r, *u, num = 0, den = 0, br = freivalds_vectors(x, W, B, C, OC, &r, &u);
     for (int t = 0; t < T; t++) {
         double y = 0, z = br;
-        for (int o = 0; o < OC; o++) y += O[(size_t)t * OC + o] * r[o];
+        for (int o = 0; o < OC; o++) {
+            double v = O[(size_t)t * OC + o] * r[o];
+            y += v;
+            den += v * v;
+        }
         for (int c = 0; c < C; c++) z += I[(size_t)t * C + c] * u[c];
         num += (y - z) * (y - z);
-        den += z * z;
     }
     double rel = den > 0 ? sqrt(num / den) : sqrt(num);
     if (isnan(rel)) rel = INFINITY;
@@ -583,7 +591,10 @@ static void setup_activate_a(op_ctx *x) {
     int in = buf_new_w(x, inplace ? B_INOUT : B_IN, (size_t)n, xd);
     int out = inplace ? in : buf_new_w(x, B_OUT, (size_t)n, ad);
     float *v = xmalloc(sizeof(float) * (size_t)n);
-    fill_uniform(&x->rng, v, (size_t)n, -6, 6);
+    /* Under 100 elements (TOL_ACT allows one neighbour's rounding) from -4: below it GELU is under
+     * f16's smallest normal, where one rounding step is a large part of a lone value (n = 1:
+     * 0.26 % off at one of seeds 1-13). */
+    fill_uniform(&x->rng, v, (size_t)n, n < 100 ? -4 : -6, 6);
     if (xd == BLIP2_W_F32) {
         memcpy(H(x, in), v, sizeof(float) * (size_t)n);
     } else {
@@ -933,9 +944,192 @@ static void exec_residual_layernorm(op_ctx *x) {
     x->be->residual_layernorm(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
                               D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f);
 }
-static void exec_residual_layernorm_a(op_ctx *x) {
-    x->be->residual_layernorm_a(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), x->a[5] >= 0 ? D(x, x->a[5]) : NULL,
-                                D(x, x->a[3]), D(x, x->a[4]), x->c->p[0], x->c->p[1], x->c->f, x->c->p[5]);
+
+/* ------------------------------------------------------------------------------------------------
+ * matmul_acc_a: p = {T, C, OC, bias, adtype, wdtype} (p[6] = act NONE, p[7] = odtype F32: what
+ * setup_matmul_a then draws is exactly this op's inputs, an fp32 bias). out [T, OC] fp32 is in/out:
+ * it starts N(0, √C/3), the spread of the product itself, so a dropped product and a dropped
+ * out_before are both ~70% off; the reference is out_before + bias + inp·Wᵀ in double. The bounds
+ * are matmul_a's (16-bit inputs exact: fp32's on every backend; fp32 inputs with 16-bit weights:
+ * the device rounds them, tol_dev). Every row is also checked by projection of out − out_before. */
+static void setup_matmul_acc_a(op_ctx *x) {
+    const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2];
+    setup_matmul_a(x);
+    strncat(x->desc, " (out +=)", sizeof x->desc - strlen(x->desc) - 1);
+    int out = x->a[3];
+    x->b[out].role = B_INOUT;
+    fill_normal(&x->rng, H(x, out), (size_t)T * OC, 0.0f, C > 9 ? sqrtf((float)C) / 3 : 1.0f);
+    const float *before = H(x, out);
+    for (int t = 0; t < T; t++)
+        if (row_checked(x, t))
+            for (int o = 0; o < OC; o++) x->ref[(size_t)t * OC + o] += before[(size_t)t * OC + o];
+    x->bytes += 4.0 * T * OC; /* out is read as well as written */
+}
+static void exec_matmul_acc_a(op_ctx *x) {
+    const int *p = x->c->p;
+    x->be->matmul_acc_a(D(x, x->a[3]), D(x, x->a[0]), D(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, p[0], p[1],
+                        p[2], p[4], p[5]);
+}
+/* Every row by projection: (out − out_before)·r against inp·(Wᵀr) + b·r (the fp32 difference adds
+ * ~1e-7 of the product: far below the bound). */
+static void extra_matmul_acc_a(op_ctx *x) {
+    const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2], ob = x->a[3];
+    size_t n = (size_t)T * OC;
+    const float *W = x->aux, *I = W + (size_t)OC * C, *B = p[3] ? I + (size_t)T * C : NULL;
+    const float *after = H(x, ob), *before = (const float *)(x->b[ob].pristine + GUARD);
+    float *d = xmalloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) d[i] = after[i] - before[i];
+    projection_check(x, I, W, B, d, T, C, OC, case_tol(x));
+    free(d);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * matmul_ln_a: p = {T, C, OC, bias, adtype, wdtype, act, odtype, variant}, f = eps (p[0..7] as
+ * matmul_a's, aux as setup_matmul_a's with the reference h as the inputs: without an activation
+ * every row is also checked by projection). x [T, C] fp32 rows as layernorm's
+ * variants (0: N(0, 1); 2: mean 50, std 1: a one-pass variance in fp32 fails; 3: variance = eps,
+ * where eps counts as much as the data), ln_w N(1, 0.1), ln_b N(0, 0.5); W and the bias (of
+ * odtype) as matmul_a. The reference: h = LN(x) in double (ln_ref_rows), rounded to adtype as
+ * layernorm_a stores it, then act(h·Wᵀ + bias) in double, rounded as a 16-bit out (round_ref).
+ *
+ * The op's norm is fp32 (mean rounded to float, then fp32 arithmetic: both backends, the fused GEMV
+ * included); where its value and the double one straddle a midpoint of adtype they round to
+ * neighbours, one element a whole 16-bit ulp off, which costs ~2e-5 (f16) or ~1e-4 (bf16) of the
+ * output at C = 2560 and more at small C. So that the reference h is exact instead, setup moves
+ * each such element off the midpoint (ln_x_exact16): a bound on the fp32 norm's error e per
+ * element (2 float ulps of the mean, times rstd·|w|, plus 2e-6 of |x̂·w| + |b|: about four times
+ * the error of its roundings), and x[c] nudged until h[c] lies at least e from every midpoint (for
+ * |h| so small that its ulp is under 8e, moved to 1.5·2^k with an ulp of at least 8e). The row's
+ * mean and variance move with it, so this repeats until no element is near a midpoint (a few
+ * passes). With h exact the bound is matmul_a's: 1e-5 for an fp32 out (fp32 sums), TOL_SUM16 for a
+ * 16-bit one. Against that, for h: an unrounded 16-bit h is ~2e-4 (f16) or ~2e-3 (bf16) off, a
+ * missing ln_b ~40%, an unnormalised or un-centred row ≥ 2% (N(0, 1), C = 2560) or far more
+ * (offset rows), and a wrong eps, eps outside the sqrt or eps dropped ~30% in the variance = eps
+ * rows (in N(0, 1) rows eps is 1e-5 of the variance: only variant 3 tests it). h is the op's scratch
+ * (the fused GEMV does not write it): never compared, but its guards are. */
+/* Distance from v to the nearest rounding midpoint of adtype (the boundary between v's rounded
+ * value and a neighbour), and the spacing of values at v. */
+static double mid_dist16(double v, int ad, double *spacing) {
+    uint16_t h = t_to16((float)v, ad), mag = h & 0x7fff, s = h & 0x8000;
+    double r = t_from16(h, ad), up = t_from16((uint16_t)(s | (mag + 1)), ad);
+    double dn = mag ? t_from16((uint16_t)(s | (mag - 1)), ad) : -t_from16((uint16_t)(s | 1), ad);
+    *spacing = fabs(up - r) < fabs(r - dn) ? fabs(up - r) : fabs(r - dn);
+    double a = fabs(v - (r + up) / 2), b = fabs(v - (r + dn) / 2);
+    return a < b ? a : b;
+}
+/* Nudges row X [C] (see above) so that its double LN rounds to adtype unambiguously; writes that
+ * LN, rounded to adtype (F32: to float), into Hr [C]. */
+static void ln_x_exact16(float *X, const float *W, const float *B, int C, float eps, int ad, float *Hr) {
+    double *row = xmalloc(sizeof(double) * (size_t)C), *v = xmalloc(sizeof(double) * (size_t)C);
+    for (int pass = 0;; pass++) {
+        double mean = 0, var = 0;
+        for (int i = 0; i < C; i++) mean += row[i] = X[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (row[i] - mean) * (row[i] - mean);
+        double rstd = 1.0 / sqrt(var / C + (double)eps);
+        ln_ref_rows(v, row, 1, C, W, B, eps);
+        if (ad == BLIP2_W_F32) {
+            for (int i = 0; i < C; i++) Hr[i] = (float)v[i];
+            break;
+        }
+        float mf = (float)mean;
+        double mean_ulp = nextafterf(fabsf(mf), INFINITY) - fabsf(mf);
+        int moved = 0;
+        for (int i = 0; i < C; i++) {
+            double sp, d = mid_dist16(v[i], ad, &sp);
+            double e = 2 * mean_ulp * rstd * fabs(W[i]) + 2e-6 * (fabs(v[i] - B[i]) + fabs(B[i])) + 1e-30;
+            if (d >= e && sp >= 8 * e) continue;
+            double target = t_from16(t_to16((float)v[i], ad), ad);
+            if (sp < 8 * e) { /* too fine here: 1.5·2^k, whose spacing is at least 8e */
+                double pk = ldexp(1.0, -30);
+                while (ulp16((float)pk, ad) < 8 * e) pk *= 2;
+                target = (v[i] < 0 ? -1.5 : 1.5) * pk;
+            }
+            X[i] = (float)(X[i] + (target - v[i]) / (rstd * W[i]));
+            moved++;
+        }
+        if (!moved) {
+            for (int i = 0; i < C; i++) Hr[i] = t_from16(t_to16((float)v[i], ad), ad);
+            break;
+        }
+        if (pass == 50) {
+            fprintf(stderr, "test_ops: matmul_ln_a: could not move a row's LN off the rounding midpoints\n");
+            exit(2);
+        }
+    }
+    free(row);
+    free(v);
+}
+static void setup_matmul_ln_a(op_ctx *x) {
+    const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2], bias = p[3], ad = p[4], wd = p[5], act = p[6], od = p[7], variant = p[8];
+    float eps = x->c->f;
+    snprintf(x->desc, sizeof x->desc, "T=%d C=%d OC=%d LN(eps=%g%s) %s x %s%s%s -> %s", T, C, OC, eps,
+             variant == 2 ? ", offset-rows" : variant == 3 ? ", variance=eps" : "", wd_name(ad), wd_name(wd),
+             bias ? (od == BLIP2_W_F32 ? " +bias" : od == BLIP2_W_F16 ? " +f16 bias" : " +bf16 bias") : "",
+             act == BLIP2_ACT_GELU ? " +gelu" : act == BLIP2_ACT_RELU ? " +relu" : "", wd_name(od));
+    size_t nw = (size_t)OC * C, ni = (size_t)T * C, nb = bias ? (size_t)OC : 0;
+    int xb = buf_new(x, B_IN, ni), lw = buf_new(x, B_IN, C), lb = buf_new(x, B_IN, C);
+    int w = buf_new_w(x, B_IN, nw, wd), b = bias ? buf_new_w(x, B_IN, OC, od) : -1;
+    int h = buf_new_w(x, B_SCRATCH, ni, ad), out = buf_new_w(x, B_OUT, (size_t)T * OC, od);
+    float *X = H(x, xb);
+    for (int t = 0; t < T; t++) {
+        float *row = X + (size_t)t * C;
+        if (variant == 2) fill_normal(&x->rng, row, C, 50.0f, 1.0f);
+        else if (variant == 3) fill_normal(&x->rng, row, C, 0.0f, sqrtf(eps));
+        else fill_normal(&x->rng, row, C, 0.0f, 1.0f);
+    }
+    fill_normal(&x->rng, H(x, lw), C, 1.0f, 0.1f);
+    fill_normal(&x->rng, H(x, lb), C, 0.0f, 0.5f);
+    /* aux: the widened weights [OC, C], the reference h [T, C], the widened bias [OC] (matmul_a's) */
+    float *W = xmalloc(sizeof(float) * (nw + ni + nb ? nw + ni + nb : 1)), *Hr = W + nw, *Bv = Hr + ni;
+    fill_uniform(&x->rng, W, nw, -1, 1);
+    fill_uniform(&x->rng, Bv, nb, -1, 1);
+    const int types[2] = {wd, od}, bufs[2] = {w, b};
+    float *vals[2] = {W, Bv};
+    size_t counts[2] = {nw, nb};
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < counts[k]; i++) {
+            if (types[k] == BLIP2_W_F32) {
+                H(x, bufs[k])[i] = vals[k][i];
+                continue;
+            }
+            H16(x, bufs[k])[i] = t_to16(vals[k][i], types[k]);
+            vals[k][i] = t_from16(H16(x, bufs[k])[i], types[k]);
+        }
+    for (int t = 0; t < T; t++)
+        ln_x_exact16(X + (size_t)t * C, H(x, lw), H(x, lb), C, eps, ad, Hr + (size_t)t * C);
+    x->a[0] = xb, x->a[1] = w, x->a[2] = b, x->a[3] = out, x->a[4] = lw, x->a[5] = lb, x->a[6] = h;
+    x->out = out;
+    x->out_type = od;
+    x->aux = W;
+    plan_rows(x, T, OC, (double)C * OC);
+    for (int t = 0; t < T; t++) {
+        if (!row_checked(x, t)) continue;
+        for (int o = 0; o < OC; o++)
+            x->ref[(size_t)t * OC + o] =
+                act_d((bias ? Bv[o] : 0.0) + dot_d(Hr + (size_t)t * C, W + (size_t)o * C, C), act);
+    }
+    round_ref(x, od);
+    x->flops = 2.0 * T * C * OC + 8.0 * T * C;
+    x->bytes = (double)blip2_wdtype_size(wd) * nw + 4.0 * ni + 8.0 * C +
+               (double)blip2_wdtype_size(od) * ((double)T * OC + nb);
+}
+/* Every row by projection against the reference h (no activation), as extra_matmul_a. */
+static void extra_matmul_ln_a(op_ctx *x) {
+    const int *p = x->c->p;
+    int T = p[0], C = p[1], OC = p[2], od = p[7];
+    if (p[6] != BLIP2_ACT_NONE) return;
+    const float *W = x->aux, *Hr = W + (size_t)OC * C, *B = p[3] ? Hr + (size_t)T * C : NULL;
+    if (od == BLIP2_W_F32) projection_check(x, Hr, W, B, H(x, x->a[3]), T, C, OC, case_tol(x));
+    else projection_check16(x, Hr, W, B, x->a[3], od, T, C, OC, case_tol(x));
+}
+static void exec_matmul_ln_a(op_ctx *x) {
+    const int *p = x->c->p;
+    x->be->matmul_ln_a(D(x, x->a[3]), D(x, x->a[6]), D(x, x->a[0]), D(x, x->a[4]), D(x, x->a[5]), x->c->f,
+                       D(x, x->a[1]), x->a[2] >= 0 ? D(x, x->a[2]) : NULL, p[0], p[1], p[2], p[4], p[5], p[6], p[7]);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1689,8 +1883,6 @@ static void extra_fill_normal(op_ctx *x) {
 #define TOL_A(ad) ((ad) == F32 ? 1e-5 : 1e-4)
 #define LNA(T, C, inpl, var, eps, ad, note) \
     {"layernorm_a", note, setup_layernorm, exec_layernorm_a, NULL, {T, C, inpl, var, ad}, eps, TOL_A(ad), 0, 0}
-#define RLNA(T, C, alias, var, bias, eps, ad, note) \
-    {"residual_layernorm_a", note, setup_residual_layernorm, exec_residual_layernorm_a, NULL, {T, C, alias, var, bias, ad}, eps, TOL_A(ad), 0, 0}
 /* GELU in fp32 on the device and in double in the reference can round to neighbouring 16-bit
  * values where the value sits at a rounding midpoint: one such element of a handful is 2^-11 (f16)
  * or 2^-8 (bf16) of the whole, so cases under 100 elements allow that much. */
@@ -1714,6 +1906,14 @@ static void extra_fill_normal(op_ctx *x) {
  * (its inputs rounded). */
 #define MMAO(T, C, OC, b, ad, wd, act, od, note) \
     {"matmul_a", note, setup_matmul_a, exec_matmul_a, extra_matmul_a, {T, C, OC, b, ad, wd, act, od}, 0, \
+     TOL_SUM16(od), (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
+/* out += the product (fp32 out and bias): matmul_a's bounds. */
+#define MACC(T, C, OC, b, ad, wd, note) \
+    {"matmul_acc_a", note, setup_matmul_acc_a, exec_matmul_acc_a, extra_matmul_acc_a, {T, C, OC, b, ad, wd}, 0, 1e-5, \
+     (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
+/* matmul_a of LN(x): the reference h exact (see setup_matmul_ln_a), so matmul_a's bounds. */
+#define MLN(T, C, OC, b, ad, wd, act, od, var, eps, note) \
+    {"matmul_ln_a", note, setup_matmul_ln_a, exec_matmul_ln_a, extra_matmul_ln_a, {T, C, OC, b, ad, wd, act, od, var}, eps, \
      TOL_SUM16(od), (ad) == F32 && (wd) != F32 ? 1e-2 : 0, 0}
 #define ATT(Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) ATTB(1, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note)
 #define ATTB(B, Tq, Tk, NH, HS, causal, layout, pad, amp, scale, note) \
@@ -1860,12 +2060,6 @@ static const op_case cases[] = {
     LNA(7, 2560, 0, 2, 1e-5f, BF16, "large mean"),
     LNA(3, 7, 1, 0, 1e-12f, F32, "odd, fp32 in place"),
     LNA(65, 13, 0, 0, 1e-6f, F16, "odd (odd element count)"),
-    RLNA(257, 1408, 0, 0, 0, 1e-6f, F16, "vision LN2 -> fc1 input"),
-    RLNA(257, 1408, 0, 0, 0, 1e-6f, BF16, "vision LN2 -> fc1 input"),
-    RLNA(13, 2560, 0, 1, 1, 1e-5f, F16, "variance 0 rows with a bias"),
-    RLNA(7, 2560, 0, 2, 1, 1e-5f, BF16, "large mean"),
-    RLNA(32, 768, 1, 0, 0, 1e-12f, F32, "fp32, out aliases y"),
-    RLNA(3, 7, 0, 0, 1, 1e-12f, F16, "odd"),
     ACTA(257 * 6144, A_GELU, F16, 0, "vision fc1 GELU -> fc2 input"),
     ACTA(257 * 6144, A_GELU, BF16, 0, "vision fc1 GELU -> fc2 input"),
     ACTA(257 * 1408, A_NONE, F16, 0, "image rows -> cross-attention k/v input"),
@@ -1911,6 +2105,31 @@ static const op_case cases[] = {
     MMAO(7, 77, 13, 1, BF16, BF16, A_NONE, BF16, "odd bias count"),
     MMAO(1, 2560, 2560, 1, F32, F16, A_NONE, F16, "fp32 inputs, 16-bit out: matmul_h's GEMV"),
     MMAO(9, 2560, 2560, 1, F32, BF16, A_RELU, BF16, "fp32 inputs, 16-bit out: above the GEMV"),
+    MACC(1, 2560, 2560, 1, F16, F16, "OPT decode out_proj into the residual (the GEMV)"),
+    MACC(1, 10240, 2560, 1, BF16, BF16, "OPT decode fc2 (K=10240) into the residual (the GEMV)"),
+    MACC(2, 2560, 2560, 0, BF16, BF16, "GEMV T=2, no bias"),
+    MACC(5, 100, 77, 1, F16, F16, "GEMV T=5, C % 8 != 0 (scalar GEMV / unaligned)"),
+    MACC(1, 36, 13, 0, BF16, BF16, "odd, C=36: C % 8 != 0"),
+    MACC(64, 2560, 2560, 1, F16, F16, "decode batch 64: cuBLASLt beta = 1"),
+    MACC(257, 1408, 1408, 1, BF16, BF16, "vision proj into the residual"),
+    MACC(45, 2560, 2560, 1, F32, F32, "fp32 model: OPT prefill out_proj"),
+    MACC(3, 36, 100, 0, F32, F32, "odd fp32"),
+    MACC(1, 2560, 2560, 1, F32, F16, "fp32 inputs, f16 weights: matmul_h's GEMV"),
+    MACC(13, 100, 36, 1, F32, BF16, "fp32 inputs, bf16 weights, odd"),
+    MLN(1, 2560, 7680, 1, F16, F16, A_NONE, F32, 0, 1e-5f, "OPT decode qkv: the fused LN GEMV"),
+    MLN(1, 2560, 10240, 1, F16, F16, A_RELU, F16, 0, 1e-5f, "OPT decode fc1 + ReLU, 16-bit out (fused)"),
+    MLN(1, 2560, 10240, 1, BF16, BF16, A_RELU, BF16, 2, 1e-5f, "OPT decode fc1, bf16, large mean (fused)"),
+    MLN(1, 2560, 640, 1, BF16, BF16, A_NONE, F32, 3, 1e-5f, "eps matters (fused)"),
+    MLN(1, 1408, 640, 0, BF16, BF16, A_GELU, F32, 0, 1e-6f, "C=1408, no bias, GELU (fused)"),
+    MLN(1, 4096, 256, 1, F16, F16, A_NONE, F16, 2, 1e-5f, "C=4096: the fused kernel's limit, large mean"),
+    MLN(1, 8, 13, 1, F16, F16, A_NONE, F16, 0, 1e-5f, "C=8: one chunk (fused)"),
+    MLN(1, 4104, 333, 1, BF16, BF16, A_NONE, BF16, 0, 1e-5f, "C=4104, above the fused 4096: LN + matmul_a"),
+    MLN(1, 100, 77, 1, F16, F16, A_GELU, F32, 0, 1e-5f, "C % 8 != 0: LN + matmul_a, GELU"),
+    MLN(3, 2560, 640, 1, F16, F16, A_NONE, F16, 2, 1e-5f, "3 rows: LN + matmul_a, large mean"),
+    MLN(5, 1408, 100, 0, F16, F16, A_RELU, F32, 3, 1e-6f, "5 rows, eps matters"),
+    MLN(64, 2560, 2560, 1, BF16, BF16, A_NONE, F32, 0, 1e-5f, "decode batch 64: LN + cuBLASLt"),
+    MLN(7, 100, 36, 1, F32, F32, A_RELU, F32, 2, 1e-5f, "all fp32, large mean"),
+    MLN(1, 36, 13, 0, F32, F32, A_NONE, F32, 3, 1e-5f, "all fp32, odd, eps matters"),
 
     ATT(257, 257, 16, 88, 0, 1, 0, 0, 0, "vision self-attention"),
     ATTB(4, 257, 257, 16, 88, 0, 1, 0, 0, 0, "vision, 4 images (a loop over images)"),

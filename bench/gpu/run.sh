@@ -13,8 +13,8 @@
 # decode batch 256, the encoders' attention both ways). Side by side with their switches off: the
 # mma encoder attention (ours_products), the block-per-row paged attention (ours_paged_v,
 # ops_perf_paged_v), programmatic dependent launch (ours_nopdl), the 16-bit matmul outputs
-# (ours_out16off) and the fused KV write (ours_kvwrite); RESULTS.md lists what each
-# of them has to show.
+# (ours_out16off), the fused KV write (ours_kvwrite) and the norm inside the one-row GEMV
+# (ours_fusedln_off, ours_lnrows1/2); RESULTS.md lists what each of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
@@ -45,6 +45,12 @@ bench_step() {
   echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
 }
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
+# Decode at batch 1 with each LayerNorm its own kernel before the GEMV (BLIP2_FUSED_LN=0) instead
+# of the norm inside the GEMV (k_gemv_ln), and the fused GEMV with 1 and 2 weight rows a block
+# (BLIP2_GEMV_LN_ROWS; default 4).
+bench_step ours_fusedln_off 40 env BLIP2_FUSED_LN=0 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+bench_step ours_lnrows1 40 env BLIP2_GEMV_LN_ROWS=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+bench_step ours_lnrows2 40 env BLIP2_GEMV_LN_ROWS=2 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
 # The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
 # (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
 bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
@@ -69,6 +75,12 @@ bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
 bench_step ours_256 90 "${BENCH[@]}" --batch 256 --images 1 --steps 32 --engine --json
+# The same with the steps waiting for the image encoder while more requests wait for images than
+# sequences are ready (--hold-for-images: a burst encoded with the GPU to itself, then decoded in
+# one batch, as HF's generate), and at 32 and 64. The JSON's steps / steps_while_encoding /
+# decode_step_ms / prefill_step_ms say where the engine's time went.
+bench_step ours_256_hold 90 "${BENCH[@]}" --batch 256 --images none --steps 32 --engine --hold-for-images 200 --json
+bench_step ours_hold 60 "${BENCH[@]}" --batch 32,64 --images none --steps 32 --engine --hold-for-images 200 --json
 # The same with every image of the 256 encoded in one batch (as HF's generate) instead of batches
 # of 64 between decode steps (run 5: 17.7 ms per token where a step alone takes 7.4).
 bench_step ours_256_img256 90 "${BENCH[@]}" --batch 256 --images 256 --steps 32 --engine --image-batch 256 --json

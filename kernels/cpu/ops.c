@@ -383,19 +383,6 @@ void blip2_layernorm_a(void *out, const float *inp, const float *w, const float 
     }
 }
 
-void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
-                                int T, int C, float eps, int adtype) {
-    if (adtype == BLIP2_W_F32) {
-        blip2_residual_layernorm(res, out, y, bias, w, b, T, C, eps);
-        return;
-    }
-    float row[C > 0 ? C : 1];
-    for (int t = 0; t < T; t++) {
-        blip2_residual_layernorm(res + (size_t)t * C, row, y + (size_t)t * C, bias, w, b, 1, C, eps);
-        store_row(out, adtype, (size_t)t * C, row, C); /* rounded to nearest even */
-    }
-}
-
 void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype) {
     enum { CHUNK = 256 };
     float v[CHUNK];
@@ -451,6 +438,29 @@ static void matmul_a_f32(float *out, const void *inp, const void *weight, const 
         }
         free(x);
     }
+}
+
+/* 64 rows at a time: the product plus bias into a slab, then added to out (the order the fused
+ * residual + norm used: x + (y + bias)). */
+void blip2_matmul_acc_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC,
+                        int adtype, int wdtype) {
+    enum { SLAB = 64 };
+    float *y = malloc(sizeof(float) * SLAB * (size_t)(OC > 0 ? OC : 1));
+    if (!y) abort(); /* 64 rows of outputs: not a request-sized allocation */
+    size_t in_row = (size_t)C * blip2_wdtype_size(adtype);
+    for (int t0 = 0; t0 < T; t0 += SLAB) {
+        int n = T - t0 < SLAB ? T - t0 : SLAB;
+        matmul_a_f32(y, (const char *)inp + (size_t)t0 * in_row, weight, bias, n, C, OC, adtype, wdtype, BLIP2_ACT_NONE);
+        blip2_residual_add(out + (size_t)t0 * OC, y, (size_t)n * OC);
+    }
+    free(y);
+}
+
+void blip2_matmul_ln_a(void *out, void *h, const float *x, const float *ln_w, const float *ln_b, float eps,
+                       const void *weight, const void *bias, int T, int C, int OC, int adtype, int wdtype, int act,
+                       int odtype) {
+    blip2_layernorm_a(h, x, ln_w, ln_b, T, C, eps, adtype);
+    blip2_matmul_a(out, h, weight, bias, T, C, OC, adtype, wdtype, act, odtype);
 }
 
 void blip2_embedding_vp(float *out, const int32_t *ids, const void *table, int wdtype, int T, int C, int v0, int V) {
@@ -551,9 +561,10 @@ const blip2_ops blip2_cpu_ops = {
     .layernorm = blip2_layernorm,
     .residual_layernorm = blip2_residual_layernorm,
     .layernorm_a = blip2_layernorm_a,
-    .residual_layernorm_a = blip2_residual_layernorm_a,
     .activate_a = blip2_activate_a,
     .matmul_a = blip2_matmul_a,
+    .matmul_acc_a = blip2_matmul_acc_a,
+    .matmul_ln_a = blip2_matmul_ln_a,
     .residual_add = blip2_residual_add,
     .gelu = blip2_gelu,
     .relu = blip2_relu,

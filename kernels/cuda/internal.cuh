@@ -20,7 +20,7 @@
 /* One cached cuBLASLt algorithm: the heuristic's first choice for a problem key. ok == 0 means the
  * heuristic offered nothing for the key (or cuBLASLt refused it), so the op uses cublasGemmEx. */
 typedef struct {
-    int T, C, OC, abtype, dtype, epilogue, bias; /* problem */
+    int T, C, OC, abtype, dtype, epilogue, bias, accumulate; /* problem (accumulate: beta = 1, C = D) */
     int align_a, align_b, align_d, align_bias; /* pointer alignments (bytes, capped at 256) the algorithm was chosen for */
 } blip2_lt_key;
 

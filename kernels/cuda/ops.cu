@@ -786,19 +786,21 @@ blip2_lt_entry *lt_algo(blip2_cuda_ctx *c, const blip2_lt_key *key, cublasLtMatm
 static int w_of(cudaDataType_t t) { return t == CUDA_R_16F ? BLIP2_W_F16 : t == CUDA_R_16BF ? BLIP2_W_BF16 : BLIP2_W_F32; }
 
 /* out[T, OC] = in[T, C] · w[OC, C]ᵀ (+ bias) (ReLU if relu), A/B of type ab, C/D and the bias of
- * type dt (fp32, or ab: a 16-bit out), fp32 compute.
+ * type dt (fp32, or ab: a 16-bit out), fp32 compute; with acc, out += the same (beta = 1, C = D:
+ * cuBLASLt adds out to the product, then the bias).
  * Column-major: D[OC × T] = op(A)·B with A = w as C × OC (lda C) transposed, B = in as C × T (ldb C). */
 void gemm(blip2_cuda_ctx *c, void *out, cudaDataType_t dt, const void *w, const void *in, cudaDataType_t ab,
-          const void *bias, int T, int C, int OC, int relu) {
+          const void *bias, int T, int C, int OC, int relu, bool acc = false) {
     size_t n_out = (size_t)T * OC;
     const int od = w_of(dt);
-    if (C == 0) { /* no products: out = act(bias or 0) */
-        if (!CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * blip2_wdtype_size(od), c->stream))) return;
+    if (C == 0) { /* no products: out = act(bias or 0), or out += bias */
+        if (!acc && !CUDA_CK(c, cudaMemsetAsync(out, 0, n_out * blip2_wdtype_size(od), c->stream))) return;
+        if (acc && !bias) return;
         launch(k_bias_act, grid_for(n_out), NT, 0, c->stream, out, od, bias, n_out, OC, relu);
         LAUNCH_CK(c, "k_bias_act");
         return;
     }
-    const float alpha = 1.0f, beta = 0.0f;
+    const float alpha = 1.0f, beta = acc ? 1.0f : 0.0f;
     cublasLtMatmulDescOpaque_t dop;
     cublasLtMatmulDesc_t desc = &dop;
     cublasLtMatrixLayoutOpaque_t lao, lbo, ldo;
@@ -821,7 +823,7 @@ void gemm(blip2_cuda_ctx *c, void *out, cudaDataType_t dt, const void *w, const 
     blip2_lt_key key;
     memset(&key, 0, sizeof key);
     key.T = T, key.C = C, key.OC = OC, key.abtype = (int)ab, key.dtype = (int)dt, key.epilogue = (int)epi;
-    key.bias = bias != NULL;
+    key.bias = bias != NULL, key.accumulate = acc;
     key.align_a = align_of(w), key.align_b = align_of(in), key.align_d = align_of(out);
     key.align_bias = bias ? align_of(bias) : 0;
     blip2_lt_entry *e = lt_algo(c, &key, desc, la, lb, ld);
@@ -947,6 +949,9 @@ template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void lo
     }
 }
 
+/* The GEMV's odtype for out += product + bias (matmul_acc_a): fp32 out and bias, no activation. */
+constexpr int GEMV_OUT_ADD = 0x100;
+
 /* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
  * (blockDim.x / 32)·T·R floats. */
 template <int T, int R>
@@ -967,8 +972,13 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, void
         if (o < OC) {
             float s = 0.0f;
             for (int k = 0; k < nw; k++) s += red[k * (T * R) + i];
-            if (bias) s += load_act(bias, odtype, o); /* fp32, or 16-bit with a 16-bit out */
-            store_act(out, odtype, (size_t)t * OC + o, act_of(s, act));
+            if (odtype == GEMV_OUT_ADD) { /* the residual stream: x + (product + bias), as the reference */
+                float *p = (float *)out + (size_t)t * OC + o;
+                *p = *p + (bias ? s + ((const float *)bias)[o] : s);
+            } else {
+                if (bias) s += load_act(bias, odtype, o); /* fp32, or 16-bit with a 16-bit out */
+                store_act(out, odtype, (size_t)t * OC + o, act_of(s, act));
+            }
         }
     }
 }
@@ -1064,6 +1074,92 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
     gemv_finish<T, R>(acc, red, out, odtype, bias, o0, OC, act);
 }
 
+/* k_gemv_ln: the one-row GEMV of LN(x) (matmul_ln_a at T = 1, a decode step's qkv and fc1): the
+ * norm that would be its own launch (a 2560-float row: ~5.6 µs under ncu on an H100, twice a
+ * layer) is done by every block on the row it reads anyway. Each thread holds its 8-column chunks
+ * k = i, i + bs (U = GEMV_LN_CHUNKS, one pass: C <= 8·U·GEMV_MAX_THREADS) of the row and of R
+ * weight rows in registers; the weights are loaded before the PDL wait (immutable), so they
+ * stream while the kernel before finishes and while the block sums the row. The mean and
+ * variance are the LN kernels' (double sums, two passes, the same formulas; only the order of
+ * the double sums differs), each normalised value is rounded to the weights' type as layernorm_a
+ * stores it, so the products are those of the unfused pair. R rows a block share the row's
+ * loads and sums (R = BLIP2_GEMV_LN_ROWS: 1, 2 or 4, default 4). x, ln_w and ln_b are read as
+ * float4 (16-byte aligned, C % 8 == 0: gemv_ln_ok). */
+constexpr int GEMV_LN_CHUNKS = 2;
+template <typename WT, int R>
+__global__ void __launch_bounds__(GEMV_MAX_THREADS)
+    k_gemv_ln(void *__restrict__ out, int odtype, const float *__restrict__ x, const float *__restrict__ lw,
+              const float *__restrict__ lb, float eps, const uint16_t *__restrict__ w, const void *__restrict__ bias,
+              int C, int OC, int act) {
+    constexpr int U = GEMV_LN_CHUNKS;
+    pdl_trigger();
+    const int o0 = (int)blockIdx.x * R, nk = C >> 3, bs = (int)blockDim.x, tid = (int)threadIdx.x;
+    uint4 q[U][R];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int k = tid + u * bs;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            q[u][r] = k < nk ? __ldcs(reinterpret_cast<const uint4 *>(w + (size_t)min(o0 + r, OC - 1) * C) + k)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
+    pdl_wait();
+    __shared__ double red_d[32];
+    __shared__ float red[GEMV_MAX_THREADS / 32 * R];
+    float v[U][8];
+    double s = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int k = tid + u * bs;
+        if (k < nk) {
+            const float4 a = __ldg(reinterpret_cast<const float4 *>(x) + 2 * k), b = __ldg(reinterpret_cast<const float4 *>(x) + 2 * k + 1);
+            v[u][0] = a.x, v[u][1] = a.y, v[u][2] = a.z, v[u][3] = a.w, v[u][4] = b.x, v[u][5] = b.y, v[u][6] = b.z, v[u][7] = b.w;
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += v[u][j];
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[u][j] = 0.0f;
+        }
+    }
+    s = block_sum(s, red_d);
+    const float mean = (float)(s / C);
+    double var = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (tid + u * bs < nk)
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float d = v[u][j] - mean;
+                var += (double)d * d;
+            }
+    var = block_sum(var, red_d);
+    const float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+    float acc[1][R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[0][r] = 0.0f;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int k = tid + u * bs;
+        if (k < nk) {
+            const float4 *w4 = reinterpret_cast<const float4 *>(lw) + 2 * k, *b4 = reinterpret_cast<const float4 *>(lb) + 2 * k;
+            const float4 wa = __ldg(w4), wb = __ldg(w4 + 1), ba = __ldg(b4), bb = __ldg(b4 + 1);
+            const float gw[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+            const float gb[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
+            float xn[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) xn[j] = round_act<WT>((v[u][j] - mean) * rstd * gw[j] + gb[j]);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float wf[8];
+                widen8<WT>(q[u][r], wf);
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[0][r] = fmaf(xn[j], wf[j], acc[0][r]);
+            }
+        }
+    }
+    gemv_finish<1, R>(acc, red, out, odtype, bias, o0, OC, act);
+}
+
 /* Threads per block: of the multiples of 32 up to GEMV_MAX_THREADS, the smallest that covers n
  * work items (per per thread and iteration) in the fewest iterations. */
 unsigned gemv_threads(long long n, int per) {
@@ -1131,6 +1227,49 @@ void gemv_launch_wd(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, b
                     const void *bias, int C, int OC, int wdtype, int act) {
     if (wdtype == BLIP2_W_F16) gemv_launch<T, __half>(c, out, odtype, inp, in16, w, bias, C, OC, act);
     else gemv_launch<T, __nv_bfloat16>(c, out, odtype, inp, in16, w, bias, C, OC, act);
+}
+
+/* Whether matmul_ln_a takes k_gemv_ln: one row, 16-bit activations of the weights' type, the row
+ * in registers in one pass, 16-byte aligned rows. BLIP2_FUSED_LN=0: never (the norm kernel, then
+ * the GEMV: for comparing them in one benchmark run). Read once per process. */
+bool gemv_ln_ok(int T, int C, int adtype, int wdtype, const void *x, const void *lw, const void *lb, const void *w) {
+    static const bool on = env_switch("BLIP2_FUSED_LN", true);
+    return on && T == 1 && adtype == wdtype && gemv_use(T, C, wdtype) && C > 0 && C % 8 == 0 &&
+           C <= 8 * GEMV_LN_CHUNKS * GEMV_MAX_THREADS &&
+           (((uintptr_t)x | (uintptr_t)lw | (uintptr_t)lb | (uintptr_t)w) & 15) == 0;
+}
+
+/* Rows of W a k_gemv_ln block takes: BLIP2_GEMV_LN_ROWS = 1, 2 or 4 (default 4: the row's loads
+ * and sums serve four outputs). Read once per process. */
+int gemv_ln_rows() {
+    static const int rows = [] {
+        const long long n = env_int("BLIP2_GEMV_LN_ROWS", 4);
+        return n == 1 || n == 2 ? (int)n : 4;
+    }();
+    return rows;
+}
+
+template <typename WT, int R>
+void gemv_ln_launch(blip2_cuda_ctx *c, void *out, int odtype, const float *x, const float *lw, const float *lb, float eps,
+                    const uint16_t *w, const void *bias, int C, int OC, int act) {
+    const unsigned grid = (unsigned)(((long long)OC + R - 1) / R), bs = gemv_threads(C / 8, GEMV_LN_CHUNKS);
+    launch(k_gemv_ln<WT, R>, grid, bs, 0, c->stream, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+    LAUNCH_CK(c, "k_gemv_ln");
+}
+
+/* out[1, OC] = act(LN(x) · wᵀ + bias) for gemv_ln_ok shapes; out and bias as gemv's. */
+void gemv_ln(blip2_cuda_ctx *c, void *out, int odtype, const float *x, const float *lw, const float *lb, float eps,
+             const uint16_t *w, const void *bias, int C, int OC, int wdtype, int act) {
+    const int R = gemv_ln_rows();
+    if (wdtype == BLIP2_W_F16) {
+        if (R == 1) gemv_ln_launch<__half, 1>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        else if (R == 2) gemv_ln_launch<__half, 2>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        else gemv_ln_launch<__half, 4>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+    } else {
+        if (R == 1) gemv_ln_launch<__nv_bfloat16, 1>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        else if (R == 2) gemv_ln_launch<__nv_bfloat16, 2>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        else gemv_ln_launch<__nv_bfloat16, 4>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+    }
 }
 
 /* out[T, OC] = act(inp[T, C] · w[OC, C]ᵀ + bias), 16-bit w, for gemv_use shapes; inp fp32, or
@@ -1458,6 +1597,50 @@ void blip2_matmul_a(void *out, const void *inp, const void *weight, const void *
     }
 }
 
+/* out += inp · weightᵀ + bias into the fp32 residual stream: the GEMV with an adding epilogue at
+ * small T, else cuBLASLt with beta = 1 (C = D = out), so no kernel adds the rows afterwards. */
+void blip2_matmul_acc_a(float *out, const void *inp, const void *weight, const float *bias, int T, int C, int OC,
+                        int adtype, int wdtype) {
+    blip2_cuda_ctx *c = cur("matmul_acc_a");
+    if (!c || T <= 0 || OC <= 0) return;
+    const bool w16 = wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16;
+    const uint16_t *w = (const uint16_t *)weight;
+    if ((adtype != BLIP2_W_F32 && (adtype != wdtype || !w16)) || (!w16 && wdtype != BLIP2_W_F32)) {
+        blip2_cuda_record(c, "matmul_acc_a: %d-type inputs with %d-type weights", adtype, wdtype);
+    } else if (!w16) {
+        gemm(c, out, CUDA_R_32F, weight, inp, CUDA_R_32F, bias, T, C, OC, 0, true);
+    } else if (adtype == BLIP2_W_F32 ? gemv_use(T, C, wdtype) : gemv16_ok(T, C, wdtype, inp, weight)) {
+        gemv(c, out, GEMV_OUT_ADD, inp, adtype != BLIP2_W_F32, w, bias, T, C, OC, wdtype, BLIP2_ACT_NONE);
+    } else {
+        const void *in16 = inp;
+        if (adtype == BLIP2_W_F32) { /* narrowed to the weights' type first, as matmul_h does */
+            const size_t n_in = (size_t)T * C;
+            void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
+            if (!a16) return;
+            activate(c, a16, wdtype, inp, BLIP2_W_F32, n_in, BLIP2_ACT_NONE);
+            in16 = a16;
+        }
+        gemm(c, out, CUDA_R_32F, weight, in16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, 0, true);
+    }
+}
+
+void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype);
+
+/* matmul_a(LN(x)): at one row the fused GEMV (h untouched), else the norm into h and the matmul. */
+void blip2_matmul_ln_a(void *out, void *h, const float *x, const float *ln_w, const float *ln_b, float eps,
+                       const void *weight, const void *bias, int T, int C, int OC, int adtype, int wdtype, int act,
+                       int odtype) {
+    blip2_cuda_ctx *c = cur("matmul_ln_a");
+    if (!c || T <= 0 || OC <= 0 || !valid_act(c, "matmul_ln_a", act)) return;
+    const bool o_ok = odtype == BLIP2_W_F32 || odtype == wdtype;
+    if (o_ok && gemv_ln_ok(T, C, adtype, wdtype, x, ln_w, ln_b, weight)) {
+        gemv_ln(c, out, odtype, x, ln_w, ln_b, eps, (const uint16_t *)weight, bias, C, OC, wdtype, act);
+        return;
+    }
+    blip2_layernorm_a(h, x, ln_w, ln_b, T, C, eps, adtype);
+    blip2_matmul_a(out, h, weight, bias, T, C, OC, adtype, wdtype, act, odtype);
+}
+
 void blip2_layernorm_a(void *out, const float *inp, const float *w, const float *b, int T, int C, float eps, int adtype) {
     blip2_cuda_ctx *c = cur("layernorm");
     if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "layernorm", adtype)) return;
@@ -1474,22 +1657,17 @@ void blip2_layernorm(float *out, const float *inp, const float *w, const float *
     cuda::blip2_layernorm_a(out, inp, w, b, T, C, eps, BLIP2_W_F32);
 }
 
-void blip2_residual_layernorm_a(float *res, void *out, const float *y, const float *bias, const float *w, const float *b,
-                                int T, int C, float eps, int adtype) {
+void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
+                              int T, int C, float eps) {
     blip2_cuda_ctx *c = cur("residual_layernorm");
-    if (!c || T <= 0 || C <= 0 || !valid_adtype(c, "residual_layernorm", adtype)) return;
+    if (!c || T <= 0 || C <= 0) return;
     const int per = ln_per(T, C);
     auto *kernel = per == 4    ? k_residual_layernorm_r<4>
                    : per == 8  ? k_residual_layernorm_r<8>
                    : per == 16 ? k_residual_layernorm_r<16>
                                : k_residual_layernorm;
-    launch(kernel, T, NT, 0, c->stream, res, out, adtype, y, bias, w, b, C, eps);
+    launch(kernel, T, NT, 0, c->stream, res, (void *)out, (int)BLIP2_W_F32, y, bias, w, b, C, eps);
     LAUNCH_CK(c, "k_residual_layernorm");
-}
-
-void blip2_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
-                              int T, int C, float eps) {
-    cuda::blip2_residual_layernorm_a(res, out, y, bias, w, b, T, C, eps, BLIP2_W_F32);
 }
 
 void blip2_activate_a(void *out, const void *x, size_t n, int act, int adtype, int xdtype) {
@@ -2028,9 +2206,10 @@ constexpr blip2_ops make_cuda_ops() {
     t.layernorm = cuda::blip2_layernorm;
     t.residual_layernorm = cuda::blip2_residual_layernorm;
     t.layernorm_a = cuda::blip2_layernorm_a;
-    t.residual_layernorm_a = cuda::blip2_residual_layernorm_a;
     t.activate_a = cuda::blip2_activate_a;
     t.matmul_a = cuda::blip2_matmul_a;
+    t.matmul_acc_a = cuda::blip2_matmul_acc_a;
+    t.matmul_ln_a = cuda::blip2_matmul_ln_a;
     t.residual_add = cuda::blip2_residual_add;
     t.gelu = cuda::blip2_gelu;
     t.relu = cuda::blip2_relu;
