@@ -14,6 +14,27 @@
 
 enum { ENC_IDLE, ENC_BUSY, ENC_DONE };
 
+/* Encoder thread, batch in hand: the requests' pixels into the staging batch (their buffers freed). */
+static void encoder_stage(blip2_engine *e) {
+    engine_encoder *x = &e->encoder;
+    const blip2_config *c = &e->m->cfg;
+    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    for (int b = 0; b < x->B; b++) {
+        memcpy(x->px + (size_t)b * px, x->src[b], sizeof(float) * px);
+        free(x->src[b]);
+        x->src[b] = NULL;
+    }
+}
+
+/* Encoder thread, batch encoded: each request's projected rows into a buffer of its own. */
+static void encoder_hand_out(blip2_engine *e) {
+    engine_encoder *x = &e->encoder;
+    size_t emb = (size_t)e->m->cfg.Q * e->m->cfg.opt.C;
+    for (int k = 0; k < x->n_req; k++)
+        if ((x->out[k] = malloc(sizeof(float) * emb)))
+            memcpy(x->out[k], x->proj + (size_t)x->req_row[k] * emb, sizeof(float) * emb);
+}
+
 static void *encoder_main(void *arg) {
     blip2_engine *e = arg;
     engine_encoder *x = &e->encoder;
@@ -35,7 +56,9 @@ static void *encoder_main(void *arg) {
         pthread_mutex_unlock(&x->mu);
         int64_t t0 = blip2_now_ns();
         blip2_status est = {0};
+        encoder_stage(e);
         blip2_code erc = blip2_encode_images(e->m, &x->ws, x->px, x->B, NULL, NULL, x->proj, &est);
+        if (!erc) encoder_hand_out(e);
         double ms = (double)(blip2_now_ns() - t0) / 1e6;
         pthread_mutex_lock(&x->mu);
         x->rc = erc, x->st = est, x->ms = ms;
@@ -82,6 +105,8 @@ void engine_encoder_stop(blip2_engine *e) {
         pthread_mutex_unlock(&x->mu);
         pthread_join(x->thread, NULL);
     }
+    for (int b = 0; b < ENC_MAX_IMAGES; b++) free(x->src[b]); /* a batch handed over but never collected */
+    for (int k = 0; k < ENC_MAX_REQS; k++) free(x->out[k]);
     if (x->inited) {
         pthread_mutex_destroy(&x->mu);
         pthread_cond_destroy(&x->cv);
@@ -135,8 +160,7 @@ void engine_hand_images(blip2_engine *e) {
     int idle = x->state == ENC_IDLE;
     pthread_mutex_unlock(&x->mu);
     if (!idle) return;
-    const blip2_config *c = &e->m->cfg;
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size, emb = (size_t)c->Q * c->opt.C;
+    size_t emb = (size_t)e->m->cfg.Q * e->m->cfg.opt.C;
     req_t *batch[ENC_MAX_REQS];
     int B = 0;
     x->n_req = 0;
@@ -145,8 +169,9 @@ void engine_hand_images(blip2_engine *e) {
         if (r->projected || r->encoding || take_cached(e, r, emb)) continue;
         int j = 0; /* an image another request of this batch brings is encoded once */
         while (j < B && !same_image(batch[j], r)) j++;
-        if (j == B) {
-            memcpy(x->px + (size_t)B * px, r->pixels, sizeof(float) * px);
+        if (j == B) { /* its pixels go to the encoder thread */
+            x->src[B] = r->pixels;
+            r->pixels = NULL;
             batch[B++] = r;
         }
         x->req_id[x->n_req] = r->id, x->req_row[x->n_req] = j, x->req_first[x->n_req++] = batch[j] == r;
@@ -174,21 +199,24 @@ void engine_collect_images(blip2_engine *e) {
     blip2_status est = x->st;
     pthread_mutex_unlock(&x->mu);
     if (!done) return;
-    size_t emb = (size_t)e->m->cfg.Q * e->m->cfg.opt.C;
     for (int k = 0; k < x->n_req; k++) {
+        float *rows = x->out[k];
+        x->out[k] = NULL;
         int i = find_active(e, x->req_id[k]);
-        if (i < 0) continue; /* retired while its image was encoded */
+        if (i < 0) { /* retired while its image was encoded */
+            free(rows);
+            continue;
+        }
         req_t *r = e->act[i];
         r->encoding = 0;
         if (rc) { /* this batch failed: its requests fail with the reason, the others go on */
             engine_retire(e, i, rc, est.msg);
             continue;
         }
-        if (!(r->projected = malloc(sizeof(float) * emb))) {
+        if (!(r->projected = rows)) {
             engine_retire(e, i, BLIP2_ENOMEM, "out of memory for the image embedding");
             continue;
         }
-        memcpy(r->projected, x->proj + (size_t)x->req_row[k] * emb, sizeof(float) * emb);
         r->image_ms = x->req_first[k] ? x->ms : 0;
         r->cached = !x->req_first[k]; /* shared another request's encoding */
         free(r->pixels);

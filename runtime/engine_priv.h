@@ -72,9 +72,16 @@ typedef struct {
     int device_index;
     blip2_encoder_ws ws;  /* the thread's */
     float *px, *proj;     /* [max_images_per_step, 3, S, S] in, [max_images_per_step, Q, Ct] out (host) */
-    int n_req;            /* requests of the batch (engine thread only): id, row, brought the image */
+    /* The batch, set by the engine thread before it marks the encoder busy and read back once it
+     * is done: its requests (id, row, brought the image), the rows' pixels (each a request's own
+     * buffer, handed over: the encoder thread stages and frees it) and, once encoded, a
+     * projected-rows buffer per request (malloc'd by the encoder thread, NULL if that failed;
+     * the engine thread takes them). The copies, ~1 MB an image, stay off the step loop. */
+    int n_req;
     uint64_t req_id[ENC_MAX_REQS];
     int req_row[ENC_MAX_REQS], req_first[ENC_MAX_REQS];
+    float *src[ENC_MAX_IMAGES];
+    float *out[ENC_MAX_REQS];
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int ready, quit, state, B;
