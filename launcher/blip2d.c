@@ -23,7 +23,7 @@
 
 typedef struct {
     const char *model, *listen, *port_file, *tls_cert, *tls_key, *device, *dtype;
-    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers, hold_ms;
+    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers, hold_ms, step_tokens;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
 
@@ -47,12 +47,14 @@ static void usage(FILE *fp) {
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
             "              [--tls-cert FILE.pem --tls-key FILE.pem] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-            "              [--batch-invariant] [--hold-for-images MS]\n"
+            "              [--batch-invariant] [--hold-for-images MS] [--max-step-tokens N]\n"
             "  --device            where the model runs (default cpu; cuda: GPU local-rank mod GPUs, NCCL under mpirun)\n"
             "  --dtype             weight matrices on the device (default f32 on the CPU, f16 on CUDA)\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
             "  --port-file FILE    write the bound port there once listening\n"
             "  --max-batch N       sequences per engine step (default 64)\n"
+            "  --max-step-tokens N tokens per engine step (default 512, at least --max-batch): longer prefills\n"
+            "                      are chunked; more makes prefill faster and the steps beside it longer\n"
             "  --max-queue N       waiting requests before RESOURCE_EXHAUSTED (default 1024)\n"
             "  --max-message-bytes receive limit per message (default 32M)\n"
             "  --max-new-tokens-limit  largest max_new_tokens a request may ask for (default 1024)\n"
@@ -110,7 +112,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
         {"device", required_argument, 0, 'D'},       {"dtype", required_argument, 0, 'T'},
         {"batch-invariant", no_argument, 0, 'I'},    {"help", no_argument, 0, 'h'},
-        {"hold-for-images", required_argument, 0, 'H'},
+        {"hold-for-images", required_argument, 0, 'H'}, {"max-step-tokens", required_argument, 0, 'S'},
         {0, 0, 0, 0},
     };
     blip2_engine_opts d = blip2_engine_opts_default();
@@ -176,6 +178,10 @@ static int parse_args(int argc, char **argv, args_t *a) {
         case 'H':
             if (parse_long(optarg, 0, 60000, &v)) return fail_usage("--hold-for-images '%s': expected 0..60000 ms", optarg);
             a->hold_ms = (int)v;
+            break;
+        case 'S':
+            if (parse_long(optarg, 1, 1 << 16, &v)) return fail_usage("--max-step-tokens '%s': expected 1..65536", optarg);
+            a->step_tokens = (int)v;
             break;
         case 'C': a->tls_cert = optarg; break;
         case 'K': a->tls_key = optarg; break;
@@ -404,6 +410,7 @@ int main(int argc, char **argv) {
 
     blip2_engine_opts eo = blip2_engine_opts_default();
     eo.max_batch = a.max_batch;
+    if (a.step_tokens) eo.max_step_tokens = a.step_tokens;
     if (eo.max_step_tokens < eo.max_batch) eo.max_step_tokens = eo.max_batch; /* a decode row per sequence */
     eo.max_queue = a.max_queue;
     eo.kv_bytes = a.kv_bytes;

@@ -81,6 +81,9 @@ bench_step ours_256 90 "${BENCH[@]}" --batch 256 --images 1 --steps 32 --engine 
 # decode_step_ms / prefill_step_ms say where the engine's time went.
 bench_step ours_256_hold 90 "${BENCH[@]}" --batch 256 --images none --steps 32 --engine --hold-for-images 200 --json
 bench_step ours_hold 60 "${BENCH[@]}" --batch 32,64 --images none --steps 32 --engine --hold-for-images 200 --json
+# The hold with prefill in steps of 2048 tokens instead of 512 (256 prompts of 45: 6 steps, not 23).
+bench_step ours_256_hold2k 90 "${BENCH[@]}" --batch 256 --images none --steps 32 --engine --hold-for-images 200 \
+  --max-step-tokens 2048 --json
 # The same with every image of the 256 encoded in one batch (as HF's generate) instead of batches
 # of 64 between decode steps (run 5: 17.7 ms per token where a step alone takes 7.4).
 bench_step ours_256_img256 90 "${BENCH[@]}" --batch 256 --images 256 --steps 32 --engine --image-batch 256 --json
