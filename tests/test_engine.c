@@ -437,14 +437,19 @@ static void *overlap_submitter(void *p) {
     return NULL;
 }
 
-static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
-    enum { N = 9 };
+/* n greedy jobs of 12 tokens over the cases in turn, their outcomes cleared. */
+static void greedy_jobs(const fcase *cases, int nc, int n, blip2_job *jobs, outcome *out) {
     blip2_decoding greedy = blip2_decoding_default();
     greedy.max_new_tokens = 12;
+    memset(out, 0, sizeof *out * (size_t)n);
+    for (int i = 0; i < n; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+}
+
+static void test_encode_overlap(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+    enum { N = 9 };
     blip2_job jobs[N];
     outcome out[N];
-    memset(out, 0, sizeof out);
-    for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+    greedy_jobs(cases, nc, N, jobs, out);
     jobs[0].dec.max_new_tokens = 40;
     overlap_arg a = {NULL, jobs, out, N};
     blip2_engine_stats s;
@@ -479,12 +484,9 @@ static void test_hold_for_images(env_t *env, const char *name, fcase *cases, int
     enum { N = 3 };
     env_t h = *env;
     h.o.hold_for_images_ms = 60000, h.o.max_images_per_step = 1, h.o.max_step_tokens = 512;
-    blip2_decoding greedy = blip2_decoding_default();
-    greedy.max_new_tokens = 12;
     blip2_job jobs[N];
     outcome out[N];
-    memset(out, 0, sizeof out);
-    for (int i = 0; i < N; i++) jobs[i] = case_job(&cases[i % nc], greedy);
+    greedy_jobs(cases, nc, N, jobs, out);
     out[1].lead = &out[0], out[1].lead_at_first = -1;
     blip2_engine *e = make_engine(&h);
     if (!e) return;

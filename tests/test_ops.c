@@ -474,6 +474,29 @@ static void exec_matmul_h(op_ctx *x) {
                     p[2], p[4], p[5]);
 }
 
+/* vals [n] into buffer buf as elements of type: fp32 as they are, or rounded to 16 bits, and then
+ * vals hold what was stored (the reference's exact operands). */
+static void put_typed(op_ctx *x, int buf, int type, float *vals, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (type == BLIP2_W_F32) {
+            H(x, buf)[i] = vals[i];
+            continue;
+        }
+        H16(x, buf)[i] = t_to16(vals[i], type);
+        vals[i] = t_from16(H16(x, buf)[i], type);
+    }
+}
+/* The reference of act(I · Wᵀ + B) on the checked rows (B may be NULL), rounded as an od out. */
+static void ref_matmul_rows(op_ctx *x, const float *I, const float *W, const float *B, int act, int od, int T, int C,
+                            int OC) {
+    for (int t = 0; t < T; t++) {
+        if (!row_checked(x, t)) continue;
+        for (int o = 0; o < OC; o++)
+            x->ref[(size_t)t * OC + o] = act_d((B ? B[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
+    }
+    round_ref(x, od);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * matmul_a: p = {T, C, OC, bias, adtype, wdtype, act, odtype}. Inputs, weights and the bias uniform
  * in [-1, 1], each rounded to its type (the bias is of odtype); the reference is the double product
@@ -495,30 +518,15 @@ static void setup_matmul_a(op_ctx *x) {
     fill_uniform(&x->rng, W, nw, -1, 1);
     fill_uniform(&x->rng, I, ni, -1, 1);
     fill_uniform(&x->rng, Bv, nb, -1, 1);
-    const int types[3] = {wd, ad, od}, bufs[3] = {w, in, b};
-    float *vals[3] = {W, I, Bv};
-    size_t counts[3] = {nw, ni, nb};
-    for (int k = 0; k < 3; k++)
-        for (size_t i = 0; i < counts[k]; i++) {
-            if (types[k] == BLIP2_W_F32) {
-                H(x, bufs[k])[i] = vals[k][i];
-                continue;
-            }
-            H16(x, bufs[k])[i] = t_to16(vals[k][i], types[k]);
-            vals[k][i] = t_from16(H16(x, bufs[k])[i], types[k]);
-        }
+    put_typed(x, w, wd, W, nw);
+    put_typed(x, in, ad, I, ni);
+    if (bias) put_typed(x, b, od, Bv, nb);
     x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
     x->out = out;
     x->out_type = od;
     x->aux = W;
     plan_rows(x, T, OC, (double)C * OC);
-    for (int t = 0; t < T; t++) {
-        if (!row_checked(x, t)) continue;
-        for (int o = 0; o < OC; o++)
-            x->ref[(size_t)t * OC + o] =
-                act_d((bias ? Bv[o] : 0.0) + dot_d(I + (size_t)t * C, W + (size_t)o * C, C), act);
-    }
-    round_ref(x, od);
+    ref_matmul_rows(x, I, W, bias ? Bv : NULL, act, od, T, C, OC);
     x->flops = 2.0 * T * C * OC;
     x->bytes = (double)blip2_wdtype_size(wd) * nw + (double)blip2_wdtype_size(ad) * ni +
                (double)blip2_wdtype_size(od) * ((double)T * OC + nb);
@@ -1087,18 +1095,8 @@ static void setup_matmul_ln_a(op_ctx *x) {
     float *W = xmalloc(sizeof(float) * (nw + ni + nb ? nw + ni + nb : 1)), *Hr = W + nw, *Bv = Hr + ni;
     fill_uniform(&x->rng, W, nw, -1, 1);
     fill_uniform(&x->rng, Bv, nb, -1, 1);
-    const int types[2] = {wd, od}, bufs[2] = {w, b};
-    float *vals[2] = {W, Bv};
-    size_t counts[2] = {nw, nb};
-    for (int k = 0; k < 2; k++)
-        for (size_t i = 0; i < counts[k]; i++) {
-            if (types[k] == BLIP2_W_F32) {
-                H(x, bufs[k])[i] = vals[k][i];
-                continue;
-            }
-            H16(x, bufs[k])[i] = t_to16(vals[k][i], types[k]);
-            vals[k][i] = t_from16(H16(x, bufs[k])[i], types[k]);
-        }
+    put_typed(x, w, wd, W, nw);
+    if (bias) put_typed(x, b, od, Bv, nb);
     for (int t = 0; t < T; t++)
         ln_x_exact16(X + (size_t)t * C, H(x, lw), H(x, lb), C, eps, ad, Hr + (size_t)t * C);
     x->a[0] = xb, x->a[1] = w, x->a[2] = b, x->a[3] = out, x->a[4] = lw, x->a[5] = lb, x->a[6] = h;
@@ -1106,13 +1104,7 @@ static void setup_matmul_ln_a(op_ctx *x) {
     x->out_type = od;
     x->aux = W;
     plan_rows(x, T, OC, (double)C * OC);
-    for (int t = 0; t < T; t++) {
-        if (!row_checked(x, t)) continue;
-        for (int o = 0; o < OC; o++)
-            x->ref[(size_t)t * OC + o] =
-                act_d((bias ? Bv[o] : 0.0) + dot_d(Hr + (size_t)t * C, W + (size_t)o * C, C), act);
-    }
-    round_ref(x, od);
+    ref_matmul_rows(x, Hr, W, bias ? Bv : NULL, act, od, T, C, OC);
     x->flops = 2.0 * T * C * OC + 8.0 * T * C;
     x->bytes = (double)blip2_wdtype_size(wd) * nw + 4.0 * ni + 8.0 * C +
                (double)blip2_wdtype_size(od) * ((double)T * OC + nb);
