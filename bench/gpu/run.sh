@@ -109,6 +109,10 @@ fi
 # positions); the encoders' attention with the 16-bit cases on the mma kernel, then on the TF32
 # products (BLIP2_MMA_ATTN=0).
 bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_h
+# The one-row GEMV with the LayerNorm inside (OPT qkv and fc1 shapes at T = 1), then the norm
+# kernel and the GEMV one after the other (BLIP2_FUSED_LN=0): GB/s of the weights either way.
+bench_step ops_perf_matmul_ln 30 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
+bench_step ops_perf_matmul_ln_off 30 env BLIP2_FUSED_LN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
 bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 bench_step ops_perf_paged_v 30 env BLIP2_PAGED_ONLINE=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 bench_step ops_perf_attention 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
