@@ -117,11 +117,13 @@ void blip2_attention(void *out, const void *q, const void *k, const void *v, flo
  * k_new, v_new (NULL: the new rows are already written): the new keys and values, rows as q's
  * (row stride q_stride, NH·HS columns), written into the pools first, as blip2_kv_write would; a
  * device then writes each (head, sequence)'s rows from the block that attends them, in one launch.
- * For decode steps (one new row per sequence): a sequence's rows then go one after another. */
-void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+ * For decode steps (one new row per sequence): a sequence's rows then go one after another.
+ * out is of odtype: F32, or the 16-bit type out_proj reads (values rounded to nearest even, once:
+ * no narrowing pass before that matmul). */
+void blip2_attention_paged(void *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
                            const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
                            int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
-                           float scale);
+                           float scale, int odtype);
 
 /* Writes the new keys/values of a batched step into one layer's paged pool: row meta[3i] + t of
  * k and v [rows, in_stride] (the first C columns) goes to position meta[3i+2] + t of sequence i
@@ -242,8 +244,8 @@ typedef struct blip2_ops {
     void (*relu)(float *, size_t);
     void (*attention)(void *, const void *, const void *, const void *, float *, int, int, int, int, int, int,
                       int, float, int, int, int);
-    void (*attention_paged)(float *, const float *, void *, void *, int, const float *, const float *, const int32_t *,
-                            int, const int32_t *, int, int, float *, int, int, int, int, int, float);
+    void (*attention_paged)(void *, const float *, void *, void *, int, const float *, const float *, const int32_t *,
+                            int, const int32_t *, int, int, float *, int, int, int, int, int, float, int);
     void (*kv_write)(void *, void *, int, const float *, const float *, int, const int32_t *, int, const int32_t *, int,
                      int, int);
     void (*softmax)(float *, int, int);

@@ -101,7 +101,7 @@ typedef struct {
     float *x;                /* [max_tokens, Ct] the residual stream (the row-parallel matmuls add into it) */
     void *h;                 /* [max_tokens, Ct] of blip2_adtype: a norm's output where not fused into its matmul */
     float *qkv;              /* [max_tokens, 3Cl] q | k | v of this rank's heads (one matmul) */
-    float *ctx;              /* [max_tokens, Cl] attention output */
+    float *ctx;              /* [max_tokens, Cl] attention output, of blip2_adtype */
     float *mlp;              /* [max_tokens, ffn_local] */
     float *scores;           /* [max_ctx] (host backends) */
     float *last;             /* [max_seqs, Ct] each sequence's last row, then its final norm */

@@ -90,14 +90,14 @@ static void r_kv_write(void *kp, void *vp, int kvd, const float *k, const float 
     if (!g_recording) return blip2_cpu_ops.kv_write(kp, vp, kvd, k, v, in_stride, tables, mb, meta, n_seqs, bs, C);
     rec((tape_op){OP_KVW, {kp, vp, P(k), P(v), P(tables), P(meta)}, {kvd, in_stride, mb, n_seqs, bs, C}, {0}, 0});
 }
-static void r_attention_paged(float *out, const float *q, void *kp, void *vp, int kvd, const float *k_new,
+static void r_attention_paged(void *out, const float *q, void *kp, void *vp, int kvd, const float *k_new,
                               const float *v_new, const int32_t *tables, int mb, const int32_t *meta, int n_seqs, int bs,
-                              float *scratch, int max_ctx, int NH, int HS, int qs, int kvs, float scale) {
+                              float *scratch, int max_ctx, int NH, int HS, int qs, int kvs, float scale, int od) {
     if (!g_recording)
         return blip2_cpu_ops.attention_paged(out, q, kp, vp, kvd, k_new, v_new, tables, mb, meta, n_seqs, bs, scratch,
-                                             max_ctx, NH, HS, qs, kvs, scale);
-    rec((tape_op){OP_ATTN, {P(out), P(q), kp, vp, P(tables), P(meta), P(scratch), P(k_new), P(v_new)},
-                  {kvd, mb, n_seqs, bs, max_ctx, NH, HS, qs, kvs}, {scale}, 0});
+                                             max_ctx, NH, HS, qs, kvs, scale, od);
+    rec((tape_op){OP_ATTN, {out, P(q), kp, vp, P(tables), P(meta), P(scratch), P(k_new), P(v_new)},
+                  {kvd, mb, n_seqs, bs, max_ctx, NH, HS, qs, kvs, od}, {scale}, 0});
 }
 static void r_residual_layernorm(float *res, float *out, const float *y, const float *bias, const float *w, const float *b,
                                  int T, int C, float eps) {
@@ -168,8 +168,9 @@ static void play(const tape *t) {
                         i[3], i[4], i[5]);
             break;
         case OP_ATTN:
-            c->attention_paged(F(o->p[0]), F(o->p[1]), (void *)o->p[2], (void *)o->p[3], i[0], F(o->p[7]), F(o->p[8]),
-                               I(o->p[4]), i[1], I(o->p[5]), i[2], i[3], F(o->p[6]), i[4], i[5], i[6], i[7], i[8], o->f[0]);
+            c->attention_paged((void *)o->p[0], F(o->p[1]), (void *)o->p[2], (void *)o->p[3], i[0], F(o->p[7]),
+                               F(o->p[8]), I(o->p[4]), i[1], I(o->p[5]), i[2], i[3], F(o->p[6]), i[4], i[5], i[6], i[7],
+                               i[8], o->f[0], i[9]);
             break;
         case OP_RLN:
             c->residual_layernorm(F(o->p[0]), F(o->p[1]), F(o->p[2]), F(o->p[3]), F(o->p[4]), F(o->p[5]), i[0], i[1], o->f[0]);

@@ -1217,13 +1217,14 @@ static void put_elem(op_ctx *x, int b, int wd, size_t i, float v) {
  * pools hold kvdtype (a 16-bit cache); the reference reads their widened values and scales q in
  * float first, as the op does. max_ctx is the longest context exactly for odd mixes and 5 more
  * otherwise. */
-/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order, kvdtype, qpad, fused}. fused: the new
- * rows' keys and values come as k_new/v_new rows (q's stride) and the pool's new positions start
- * as 7s, so the op must write them (the k pool is compared in full as the second output). */
+/* attention_paged: p = {Tq, Tk, NH, HS, BS, pad, mix, order, kvdtype, qpad, fused, odtype}. fused:
+ * the new rows' keys and values come as k_new/v_new rows (q's stride) and the pool's new positions
+ * start as 7s, so the op must write them (the k pool is compared in full as the second output).
+ * odtype: out's type (16 bits: the reference rounded as the op rounds its fp32 values). */
 static void setup_attention_paged(op_ctx *x) {
     const int *p = x->c->p;
     int NH = p[2], HS = p[3], BS = p[4], pad = p[5], mix = p[6], order = p[7], kvd = p[8], C = NH * HS,
-        stride = C + pad, qstride = stride + p[9], fused = p[10];
+        stride = C + pad, qstride = stride + p[9], fused = p[10], od = p[11];
     float scale = x->c->f != 0 ? x->c->f : 1.0f / sqrtf((float)HS);
     kv_layout L = kv_plan(x, mix, p[0], p[1], BS, order);
     int max_ctx = L.max_ctx + (mix % 2 ? 0 : 5);
@@ -1239,7 +1240,7 @@ static void setup_attention_paged(op_ctx *x) {
     int kn = fused ? buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride) : -1;
     int vn = fused ? buf_new(x, B_IN, (size_t)(L.rows + 2) * qstride) : -1;
     int tb = buf_new(x, B_IN, (size_t)L.n_seqs * L.max_blocks), mb = buf_new(x, B_IN, 3 * (size_t)L.n_seqs);
-    int sc = buf_new(x, B_SCRATCH, max_ctx), out = buf_new(x, B_OUT, (size_t)L.rows * C);
+    int sc = buf_new(x, B_SCRATCH, max_ctx), out = buf_new_w(x, B_OUT, (size_t)L.rows * C, od);
     kv_fill_tables(x, &L, BS, HI(x, mb), HI(x, tb));
     float *Q = H(x, qb);
     for (size_t i = 0; i < x->b[qb].n; i++)
@@ -1250,6 +1251,7 @@ static void setup_attention_paged(op_ctx *x) {
     x->a[0] = out, x->a[1] = qb, x->a[2] = kp, x->a[3] = vp, x->a[4] = tb, x->a[5] = mb, x->a[6] = sc;
     x->a[7] = L.n_seqs, x->a[8] = L.max_blocks, x->a[9] = max_ctx, x->a[10] = kn, x->a[11] = vn;
     x->out = out;
+    x->out_type = od;
     plan_rows(x, L.rows, C, 2.0 * L.max_ctx * C);
     double keys = 0;
     for (int i = 0; i < L.n_seqs; i++) {
@@ -1284,6 +1286,7 @@ static void setup_attention_paged(op_ctx *x) {
         }
         free(kc), free(vc), free(qc);
     }
+    round_ref(x, od);
     if (fused) { /* the k pool after the op: as filled, with the new rows back */
         double *rk = plan_out2(x, kp, pool, 0);
         x->out2_type = kvd;
@@ -1305,7 +1308,7 @@ static void exec_attention_paged(op_ctx *x) {
     const float *kn = p[10] ? D(x, x->a[10]) : NULL, *vn = p[10] ? D(x, x->a[11]) : NULL; /* NULL: in the pool already */
     x->be->attention_paged(D(x, x->a[0]), D(x, x->a[1]), D(x, x->a[2]), D(x, x->a[3]), p[8], kn, vn, DI(x, x->a[4]),
                            x->a[8], DI(x, x->a[5]), x->a[7], p[4], D(x, x->a[6]), x->a[9], p[2], HS, stride + p[9], stride,
-                           scale);
+                           scale, p[11]);
 }
 
 /* kv_write: p = {mix, C, BS, order, kvdtype, pad}. k and v rows have C + pad columns (pad NaN: OPT
@@ -1933,6 +1936,9 @@ static void extra_fill_normal(op_ctx *x) {
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad, 1}, 0, 1e-5, 0, 0}
 #define PAGEDM(mix, order, NH, HS, BS, pad, kvd, qpad, note) \
     {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad}, 0, 1e-5, 0, 0}
+/* 16-bit outputs (what out_proj reads), fused KV write or not. */
+#define PAGEDO(mix, order, NH, HS, BS, pad, kvd, qpad, fused, od, note) \
+    {"attention_paged", note, setup_attention_paged, exec_attention_paged, NULL, {0, 0, NH, HS, BS, pad, mix, order, kvd, qpad, fused, od}, 0, TOL_SUM16(od), 0, 0}
 #define KVW(mix, C, BS, order, kvd, pad, note) \
     {"kv_write", note, setup_kv_write, exec_kv_write, NULL, {mix, C, BS, order, kvd, pad}, 0, 0, 0, 0}
 #define SM(T, n, var, note) {"softmax", note, setup_softmax, exec_softmax, NULL, {T, n, var}, 0, 1e-5, 0, 0}
@@ -2203,6 +2209,10 @@ static const op_case cases[] = {
     PAGEDF(1, 0, 4, 64, 16, 3, F16, 7, "fused KV write: decode rows + prefill chunks (rows in order, one block)"),
     PAGEDF(3, 1, 3, 33, 5, 2, BF16, 3, "fused KV write: chunked prefill, odd, bf16 cache"),
     PAGEDF(4, 0, 3, 5, 2, 1, F32, 1, "fused KV write: odd"),
+    PAGEDO(6, 0, 32, 80, 16, 0, F16, 5120, 1, F16, "16-bit out: decode of one sequence (block-per-row kernel)"),
+    PAGEDO(7, 0, 32, 80, 16, 0, BF16, 5120, 1, BF16, "16-bit out: decode batch 256 (warp-per-head kernel)"),
+    PAGEDO(3, 1, 4, 64, 16, 1, F16, 3, 0, F16, "16-bit out: chunked prefill, f16 cache"),
+    PAGEDO(4, 0, 3, 5, 2, 1, F32, 1, 0, BF16, "16-bit out: odd, fp32 cache (the loop kernel)"),
     /* kv_write */
     KVW(1, 2560, 16, 0, F32, 0, "OPT batched step"),
     KVW(1, 2560, 16, 1, F32, 0, "OPT batched step, rows reversed"),

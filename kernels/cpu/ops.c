@@ -130,10 +130,10 @@ static void put_new_rows(void *k_pool, void *v_pool, int kvdtype, const float *k
         }
 }
 
-void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+void blip2_attention_paged(void *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
                            const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
                            int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
-                           float scale) {
+                           float scale, int odtype) {
     if (k_new)
         put_new_rows(k_pool, v_pool, kvdtype, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size, NH * HS,
                      q_stride, kv_stride);
@@ -144,8 +144,11 @@ void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_poo
         for (int r = 0; r < n_new; r++)
             for (int h = 0; h < NH; h++) {
                 head_pool p = {k_pool, v_pool, (size_t)h * HS, kvdtype, block_size, HS, kv_stride};
-                attend_row(out + (size_t)(row0 + r) * NH * HS + h * HS, q + (size_t)(row0 + r) * q_stride + h * HS, &p,
-                           table, past + r + 1, scale, scratch);
+                size_t o = (size_t)(row0 + r) * NH * HS + (size_t)h * HS;
+                float row[HS > 0 ? HS : 1]; /* an fp32 out is written in place, a 16-bit one rounded from here */
+                float *dst = odtype == BLIP2_W_F32 ? (float *)out + o : row;
+                attend_row(dst, q + (size_t)(row0 + r) * q_stride + h * HS, &p, table, past + r + 1, scale, scratch);
+                if (odtype != BLIP2_W_F32) store_row(out, odtype, o, row, HS);
             }
     }
 }

@@ -658,7 +658,7 @@ __device__ __forceinline__ float paged_softmax(float *sc, int nk, float lmax, fl
  * per warp with their loads in flight together took 57 registers instead of 32, halved the blocks
  * per SM, and the decode batch 256 case went from 0.162 to 0.274 ms. */
 template <typename KT>
-__global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float *q, KT *k_pool, KT *v_pool,
+__global__ void __launch_bounds__(NT) k_attention_paged(void *out, int odtype, const float *q, KT *k_pool, KT *v_pool,
                                                         const float *kn, const float *vn, const int32_t *tables,
                                                         int max_blocks, const int32_t *meta, int BS, int max_ctx,
                                                         int NH, int HS, int q_stride, int kv_stride, float scale) {
@@ -675,11 +675,11 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
         size_t row = (size_t)(row0 + r);
-        float *o = out + row * NH * HS + (size_t)h * HS;
+        const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
         int nk = past + r + 1;
         if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, threadIdx.x, NT);
         if (nk < 1 || nk > max_ctx) {
-            for (int d = threadIdx.x; d < HS; d += blockDim.x) o[d] = __int_as_float(0x7fc00000);
+            for (int d = threadIdx.x; d < HS; d += blockDim.x) store_act(out, odtype, o + d, __int_as_float(0x7fc00000));
             continue;
         }
         __syncthreads(); /* the previous row is done with qs, sc and part */
@@ -714,7 +714,7 @@ __global__ void __launch_bounds__(NT) k_attention_paged(float *out, const float 
         for (int d = threadIdx.x; d < HS; d += blockDim.x) {
             float t = 0.0f;
             for (int w = 0; w < NWARPS; w++) t += part[w][d];
-            o[d] = t;
+            store_act(out, odtype, o + d, t);
         }
     }
 }
@@ -1384,7 +1384,7 @@ __device__ __forceinline__ float key_dot(const uint4 *kr, const float *qs, int G
     return p;
 }
 template <typename KT>
-__global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const float *q, KT *k_pool, KT *v_pool,
+__global__ void __launch_bounds__(NT, 6) k_attention_paged_v(void *out, int odtype, const float *q, KT *k_pool, KT *v_pool,
                                                           const float *kn, const float *vn, const int32_t *tables,
                                                           int max_blocks, const int32_t *meta, int BS, int max_ctx,
                                                           int NH, int HS, int q_stride, int kv_stride, float scale) {
@@ -1402,11 +1402,11 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
         const size_t row = (size_t)(row0 + r);
-        float *o = out + row * NH * HS + (size_t)h * HS;
+        const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
         const int nk = past + r + 1;
         if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, tid, NT);
         if (nk < 1 || nk > max_ctx) {
-            for (int d = tid; d < HS; d += NT) o[d] = __int_as_float(0x7fc00000);
+            for (int d = tid; d < HS; d += NT) store_act(out, odtype, o + d, __int_as_float(0x7fc00000));
             continue;
         }
         __syncthreads(); /* the previous row is done with qs, sc and part */
@@ -1441,7 +1441,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
         for (int d = tid; d < HS; d += NT) {
             float t = 0.0f;
             for (int k = 0; k < used; k++) t += part[k * HS + d];
-            o[d] = t;
+            store_act(out, odtype, o + d, t);
         }
     }
 }
@@ -1461,7 +1461,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(float *out, const f
 constexpr int PW_WARPS = 8, PW_KL = 6, PW_VL = 4; /* heads per block; K and V loads in flight per lane */
 constexpr long long PW_MIN_WARPS = 4096;           /* (head, sequence) pairs for this kernel: ~32 warps an SM */
 template <typename KT>
-__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float *out, const float *q, KT *k_pool,
+__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *out, int odtype, const float *q, KT *k_pool,
                                                                     KT *v_pool, const float *kn, const float *vn,
                                                                     const int32_t *tables, int max_blocks,
                                                                     const int32_t *meta, int BS, int max_ctx, int NH,
@@ -1480,11 +1480,11 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float 
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) {
         const size_t row = (size_t)(row0 + r);
-        float *o = out + row * NH * HS + (size_t)h * HS;
+        const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
         const int nk = past + r + 1;
         if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, lane, 32);
         if (nk < 1 || nk > max_ctx) {
-            for (int d = lane; d < HS; d += 32) o[d] = __int_as_float(0x7fc00000);
+            for (int d = lane; d < HS; d += 32) store_act(out, odtype, o + d, __int_as_float(0x7fc00000));
             continue;
         }
         __syncwarp(); /* the previous row is done with qs and part */
@@ -1538,7 +1538,7 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(float 
         for (int d = lane; d < HS; d += 32) {
             float t = 0.0f;
             for (int k = 0; k < KG; k++) t += part[w][k * HS + d];
-            o[d] = t * inv;
+            store_act(out, odtype, o + d, t * inv);
         }
     }
 }
@@ -1864,7 +1864,7 @@ unsigned paged_rows_z(long long xy, int max_ctx) {
 /* kn, vn: the fused KV write (NULL: none); then one block or warp takes all rows of a (head,
  * sequence), z = 1. */
 template <typename KT>
-void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, void *k_pool, void *v_pool, const float *kn,
+void attention_paged_t(blip2_cuda_ctx *c, void *out, int odtype, const float *q, void *k_pool, void *v_pool, const float *kn,
                        const float *vn, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
                        int block_size, int max_ctx, int NH, int HS, int q_stride, int kv_stride, float scale) {
     constexpr int VN = kv_vec<KT>::n;
@@ -1877,7 +1877,7 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, void *k_po
         if (vec && paged_online_enabled() && (long long)NH * n_seqs >= paged_online_min()) {
             const unsigned x = (unsigned)((NH + PW_WARPS - 1) / PW_WARPS);
             dim3 grid(x, (unsigned)n_seqs, kn ? 1u : paged_rows_z((long long)x * n_seqs, max_ctx));
-            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, q, (KT *)k_pool, (KT *)v_pool,
+            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, odtype, q, (KT *)k_pool, (KT *)v_pool,
                    kn, vn, tables, max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
             LAUNCH_CK(c, "k_attention_paged_online");
             return;
@@ -1887,7 +1887,7 @@ void attention_paged_t(blip2_cuda_ctx *c, float *out, const float *q, void *k_po
     size_t smem = paged_smem(c, kernel, max_ctx);
     if (!smem) return;
     dim3 grid((unsigned)NH, (unsigned)n_seqs, kn ? 1u : paged_rows_z((long long)NH * n_seqs, max_ctx));
-    launch(kernel, grid, NT, smem, c->stream, out, q, (KT *)k_pool, (KT *)v_pool, kn, vn, tables, max_blocks, meta,
+    launch(kernel, grid, NT, smem, c->stream, out, odtype, q, (KT *)k_pool, (KT *)v_pool, kn, vn, tables, max_blocks, meta,
            block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     LAUNCH_CK(c, "k_attention_paged(_v)");
 }
@@ -1902,13 +1902,13 @@ bool fused_kv_enabled() {
     return on;
 }
 
-void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+void blip2_attention_paged(void *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
                            const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
                            int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
-                           float scale) {
+                           float scale, int odtype) {
     (void)scratch; /* the scores live in shared memory */
     blip2_cuda_ctx *c = cur("attention_paged");
-    if (!c || n_seqs <= 0 || NH <= 0 || HS <= 0) return;
+    if (!c || n_seqs <= 0 || NH <= 0 || HS <= 0 || !valid_adtype(c, "attention_paged", odtype)) return;
     if (HS > PAGED_MAX_HS || block_size <= 0 || max_ctx <= 0) {
         blip2_cuda_record(c, "attention_paged: unsupported HS %d / block_size %d / max_ctx %d (HS <= %d)", HS,
                           block_size, max_ctx, PAGED_MAX_HS);
@@ -1920,13 +1920,13 @@ void blip2_attention_paged(float *out, const float *q, void *k_pool, void *v_poo
         k_new = v_new = NULL;
     }
     if (kvdtype == BLIP2_W_F32)
-        attention_paged_t<float>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
+        attention_paged_t<float>(c, out, odtype, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
                                  max_ctx, NH, HS, q_stride, kv_stride, scale);
     else if (kvdtype == BLIP2_W_F16)
-        attention_paged_t<__half>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
+        attention_paged_t<__half>(c, out, odtype, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs, block_size,
                                   max_ctx, NH, HS, q_stride, kv_stride, scale);
     else if (kvdtype == BLIP2_W_BF16)
-        attention_paged_t<__nv_bfloat16>(c, out, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs,
+        attention_paged_t<__nv_bfloat16>(c, out, odtype, q, k_pool, v_pool, k_new, v_new, tables, max_blocks, meta, n_seqs,
                                          block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
     else
         blip2_cuda_record(c, "attention_paged: unknown KV type %d", kvdtype);
