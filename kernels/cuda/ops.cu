@@ -584,6 +584,24 @@ __device__ __forceinline__ size_t pool_row(const int32_t *tbl, int BS, int pos) 
     return (size_t)tbl[pos / BS] * BS + (size_t)(pos % BS);
 }
 
+/* Before the PDL wait (internal.cuh): the lines of head h's keys and values at the positions
+ * before this step (j < past) into L2, so that their fetch overlaps the kernel before (the qkv
+ * matmul) instead of following it. Those rows are final (earlier steps wrote them), and tables
+ * and meta were uploaded before the step's first kernel; this step's new rows are not touched.
+ * kh, vh: the head's slice of row 0; each row's slice of HS elements is fetched whole. */
+template <typename KT>
+__device__ __forceinline__ void paged_prefetch_past(const KT *kh, const KT *vh, const int32_t *tbl, int BS, int past,
+                                                    int max_ctx, int kv_stride, int HS, int tid, int nt) {
+    const int bytes = HS * (int)sizeof(KT), lines = (bytes + 127) / 128 + 1; /* a slice may straddle one more */
+    const int n = (past < max_ctx ? past : max_ctx) * lines;
+    for (int i = tid; i < n; i += nt) {
+        const int j = i / lines, l = i % lines, off = min(l * 128, bytes - 1); /* inside the slice */
+        const size_t r = pool_row(tbl, BS, j) * (size_t)kv_stride;
+        prefetch_l2(reinterpret_cast<const char *>(kh + r) + off);
+        prefetch_l2(reinterpret_cast<const char *>(vh + r) + off);
+    }
+}
+
 /* KV cache elements: fp32, or 16-bit (a 16-bit model keeps a 16-bit cache: half the bytes that
  * decode attention streams). Round to nearest even on store, exact widening on load. */
 __device__ __forceinline__ float kv_load(const float *p) { return *p; }
@@ -1388,7 +1406,7 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(void *out, int odty
                                                           const float *kn, const float *vn, const int32_t *tables,
                                                           int max_blocks, const int32_t *meta, int BS, int max_ctx,
                                                           int NH, int HS, int q_stride, int kv_stride, float scale) {
-    pdl_entry();
+    pdl_trigger();
     constexpr int VN = kv_vec<KT>::n;
     extern __shared__ float sc[];
     __shared__ float qs[PAGED_MAX_HS];
@@ -1400,6 +1418,8 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(void *out, int odty
     const int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    if (blockIdx.z == 0) paged_prefetch_past(kh, vh, tbl, BS, past, max_ctx, kv_stride, HS, tid, NT);
+    pdl_wait();
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) { /* uniform over the block */
         const size_t row = (size_t)(row0 + r);
         const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
@@ -1460,13 +1480,20 @@ __global__ void __launch_bounds__(NT, 6) k_attention_paged_v(void *out, int odty
  * costs no occupancy. Same rows, scale and NaN rule as k_attention_paged. */
 constexpr int PW_WARPS = 8, PW_KL = 6, PW_VL = 4; /* heads per block; K and V loads in flight per lane */
 constexpr long long PW_MIN_WARPS = 4096;           /* (head, sequence) pairs for this kernel: ~32 warps an SM */
-template <typename KT>
-__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *out, int odtype, const float *q, KT *k_pool,
+/* Element i of out: fp32, or (O16) the cache's own 16-bit type; a compile-time choice, so the
+ * kernel holds no output type (a runtime one made ptxas spill). */
+template <typename KT, bool O16> __device__ __forceinline__ void paged_store(void *out, size_t i, float v) {
+    if constexpr (O16) kv_store(reinterpret_cast<KT *>(out) + i, v);
+    else reinterpret_cast<float *>(out)[i] = v;
+}
+
+template <typename KT, bool O16>
+__global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *out, const float *q, KT *k_pool,
                                                                     KT *v_pool, const float *kn, const float *vn,
                                                                     const int32_t *tables, int max_blocks,
                                                                     const int32_t *meta, int BS, int max_ctx, int NH,
                                                                     int HS, int q_stride, int kv_stride, float scale) {
-    pdl_entry();
+    pdl_trigger();
     constexpr int VN = kv_vec<KT>::n;
     static_assert(VN == 8, "16-bit caches: G = HS/8 <= 16 column groups, so at least two key groups");
     __shared__ float qs[PW_WARPS][PAGED_MAX_HS];     /* the row's q·scale, per warp */
@@ -1478,13 +1505,15 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *
     const int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
+    pdl_wait(); /* no paged_prefetch_past: from 4096 (head, sequence) pairs most blocks start late anyway,
+                 * and with it ptxas spilled in this kernel's loop */
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) {
         const size_t row = (size_t)(row0 + r);
         const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
         const int nk = past + r + 1;
         if (kn) paged_put_new(k_pool, v_pool, kn, vn, tbl, BS, past + r, row, q_stride, kv_stride, h, HS, lane, 32);
         if (nk < 1 || nk > max_ctx) {
-            for (int d = lane; d < HS; d += 32) store_act(out, odtype, o + d, __int_as_float(0x7fc00000));
+            for (int d = lane; d < HS; d += 32) paged_store<KT, O16>(out, o + d, __int_as_float(0x7fc00000));
             continue;
         }
         __syncwarp(); /* the previous row is done with qs and part */
@@ -1538,7 +1567,7 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *
         for (int d = lane; d < HS; d += 32) {
             float t = 0.0f;
             for (int k = 0; k < KG; k++) t += part[w][k * HS + d];
-            store_act(out, odtype, o + d, t * inv);
+            paged_store<KT, O16>(out, o + d, t * inv);
         }
     }
 }
@@ -1874,11 +1903,14 @@ void attention_paged_t(blip2_cuda_ctx *c, void *out, int odtype, const float *q,
         /* A warp per (head, row) only where there are enough of them: run 6 (H100) had it at 17 µs a
          * layer for one sequence (4 blocks) and 0.025 vs 0.015 ms for 8, but 0.093 vs 0.105 ms for
          * 256 sequences (decode step 6.87 vs 7.43 ms). */
-        if (vec && paged_online_enabled() && (long long)NH * n_seqs >= paged_online_min()) {
+        const int own16 = std::is_same<KT, __half>::value ? BLIP2_W_F16 : BLIP2_W_BF16; /* the cache's type */
+        if (vec && paged_online_enabled() && (long long)NH * n_seqs >= paged_online_min() &&
+            (odtype == BLIP2_W_F32 || odtype == own16)) {
             const unsigned x = (unsigned)((NH + PW_WARPS - 1) / PW_WARPS);
             dim3 grid(x, (unsigned)n_seqs, kn ? 1u : paged_rows_z((long long)x * n_seqs, max_ctx));
-            launch(k_attention_paged_online<KT>, grid, PW_WARPS * 32, 0, c->stream, out, odtype, q, (KT *)k_pool, (KT *)v_pool,
-                   kn, vn, tables, max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
+            auto *kernel = odtype == BLIP2_W_F32 ? k_attention_paged_online<KT, false> : k_attention_paged_online<KT, true>;
+            launch(kernel, grid, PW_WARPS * 32, 0, c->stream, out, q, (KT *)k_pool, (KT *)v_pool, kn, vn, tables,
+                   max_blocks, meta, block_size, max_ctx, NH, HS, q_stride, kv_stride, scale);
             LAUNCH_CK(c, "k_attention_paged_online");
             return;
         }
