@@ -467,21 +467,26 @@ __device__ __forceinline__ bool am_better(float va, int ia, float vb, int ib) {
     return ia < ib;
 }
 
-constexpr int AM_PER = 8;
-__global__ void __launch_bounds__(NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
+/* One block of AM_NT threads per row, AM_PER loads in flight a thread. The row's time is its
+ * rounds of loads, each a memory latency: one load a round took 90 µs a 50k row; 8 a round with
+ * 256 threads (25 rounds) still 32 µs under ncu (run 8, a decode step's only row at batch 1), so
+ * a block now has 1024 threads (7 rounds). am_better is a total order: the same pick for any
+ * split of the row. */
+constexpr int AM_PER = 8, AM_NT = 1024;
+__global__ void __launch_bounds__(AM_NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
     pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float *r = x + (size_t)blockIdx.x * n;
     float bv = 0.0f;
     int bi = INT_MAX;
-    for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * NT) { /* AM_PER loads in flight (one: 90 µs a 50k row) */
+    for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * AM_NT) {
         float v[AM_PER];
 #pragma unroll
-        for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * NT < n ? r[i0 + u * NT] : 0.0f;
+        for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * AM_NT < n ? r[i0 + u * AM_NT] : 0.0f;
 #pragma unroll
         for (int u = 0; u < AM_PER; u++)
-            if (i0 + u * NT < n && am_better(v[u], i0 + u * NT, bv, bi)) bv = v[u], bi = i0 + u * NT;
+            if (i0 + u * AM_NT < n && am_better(v[u], i0 + u * AM_NT, bv, bi)) bv = v[u], bi = i0 + u * AM_NT;
     }
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, bv, o);
@@ -2046,7 +2051,7 @@ void blip2_argmax_rows(int32_t *idx, float *val, const float *x, int T, int n) {
     blip2_cuda_ctx *c = cur("argmax_rows");
     if (!c || T <= 0) return;
     if (n < 0) n = 0;
-    launch(k_argmax_rows, T, NT, 0, c->stream, idx, val, x, n);
+    launch(k_argmax_rows, T, AM_NT, 0, c->stream, idx, val, x, n);
     LAUNCH_CK(c, "k_argmax_rows");
 }
 
@@ -2065,7 +2070,7 @@ void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int
 int blip2_argmax(const float *x, int n) {
     blip2_cuda_ctx *c = cur("argmax");
     if (!c || n <= 0) return 0;
-    launch(k_argmax_rows, 1, NT, 0, c->stream, c->am_idx, c->am_val, x, n);
+    launch(k_argmax_rows, 1, AM_NT, 0, c->stream, c->am_idx, c->am_val, x, n);
     if (!LAUNCH_CK(c, "k_argmax_rows")) return 0;
     if (!CUDA_CK(c, cudaMemcpyAsync(c->am_host_idx, c->am_idx, sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream)))
         return 0;
