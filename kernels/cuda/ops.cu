@@ -543,7 +543,11 @@ __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *i
 /* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
  * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
  * element is marked and ties resolve exactly as argmax does. */
-__global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
+/* k rounds over the row, each the best below the last winner (am_better's total order). Laid out
+ * as k_argmax_rows (AM_NT threads, AM_PER loads in flight: 7 rounds of loads for 50 272 logits,
+ * where 256 threads and one load at a time took 197), since each of the k rounds is such a scan;
+ * after the first the row is in L2. */
+__global__ void __launch_bounds__(AM_NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
     pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -556,9 +560,15 @@ __global__ void __launch_bounds__(NT) k_topk_rows(int32_t *idx, float *val, cons
     for (int j = 0; j < k; j++) {
         float bv = 0.0f;
         int bi = INT_MAX;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            float v = r[i];
-            if ((pi == INT_MAX || am_better(pv, pi, v, i)) && am_better(v, i, bv, bi)) bv = v, bi = i;
+        for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * AM_NT) {
+            float v[AM_PER];
+#pragma unroll
+            for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * AM_NT < n ? r[i0 + u * AM_NT] : 0.0f;
+#pragma unroll
+            for (int u = 0; u < AM_PER; u++) {
+                const int i = i0 + u * AM_NT;
+                if (i < n && (pi == INT_MAX || am_better(pv, pi, v[u], i)) && am_better(v[u], i, bv, bi)) bv = v[u], bi = i;
+            }
         }
         for (int o = 16; o > 0; o >>= 1) {
             float ov = __shfl_xor_sync(0xffffffffu, bv, o);
@@ -2062,7 +2072,7 @@ void blip2_topk_rows(int32_t *idx, float *val, const float *x, int T, int n, int
         blip2_cuda_record(c, "topk_rows: k %d must be in [1, min(n %d, %d)]", k, n, BLIP2_TOPK_MAX);
         return;
     }
-    launch(k_topk_rows, T, NT, 0, c->stream, idx, val, x, n, k);
+    launch(k_topk_rows, T, AM_NT, 0, c->stream, idx, val, x, n, k);
     LAUNCH_CK(c, "k_topk_rows");
 }
 
