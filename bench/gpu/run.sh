@@ -114,6 +114,8 @@ bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op
 bench_step ops_perf_matmul_ln 30 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
 bench_step ops_perf_matmul_ln_off 30 env BLIP2_FUSED_LN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
 bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
+# The sampling path's top-k over rows of logits (k rounds of the argmax scan; c4b3017).
+bench_step ops_perf_topk 20 "$BUILD/tests/test_ops" --perf --backend cuda --op topk_rows
 bench_step ops_perf_paged_v 30 env BLIP2_PAGED_ONLINE=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 bench_step ops_perf_attention 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 bench_step ops_perf_attention_products 30 env BLIP2_MMA_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
