@@ -38,13 +38,17 @@ static inline int blip2_qkv16_type(const blip2_model *m) {
     return on ? blip2_out16_type(m) : BLIP2_W_F32;
 }
 
+/* The bias a matmul op takes for an out of odtype: the fp32 bias, or with a 16-bit out bias16, the
+ * layer's 16-bit twin of it (model.h; the ops take a bias of their out's type). */
+static inline const void *blip2_bias_for(int odtype, const float *bias, const void *bias16) {
+    return odtype == BLIP2_W_F32 ? (const void *)bias : bias16;
+}
+
 /* out = act(inp · wᵀ + bias) with inp of adtype (fp32 or the model's 16-bit type), w in the
- * model's wdtype and out of odtype: fp32 with the fp32 bias, or the 16-bit adtype with bias16, the
- * layer's 16-bit twin of it (model.h; the op takes a bias of its out's type). */
+ * model's wdtype and out of odtype (fp32, or the 16-bit adtype), bias as blip2_bias_for. */
 static inline void blip2_mm_ao(const blip2_model *m, void *out, int odtype, const void *inp, int adtype, const float *w,
                                const float *bias, const void *bias16, int T, int C, int OC, int act) {
-    const void *b = odtype == BLIP2_W_F32 ? (const void *)bias : bias16;
-    m->ops->matmul_a(out, inp, w, b, T, C, OC, adtype, m->wdtype, act, odtype);
+    m->ops->matmul_a(out, inp, w, blip2_bias_for(odtype, bias, bias16), T, C, OC, adtype, m->wdtype, act, odtype);
 }
 
 /* blip2_mm_ao of LN(x) (ops.h matmul_ln_a): the norm into h [T, C] of the activation type unless
@@ -52,8 +56,8 @@ static inline void blip2_mm_ao(const blip2_model *m, void *out, int odtype, cons
 static inline void blip2_mm_ln_ao(const blip2_model *m, void *out, int odtype, void *h, const float *x, const float *ln_w,
                                   const float *ln_b, float eps, const float *w, const float *bias, const void *bias16,
                                   int T, int C, int OC, int act) {
-    const void *b = odtype == BLIP2_W_F32 ? (const void *)bias : bias16;
-    m->ops->matmul_ln_a(out, h, x, ln_w, ln_b, eps, w, b, T, C, OC, blip2_adtype(m), m->wdtype, act, odtype);
+    m->ops->matmul_ln_a(out, h, x, ln_w, ln_b, eps, w, blip2_bias_for(odtype, bias, bias16), T, C, OC, blip2_adtype(m),
+                        m->wdtype, act, odtype);
 }
 
 /* The same with an fp32 out. */

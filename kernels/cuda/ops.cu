@@ -473,6 +473,21 @@ __device__ __forceinline__ bool am_better(float va, int ia, float vb, int ib) {
  * a block now has 1024 threads (7 rounds). am_better is a total order: the same pick for any
  * split of the row. */
 constexpr int AM_PER = 8, AM_NT = 1024;
+/* This thread's best (bv, bi) of row r [n] among the elements ranked after (pv, pi) (pi INT_MAX:
+ * all of them), AM_PER loads in flight. */
+__device__ __forceinline__ void am_scan(const float *r, int n, float pv, int pi, float &bv, int &bi) {
+    for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * AM_NT) {
+        float v[AM_PER];
+#pragma unroll
+        for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * AM_NT < n ? r[i0 + u * AM_NT] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < AM_PER; u++) {
+            const int i = i0 + u * AM_NT;
+            if (i < n && (pi == INT_MAX || am_better(pv, pi, v[u], i)) && am_better(v[u], i, bv, bi)) bv = v[u], bi = i;
+        }
+    }
+}
+
 __global__ void __launch_bounds__(AM_NT) k_argmax_rows(int32_t *idx, float *val, const float *x, int n) {
     pdl_entry();
     __shared__ float sv[32];
@@ -480,14 +495,7 @@ __global__ void __launch_bounds__(AM_NT) k_argmax_rows(int32_t *idx, float *val,
     const float *r = x + (size_t)blockIdx.x * n;
     float bv = 0.0f;
     int bi = INT_MAX;
-    for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * AM_NT) {
-        float v[AM_PER];
-#pragma unroll
-        for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * AM_NT < n ? r[i0 + u * AM_NT] : 0.0f;
-#pragma unroll
-        for (int u = 0; u < AM_PER; u++)
-            if (i0 + u * AM_NT < n && am_better(v[u], i0 + u * AM_NT, bv, bi)) bv = v[u], bi = i0 + u * AM_NT;
-    }
+    am_scan(r, n, 0.0f, INT_MAX, bv, bi);
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, bv, o);
         int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -542,11 +550,9 @@ __global__ void __launch_bounds__(NT) k_penalize_rows(float *x, const int32_t *i
 
 /* One block per row, k rounds: round j finds the best element ranked after round j−1's winner
  * (a full pass over the row each, which stays in L1/L2: k <= 64 passes over 200 KB at most), so no
- * element is marked and ties resolve exactly as argmax does. */
-/* k rounds over the row, each the best below the last winner (am_better's total order). Laid out
- * as k_argmax_rows (AM_NT threads, AM_PER loads in flight: 7 rounds of loads for 50 272 logits,
- * where 256 threads and one load at a time took 197), since each of the k rounds is such a scan;
- * after the first the row is in L2. */
+ * element is marked and ties resolve exactly as argmax does. Each pass is k_argmax_rows' scan
+ * (am_scan: 7 rounds of loads for 50 272 logits, where 256 threads and one load at a time took
+ * 197). */
 __global__ void __launch_bounds__(AM_NT) k_topk_rows(int32_t *idx, float *val, const float *x, int n, int k) {
     pdl_entry();
     __shared__ float sv[32];
@@ -560,16 +566,7 @@ __global__ void __launch_bounds__(AM_NT) k_topk_rows(int32_t *idx, float *val, c
     for (int j = 0; j < k; j++) {
         float bv = 0.0f;
         int bi = INT_MAX;
-        for (int i0 = threadIdx.x; i0 < n; i0 += AM_PER * AM_NT) {
-            float v[AM_PER];
-#pragma unroll
-            for (int u = 0; u < AM_PER; u++) v[u] = i0 + u * AM_NT < n ? r[i0 + u * AM_NT] : 0.0f;
-#pragma unroll
-            for (int u = 0; u < AM_PER; u++) {
-                const int i = i0 + u * AM_NT;
-                if (i < n && (pi == INT_MAX || am_better(pv, pi, v[u], i)) && am_better(v[u], i, bv, bi)) bv = v[u], bi = i;
-            }
-        }
+        am_scan(r, n, pv, pi, bv, bi);
         for (int o = 16; o > 0; o >>= 1) {
             float ov = __shfl_xor_sync(0xffffffffu, bv, o);
             int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -1508,7 +1505,8 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *
                                                                     const int32_t *tables, int max_blocks,
                                                                     const int32_t *meta, int BS, int max_ctx, int NH,
                                                                     int HS, int q_stride, int kv_stride, float scale) {
-    pdl_trigger();
+    pdl_entry(); /* no paged_prefetch_past: from 4096 (head, sequence) pairs most blocks start late
+                  * anyway, and with it ptxas spilled in this kernel's loop */
     constexpr int VN = kv_vec<KT>::n;
     static_assert(VN == 8, "16-bit caches: G = HS/8 <= 16 column groups, so at least two key groups");
     __shared__ float qs[PW_WARPS][PAGED_MAX_HS];     /* the row's q·scale, per warp */
@@ -1520,8 +1518,6 @@ __global__ void __launch_bounds__(PW_WARPS * 32) k_attention_paged_online(void *
     const int row0 = meta[3 * s], n_new = meta[3 * s + 1], past = meta[3 * s + 2];
     const int32_t *tbl = tables + (size_t)s * max_blocks;
     const KT *kh = k_pool + (size_t)h * HS, *vh = v_pool + (size_t)h * HS;
-    pdl_wait(); /* no paged_prefetch_past: from 4096 (head, sequence) pairs most blocks start late anyway,
-                 * and with it ptxas spilled in this kernel's loop */
     for (int r = blockIdx.z; r < n_new; r += gridDim.z) {
         const size_t row = (size_t)(row0 + r);
         const size_t o = row * NH * HS + (size_t)h * HS; /* out[o + d]: store_act */
@@ -1599,6 +1595,14 @@ void blip2_matmul(float *out, const float *inp, const float *weight, const float
     gemm(c, out, CUDA_R_32F, weight, inp, CUDA_R_32F, bias, T, C, OC, 0);
 }
 
+/* fp32 matmul inputs [n] narrowed to the weights' 16-bit type wdtype in the activation scratch
+ * (what cuBLASLt's tensor cores read); NULL when the scratch cannot grow (recorded). */
+static const void *narrow16(blip2_cuda_ctx *c, const float *inp, size_t n, int wdtype) {
+    void *a16 = act16_scratch(c, (n ? n : 1) * 2);
+    if (a16) activate(c, a16, wdtype, inp, BLIP2_W_F32, n, BLIP2_ACT_NONE);
+    return a16;
+}
+
 /* out (of odtype: fp32, or the 16-bit wdtype) = act(inp · weightᵀ + bias) for fp32 inp. */
 static void matmul_f32_in(blip2_cuda_ctx *c, void *out, int odtype, const float *inp, const uint16_t *weight,
                           const void *bias, int T, int C, int OC, int wdtype, int act) {
@@ -1607,12 +1611,9 @@ static void matmul_f32_in(blip2_cuda_ctx *c, void *out, int odtype, const float 
     } else if (wdtype == BLIP2_W_F32) {
         gemm(c, out, CUDA_R_32F, weight, inp, CUDA_R_32F, bias, T, C, OC, act == BLIP2_ACT_RELU);
         if (act == BLIP2_ACT_GELU) activate(c, out, BLIP2_W_F32, out, BLIP2_W_F32, (size_t)T * OC, BLIP2_ACT_GELU);
-    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) { /* narrowed to the weights' type first */
-        size_t n_in = (size_t)T * C;
-        void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
-        if (!a16) return;
-        activate(c, a16, wdtype, inp, BLIP2_W_F32, n_in, BLIP2_ACT_NONE);
-        gemm16(c, out, odtype, a16, weight, bias, T, C, OC, wdtype, act);
+    } else if (wdtype == BLIP2_W_F16 || wdtype == BLIP2_W_BF16) {
+        const void *a16 = narrow16(c, inp, (size_t)T * C, wdtype);
+        if (a16) gemm16(c, out, odtype, a16, weight, bias, T, C, OC, wdtype, act);
     } else {
         blip2_cuda_record(c, "matmul_h: unknown weight type %d", wdtype);
     }
@@ -1656,15 +1657,9 @@ void blip2_matmul_acc_a(float *out, const void *inp, const void *weight, const f
     } else if (adtype == BLIP2_W_F32 ? gemv_use(T, C, wdtype) : gemv16_ok(T, C, wdtype, inp, weight)) {
         gemv(c, out, GEMV_OUT_ADD, inp, adtype != BLIP2_W_F32, w, bias, T, C, OC, wdtype, BLIP2_ACT_NONE);
     } else {
-        const void *in16 = inp;
-        if (adtype == BLIP2_W_F32) { /* narrowed to the weights' type first, as matmul_h does */
-            const size_t n_in = (size_t)T * C;
-            void *a16 = act16_scratch(c, (n_in ? n_in : 1) * 2);
-            if (!a16) return;
-            activate(c, a16, wdtype, inp, BLIP2_W_F32, n_in, BLIP2_ACT_NONE);
-            in16 = a16;
-        }
-        gemm(c, out, CUDA_R_32F, weight, in16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, 0, true);
+        const void *in16 = adtype == BLIP2_W_F32 ? narrow16(c, (const float *)inp, (size_t)T * C, wdtype) : inp;
+        if (in16)
+            gemm(c, out, CUDA_R_32F, weight, in16, wdtype == BLIP2_W_F16 ? CUDA_R_16F : CUDA_R_16BF, bias, T, C, OC, 0, true);
     }
 }
 
