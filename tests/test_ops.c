@@ -642,6 +642,24 @@ static void ln_ref_rows(double *ref, const double *rows, int T, int C, const flo
     }
 }
 
+/* Rows X [T, C] of a norm's input in one of setup_layernorm's variants (below). */
+static void fill_ln_rows(op_ctx *x, float *X, int T, int C, int variant, float eps) {
+    for (int t = 0; t < T; t++) {
+        float *row = X + (size_t)t * C;
+        if (variant == 1 && t % 2 == 0) {
+            static const float consts[] = {0.0f, 1.0f, -3.25f, 1000.5f, 1e-3f};
+            float v = consts[(t / 2) % 5];
+            for (int i = 0; i < C; i++) row[i] = v;
+        } else if (variant == 2) {
+            fill_normal(&x->rng, row, C, 50.0f, 1.0f);
+        } else if (variant == 3) {
+            fill_normal(&x->rng, row, C, 0.0f, sqrtf(eps));
+        } else {
+            fill_normal(&x->rng, row, C, 0.0f, 1.0f);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------
  * layernorm: p = {T, C, inplace, variant}, f = eps.
  * variant 0: N(0,1) rows; 1: even rows constant (variance 0: the output is exactly b), odd rows
@@ -659,20 +677,7 @@ static void setup_layernorm(op_ctx *x) {
     int out = inplace ? in : buf_new_w(x, B_OUT, (size_t)T * C, ad);
     x->out_type = ad;
     float *X = H(x, in);
-    for (int t = 0; t < T; t++) {
-        float *row = X + (size_t)t * C;
-        if (variant == 1 && t % 2 == 0) {
-            static const float consts[] = {0.0f, 1.0f, -3.25f, 1000.5f, 1e-3f};
-            float v = consts[(t / 2) % 5];
-            for (int i = 0; i < C; i++) row[i] = v;
-        } else if (variant == 2) {
-            fill_normal(&x->rng, row, C, 50.0f, 1.0f);
-        } else if (variant == 3) {
-            fill_normal(&x->rng, row, C, 0.0f, sqrtf(eps));
-        } else {
-            fill_normal(&x->rng, row, C, 0.0f, 1.0f);
-        }
-    }
+    fill_ln_rows(x, X, T, C, variant, eps);
     fill_normal(&x->rng, H(x, w), C, 1.0f, 0.1f);
     fill_normal(&x->rng, H(x, b), C, 0.0f, 0.5f);
     x->a[0] = in, x->a[1] = w, x->a[2] = b, x->a[3] = out;
@@ -1083,12 +1088,7 @@ static void setup_matmul_ln_a(op_ctx *x) {
     int w = buf_new_w(x, B_IN, nw, wd), b = bias ? buf_new_w(x, B_IN, OC, od) : -1;
     int h = buf_new_w(x, B_SCRATCH, ni, ad), out = buf_new_w(x, B_OUT, (size_t)T * OC, od);
     float *X = H(x, xb);
-    for (int t = 0; t < T; t++) {
-        float *row = X + (size_t)t * C;
-        if (variant == 2) fill_normal(&x->rng, row, C, 50.0f, 1.0f);
-        else if (variant == 3) fill_normal(&x->rng, row, C, 0.0f, sqrtf(eps));
-        else fill_normal(&x->rng, row, C, 0.0f, 1.0f);
-    }
+    fill_ln_rows(x, X, T, C, variant, eps);
     fill_normal(&x->rng, H(x, lw), C, 1.0f, 0.1f);
     fill_normal(&x->rng, H(x, lb), C, 0.0f, 0.5f);
     /* aux: the widened weights [OC, C], the reference h [T, C], the widened bias [OC] (matmul_a's) */
