@@ -26,13 +26,25 @@ static void encoder_stage(blip2_engine *e) {
     }
 }
 
-/* Encoder thread, batch encoded: each request's projected rows into a buffer of its own. */
+/* Encoder thread, batch encoded: each request's projected rows into a buffer of its own, each
+ * image's into the cache (before the engine sees the batch done, so that a request for the same
+ * image that waits is served from the cache at its next hand-off). */
 static void encoder_hand_out(blip2_engine *e) {
     engine_encoder *x = &e->encoder;
     size_t emb = (size_t)e->m->cfg.Q * e->m->cfg.opt.C;
     for (int k = 0; k < x->n_req; k++)
         if ((x->out[k] = malloc(sizeof(float) * emb)))
             memcpy(x->out[k], x->proj + (size_t)x->req_row[k] * emb, sizeof(float) * emb);
+    for (int b = 0; b < x->B; b++)
+        if (x->img[b]) blip2_image_cache_put(&e->cache, x->img[b], x->img_len[b], x->img_hash[b], x->proj + (size_t)b * emb);
+}
+
+/* Encoder thread, batch done or failed: the image bytes it was handed. */
+static void encoder_free_images(engine_encoder *x) {
+    for (int b = 0; b < ENC_MAX_IMAGES; b++) {
+        free(x->img[b]);
+        x->img[b] = NULL;
+    }
 }
 
 static void *encoder_main(void *arg) {
@@ -59,6 +71,7 @@ static void *encoder_main(void *arg) {
         encoder_stage(e);
         blip2_code erc = blip2_encode_images(e->m, &x->ws, x->px, x->B, NULL, NULL, x->proj, &est);
         if (!erc) encoder_hand_out(e);
+        encoder_free_images(x);
         double ms = (double)(blip2_now_ns() - t0) / 1e6;
         pthread_mutex_lock(&x->mu);
         x->rc = erc, x->st = est, x->ms = ms;
@@ -106,6 +119,7 @@ void engine_encoder_stop(blip2_engine *e) {
         pthread_join(x->thread, NULL);
     }
     for (int b = 0; b < ENC_MAX_IMAGES; b++) free(x->src[b]); /* a batch handed over but never collected */
+    encoder_free_images(x);
     for (int k = 0; k < ENC_MAX_REQS; k++) free(x->out[k]);
     if (x->inited) {
         pthread_mutex_destroy(&x->mu);
@@ -178,6 +192,10 @@ void engine_hand_images(blip2_engine *e) {
         r->encoding = 1;
     }
     if (!B) return;
+    for (int b = 0; b < B; b++) { /* the bytes go to the cache from the encoder thread */
+        x->img[b] = batch[b]->img, x->img_len[b] = batch[b]->img_len, x->img_hash[b] = batch[b]->hash;
+        batch[b]->img = NULL;
+    }
     pthread_mutex_lock(&x->mu);
     x->B = B;
     x->state = ENC_BUSY;
@@ -221,7 +239,6 @@ void engine_collect_images(blip2_engine *e) {
         r->cached = !x->req_first[k]; /* shared another request's encoding */
         free(r->pixels);
         r->pixels = NULL;
-        if (x->req_first[k] && r->img) blip2_image_cache_put(&e->cache, r->img, r->img_len, r->hash, r->projected);
     }
     pthread_mutex_lock(&x->mu);
     x->state = ENC_IDLE;

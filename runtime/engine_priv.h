@@ -76,11 +76,16 @@ typedef struct {
      * is done: its requests (id, row, brought the image), the rows' pixels (each a request's own
      * buffer, handed over: the encoder thread stages and frees it) and, once encoded, a
      * projected-rows buffer per request (malloc'd by the encoder thread, NULL if that failed;
-     * the engine thread takes them). The copies, ~1 MB an image, stay off the step loop. */
+     * the engine thread takes them). The copies, ~1 MB an image, stay off the step loop. The
+     * image bytes of each row (its first request's, handed over like the pixels; NULL without
+     * the cache) go into the image cache from the encoder thread too. */
     int n_req;
     uint64_t req_id[ENC_MAX_REQS];
     int req_row[ENC_MAX_REQS], req_first[ENC_MAX_REQS];
     float *src[ENC_MAX_IMAGES];
+    uint8_t *img[ENC_MAX_IMAGES];
+    size_t img_len[ENC_MAX_IMAGES];
+    uint64_t img_hash[ENC_MAX_IMAGES];
     float *out[ENC_MAX_REQS];
     pthread_mutex_t mu;
     pthread_cond_t cv;
