@@ -14,7 +14,8 @@
 # mma encoder attention (ours_products), the block-per-row paged attention (ours_paged_v,
 # ops_perf_paged_v), programmatic dependent launch (ours_nopdl), the 16-bit matmul outputs
 # (ours_out16off), the fused KV write (ours_kvwrite) and the norm inside the one-row GEMV
-# (ours_fusedln_off, ours_lnrows1/2); RESULTS.md lists what each of them has to show.
+# (ours_fusedln_off, ours_lnrows1/2); and the encoders' attention by cp.async and ldmatrix (ours_fa,
+# ops_perf_attention_fa; off by default). RESULTS.md lists what each of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
@@ -57,6 +58,9 @@ bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --image
 # Vision with 16-bit q, k, v into the mma attention (BLIP2_QKV16=1; run 8: its kernel 0.67 against
 # 0.39 ms a layer on fp32 ones, so the default keeps them fp32).
 bench_step ours_qkv16 45 env BLIP2_QKV16=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+# The same 16-bit q, k, v into attention_fa.cu's kernel (cp.async, ldmatrix, 64-key tiles), next
+# to ours' (the mma kernel on fp32 q, k, v) and ours_qkv16's (the mma kernel on 16-bit ones).
+bench_step ours_fa 45 env BLIP2_QKV16=1 BLIP2_ATTN_FA=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode with the new keys and values written by k_kv_write before the attention (BLIP2_FUSED_KV=0)
 # instead of by the attention kernel itself.
 bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 --images none --steps 32 --json
@@ -118,6 +122,7 @@ bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op 
 bench_step ops_perf_topk 20 "$BUILD/tests/test_ops" --perf --backend cuda --op topk_rows
 bench_step ops_perf_paged_v 30 env BLIP2_PAGED_ONLINE=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 bench_step ops_perf_attention 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
+bench_step ops_perf_attention_fa 30 env BLIP2_ATTN_FA=1 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 bench_step ops_perf_attention_products 30 env BLIP2_MMA_ATTN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op attention
 # Beam search (5 beams, as BLIP-2 captioning runs): B requests of 32 tokens, B·5 sequences a step.
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json

@@ -184,6 +184,63 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 #endif
 }
 
+/* ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16, one warp: four 8×8 matrices of 16-bit values
+ * from shared memory. Lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
+ * aligned); r[i] is matrix i's (row l / 4, cols 2(l % 4), 2(l % 4) + 1), or with trans its (rows
+ * 2(l % 4), 2(l % 4) + 1; col l / 4), the lower index in the low half. So a row-major A tile or a
+ * [n][k] B tile gives mma_16816's fragments as they are, and a [k][n] B tile gives them with
+ * trans. Every lane of the warp must call it. Emulator: the same layouts, exchanged between the
+ * lanes (tests/cudasim/mma_sync.h). */
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void *row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::ldmatrix_x4(r, row, false);
+#else
+    (void)r, (void)row;
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void *row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::ldmatrix_x4(r, row, true);
+#else
+    (void)r, (void)row;
+#endif
+}
+
+/* cp.async.cg (sm_80): 16 bytes from global src to shared dst (both 16-byte aligned) without a
+ * register, through L2 only; with !full the 16 bytes are zeros and src is not read (it must still
+ * be a valid address). Copies complete in commit groups: cp_async_wait<N>() returns once at most N
+ * of this thread's groups are still in flight; a __syncthreads() after it makes every thread's
+ * copies visible. Emulator: the copy happens at once (the barrier still orders it). */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full) {
+#if defined(__CUDA_ARCH__)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(full ? 16 : 0) : "memory");
+#else
+    if (full) memcpy(dst, src, 16);
+    else memset(dst, 0, 16);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 /* A BLIP2_* switch of the environment: on by default unless set to "0", or off by default
  * unless set to "1". Callers keep the answer in a function-local static (read once per process). */
 static inline bool env_switch(const char *name, bool on_by_default) {
@@ -222,5 +279,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 constexpr int ATTN_MMA_MAX_HS = 128;
 bool attention_mma(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, int B, int Tq, int Tk,
                    int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype, int iodtype);
+/* The same with 16-bit q, k, v and out (iodtype = wdtype), HS a multiple of 8 up to 112, strides
+ * multiples of 8 elements, 16-byte aligned pointers, by cp.async and ldmatrix (attention_fa.cu),
+ * when BLIP2_ATTN_FA=1; false, with nothing queued, otherwise. */
+bool attention_fa(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, int B, int Tq, int Tk,
+                  int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype, int iodtype);
 
 #endif

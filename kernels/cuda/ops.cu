@@ -1812,7 +1812,8 @@ void blip2_attention(void *out, const void *q, const void *k, const void *v, flo
         return;
     }
     if (!causal && mma_attention_enabled() &&
-        attention_mma(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype, iodtype))
+        (attention_fa(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype, iodtype) ||
+         attention_mma(c, out, q, k, v, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, wdtype, iodtype)))
         return; /* a 16-bit model's encoders; each block's sums are the same in any batch (batch-invariant) */
     if (iodtype != BLIP2_W_F32)
         attention_widened(c, out, q, k, v, scratch, B, Tq, Tk, NH, HS, q_stride, kv_stride, scale, causal, wdtype, iodtype);

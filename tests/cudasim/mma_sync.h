@@ -1,5 +1,6 @@
-/* mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 on the CPU emulator: what
- * kernels/cuda/internal.cuh's mma_16816 runs here instead of its inline PTX. Included by prelude.h.
+/* mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 and ldmatrix.sync.aligned.m8n8.x4
+ * on the CPU emulator: what kernels/cuda/internal.cuh's mma_16816 and ldmatrix_x4 run here instead
+ * of their inline PTX. Included by prelude.h.
  *
  * Unlike WMMA, this instruction fixes which lane holds which element (PTX ISA, "Matrix Fragments
  * for mma.m16n8k16 with floating point type"; g = lane / 4, t = lane % 4):
@@ -20,6 +21,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <type_traits>
@@ -63,6 +66,38 @@ template <typename T> inline void mma_m16n8k16(float (&d)[4], const unsigned (&a
         float s = d[i];
         for (int k = 0; k < 16; k++) s += x.a[row][k] * x.b[k][col];
         d[i] = s;
+    }
+    shuffle_xor(0xffffffffu, 0, 0, 32); /* every lane has read them */
+}
+
+/* ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (internal.cuh's ldmatrix_x4): lane l offers the
+ * address of row l % 8 of matrix l / 8; after the warp's rendezvous each lane takes, of matrix i,
+ * (row l / 4, cols 2(l % 4), 2(l % 4) + 1) into r[i], or with trans (rows 2(l % 4), 2(l % 4) + 1;
+ * col l / 4), the lower index in the low half; a second rendezvous before the addresses are
+ * reused. A row address that is not 16-byte aligned is a fault on a GPU: reported, and the process
+ * stops. */
+inline void ldmatrix_x4(unsigned (&r)[4], const void *row, bool trans) {
+    static thread_local const unsigned char *addr[32][32]; /* [warp][lane] */
+    const thread_coords *c = current();
+    const unsigned tid = c->thread_idx.x + c->block_dim.x * (c->thread_idx.y + c->block_dim.y * c->thread_idx.z);
+    const int lane = (int)(tid & 31), w = (int)(tid / 32);
+    if ((uintptr_t)row % 16) {
+        fprintf(stderr, "cudasim: ldmatrix: lane %d's row address %p is not 16-byte aligned\n", lane, row);
+        abort();
+    }
+    addr[w][lane] = (const unsigned char *)row;
+    shuffle_xor(0xffffffffu, 0, 0, 32); /* every lane's address is in */
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            memcpy(&lo, addr[w][8 * i + g] + 4 * t, 2);
+            memcpy(&hi, addr[w][8 * i + g] + 4 * t + 2, 2);
+        } else {
+            memcpy(&lo, addr[w][8 * i + 2 * t] + 2 * g, 2);
+            memcpy(&hi, addr[w][8 * i + 2 * t + 1] + 2 * g, 2);
+        }
+        r[i] = (unsigned)lo | (unsigned)hi << 16;
     }
     shuffle_xor(0xffffffffu, 0, 0, 32); /* every lane has read them */
 }
