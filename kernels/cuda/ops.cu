@@ -145,6 +145,35 @@ __global__ void __launch_bounds__(NT) k_activate_v4(void *out, int adtype, const
         else reinterpret_cast<uint2 *>(out)[i] = make_uint2(pack_act2(adtype, a, b), pack_act2(adtype, c, d));
     }
 }
+/* Eight 16-bit values of xdtype through act, rounded to the 16-bit adtype: one 16-byte load's worth. */
+__device__ __forceinline__ uint4 act8_16(uint4 u, int xdtype, int adtype, int act) {
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float lo, hi;
+        if (xdtype == BLIP2_W_F16) widen2<__half>(w[k], lo, hi);
+        else widen2<__nv_bfloat16>(w[k], lo, hi);
+        w[k] = pack_act2(adtype, act_of(lo, act), act_of(hi, act));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+/* 16-bit x and out (vision's GELU between fc1 and fc2): eight elements a thread and step by 16-byte
+ * loads and stores, and two steps' loads issued before either's arithmetic, 32 bytes a thread in
+ * flight where k_activate_v4 has 8 (run 8, H100, 64 images: 0.20 ms a layer for 404 MB, ~1.5x
+ * its bytes at the copy rate). n8 groups of 8; x and out 16-byte aligned; in place as k_activate. */
+__global__ void __launch_bounds__(NT) k_activate_v8(void *out, int adtype, const void *x, int xdtype, size_t n8,
+                                                    int act) {
+    pdl_entry();
+    const uint4 *xi = reinterpret_cast<const uint4 *>(x);
+    uint4 *o = reinterpret_cast<uint4 *>(out);
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += 2 * stride) {
+        const size_t j = i + stride;
+        const uint4 a = xi[i], b = j < n8 ? xi[j] : make_uint4(0u, 0u, 0u, 0u);
+        o[i] = act8_16(a, xdtype, adtype, act);
+        if (j < n8) o[j] = act8_16(b, xdtype, adtype, act);
+    }
+}
 /* out[t, o] += bias[o] (bias may be NULL, else of x's type), then ReLU if relu: the epilogue when
  * cuBLASLt is not used. */
 __global__ void __launch_bounds__(NT) k_bias_act(void *x, int xdtype, const void *bias, size_t n, int C, int relu) {
@@ -1325,7 +1354,9 @@ void gemv(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool in16, 
 void activate(blip2_cuda_ctx *c, void *out, int adtype, const void *x, int xdtype, size_t n, int act) {
     if (n == 0) return;
     const uintptr_t out_align = adtype == BLIP2_W_F32 ? 15 : 7, in_align = xdtype == BLIP2_W_F32 ? 15 : 7;
-    if (n % 4 == 0 && ((uintptr_t)x & in_align) == 0 && ((uintptr_t)out & out_align) == 0)
+    if (adtype != BLIP2_W_F32 && xdtype != BLIP2_W_F32 && n % 8 == 0 && (((uintptr_t)x | (uintptr_t)out) & 15) == 0)
+        launch(k_activate_v8, grid_for((n / 8 + 1) / 2), NT, 0, c->stream, out, adtype, x, xdtype, n / 8, act);
+    else if (n % 4 == 0 && ((uintptr_t)x & in_align) == 0 && ((uintptr_t)out & out_align) == 0)
         launch(k_activate_v4, grid_for(n / 4), NT, 0, c->stream, out, adtype, x, xdtype, n / 4, act);
     else
         launch(k_activate, grid_for(n), NT, 0, c->stream, out, adtype, x, xdtype, n, act);
