@@ -45,6 +45,20 @@
  * Options and random numbers. */
 static int g_perf, g_full, g_reps = 7;
 static const char *g_only, *g_backend;
+
+/* Whether --op (one name, or names separated by commas) selects op; no --op: every op. */
+static int op_selected(const char *op) {
+    if (!g_only) return 1;
+    size_t n = strlen(op);
+    for (const char *p = g_only; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !strncmp(p, op, n)) return 1;
+        if (!e) break;
+        p = e + 1;
+    }
+    return 0;
+}
 static uint64_t g_seed = 20240611;
 
 static uint64_t rng_u64(uint64_t *s) {
@@ -2448,7 +2462,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--backend") && i + 1 < argc) g_backend = argv[++i];
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], NULL, 10);
         else {
-            fprintf(stderr, "usage: test_ops [--perf [--reps N]] [--full] [--op NAME] [--backend NAME] [--seed N]\n");
+            fprintf(stderr, "usage: test_ops [--perf [--reps N]] [--full] [--op NAME[,NAME...]] [--backend NAME] [--seed N]\n");
             return 2;
         }
     }
@@ -2476,7 +2490,7 @@ int main(int argc, char **argv) {
     for (int b = 0; b < n_backends; b++) {
         if (g_backend && strcmp(g_backend, backends[b]->name)) continue;
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-            if (!g_only || !strcmp(g_only, cases[i].op)) run_case(&cases[i], backends[b], (int)i);
+            if (op_selected(cases[i].op)) run_case(&cases[i], backends[b], (int)i);
     }
 #ifdef BLIP2_HAVE_CUDA
     blip2_cuda_ctx_destroy(cuda_ctx);

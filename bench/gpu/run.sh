@@ -14,8 +14,9 @@
 # mma encoder attention (ours_products), the block-per-row paged attention (ours_paged_v,
 # ops_perf_paged_v), programmatic dependent launch (ours_nopdl), the 16-bit matmul outputs
 # (ours_out16off), the fused KV write (ours_kvwrite) and the norm inside the one-row GEMV
-# (ours_fusedln_off, ours_lnrows1/2); and the encoders' attention by cp.async and ldmatrix (ours_fa,
-# ops_perf_attention_fa; off by default). RESULTS.md lists what each of them has to show.
+# (ours_fusedln_off, ours_lnrows1/2); and, off by default, the encoders' attention by cp.async and
+# ldmatrix (ours_fa, ops_perf_attention_fa) and the one-row GEMV as warps over rows (ours_gemvwarp,
+# ops_perf_gemv_warp). RESULTS.md lists what each of them has to show.
 set -u
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-$PWD/.gpu/shared}
@@ -52,6 +53,9 @@ bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --e
 bench_step ours_fusedln_off 40 env BLIP2_FUSED_LN=0 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
 bench_step ours_lnrows1 40 env BLIP2_GEMV_LN_ROWS=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
 bench_step ours_lnrows2 40 env BLIP2_GEMV_LN_ROWS=2 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+# The one-row GEMVs as warps over weight rows (k_gemv_w: the row staged once a block, no barrier
+# after it, a few hundred blocks instead of 2560 to 10240), the LayerNorm in its staging.
+bench_step ours_gemvwarp 40 env BLIP2_GEMV_WARP=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
 # The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
 # (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
 bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
@@ -117,6 +121,7 @@ bench_step ops_perf_matmul 45 "$BUILD/tests/test_ops" --perf --backend cuda --op
 # kernel and the GEMV one after the other (BLIP2_FUSED_LN=0): GB/s of the weights either way.
 bench_step ops_perf_matmul_ln 30 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
 bench_step ops_perf_matmul_ln_off 30 env BLIP2_FUSED_LN=0 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_ln_a
+bench_step ops_perf_gemv_warp 45 env BLIP2_GEMV_WARP=1 "$BUILD/tests/test_ops" --perf --backend cuda --op matmul_h,matmul_ln_a
 bench_step ops_perf_paged 30 "$BUILD/tests/test_ops" --perf --backend cuda --op attention_paged
 # The sampling path's top-k over rows of logits (k rounds of the argmax scan; c4b3017).
 bench_step ops_perf_topk 20 "$BUILD/tests/test_ops" --perf --backend cuda --op topk_rows

@@ -1011,6 +1011,18 @@ template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void lo
 /* The GEMV's odtype for out += product + bias (matmul_acc_a): fp32 out and bias, no activation. */
 constexpr int GEMV_OUT_ADD = 0x100;
 
+/* Output (t, o) of a GEMV from its product s: bias, act, the store in odtype. */
+__device__ __forceinline__ void gemv_store(void *__restrict__ out, int odtype, const void *__restrict__ bias, int t, int o,
+                                           int OC, float s, int act) {
+    if (odtype == GEMV_OUT_ADD) { /* the residual stream: x + (product + bias), as the reference */
+        float *p = (float *)out + (size_t)t * OC + o;
+        *p = *p + (bias ? s + ((const float *)bias)[o] : s);
+    } else {
+        if (bias) s += load_act(bias, odtype, o); /* fp32, or 16-bit with a 16-bit out */
+        store_act(out, odtype, (size_t)t * OC + o, act_of(s, act));
+    }
+}
+
 /* The block's reduction and epilogue. Every thread calls it (it has a barrier); red holds
  * (blockDim.x / 32)·T·R floats. */
 template <int T, int R>
@@ -1031,13 +1043,7 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T][R], float *red, void
         if (o < OC) {
             float s = 0.0f;
             for (int k = 0; k < nw; k++) s += red[k * (T * R) + i];
-            if (odtype == GEMV_OUT_ADD) { /* the residual stream: x + (product + bias), as the reference */
-                float *p = (float *)out + (size_t)t * OC + o;
-                *p = *p + (bias ? s + ((const float *)bias)[o] : s);
-            } else {
-                if (bias) s += load_act(bias, odtype, o); /* fp32, or 16-bit with a 16-bit out */
-                store_act(out, odtype, (size_t)t * OC + o, act_of(s, act));
-            }
+            gemv_store(out, odtype, bias, t, o, OC, s, act);
         }
     }
 }
@@ -1219,6 +1225,135 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS)
     gemv_finish<1, R>(acc, red, out, odtype, bias, o0, OC, act);
 }
 
+/* k_gemv_w: the one-row GEMV as warps over weight rows (BLIP2_GEMV_WARP=1; not yet timed on a GPU).
+ * The block-per-row kernels above launch OC / R blocks (2560 to 10240 a decode matmul), each
+ * ending in a block barrier, and read the input row again in every block; run 8's ncu had the
+ * GEMVs at 1.2 (out_proj) to 2.2 (fc1) TB/s. Here a block first stages the input row once in
+ * shared memory, in the weights' type (rounded as round_act, or with LN: normalised by the
+ * k_gemv_ln formulas, then rounded), with one barrier; then warp w of the grid takes rows w, w + W,
+ * ... (W warps in all, as many rows each, the grid resident at once: gemv_w_blocks). A
+ * warp reads a row in 16-byte chunks, lane l the chunks l, l + 32, ..., GW_LOADS of them issued
+ * before any arithmetic (a 2560-column row in one round), sums by shuffles, and its lane 0 stores
+ * (gemv_store). No barrier after the staging; the weights stream with an evict-first hint. */
+constexpr int GW_WARPS = 8, GW_THREADS = 32 * GW_WARPS, GW_LOADS = 10;
+constexpr int GW_BLOCKS_PER_SM = 4; /* 64 registers a thread (the loads' 40): 1024 threads, 160 KB of loads in flight an SM */
+constexpr int GW_MAX_C = 16384; /* the staged row: 2·C bytes of shared memory */
+
+/* The input row into xs as C / 8 chunks of WT: x of IT (fp32, 16-byte aligned; or WT, copied), or
+ * with LN (fp32 x) LN(x) rounded as k_gemv_ln rounds it. Ends with the block's barrier. */
+template <typename WT, typename IT, bool LN>
+__device__ __forceinline__ void gemv_w_stage(uint4 *xs, const IT *__restrict__ x, const float *__restrict__ lw,
+                                             const float *__restrict__ lb, float eps, int C) {
+    const int nk = C >> 3, tid = (int)threadIdx.x;
+    if constexpr (!std::is_same<IT, float>::value) {
+        for (int k = tid; k < nk; k += GW_THREADS) xs[k] = __ldg(reinterpret_cast<const uint4 *>(x) + k);
+    } else {
+        float mean = 0.0f, rstd = 1.0f;
+        if constexpr (LN) {
+            __shared__ double red_d[32];
+            double s = 0;
+            for (int i = tid; i < C; i += GW_THREADS) s += __ldg(x + i);
+            s = block_sum(s, red_d);
+            mean = (float)(s / C);
+            double var = 0;
+            for (int i = tid; i < C; i += GW_THREADS) {
+                const float d = __ldg(x + i) - mean;
+                var += (double)d * d;
+            }
+            var = block_sum(var, red_d);
+            rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+        }
+        for (int k = tid; k < nk; k += GW_THREADS) {
+            float v[8];
+            load_x8<WT, float, true>(v, x + (size_t)k * 8); /* rounded as round_act */
+            if constexpr (LN) { /* instead: the raw values, normalised, then rounded */
+                const float4 *x4 = reinterpret_cast<const float4 *>(x) + 2 * k;
+                const float4 xa = __ldg(x4), xb = __ldg(x4 + 1);
+                const float xr[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+                const float4 *w4 = reinterpret_cast<const float4 *>(lw) + 2 * k, *b4 = reinterpret_cast<const float4 *>(lb) + 2 * k;
+                const float4 wa = __ldg(w4), wb = __ldg(w4 + 1), ba = __ldg(b4), bb = __ldg(b4 + 1);
+                const float gw[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+                const float gb[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[j] = round_act<WT>((xr[j] - mean) * rstd * gw[j] + gb[j]);
+            }
+            if constexpr (std::is_same<WT, __half>::value)
+                xs[k] = make_uint4(pack2<__half>(v[0], v[1]), pack2<__half>(v[2], v[3]), pack2<__half>(v[4], v[5]),
+                                   pack2<__half>(v[6], v[7]));
+            else
+                xs[k] = make_uint4(pack2<__nv_bfloat16>(v[0], v[1]), pack2<__nv_bfloat16>(v[2], v[3]),
+                                   pack2<__nv_bfloat16>(v[4], v[5]), pack2<__nv_bfloat16>(v[6], v[7]));
+        }
+    }
+    __syncthreads();
+}
+
+template <typename WT, typename IT, bool LN>
+__global__ void __launch_bounds__(GW_THREADS, GW_BLOCKS_PER_SM)
+    k_gemv_w(void *__restrict__ out, int odtype, const IT *__restrict__ x, const float *__restrict__ lw,
+             const float *__restrict__ lb, float eps, const uint16_t *__restrict__ w, const void *__restrict__ bias,
+             int C, int OC, int act) {
+    extern __shared__ uint4 xs[]; /* [C / 8] chunks of the row in WT */
+    const int lane = (int)threadIdx.x & 31, nk = C >> 3, W = (int)gridDim.x * GW_WARPS;
+    const int first = (int)blockIdx.x * GW_WARPS + ((int)threadIdx.x >> 5);
+    pdl_trigger();
+    if (first < OC) /* the warp's first row into L2 while the kernel before finishes (weights are immutable) */
+        for (int i = lane; i < (C * 2 + 127) / 128; i += 32)
+            prefetch_l2(reinterpret_cast<const char *>(w + (size_t)first * C) + (size_t)i * 128);
+    pdl_wait();
+    gemv_w_stage<WT, IT, LN>(xs, x, lw, lb, eps, C);
+    for (int o = first; o < OC; o += W) {
+        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)o * C);
+        float acc = 0.0f;
+        for (int k0 = lane; k0 < nk; k0 += 32 * GW_LOADS) {
+            uint4 q[GW_LOADS];
+#pragma unroll
+            for (int u = 0; u < GW_LOADS; u++) {
+                const int k = k0 + 32 * u;
+                q[u] = k < nk ? __ldcs(wr + k) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < GW_LOADS; u++) {
+                const int k = k0 + 32 * u;
+                if (k < nk) {
+                    float wf[8], xf[8];
+                    widen8<WT>(q[u], wf);
+                    widen8<WT>(xs[k], xf);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc = fmaf(xf[j], wf[j], acc);
+                }
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) gemv_store(out, odtype, bias, 0, o, OC, acc, act);
+    }
+}
+
+/* Whether one-row GEMVs take k_gemv_w (BLIP2_GEMV_WARP=1), for C % 8 == 0 up to GW_MAX_C and 16-byte
+ * aligned rows (the caller checks the pointers). Read once per process. */
+bool gemv_warp_ok(int C) {
+    static const bool on = env_switch("BLIP2_GEMV_WARP", false);
+    return on && C > 0 && C % 8 == 0 && C <= GW_MAX_C;
+}
+
+/* Blocks of k_gemv_w for OC rows: rows a warp = the fewest that the resident blocks (GW_BLOCKS_PER_SM
+ * an SM) can cover, then the fewest blocks that cover OC with that many, so that every warp takes
+ * about as many rows (fc1's 10240 on 132 SMs: 427 blocks, 3 rows a warp). */
+unsigned gemv_w_blocks(blip2_cuda_ctx *c, int OC) {
+    static int sms = 0;
+    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess) sms = 132;
+    const long long warps = (long long)sms * GW_BLOCKS_PER_SM * GW_WARPS, rpw = ((long long)OC + warps - 1) / warps;
+    return (unsigned)(((long long)OC + GW_WARPS * rpw - 1) / (GW_WARPS * rpw));
+}
+
+template <typename WT, typename IT, bool LN>
+void gemv_w_launch(blip2_cuda_ctx *c, void *out, int odtype, const IT *x, const float *lw, const float *lb, float eps,
+                   const uint16_t *w, const void *bias, int C, int OC, int act) {
+    launch(k_gemv_w<WT, IT, LN>, gemv_w_blocks(c, OC), GW_THREADS, (size_t)C * 2, c->stream, out, odtype, x, lw, lb, eps,
+           w, bias, C, OC, act);
+    LAUNCH_CK(c, "k_gemv_w");
+}
+
 /* Threads per block: of the multiples of 32 up to GEMV_MAX_THREADS, the smallest that covers n
  * work items (per per thread and iteration) in the fewest iterations. */
 unsigned gemv_threads(long long n, int per) {
@@ -1267,6 +1402,12 @@ void gemv_launch(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool
     constexpr int R = gemv_rows(T);
     const unsigned grid = (unsigned)(((long long)OC + R - 1) / R);
     const float *in32 = (const float *)inp;
+    if constexpr (T == 1)
+        if (gemv_warp_ok(C) && (((uintptr_t)w | (uintptr_t)inp) & 15) == 0) {
+            if (in16) gemv_w_launch<WT, WT, false>(c, out, odtype, (const WT *)inp, NULL, NULL, 0.0f, w, bias, C, OC, act);
+            else gemv_w_launch<WT, float, false>(c, out, odtype, in32, NULL, NULL, 0.0f, w, bias, C, OC, act);
+            return;
+        }
     if (C % 8 == 0 && ((uintptr_t)w & 15) == 0) {
         const unsigned bs = gemv_threads(C / 8, GEMV_LOADS / R);
         if (in16)
@@ -1319,6 +1460,11 @@ void gemv_ln_launch(blip2_cuda_ctx *c, void *out, int odtype, const float *x, co
 /* out[1, OC] = act(LN(x) · wᵀ + bias) for gemv_ln_ok shapes; out and bias as gemv's. */
 void gemv_ln(blip2_cuda_ctx *c, void *out, int odtype, const float *x, const float *lw, const float *lb, float eps,
              const uint16_t *w, const void *bias, int C, int OC, int wdtype, int act) {
+    if (gemv_warp_ok(C)) { /* gemv_ln_ok checked the alignment */
+        if (wdtype == BLIP2_W_F16) gemv_w_launch<__half, float, true>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        else gemv_w_launch<__nv_bfloat16, float, true>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);
+        return;
+    }
     const int R = gemv_ln_rows();
     if (wdtype == BLIP2_W_F16) {
         if (R == 1) gemv_ln_launch<__half, 1>(c, out, odtype, x, lw, lb, eps, w, bias, C, OC, act);

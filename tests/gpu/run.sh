@@ -69,6 +69,8 @@ step engine_f16 90 "$T/test_engine" --device cuda --dtype f16
 # off by default until timed): its op cases, then the fixtures through it (16-bit q, k, v).
 step ops_fa 30 env BLIP2_ATTN_FA=1 "$T/test_ops" --op attention
 step parity_f16_fa 60 env BLIP2_QKV16=1 BLIP2_ATTN_FA=1 "$T/test_parity" --device cuda --dtype f16
+# The one-row GEMV as warps over weight rows (ops.cu k_gemv_w, BLIP2_GEMV_WARP=1, off by default).
+step ops_gemv_warp 30 env BLIP2_GEMV_WARP=1 "$T/test_ops" --op matmul_h,matmul_a,matmul_ln_a,matmul_acc_a
 # The CLI under mpirun -np 1: device context, NCCL communicator with one rank, the engine.
 FIX=$SHARED/fixtures
 ids="$(printf '50265,%.0s' $(seq 32))2,45641,35,141,171,10017,32,11,5,2170,116,31652,35"
