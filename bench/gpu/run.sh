@@ -72,6 +72,11 @@ bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 -
 bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
 # Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
 bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 32 --json
+# The warp-per-head paged attention from 512 (head, sequence) pairs instead of 4096 (batch 16 up on
+# OPT-2.7b's 32 heads): batches 32 and 64 take the block-per-row kernel by default, and the
+# crossover was measured only at 8 and 256 (run 6). Batch 64's ncu had that kernel at 32.4 µs a
+# layer (24.5 % of the step) against ~17 µs of KV bytes.
+bench_step ours_online512 45 env BLIP2_PAGED_ONLINE_MIN=512 "${BENCH[@]}" --batch 32,64 --images none --steps 32 --json
 # Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
 # start with the previous one's tail gives, at batch 1 (latency) and 64.
 bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json

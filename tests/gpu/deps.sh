@@ -27,9 +27,12 @@ blip2_gpu_deps() {
 # timeout at what is left, and a step that would get under 5 s is skipped, so that one slow step
 # never leaves later ones running past the call (device time counts all tries together). Without
 # it a step gets its own cap.
-blip2_gpu_skipped() { # name: whether BLIP2_GPU_SKIP (names separated by spaces) lists it
+blip2_gpu_skipped() { # name: whether BLIP2_GPU_SKIP lists it, or BLIP2_GPU_ONLY is set and does not
+  # (names separated by spaces; with BLIP2_GPU_ONLY, configure and build still run)
   case " ${BLIP2_GPU_SKIP:-} " in *" $1 "*) return 0 ;; esac
-  return 1
+  [ -z "${BLIP2_GPU_ONLY:-}" ] && return 1
+  case " configure build ${BLIP2_GPU_ONLY} " in *" $1 "*) return 1 ;; esac
+  return 0
 }
 blip2_gpu_cap() { # cap_s -> the timeout to use, or nothing (skip)
   local cap=$1 left

@@ -4,6 +4,8 @@
 # are skipped), everything packed into $OUT/gpu.tgz (the device tool brings back only a few files
 # per call) and the two summaries printed. After tests/gpu/prepare.sh here, with ".gpu" carried:
 #   bash tests/gpu/session.sh [BUDGET_S]
+# BLIP2_GPU_SKIP="step ..." leaves steps out; BLIP2_GPU_ONLY="step ..." runs only those (and the
+# build); BLIP2_GPU_OPS=op1,op2 limits the ops step's op table (tests/gpu/deps.sh, run.sh).
 set -u
 cd "$(dirname "$0")/../.."
 budget=${1:-300}
