@@ -34,6 +34,7 @@
 
 #include <type_traits>
 
+#include "attention_tile.cuh"
 #include "internal.cuh"
 
 namespace {
@@ -64,13 +65,6 @@ __device__ __forceinline__ void fa_load_tile(uint16_t *dst, const uint16_t *src,
     }
 }
 
-/* The softmax state of the lane's two rows (g and g + 8 of the warp's 16): running max m of the
- * raw scores, the lane's share of the running sum l (the quad's four add up at the end), O. */
-template <int KC> struct fa_rows {
-    float m[2], l[2];
-    float o[2 * KC][4];
-};
-
 /* S = Q·Kᵀ over the tile's kn keys (raw: not yet scaled), Qw the warp's 16 rows of Qs. An x4
  * ldmatrix of Qw gives the A fragment of one 16-dim step (lane l addresses row l % 16, dims
  * (l / 16)·8 on); one of Ks the B fragments of two 8-key groups for that step (lane l addresses
@@ -99,61 +93,10 @@ __device__ __forceinline__ void fa_scores(float (&s)[FA_NT][4], const uint16_t *
     }
 }
 
-/* 2^x: the SFU's approximation, as attention_mma.cu. */
-__device__ __forceinline__ float fa_exp2(float x) {
-#if defined(__CUDA_ARCH__)
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-#else
-    return exp2f(x);
-#endif
-}
-
-/* The online softmax update for one tile (scores times qscale = scale·log2(e), in fp32); P [8-key
- * group][row g, g+8] packed as A-fragment halves. */
-template <typename T, int KC>
-__device__ __forceinline__ void fa_softmax(unsigned (&p)[FA_NT][2], float (&s)[FA_NT][4], fa_rows<KC> &st, int kn,
-                                           float qscale) {
-    const int t = (int)threadIdx.x & 3;
-    if (kn < FA_KT)
-#pragma unroll
-        for (int n = 0; n < FA_NT; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                if (n * 8 + 2 * t + (i & 1) >= kn) s[n][i] = -INFINITY;
-    float mx[2] = {st.m[0], st.m[1]}, base[2];
-#pragma unroll
-    for (int n = 0; n < FA_NT; n++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
-#pragma unroll
-    for (int r = 0; r < 2; r++) { /* the row's max over its quad; alpha rescales what came before */
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * qscale;
-        const float alpha = fa_exp2(st.m[r] * qscale - base[r]); /* m = -inf at first: 0 */
-        st.m[r] = mx[r];
-        st.l[r] *= alpha;
-#pragma unroll
-        for (int d = 0; d < 2 * KC; d++) st.o[d][2 * r] *= alpha, st.o[d][2 * r + 1] *= alpha;
-    }
-#pragma unroll
-    for (int n = 0; n < FA_NT; n++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float e0 = fa_exp2(fmaf(s[n][2 * r], qscale, -base[r])), e1 = fa_exp2(fmaf(s[n][2 * r + 1], qscale, -base[r]));
-            p[n][r] = pack2<T>(e0, e1);
-            float lo, hi;
-            widen2<T>(p[n][r], lo, hi);
-            st.l[r] += lo + hi;
-        }
-}
-
 /* O += P·V over the tile's kn keys. An x4.trans ldmatrix of Vs [key][dim] gives the B fragments of
  * two 8-dim groups for one 16-key step: lane l addresses key l % 16, dims (l / 16)·8 on. */
 template <typename T, int KC>
-__device__ __forceinline__ void fa_pv(fa_rows<KC> &st, const unsigned (&p)[FA_NT][2], const uint16_t *Vs, int kn, int HS) {
+__device__ __forceinline__ void fa_pv(softmax_rows<KC> &st, const unsigned (&p)[FA_NT][2], const uint16_t *Vs, int kn, int HS) {
     using S = fa_shape<KC>;
     const int lane = (int)threadIdx.x & 31;
     const uint16_t *vl = Vs + (lane % 16) * S::RS + lane / 16 * 8;
@@ -176,7 +119,7 @@ __device__ __forceinline__ void fa_pv(fa_rows<KC> &st, const unsigned (&p)[FA_NT
 /* O / l for the lane's rows that exist, two dims a 32-bit store, into out [Tq, NH·HS] (the
  * head's columns from ob; HS a multiple of 8). */
 template <typename T, int KC>
-__device__ __forceinline__ void fa_write(uint16_t *ob, fa_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
+__device__ __forceinline__ void fa_write(uint16_t *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
     const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -211,7 +154,7 @@ __global__ void __launch_bounds__(FA_THREADS, fa_shape<KC>::MINB)
     fa_load_tile<FA_Q, KC>(Qs, q + (size_t)b * Tq * q_stride + (size_t)h * HS, q0, Tq, q_stride, HS);
     fa_load_tile<FA_KT, KC>(Ks, kb, 0, Tk, kv_stride, HS);
     cp_async_commit();
-    fa_rows<KC> st;
+    softmax_rows<KC> st;
     st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
 #pragma unroll
     for (int d = 0; d < 2 * KC; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
@@ -231,7 +174,7 @@ __global__ void __launch_bounds__(FA_THREADS, fa_shape<KC>::MINB)
         }
         if (active) {
             unsigned p[FA_NT][2];
-            fa_softmax<T, KC>(p, s, st, kn, qscale);
+            softmax_update<T, KC, FA_NT>(p, s, st, kn, qscale);
             fa_pv<T, KC>(st, p, Vs, kn, HS);
         }
     }

@@ -38,6 +38,7 @@
 
 #include <type_traits>
 
+#include "attention_tile.cuh"
 #include "internal.cuh"
 
 namespace {
@@ -66,25 +67,6 @@ template <int ROWS, int KC> struct am_tile {
     static constexpr int PU = (UNITS + NTH - 1) / NTH, PQ = (QUADS + NTH - 1) / NTH;
     static constexpr int SP = 2 * PU > PQ ? 2 * PU : PQ;
 };
-
-/* 2^x: the SFU's approximation (relative error ~2^-22, subnormal results flushed), not exp2f's
- * subnormal handling, which cost 4 more instructions per score. */
-__device__ __forceinline__ float fast_exp2(float x) {
-#if defined(__CUDA_ARCH__)
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-#else
-    return exp2f(x);
-#endif
-}
-
-/* The sum of the two values of a pack2 register. */
-template <typename T> __device__ __forceinline__ float sum2(unsigned u) {
-    float lo, hi;
-    widen2<T>(u, lo, hi);
-    return lo + hi;
-}
 
 /* Component c of v (c a compile-time constant after unrolling). */
 __device__ __forceinline__ float &comp(float4 &v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
@@ -322,13 +304,6 @@ __device__ __forceinline__ void store_keys(uint16_t *Ks, const uint4 (&st)[L::SP
     }
 }
 
-/* The softmax state of the lane's two rows (g and g + 8 of the warp's 16), in base 2: running max m,
- * the lane's share of the running sum l (the quad's four shares add up at the end), O [dims/8][4]. */
-template <int KC> struct softmax_rows {
-    float m[2], l[2];
-    float o[2 * KC][4];
-};
-
 /* S = Q·Kᵀ over the tile's kn keys: Q's A fragments from the warp's rows of Qs, K's B fragments from Ks. */
 template <typename T, int KC, typename S = am_shape<KC>>
 __device__ __forceinline__ void scores(float (&s)[AM_NT][4], const uint16_t *Qw, const uint16_t *Ks, int kn) {
@@ -347,45 +322,6 @@ __device__ __forceinline__ void scores(float (&s)[AM_NT][4], const uint16_t *Qw,
             mma_16816<T>(s[n], a, b);
         }
     }
-}
-
-/* The online softmax update for one tile's scores; P [8-key group][row g, g+8] packed as A fragment
- * halves. */
-template <typename T, int KC>
-__device__ __forceinline__ void softmax_update(unsigned (&p)[AM_NT][2], float (&s)[AM_NT][4], softmax_rows<KC> &st,
-                                               int kn) {
-    constexpr int NT = AM_NT;
-    const int t = (int)threadIdx.x & 3;
-    if (kn < AM_KT)
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                if (n * 8 + 2 * t + (i & 1) >= kn) s[n][i] = -INFINITY;
-    float mx[2] = {st.m[0], st.m[1]};
-#pragma unroll
-    for (int n = 0; n < NT; n++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
-    float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) { /* the row's max over its quad; alpha rescales what came before */
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        base[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
-        const float alpha = fast_exp2(st.m[r] - base[r]);
-        st.m[r] = mx[r];
-        st.l[r] *= alpha;
-#pragma unroll
-        for (int d = 0; d < 2 * KC; d++) st.o[d][2 * r] *= alpha, st.o[d][2 * r + 1] *= alpha;
-    }
-#pragma unroll
-    for (int n = 0; n < NT; n++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            p[n][r] = pack2<T>(fast_exp2(s[n][2 * r] - base[r]), fast_exp2(s[n][2 * r + 1] - base[r]));
-            st.l[r] += sum2<T>(p[n][r]);
-        }
 }
 
 /* O += P·V over the tile's kn keys, the dims in 8-wide chunks up to HS. */
@@ -471,7 +407,7 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         if (active) {
             float s[AM_NT][4];
             scores<T, KC>(s, Qs + warp * 16 * S::RS, Ks, kn);
-            softmax_update<T, KC>(p, s, st, kn);
+            softmax_update<T, KC, AM_NT>(p, s, st, kn, 1.0f); /* q came scaled */
         }
         __syncthreads(); /* Vt holds this tile; every warp is done with Ks */
         if (more) {
