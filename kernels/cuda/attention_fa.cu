@@ -1,6 +1,6 @@
 /* The encoders' attention with 16-bit q, k, v and out, FlashAttention-2's forward loop
  * (BLIP2_ATTN_FA=1; blip2_attention tries it before attention_mma.cu's kernel, which takes what
- * this one does not: fp32 io, head sizes not a multiple of 8 or above FA_MAX_HS, unaligned rows).
+ * this one does not: fp32 io, head sizes not a multiple of 8 or above 112, unaligned rows).
  *
  * Why a second kernel: attention_mma.cu's ran at 60 TFLOP/s (0.39 ms a vision layer at 64 images
  * on an H100, 15 ms of the encoder's ~90), where the products alone allow several times that. It
