@@ -120,20 +120,9 @@ __device__ __forceinline__ void fa_pv(softmax_rows<KC> &st, const unsigned (&p)[
  * head's columns from ob; HS a multiple of 8). */
 template <typename T, int KC>
 __device__ __forceinline__ void fa_write(uint16_t *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
-    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float l = st.l[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int row = r0 + g + 8 * r;
-        if (row >= Tq) continue;
-        const float inv = 1.0f / l;
-        uint16_t *orow = ob + (size_t)row * row_stride;
-#pragma unroll
-        for (int d = 0; d < 2 * KC; d++)
-            if (d * 8 < HS) *(unsigned *)(orow + d * 8 + 2 * t) = pack2<T>(st.o[d][2 * r] * inv, st.o[d][2 * r + 1] * inv);
-    }
+    softmax_rows_out(st, r0, Tq, [&](int row, int col, float a, float b) {
+        if (col < HS) *(unsigned *)(ob + (size_t)row * row_stride + col) = pack2<T>(a, b);
+    });
 }
 
 /* grid (query tiles of FA_Q, NH, B), FA_THREADS threads; qscale = scale·log2(e). HS a multiple of 8

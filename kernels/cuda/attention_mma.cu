@@ -346,23 +346,11 @@ __device__ __forceinline__ void accumulate_pv(softmax_rows<KC> &st, const unsign
 /* O / l for the lane's rows that exist, into out [Tq, NH·HS] (the head's columns from ob). */
 template <int KC, typename IO, typename IT>
 __device__ __forceinline__ void write_out(IT *ob, softmax_rows<KC> &st, int r0, int Tq, int row_stride, int HS) {
-    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float l = st.l[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int row = r0 + g + 8 * r;
-        if (row >= Tq) continue;
-        const float inv = 1.0f / l;
-        IT *orow = ob + (size_t)row * row_stride;
-#pragma unroll
-        for (int d = 0; d < 2 * KC; d++) {
-            const int col = d * 8 + 2 * t;
-            if (col < HS) IO::put(orow + col, st.o[d][2 * r] * inv);
-            if (col + 1 < HS) IO::put(orow + col + 1, st.o[d][2 * r + 1] * inv);
-        }
-    }
+    softmax_rows_out(st, r0, Tq, [&](int row, int col, float a, float b) {
+        IT *p = ob + (size_t)row * row_stride + col;
+        if (col < HS) IO::put(p, a);
+        if (col + 1 < HS) IO::put(p + 1, b);
+    });
 }
 
 /* grid (query tiles of AM_Q, NH, B), AM_THREADS threads; qscale = scale·log2(e); vec: q and k may be

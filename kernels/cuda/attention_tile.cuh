@@ -75,4 +75,23 @@ __device__ __forceinline__ void softmax_update(unsigned (&p)[NT][2], float (&s)[
         }
 }
 
+/* The lane's rows of O / l that exist (r0 + g, r0 + g + 8 below Tq): the quad's shares of l summed,
+ * then put(row, col, o_col, o_col+1) for each of the lane's dim pairs col = 8d + 2t (d < 2·KC; the
+ * caller bounds col by HS). */
+template <int KC, typename Put>
+__device__ __forceinline__ void softmax_rows_out(softmax_rows<KC> &st, int r0, int Tq, Put put) {
+    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = st.l[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = r0 + g + 8 * r;
+        if (row >= Tq) continue;
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int d = 0; d < 2 * KC; d++) put(row, d * 8 + 2 * t, st.o[d][2 * r] * inv, st.o[d][2 * r + 1] * inv);
+    }
+}
+
 #endif
