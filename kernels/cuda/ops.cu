@@ -1236,7 +1236,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS)
  * before any arithmetic (a 2560-column row in one round), sums by shuffles, and its lane 0 stores
  * (gemv_store). No barrier after the staging; the weights stream with an evict-first hint. */
 constexpr int GW_WARPS = 8, GW_THREADS = 32 * GW_WARPS, GW_LOADS = 10;
-constexpr int GW_BLOCKS_PER_SM = 4; /* 64 registers a thread (the loads' 40): 1024 threads, 160 KB of loads in flight an SM */
+constexpr int GW_BLOCKS_PER_SM = 2; /* registers for the loads (40) held across the staging and the LayerNorm; 16 warps an SM keep 80 KB of loads in flight */
 constexpr int GW_MAX_C = 16384; /* the staged row: 2·C bytes of shared memory */
 
 /* The input row into xs as C / 8 chunks of WT: x of IT (fp32, 16-byte aligned; or WT, copied), or
@@ -1288,6 +1288,18 @@ __device__ __forceinline__ void gemv_w_stage(uint4 *xs, const IT *__restrict__ x
     __syncthreads();
 }
 
+/* One round of a warp's loads: chunks k0, k0 + 32, ... (GW_LOADS of them) of weight row o, zeros
+ * past the row or past OC; evict-first (the weights are read once a step). */
+__device__ __forceinline__ void gemv_w_round(uint4 (&q)[GW_LOADS], const uint16_t *__restrict__ w, int o, int OC, int C,
+                                             int k0) {
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)min(o, OC - 1) * C);
+#pragma unroll
+    for (int u = 0; u < GW_LOADS; u++) {
+        const int k = k0 + 32 * u;
+        q[u] = o < OC && k < C >> 3 ? __ldcs(wr + k) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 template <typename WT, typename IT, bool LN>
 __global__ void __launch_bounds__(GW_THREADS, GW_BLOCKS_PER_SM)
     k_gemv_w(void *__restrict__ out, int odtype, const IT *__restrict__ x, const float *__restrict__ lw,
@@ -1296,22 +1308,21 @@ __global__ void __launch_bounds__(GW_THREADS, GW_BLOCKS_PER_SM)
     extern __shared__ uint4 xs[]; /* [C / 8] chunks of the row in WT */
     const int lane = (int)threadIdx.x & 31, nk = C >> 3, W = (int)gridDim.x * GW_WARPS;
     const int first = (int)blockIdx.x * GW_WARPS + ((int)threadIdx.x >> 5);
+    uint4 q[GW_LOADS];
     pdl_trigger();
-    if (first < OC) /* the warp's first row into L2 while the kernel before finishes (weights are immutable) */
-        for (int i = lane; i < (C * 2 + 127) / 128; i += 32)
+    /* Before the wait (weights are immutable): the first round of the warp's first row into
+     * registers, the rest of that row into L2, so the staging's latency (the LayerNorm's sums
+     * too) overlaps the weights' first bytes. */
+    gemv_w_round(q, w, first, OC, C, lane);
+    if (first < OC)
+        for (int i = lane + 32 * GW_LOADS * 16 / 128; i < (C * 2 + 127) / 128; i += 32)
             prefetch_l2(reinterpret_cast<const char *>(w + (size_t)first * C) + (size_t)i * 128);
     pdl_wait();
     gemv_w_stage<WT, IT, LN>(xs, x, lw, lb, eps, C);
     for (int o = first; o < OC; o += W) {
-        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)o * C);
         float acc = 0.0f;
         for (int k0 = lane; k0 < nk; k0 += 32 * GW_LOADS) {
-            uint4 q[GW_LOADS];
-#pragma unroll
-            for (int u = 0; u < GW_LOADS; u++) {
-                const int k = k0 + 32 * u;
-                q[u] = k < nk ? __ldcs(wr + k) : make_uint4(0u, 0u, 0u, 0u);
-            }
+            if (o != first || k0 != lane) gemv_w_round(q, w, o, OC, C, k0);
 #pragma unroll
             for (int u = 0; u < GW_LOADS; u++) {
                 const int k = k0 + 32 * u;
