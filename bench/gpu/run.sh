@@ -138,3 +138,5 @@ bench_step ops_perf_attention_products 30 env BLIP2_MMA_ATTN=0 "$BUILD/tests/tes
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
 # What the decode graphs buy.
 bench_step ours_nographs 60 env BLIP2_GRAPHS=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
+# Every bench JSON above side by side, with each step's ratio to ours (session.sh prints it).
+python3 bench/gpu/compare.py "$OUT" >"$OUT/compare.txt" 2>&1

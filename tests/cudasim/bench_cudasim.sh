@@ -16,6 +16,12 @@ for key in '"device": "cuda"' '"images": \[{"batch": 1' '"decode_ms_per_step"' '
   grep -q "$key" <<<"$out" || { echo "FAIL: no $key in the output"; fail=1; }
 done
 [ $rc -eq 0 ] || { echo "FAIL: rc $rc"; cat "$err"; fail=1; }
+# bench/gpu/compare.py reads this JSON (as bench/gpu/run.sh's ours.out).
+dir=$(mktemp -d)
+echo "$out" >"$dir/ours.out"
+cmp=$(python3 "$(dirname "$0")/../../bench/gpu/compare.py" "$dir" 2>&1)
+grep -q "decode@9 ms" <<<"$cmp" || { echo "FAIL: bench/gpu/compare.py: $cmp"; fail=1; }
+rm -rf "$dir"
 echo "$(head -c 300 <<<"$out")"
 rm -f "$err"
 exit $fail

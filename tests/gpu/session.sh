@@ -20,3 +20,5 @@ tar czf "$final/gpu.tgz" -C "$OUT" .
 cut -c1-300 "$OUT/gpu_summary.txt"
 echo "==== bench ($(($(date +%s) - t0)) s in all)"
 cut -c1-400 "$OUT/bench.txt"
+echo "==== side by side (bench/gpu/compare.py)"
+cat "$OUT/compare.txt" 2>/dev/null
