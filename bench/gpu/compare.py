@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The `blip2 bench --json` outputs of one bench/gpu/run.sh call side by side: each step (ours,
 ours_fa, ours_gemvwarp, ...) a row, vision ms, decode ms a step, one request's ms and engine
-requests/s columns, and for each column the step's ratio to `ours` where both have it (below 1:
-faster than ours). Steps that are not our bench's JSON (HF, ncu, op tables) are left out.
-    python3 bench/gpu/compare.py DIR      # DIR: the extracted gpu.tgz (or .gpu/out)
+requests/s columns, and for each column the step's ratio to the base step where both have it
+(below 1 for ms: faster). The base is BASE, else `ours`, else `ours_ab`. Steps that are not our
+bench's JSON (HF, ncu, op tables) are left out.
+    python3 bench/gpu/compare.py DIR [BASE]    # DIR: the extracted gpu.tgz (or .gpu/out)
 """
 import json
 import os
@@ -51,8 +52,9 @@ def main():
         print(f"no bench JSON (*.out) under {root}")
         return 1
     order = sorted({c for cols in steps.values() for c in cols}, key=column_order)
-    base = steps.get("ours", {})
-    names = sorted(steps, key=lambda n: (n != "ours", n))
+    base_name = sys.argv[2] if len(sys.argv) > 2 else "ours" if "ours" in steps else "ours_ab"
+    base = steps.get(base_name, {})
+    names = sorted(steps, key=lambda n: (n != base_name, n))
     width = max(len(n) for n in names)
     for c in order:
         print(f"\n{c}")
@@ -60,7 +62,7 @@ def main():
             v = steps[n].get(c)
             if v is None:
                 continue
-            ratio = f"  {v / base[c]:.3f}x ours" if n != "ours" and base.get(c) else ""
+            ratio = f"  {v / base[c]:.3f}x {base_name}" if n != base_name and base.get(c) else ""
             print(f"  {n:<{width}}  {v:>10.3f}{ratio}")
     return 0
 

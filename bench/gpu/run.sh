@@ -47,6 +47,9 @@ bench_step() {
   echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
 }
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
+# The same without the engine and the small batches: the base of a call that only compares
+# switches (BLIP2_GPU_ONLY="ours_ab ours_fa ..."; compare.py takes it when there is no ours).
+bench_step ours_ab 60 "${BENCH[@]}" --batch 1,32,64 --images 1,64 --steps 32 --json
 # Decode at batch 1 with each LayerNorm its own kernel before the GEMV (BLIP2_FUSED_LN=0) instead
 # of the norm inside the GEMV (k_gemv_ln), and the fused GEMV with 1 and 2 weight rows a block
 # (BLIP2_GEMV_LN_ROWS; default 4).
