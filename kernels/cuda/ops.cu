@@ -1230,13 +1230,15 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS)
  * ending in a block barrier, and read the input row again in every block; run 8's ncu had the
  * GEMVs at 1.2 (out_proj) to 2.2 (fc1) TB/s. Here a block first stages the input row once in
  * shared memory, in the weights' type (rounded as round_act, or with LN: normalised by the
- * k_gemv_ln formulas, then rounded), with one barrier; then warp w of the grid takes rows w, w + W,
- * ... (W warps in all, as many rows each, the grid resident at once: gemv_w_blocks). A
+ * k_gemv_ln formulas, then rounded), with one barrier; then each of the grid's W warps takes a
+ * run of OC / W consecutive rows (rounded down or up: every SM gets as many; gemv_w_blocks). A
  * warp reads a row in 16-byte chunks, lane l the chunks l, l + 32, ..., GW_LOADS of them issued
  * before any arithmetic (a 2560-column row in one round), sums by shuffles, and its lane 0 stores
  * (gemv_store). No barrier after the staging; the weights stream with an evict-first hint. */
 constexpr int GW_WARPS = 8, GW_THREADS = 32 * GW_WARPS, GW_LOADS = 10;
-constexpr int GW_BLOCKS_PER_SM = 2; /* registers for the loads (40) held across the staging and the LayerNorm; 16 warps an SM keep 80 KB of loads in flight */
+/* Blocks an SM: the first round's 40 registers are held across the staging and its LayerNorm (at
+ * three blocks an SM that instance spilled); 16 warps an SM keep 80 KB of loads in flight. */
+constexpr int GW_BLOCKS_PER_SM = 2;
 constexpr int GW_MAX_C = 16384; /* the staged row: 2·C bytes of shared memory */
 
 /* The input row into xs as C / 8 chunks of WT: x of IT (fp32, 16-byte aligned; or WT, copied), or
@@ -1265,8 +1267,9 @@ __device__ __forceinline__ void gemv_w_stage(uint4 *xs, const IT *__restrict__ x
         }
         for (int k = tid; k < nk; k += GW_THREADS) {
             float v[8];
-            load_x8<WT, float, true>(v, x + (size_t)k * 8); /* rounded as round_act */
-            if constexpr (LN) { /* instead: the raw values, normalised, then rounded */
+            if constexpr (!LN) {
+                load_x8<WT, float, true>(v, x + (size_t)k * 8); /* rounded as round_act */
+            } else { /* normalised, then rounded */
                 const float4 *x4 = reinterpret_cast<const float4 *>(x) + 2 * k;
                 const float4 xa = __ldg(x4), xb = __ldg(x4 + 1);
                 const float xr[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
@@ -1306,20 +1309,21 @@ __global__ void __launch_bounds__(GW_THREADS, GW_BLOCKS_PER_SM)
              const float *__restrict__ lb, float eps, const uint16_t *__restrict__ w, const void *__restrict__ bias,
              int C, int OC, int act) {
     extern __shared__ uint4 xs[]; /* [C / 8] chunks of the row in WT */
-    const int lane = (int)threadIdx.x & 31, nk = C >> 3, W = (int)gridDim.x * GW_WARPS;
-    const int first = (int)blockIdx.x * GW_WARPS + ((int)threadIdx.x >> 5);
+    const int lane = (int)threadIdx.x & 31, nk = C >> 3;
+    const long long g = (long long)blockIdx.x * GW_WARPS + ((int)threadIdx.x >> 5), W = (long long)gridDim.x * GW_WARPS;
+    const int first = (int)(g * OC / W), end = (int)((g + 1) * OC / W); /* the warp's rows [first, end) */
     uint4 q[GW_LOADS];
     pdl_trigger();
     /* Before the wait (weights are immutable): the first round of the warp's first row into
      * registers, the rest of that row into L2, so the staging's latency (the LayerNorm's sums
      * too) overlaps the weights' first bytes. */
-    gemv_w_round(q, w, first, OC, C, lane);
-    if (first < OC)
+    gemv_w_round(q, w, first < end ? first : OC, OC, C, lane);
+    if (first < end)
         for (int i = lane + 32 * GW_LOADS * 16 / 128; i < (C * 2 + 127) / 128; i += 32)
             prefetch_l2(reinterpret_cast<const char *>(w + (size_t)first * C) + (size_t)i * 128);
     pdl_wait();
     gemv_w_stage<WT, IT, LN>(xs, x, lw, lb, eps, C);
-    for (int o = first; o < OC; o += W) {
+    for (int o = first; o < end; o++) {
         float acc = 0.0f;
         for (int k0 = lane; k0 < nk; k0 += 32 * GW_LOADS) {
             if (o != first || k0 != lane) gemv_w_round(q, w, o, OC, C, k0);
@@ -1347,14 +1351,14 @@ bool gemv_warp_ok(int C) {
     return on && C > 0 && C % 8 == 0 && C <= GW_MAX_C;
 }
 
-/* Blocks of k_gemv_w for OC rows: rows a warp = the fewest that the resident blocks (GW_BLOCKS_PER_SM
- * an SM) can cover, then the fewest blocks that cover OC with that many, so that every warp takes
- * about as many rows (fc1's 10240 on 132 SMs: 427 blocks, 3 rows a warp). */
+/* Blocks of k_gemv_w for OC rows: as many as are resident at once (GW_BLOCKS_PER_SM an SM, a
+ * multiple of the SMs, so that each SM's warps take as many rows), fewer only when OC leaves warps
+ * without a row. */
 unsigned gemv_w_blocks(blip2_cuda_ctx *c, int OC) {
     static int sms = 0;
     if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess) sms = 132;
-    const long long warps = (long long)sms * GW_BLOCKS_PER_SM * GW_WARPS, rpw = ((long long)OC + warps - 1) / warps;
-    return (unsigned)(((long long)OC + GW_WARPS * rpw - 1) / (GW_WARPS * rpw));
+    const long long need = ((long long)OC + GW_WARPS - 1) / GW_WARPS, most = (long long)sms * GW_BLOCKS_PER_SM;
+    return (unsigned)(need < most ? need : most);
 }
 
 template <typename WT, typename IT, bool LN>
