@@ -87,13 +87,12 @@ static blip2_code encode_body(void *ctx, blip2_status *st) {
     return BLIP2_OK;
 }
 
-blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
-                               float *qout, float *projected, blip2_status *st) {
+/* The three stages on the B images already in ws->pixels, then the downloads. */
+static blip2_code encode_uploaded(const blip2_model *m, blip2_encoder_ws *ws, int B, float *image, float *qout,
+                                  float *projected, blip2_status *st) {
     const blip2_config *c = &m->cfg;
     const blip2_ops *o = m->ops;
-    blip2_code rc = check_batch(ws, m, B, st);
-    if (rc) return rc;
-    o->upload(ws->pixels, pixels, sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
+    blip2_code rc = BLIP2_OK;
     encode_args a = {m, ws, B};
     if (!blip2_graph_run(&ws->graphs, B, encode_body, &a, &rc, st)) rc = encode_body(&a, st);
     if (rc) return rc;
@@ -101,6 +100,27 @@ blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const
     if (qout) o->download(qout, ws->qx, sizeof(float) * B * c->Q * c->qformer.C);
     o->download(projected, ws->proj, sizeof(float) * B * c->Q * c->opt.C);
     return blip2_backend_check(o, "image encoder", st);
+}
+
+static size_t image_floats(const blip2_model *m) {
+    return 3 * (size_t)m->cfg.vision.image_size * m->cfg.vision.image_size;
+}
+
+blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
+                               float *qout, float *projected, blip2_status *st) {
+    blip2_code rc = check_batch(ws, m, B, st);
+    if (rc) return rc;
+    m->ops->upload(ws->pixels, pixels, sizeof(float) * image_floats(m) * B);
+    return encode_uploaded(m, ws, B, image, qout, projected, st);
+}
+
+blip2_code blip2_encode_image_list(const blip2_model *m, blip2_encoder_ws *ws, const float *const *pixels, int B,
+                                   float *image, float *qout, float *projected, blip2_status *st) {
+    blip2_code rc = check_batch(ws, m, B, st);
+    if (rc) return rc;
+    size_t n = image_floats(m);
+    for (int b = 0; b < B; b++) m->ops->upload(ws->pixels + n * b, pixels[b], sizeof(float) * n);
+    return encode_uploaded(m, ws, B, image, qout, projected, st);
 }
 
 /* ---- one stage at a time (host in, host out) ---- */

@@ -2,7 +2,7 @@
  * admitted requests run on a thread of their own with a backend queue of their own (on CUDA its
  * own context: stream, cuBLASLt handle, workspace), so the decode steps of running requests go
  * on while new images are encoded instead of every rank waiting for them. The engine thread
- * hands the encoder a batch (pixels copied in, request ids) when it is idle and takes the
+ * hands the encoder a batch (the requests' pixel buffers, request ids) when it is idle and takes the
  * projected rows back at the next turn; only the engine thread touches requests, so a request
  * retired meanwhile (cancelled, deadline) is simply not found when its rows come back. */
 #include <stdio.h>
@@ -14,13 +14,9 @@
 
 enum { ENC_IDLE, ENC_BUSY, ENC_DONE };
 
-/* Encoder thread, batch in hand: the requests' pixels into the staging batch (their buffers freed). */
-static void encoder_stage(blip2_engine *e) {
-    engine_encoder *x = &e->encoder;
-    const blip2_config *c = &e->m->cfg;
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
-    for (int b = 0; b < x->B; b++) {
-        memcpy(x->px + (size_t)b * px, x->src[b], sizeof(float) * px);
+/* Encoder thread, batch encoded (or failed): the requests' pixel buffers, uploaded one by one. */
+static void encoder_free_pixels(engine_encoder *x) {
+    for (int b = 0; b < ENC_MAX_IMAGES; b++) {
         free(x->src[b]);
         x->src[b] = NULL;
     }
@@ -68,9 +64,9 @@ static void *encoder_main(void *arg) {
         pthread_mutex_unlock(&x->mu);
         int64_t t0 = blip2_now_ns();
         blip2_status est = {0};
-        encoder_stage(e);
-        blip2_code erc = blip2_encode_images(e->m, &x->ws, x->px, x->B, NULL, NULL, x->proj, &est);
+        blip2_code erc = blip2_encode_image_list(e->m, &x->ws, (const float *const *)x->src, x->B, NULL, NULL, x->proj, &est);
         if (!erc) encoder_hand_out(e);
+        encoder_free_pixels(x);
         encoder_free_images(x);
         double ms = (double)(blip2_now_ns() - t0) / 1e6;
         pthread_mutex_lock(&x->mu);
@@ -90,9 +86,8 @@ blip2_code engine_encoder_start(blip2_engine *e, blip2_status *st) {
     engine_encoder *x = &e->encoder;
     const blip2_config *c = &e->m->cfg;
     size_t B = (size_t)e->o.max_images_per_step;
-    x->px = malloc(sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
     x->proj = malloc(sizeof(float) * B * c->Q * c->opt.C);
-    if (!x->px || !x->proj) return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for the image batch");
+    if (!x->proj) return blip2_fail(st, BLIP2_ENOMEM, "engine: out of memory for the image batch");
     snprintf(x->device, sizeof x->device, "%s", e->m->ops->name); /* the model's backend, on the same GPU */
     x->device_index = blip2_device_current_index();
     pthread_mutex_init(&x->mu, NULL);
@@ -118,14 +113,13 @@ void engine_encoder_stop(blip2_engine *e) {
         pthread_mutex_unlock(&x->mu);
         pthread_join(x->thread, NULL);
     }
-    for (int b = 0; b < ENC_MAX_IMAGES; b++) free(x->src[b]); /* a batch handed over but never collected */
+    encoder_free_pixels(x); /* a batch handed over but never encoded */
     encoder_free_images(x);
     for (int k = 0; k < ENC_MAX_REQS; k++) free(x->out[k]);
     if (x->inited) {
         pthread_mutex_destroy(&x->mu);
         pthread_cond_destroy(&x->cv);
     }
-    free(x->px);
     free(x->proj);
     memset(x, 0, sizeof *x);
 }

@@ -71,10 +71,10 @@ typedef struct {
     char device[16];      /* backend name and GPU of the model: the thread opens its own queue there */
     int device_index;
     blip2_encoder_ws ws;  /* the thread's */
-    float *px, *proj;     /* [max_images_per_step, 3, S, S] in, [max_images_per_step, Q, Ct] out (host) */
+    float *proj;          /* [max_images_per_step, Q, Ct] out (host) */
     /* The batch, set by the engine thread before it marks the encoder busy and read back once it
      * is done: its requests (id, row, brought the image), the rows' pixels (each a request's own
-     * buffer, handed over: the encoder thread stages and frees it) and, once encoded, a
+     * buffer, handed over: the encoder thread uploads and frees it) and, once encoded, a
      * projected-rows buffer per request (malloc'd by the encoder thread, NULL if that failed;
      * the engine thread takes them). The copies, ~1 MB an image, stay off the step loop. The
      * image bytes of each row (its first request's, handed over like the pixels; NULL without

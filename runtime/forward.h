@@ -51,6 +51,10 @@ void blip2_project_run(const blip2_model *m, blip2_encoder_ws *ws, int B);
  * One upload, one download per output, one wait. */
 blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
                                float *qout, float *projected, blip2_status *st);
+/* The same with each image's pixels in a buffer of its own (pixels[b]: [3, H, W], host), uploaded
+ * one after another: the engine hands its requests' buffers over without gathering them first. */
+blip2_code blip2_encode_image_list(const blip2_model *m, blip2_encoder_ws *ws, const float *const *pixels, int B,
+                                   float *image, float *qout, float *projected, blip2_status *st);
 
 /* One stage at a time, host memory in and out, with a workspace of their own (per-stage timing in
  * bench/): pixels [B, 3, H, W] → image embeddings [B, T, Cv]; → query outputs [B, Q, Cq]; →
