@@ -144,9 +144,7 @@ __global__ void __launch_bounds__(FA_THREADS, fa_shape<KC>::MINB)
     fa_load_tile<FA_KT, KC>(Ks, kb, 0, Tk, kv_stride, HS);
     cp_async_commit();
     softmax_rows<KC> st;
-    st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
-#pragma unroll
-    for (int d = 0; d < 2 * KC; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
+    softmax_rows_init(st);
     for (int k0 = 0; k0 < Tk; k0 += FA_KT) {
         const int kn = min(FA_KT, Tk - k0);
         cp_async_wait<0>();

@@ -382,9 +382,7 @@ __global__ void __launch_bounds__(AM_THREADS, am_shape<KC>::MINB)
         load_units<AM_KT, KC, IO>(stage, vb, 0, Tk, kv_stride, HS);
     }
     softmax_rows<KC> st;
-    st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
-#pragma unroll
-    for (int d = 0; d < 2 * KC; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
+    softmax_rows_init(st);
     for (int k0 = 0; k0 < Tk; k0 += AM_KT) {
         const int kn = min(AM_KT, Tk - k0);
         const bool more = k0 + AM_KT < Tk;

@@ -35,6 +35,13 @@ template <int KC> struct softmax_rows {
     float o[2 * KC][4];
 };
 
+/* The state before the first tile: no max yet, nothing summed. */
+template <int KC> __device__ __forceinline__ void softmax_rows_init(softmax_rows<KC> &st) {
+    st.m[0] = st.m[1] = -INFINITY, st.l[0] = st.l[1] = 0.0f;
+#pragma unroll
+    for (int d = 0; d < 2 * KC; d++) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.0f;
+}
+
 /* The online softmax update for one tile of NT 8-key groups, kn of its keys real (the rest masked);
  * the scores are s·qscale (qscale = 1 where q came scaled). P [8-key group][row g, g+8] packed as
  * A-fragment halves; l sums P as rounded, so the weights that multiply v add up to the divisor. */
