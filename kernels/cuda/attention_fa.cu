@@ -80,12 +80,12 @@ __device__ __forceinline__ void fa_scores(float (&s)[FA_NT][4], const uint16_t *
 #pragma unroll
     for (int kc = 0; kc < KC; kc++) {
         unsigned qa[4];
-        ldmatrix_x4(qa, ql + kc * 16);
+        ldmatrix_x4<false>(qa, ql + kc * 16);
 #pragma unroll
         for (int np = 0; np < FA_NT / 2; np++) {
             if (np * 16 >= kn) break; /* past Tk (the last tile only) */
             unsigned b[4];
-            ldmatrix_x4(b, kl + np * 16 * S::RS + kc * 16);
+            ldmatrix_x4<false>(b, kl + np * 16 * S::RS + kc * 16);
             const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
             mma_16816<T>(s[2 * np], qa, b0);
             mma_16816<T>(s[2 * np + 1], qa, b1);
@@ -108,7 +108,7 @@ __device__ __forceinline__ void fa_pv(softmax_rows<KC> &st, const unsigned (&p)[
         for (int dp = 0; dp < KC; dp++) {
             if (dp * 16 >= HS) break;
             unsigned b[4];
-            ldmatrix_x4_trans(b, vl + kk * 16 * S::RS + dp * 16);
+            ldmatrix_x4<true>(b, vl + kk * 16 * S::RS + dp * 16);
             const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
             mma_16816<T>(st.o[2 * dp], a, b0);
             mma_16816<T>(st.o[2 * dp + 1], a, b1);

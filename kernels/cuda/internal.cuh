@@ -184,33 +184,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 #endif
 }
 
-/* ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16, one warp: four 8×8 matrices of 16-bit values
- * from shared memory. Lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
- * aligned); r[i] is matrix i's (row l / 4, cols 2(l % 4), 2(l % 4) + 1), or with trans its (rows
- * 2(l % 4), 2(l % 4) + 1; col l / 4), the lower index in the low half. So a row-major A tile or a
- * [n][k] B tile gives mma_16816's fragments as they are, and a [k][n] B tile gives them with
- * trans. Every lane of the warp must call it. Emulator: the same layouts, exchanged between the
- * lanes (tests/cudasim/mma_sync.h). */
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void *row) {
+/* ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (.trans when TRANS), one warp: four 8×8
+ * matrices of 16-bit values from shared memory. Lane l gives the address of row l % 8 of matrix
+ * l / 8 (16 bytes, 16-byte aligned); r[i] is matrix i's (row l / 4, cols 2(l % 4), 2(l % 4) + 1),
+ * or with TRANS its (rows 2(l % 4), 2(l % 4) + 1; col l / 4), the lower index in the low half. So
+ * a row-major A tile or an [n][k] B tile gives mma_16816's fragments as they are, and a [k][n] B
+ * tile gives them with TRANS. Every lane of the warp must call it. Emulator: the same layouts,
+ * exchanged between the lanes (tests/cudasim/mma_sync.h). */
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void *row) {
 #if defined(__CUDA_ARCH__)
     const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
 #elif defined(BLIP2_CUDASIM)
-    blip2_sim::ldmatrix_x4(r, row, false);
-#else
-    (void)r, (void)row;
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void *row) {
-#if defined(__CUDA_ARCH__)
-    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-#elif defined(BLIP2_CUDASIM)
-    blip2_sim::ldmatrix_x4(r, row, true);
+    blip2_sim::ldmatrix_x4(r, row, TRANS);
 #else
     (void)r, (void)row;
 #endif
