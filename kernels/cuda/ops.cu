@@ -989,6 +989,12 @@ template <> __device__ __forceinline__ float round_act<__nv_bfloat16>(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
 }
 
+/* Eight consecutive fp32 values from p (16-byte aligned), through the read-only path. */
+__device__ __forceinline__ void ldg8(float (&f)[8], const float *p) {
+    const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
 /* Eight consecutive inputs, rounded as round_act; p is 16-byte aligned when VIN. 16-bit inputs
  * (IT = WT, always VIN) are already rounded: one 16-byte load, widened exactly. */
 template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void load_x8(float (&x)[8], const IT *p) {
@@ -997,8 +1003,7 @@ template <typename WT, typename IT, bool VIN> __device__ __forceinline__ void lo
         widen8<WT>(__ldg(reinterpret_cast<const uint4 *>(p)), x);
     } else {
         if constexpr (VIN) {
-            const float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
-            x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+            ldg8(x, p);
         } else {
 #pragma unroll
             for (int j = 0; j < 8; j++) x[j] = __ldg(p + j);
@@ -1139,6 +1144,18 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS, gemv_min_blocks(T))
     gemv_finish<T, R>(acc, red, out, odtype, bias, o0, OC, act);
 }
 
+/* Columns 8k .. 8k + 7 of LN(x) from their raw values v: (v − mean)·rstd·w + b, each rounded to WT
+ * as layernorm_a stores it (lw, lb 16-byte aligned). */
+template <typename WT>
+__device__ __forceinline__ void ln_round8(float (&xn)[8], const float (&v)[8], const float *__restrict__ lw,
+                                          const float *__restrict__ lb, int k, float mean, float rstd) {
+    float gw[8], gb[8];
+    ldg8(gw, lw + (size_t)k * 8);
+    ldg8(gb, lb + (size_t)k * 8);
+#pragma unroll
+    for (int j = 0; j < 8; j++) xn[j] = round_act<WT>((v[j] - mean) * rstd * gw[j] + gb[j]);
+}
+
 /* k_gemv_ln: the one-row GEMV of LN(x) (matmul_ln_a at T = 1, a decode step's qkv and fc1): the
  * norm that would be its own launch (a 2560-float row: ~5.6 µs under ncu on an H100, twice a
  * layer) is done by every block on the row it reads anyway. Each thread holds its 8-column chunks
@@ -1177,8 +1194,7 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS)
     for (int u = 0; u < U; u++) {
         const int k = tid + u * bs;
         if (k < nk) {
-            const float4 a = __ldg(reinterpret_cast<const float4 *>(x) + 2 * k), b = __ldg(reinterpret_cast<const float4 *>(x) + 2 * k + 1);
-            v[u][0] = a.x, v[u][1] = a.y, v[u][2] = a.z, v[u][3] = a.w, v[u][4] = b.x, v[u][5] = b.y, v[u][6] = b.z, v[u][7] = b.w;
+            ldg8(v[u], x + (size_t)k * 8);
 #pragma unroll
             for (int j = 0; j < 8; j++) s += v[u][j];
         } else {
@@ -1206,13 +1222,8 @@ __global__ void __launch_bounds__(GEMV_MAX_THREADS)
     for (int u = 0; u < U; u++) {
         const int k = tid + u * bs;
         if (k < nk) {
-            const float4 *w4 = reinterpret_cast<const float4 *>(lw) + 2 * k, *b4 = reinterpret_cast<const float4 *>(lb) + 2 * k;
-            const float4 wa = __ldg(w4), wb = __ldg(w4 + 1), ba = __ldg(b4), bb = __ldg(b4 + 1);
-            const float gw[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
-            const float gb[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
             float xn[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) xn[j] = round_act<WT>((v[u][j] - mean) * rstd * gw[j] + gb[j]);
+            ln_round8<WT>(xn, v[u], lw, lb, k, mean, rstd);
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float wf[8];
@@ -1267,25 +1278,14 @@ __device__ __forceinline__ void gemv_w_stage(uint4 *xs, const IT *__restrict__ x
         }
         for (int k = tid; k < nk; k += GW_THREADS) {
             float v[8];
-            if constexpr (!LN) {
+            if constexpr (LN) {
+                float raw[8];
+                ldg8(raw, x + (size_t)k * 8);
+                ln_round8<WT>(v, raw, lw, lb, k, mean, rstd);
+            } else {
                 load_x8<WT, float, true>(v, x + (size_t)k * 8); /* rounded as round_act */
-            } else { /* normalised, then rounded */
-                const float4 *x4 = reinterpret_cast<const float4 *>(x) + 2 * k;
-                const float4 xa = __ldg(x4), xb = __ldg(x4 + 1);
-                const float xr[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-                const float4 *w4 = reinterpret_cast<const float4 *>(lw) + 2 * k, *b4 = reinterpret_cast<const float4 *>(lb) + 2 * k;
-                const float4 wa = __ldg(w4), wb = __ldg(w4 + 1), ba = __ldg(b4), bb = __ldg(b4 + 1);
-                const float gw[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
-                const float gb[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
-#pragma unroll
-                for (int j = 0; j < 8; j++) v[j] = round_act<WT>((xr[j] - mean) * rstd * gw[j] + gb[j]);
             }
-            if constexpr (std::is_same<WT, __half>::value)
-                xs[k] = make_uint4(pack2<__half>(v[0], v[1]), pack2<__half>(v[2], v[3]), pack2<__half>(v[4], v[5]),
-                                   pack2<__half>(v[6], v[7]));
-            else
-                xs[k] = make_uint4(pack2<__nv_bfloat16>(v[0], v[1]), pack2<__nv_bfloat16>(v[2], v[3]),
-                                   pack2<__nv_bfloat16>(v[4], v[5]), pack2<__nv_bfloat16>(v[6], v[7]));
+            xs[k] = make_uint4(pack2<WT>(v[0], v[1]), pack2<WT>(v[2], v[3]), pack2<WT>(v[4], v[5]), pack2<WT>(v[6], v[7]));
         }
     }
     __syncthreads();
