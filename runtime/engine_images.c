@@ -14,11 +14,14 @@
 
 enum { ENC_IDLE, ENC_BUSY, ENC_DONE };
 
-/* Encoder thread, batch encoded (or failed): the requests' pixel buffers, uploaded one by one. */
-static void encoder_free_pixels(engine_encoder *x) {
+/* Batch encoded or failed (encoder thread), or never encoded (stop): the rows' pixel buffers and
+ * image bytes it was handed. */
+static void encoder_release_batch(engine_encoder *x) {
     for (int b = 0; b < ENC_MAX_IMAGES; b++) {
         free(x->src[b]);
+        free(x->img[b]);
         x->src[b] = NULL;
+        x->img[b] = NULL;
     }
 }
 
@@ -33,14 +36,6 @@ static void encoder_hand_out(blip2_engine *e) {
             memcpy(x->out[k], x->proj + (size_t)x->req_row[k] * emb, sizeof(float) * emb);
     for (int b = 0; b < x->B; b++)
         if (x->img[b]) blip2_image_cache_put(&e->cache, x->img[b], x->img_len[b], x->img_hash[b], x->proj + (size_t)b * emb);
-}
-
-/* Encoder thread, batch done or failed: the image bytes it was handed. */
-static void encoder_free_images(engine_encoder *x) {
-    for (int b = 0; b < ENC_MAX_IMAGES; b++) {
-        free(x->img[b]);
-        x->img[b] = NULL;
-    }
 }
 
 static void *encoder_main(void *arg) {
@@ -66,8 +61,7 @@ static void *encoder_main(void *arg) {
         blip2_status est = {0};
         blip2_code erc = blip2_encode_image_list(e->m, &x->ws, (const float *const *)x->src, x->B, NULL, NULL, x->proj, &est);
         if (!erc) encoder_hand_out(e);
-        encoder_free_pixels(x);
-        encoder_free_images(x);
+        encoder_release_batch(x);
         double ms = (double)(blip2_now_ns() - t0) / 1e6;
         pthread_mutex_lock(&x->mu);
         x->rc = erc, x->st = est, x->ms = ms;
@@ -113,8 +107,7 @@ void engine_encoder_stop(blip2_engine *e) {
         pthread_mutex_unlock(&x->mu);
         pthread_join(x->thread, NULL);
     }
-    encoder_free_pixels(x); /* a batch handed over but never encoded */
-    encoder_free_images(x);
+    encoder_release_batch(x); /* a batch handed over but never encoded */
     for (int k = 0; k < ENC_MAX_REQS; k++) free(x->out[k]);
     if (x->inited) {
         pthread_mutex_destroy(&x->mu);
