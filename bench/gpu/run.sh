@@ -16,9 +16,11 @@
 # (ours_out16off), the fused KV write (ours_kvwrite) and the norm inside the one-row GEMV
 # (ours_fusedln_off, ours_lnrows1/2); and, off by default, the encoders' attention by cp.async and
 # ldmatrix (ours_fa, ops_perf_attention_fa) and the one-row GEMV as warps over rows (ours_gemvwarp,
-# ops_perf_gemv_warp). RESULTS.md lists what each of them has to show.
+# ops_perf_gemv_warp). RESULTS.md lists what each of them has to show. BLIP2_GPU_PICK=1 runs the
+# comparisons of the switches that are off by default first and times the rest with the winners
+# (bench/gpu/pick.py), so that one call both decides them and publishes the table.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 SHARED=${SHARED:-$PWD/.gpu/shared}
 OUT=${OUT:-$PWD/.gpu/out}
 BUILD=${BUILD:-build-gpu}
@@ -37,56 +39,56 @@ CFG=$SHARED/hub/blip2-opt-2.7b/config.json
 BENCH=("$BUILD/blip2" bench --device cuda --dtype f16 --config "$CFG" --random-weights --prompt-len 45)
 # bench_step name cap_s command...: stdout to $OUT/name.out, stderr to $OUT/name.err;
 # BLIP2_GPU_DEADLINE caps the steps (tests/gpu/deps.sh), most wanted first.
+# With BLIP2_GPU_PICK=1 the switch comparisons run first, bench/gpu/pick.py chooses the winners
+# (written to picked.env, its reasons to picks.txt), and every later step runs with them set (PICK):
+# the published table then times the picked switches, in the same call. A step runs once.
+PICK=()
+DONE=" "
 bench_step() {
   local name=$1 t t0=$SECONDS
+  case "$DONE" in *" $name "*) return ;; esac
+  DONE="$DONE$name "
   t=$(blip2_gpu_cap "$2")
   shift 2
   blip2_gpu_skipped "$name" && { echo "$name: skipped (BLIP2_GPU_SKIP)"; return; }
   [ -z "$t" ] && { echo "$name: skipped, no time left"; return; }
-  timeout "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
-  echo "$name: rc $? in $((SECONDS - t0)) s: $(head -c 500 "$OUT/$name.out")"
+  timeout "$t" env ${PICK[@]+"${PICK[@]}"} "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+  echo "$name: rc $? in $((SECONDS - t0)) s${PICK[*]:+ (with ${PICK[*]})}: $(head -c 500 "$OUT/$name.out")"
 }
+# The switch comparisons whose winners bench/gpu/pick.py may choose (its GROUPS), each against ours_ab.
+switch_steps() {
+  # The same without the engine and the small batches: the base of a call that only compares
+  # switches (BLIP2_GPU_ONLY="ours_ab ours_fa ..."; compare.py takes it when there is no ours).
+  bench_step ours_ab 60 "${BENCH[@]}" --batch 1,32,64 --images 1,64 --steps 32 --json
+  # Decode at batch 1 with each LayerNorm its own kernel before the GEMV (BLIP2_FUSED_LN=0) instead
+  # of the norm inside the GEMV (k_gemv_ln), and the fused GEMV with 1 and 2 weight rows a block
+  # (BLIP2_GEMV_LN_ROWS; default 4).
+  bench_step ours_fusedln_off 40 env BLIP2_FUSED_LN=0 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+  bench_step ours_lnrows1 40 env BLIP2_GEMV_LN_ROWS=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+  bench_step ours_lnrows2 40 env BLIP2_GEMV_LN_ROWS=2 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+  # The one-row GEMVs as warps over weight rows (k_gemv_w: the row staged once a block, no barrier
+  # after it, a few hundred blocks instead of 2560 to 10240), the LayerNorm in its staging.
+  bench_step ours_gemvwarp 40 env BLIP2_GEMV_WARP=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
+  # Vision with 16-bit q, k, v into the mma attention (BLIP2_QKV16=1; run 8: its kernel 0.67 against
+  # 0.39 ms a layer on fp32 ones, so the default keeps them fp32).
+  bench_step ours_qkv16 45 env BLIP2_QKV16=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+  # The same 16-bit q, k, v into attention_fa.cu's kernel (cp.async, ldmatrix, 64-key tiles), next
+  # to ours' (the mma kernel on fp32 q, k, v) and ours_qkv16's (the mma kernel on 16-bit ones).
+  bench_step ours_fa 45 env BLIP2_QKV16=1 BLIP2_ATTN_FA=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+  # The warp-per-head paged attention from 512 (head, sequence) pairs instead of 4096 (batch 16 up on
+  # OPT-2.7b's 32 heads): batches 32 and 64 take the block-per-row kernel by default, and the
+  # crossover was measured only at 8 and 256 (run 6). Batch 64's ncu had that kernel at 32.4 µs a
+  # layer (24.5 % of the step) against ~17 µs of KV bytes.
+  bench_step ours_online512 45 env BLIP2_PAGED_ONLINE_MIN=512 "${BENCH[@]}" --batch 32,64 --images none --steps 32 --json
+}
+if [ "${BLIP2_GPU_PICK:-0}" = 1 ]; then
+  switch_steps
+  python3 bench/gpu/pick.py "$OUT" >"$OUT/pick.txt" 2>&1
+  mapfile -t PICK < <(grep -E '^BLIP2_[A-Z0-9_]+=[^ ]*$' "$OUT/picked.env" 2>/dev/null)
+  echo "bench/gpu/pick.py: ${PICK[*]:-the defaults} (picks.txt)"
+fi
 bench_step ours 150 "${BENCH[@]}" --batch 1,8,32,64 --images 1,64 --steps 32 --engine --json
-# The same without the engine and the small batches: the base of a call that only compares
-# switches (BLIP2_GPU_ONLY="ours_ab ours_fa ..."; compare.py takes it when there is no ours).
-bench_step ours_ab 60 "${BENCH[@]}" --batch 1,32,64 --images 1,64 --steps 32 --json
-# Decode at batch 1 with each LayerNorm its own kernel before the GEMV (BLIP2_FUSED_LN=0) instead
-# of the norm inside the GEMV (k_gemv_ln), and the fused GEMV with 1 and 2 weight rows a block
-# (BLIP2_GEMV_LN_ROWS; default 4).
-bench_step ours_fusedln_off 40 env BLIP2_FUSED_LN=0 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
-bench_step ours_lnrows1 40 env BLIP2_GEMV_LN_ROWS=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
-bench_step ours_lnrows2 40 env BLIP2_GEMV_LN_ROWS=2 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
-# The one-row GEMVs as warps over weight rows (k_gemv_w: the row staged once a block, no barrier
-# after it, a few hundred blocks instead of 2560 to 10240), the LayerNorm in its staging.
-bench_step ours_gemvwarp 40 env BLIP2_GEMV_WARP=1 "${BENCH[@]}" --batch 1 --images none --steps 32 --json
-# The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
-# (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
-bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
-# Vision with 16-bit q, k, v into the mma attention (BLIP2_QKV16=1; run 8: its kernel 0.67 against
-# 0.39 ms a layer on fp32 ones, so the default keeps them fp32).
-bench_step ours_qkv16 45 env BLIP2_QKV16=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
-# The same 16-bit q, k, v into attention_fa.cu's kernel (cp.async, ldmatrix, 64-key tiles), next
-# to ours' (the mma kernel on fp32 q, k, v) and ours_qkv16's (the mma kernel on 16-bit ones).
-bench_step ours_fa 45 env BLIP2_QKV16=1 BLIP2_ATTN_FA=1 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
-# Decode with the new keys and values written by k_kv_write before the attention (BLIP2_FUSED_KV=0)
-# instead of by the attention kernel itself.
-bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 --images none --steps 32 --json
-# Vision + Q-Former with the encoders' attention on the TF32 products next to ours.json's (the mma kernel).
-bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
-# Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
-bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 32 --json
-# The warp-per-head paged attention from 512 (head, sequence) pairs instead of 4096 (batch 16 up on
-# OPT-2.7b's 32 heads): batches 32 and 64 take the block-per-row kernel by default, and the
-# crossover was measured only at 8 and 256 (run 6). Batch 64's ncu had that kernel at 32.4 µs a
-# layer (24.5 % of the step) against ~17 µs of KV bytes.
-bench_step ours_online512 45 env BLIP2_PAGED_ONLINE_MIN=512 "${BENCH[@]}" --batch 32,64 --images none --steps 32 --json
-# Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
-# start with the previous one's tail gives, at batch 1 (latency) and 64.
-bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
-# The GEMV against cuBLASLt row count by row count (kernels/cuda/ops.cu gemv_max_t: the default
-# sends T <= 4 to the GEMV): every small batch through the GEMV, then none.
-bench_step ours_gemv8 45 env BLIP2_GEMV_MAX_T=8 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
-bench_step ours_nogemv 45 env BLIP2_GEMV=0 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
+switch_steps
 bench_step gemm_floor 90 python3 "$SHARED/tools/gemm_floor.py"
 bench_step hf 180 python3 bench/gpu/hf_baseline.py
 # Batch 256 on its own: a failure there (memory) keeps the smaller batches' numbers.
@@ -121,6 +123,24 @@ if [ -x "$NCU" ]; then
 else
   echo "ncu: not on this machine"
 fi
+# The comparisons of earlier runs' switches.
+# The matmuls whose readers take 16 bits (vision qkv and fc1, OPT fc1) writing fp32 as before
+# (BLIP2_OUT16=0: attention, GELU and fc2 read fp32 and narrow it), next to ours' 16-bit outputs.
+bench_step ours_out16off 60 env BLIP2_OUT16=0 "${BENCH[@]}" --batch 1,64 --images 1,64 --steps 32 --json
+# Decode with the new keys and values written by k_kv_write before the attention (BLIP2_FUSED_KV=0)
+# instead of by the attention kernel itself.
+bench_step ours_kvwrite 45 env BLIP2_FUSED_KV=0 "${BENCH[@]}" --batch 1,64,256 --images none --steps 32 --json
+# Vision + Q-Former with the encoders' attention on the TF32 products next to ours.json's (the mma kernel).
+bench_step ours_products 60 env BLIP2_MMA_ATTN=0 "${BENCH[@]}" --batch 1 --images 1,64 --steps 2 --json
+# Decode steps with the block-per-row paged attention (run 5's) next to ours' warp-per-head one.
+bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256 --images none --steps 32 --json
+# Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
+# start with the previous one's tail gives, at batch 1 (latency) and 64.
+bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
+# The GEMV against cuBLASLt row count by row count (kernels/cuda/ops.cu gemv_max_t: the default
+# sends T <= 4 to the GEMV): every small batch through the GEMV, then none.
+bench_step ours_gemv8 45 env BLIP2_GEMV_MAX_T=8 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
+bench_step ours_nogemv 45 env BLIP2_GEMV=0 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
 # GEMV bandwidth at T=1 and the paged attention's GB/s at decode batch 256 (f16 cache, 61
 # positions); the encoders' attention with the 16-bit cases on the mma kernel, then on the TF32
 # products (BLIP2_MMA_ATTN=0).
@@ -141,5 +161,7 @@ bench_step ops_perf_attention_products 30 env BLIP2_MMA_ATTN=0 "$BUILD/tests/tes
 bench_step ours_beams 90 "${BENCH[@]}" --batch 1,8,32 --images 1 --steps 32 --engine --num-beams 5 --json
 # What the decode graphs buy.
 bench_step ours_nographs 60 env BLIP2_GRAPHS=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
-# Every bench JSON above side by side, with each step's ratio to ours (session.sh prints it).
+# Every bench JSON above side by side, with each step's ratio to ours (session.sh prints it), and
+# to ours_ab: the base of the switch comparisons, which with BLIP2_GPU_PICK=1 ours is not.
 python3 bench/gpu/compare.py "$OUT" >"$OUT/compare.txt" 2>&1
+[ -s "$OUT/ours_ab.out" ] && python3 bench/gpu/compare.py "$OUT" ours_ab >"$OUT/compare_ab.txt" 2>&1

@@ -9,7 +9,7 @@
 # GPU with and without decode graphs, and the CLI under mpirun -np 1 (the NCCL path) against the
 # goldens' greedy ids.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 SHARED=${SHARED:-$PWD/.gpu/shared}
 OUT=${OUT:-$PWD/.gpu/out}
 BUILD=${BUILD:-build-gpu}
