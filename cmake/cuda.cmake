@@ -29,6 +29,7 @@ if(BLIP2_HAVE_CUDA)
   # The CUDA backend: device discovery, the per-thread context, the ops and the blip2_cuda_ops table.
   # PUBLIC BLIP2_HAVE_CUDA=1 lets C code that links it (tests, runtime) register the backend.
   add_library(blip2_cuda STATIC kernels/cuda/device.cu kernels/cuda/context.cu kernels/cuda/ops.cu
+    kernels/cuda/gemv.cu kernels/cuda/attention_paged.cu
     kernels/cuda/attention_mma.cu kernels/cuda/attention_fa.cu kernels/cuda/graph.cu)
   set_target_properties(blip2_cuda PROPERTIES
     CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_EXTENSIONS OFF

@@ -1,8 +1,8 @@
-/* The op set. Each op has a plain C reference (kernels/cpu/ops.c) and a CUDA twin
- * (kernels/cuda/ops.cu, namespace cuda::) with the same name and argument order; both are reached
- * through one table, blip2_ops, so the forward code (runtime/) is written once. Shapes use the
- * project's letters: T tokens (rows), C channels, OC output channels, NH heads, HS head size,
- * V vocab. Activations are row-major fp32 everywhere; matmul weights may be 16-bit (wdtype).
+/* The op set. Each op has a plain C reference (kernels/cpu/ops.c) and a CUDA twin (kernels/cuda/
+ * ops.cu and the files beside it, namespace cuda::) with the same name and argument order; both
+ * are reached through one table, blip2_ops, so the forward code (runtime/) is written once.
+ * Shapes use the project's letters: T tokens (rows), C channels, OC output channels, NH heads, HS
+ * head size, V vocab. Activations are row-major fp32 everywhere; matmul weights may be 16-bit (wdtype).
  * On the CUDA backend every pointer is device memory and ops are queued on the calling thread's
  * stream (see kernels/cuda/context.h); on the CPU every pointer is host memory. */
 #ifndef BLIP2_OPS_H

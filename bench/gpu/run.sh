@@ -137,7 +137,7 @@ bench_step ours_paged_v 60 env BLIP2_PAGED_ONLINE=0 "${BENCH[@]}" --batch 64,256
 # Programmatic dependent launch off (kernels/cuda/internal.cuh): what overlapping each kernel's
 # start with the previous one's tail gives, at batch 1 (latency) and 64.
 bench_step ours_nopdl 60 env BLIP2_PDL=0 "${BENCH[@]}" --batch 1,64 --images 1 --steps 32 --json
-# The GEMV against cuBLASLt row count by row count (kernels/cuda/ops.cu gemv_max_t: the default
+# The GEMV against cuBLASLt row count by row count (kernels/cuda/gemv.cu gemv_max_t: the default
 # sends T <= 4 to the GEMV): every small batch through the GEMV, then none.
 bench_step ours_gemv8 45 env BLIP2_GEMV_MAX_T=8 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json
 bench_step ours_nogemv 45 env BLIP2_GEMV=0 "${BENCH[@]}" --batch 1,2,4,6,8 --images none --steps 32 --json

@@ -1,5 +1,6 @@
-/* Private to the CUDA backend (context.cu, ops.cu): the context's fields and the error-recording
- * helpers. Nothing here is part of the C API (that is context.h). */
+/* Private to the CUDA backend (context.cu, ops.cu and the kernel files beside them): the context's
+ * fields, the error-recording helpers, the launch rule, the device helpers several kernel files
+ * use, and the functions one file offers another. Nothing here is part of the C API (context.h). */
 #ifndef BLIP2_CUDA_INTERNAL_CUH
 #define BLIP2_CUDA_INTERNAL_CUH
 
@@ -277,5 +278,34 @@ bool attention_mma(blip2_cuda_ctx *c, void *out, const void *q, const void *k, c
  * when BLIP2_ATTN_FA=1; false, with nothing queued, otherwise. */
 bool attention_fa(blip2_cuda_ctx *c, void *out, const void *q, const void *k, const void *v, int B, int Tq, int Tk,
                   int NH, int HS, int q_stride, int kv_stride, float scale, int wdtype, int iodtype);
+
+/* BLIP2_BATCH_INVARIANT=1 (ops.cu): every matmul through cuBLASLt without split-K, so that a row's
+ * sums do not depend on the batch it is in. */
+bool batch_invariant_mode();
+
+/* The GEMVs (gemv.cu): 16-bit-weight matmuls at T <= gemv_max_t() rows.
+ * gemv_use: whether matmul_h / matmul_a take the GEMV for this shape; gemv16_ok: the same for
+ * 16-bit inputs (of the weights' type, 16-byte aligned). gemv: out[T, OC] = act(inp[T, C] · w[OC,
+ * C]ᵀ + bias), inp fp32 or (in16) 16-bit; out and bias fp32 or both of the weights' type (odtype),
+ * or GEMV_OUT_ADD: out += product + bias, fp32, no activation (matmul_acc_a). gemv_ln_ok /
+ * gemv_ln: out[1, OC] = act(LN(x) · wᵀ + bias), the norm done by the GEMV itself (matmul_ln_a). */
+constexpr int GEMV_OUT_ADD = 0x100;
+bool gemv_use(int T, int C, int wdtype);
+bool gemv16_ok(int T, int C, int wdtype, const void *inp, const void *w);
+void gemv(blip2_cuda_ctx *c, void *out, int odtype, const void *inp, bool in16, const uint16_t *w, const void *bias, int T,
+          int C, int OC, int wdtype, int act);
+bool gemv_ln_ok(int T, int C, int adtype, int wdtype, const void *x, const void *lw, const void *lb, const void *w);
+void gemv_ln(blip2_cuda_ctx *c, void *out, int odtype, const float *x, const float *lw, const float *lb, float eps,
+             const uint16_t *w, const void *bias, int C, int OC, int wdtype, int act);
+
+/* The paged-KV ops (attention_paged.cu), as ops.h declares them (ops.cu's table takes them). */
+namespace cuda {
+void blip2_kv_write(void *k_pool, void *v_pool, int kvdtype, const float *k, const float *v, int in_stride,
+                    const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs, int block_size, int C);
+void blip2_attention_paged(void *out, const float *q, void *k_pool, void *v_pool, int kvdtype, const float *k_new,
+                           const float *v_new, const int32_t *tables, int max_blocks, const int32_t *meta, int n_seqs,
+                           int block_size, float *scratch, int max_ctx, int NH, int HS, int q_stride, int kv_stride,
+                           float scale, int odtype);
+} /* namespace cuda */
 
 #endif
