@@ -23,7 +23,7 @@
 
 typedef struct {
     const char *model, *listen, *port_file, *tls_cert, *tls_key, *device, *dtype;
-    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers, hold_ms, step_tokens;
+    int max_batch, max_queue, max_new_limit, log_level, grace_ms, workers, hold_ms, hold_share, step_tokens;
     size_t max_message_bytes, kv_bytes, image_cache_bytes;
 } args_t;
 
@@ -47,7 +47,7 @@ static void usage(FILE *fp) {
             "              [--max-message-bytes N] [--max-new-tokens-limit N] [--kv-bytes N] [--image-cache-bytes N]\n"
             "              [--grace-ms N] [--workers N] [--log-level error|warn|info|debug]\n"
             "              [--tls-cert FILE.pem --tls-key FILE.pem] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-            "              [--batch-invariant] [--hold-for-images MS] [--max-step-tokens N]\n"
+            "              [--batch-invariant] [--hold-for-images MS [--hold-share PCT]] [--max-step-tokens N]\n"
             "  --device            where the model runs (default cpu; cuda: GPU local-rank mod GPUs, NCCL under mpirun)\n"
             "  --dtype             weight matrices on the device (default f32 on the CPU, f16 on CUDA)\n"
             "  --listen            default 127.0.0.1:50051 (port 0: any free port, printed and written to --port-file)\n"
@@ -67,6 +67,9 @@ static void usage(FILE *fp) {
             "  --hold-for-images MS  while more requests wait for their images than sequences are decoding, steps\n"
             "                      wait for the image encoder (at most MS at a time): a burst is encoded at full\n"
             "                      speed and decoded in one batch, running sequences pause meanwhile (default 0: off)\n"
+            "  --hold-share PCT    hold while the requests waiting for images are more than PCT %% of the ready\n"
+            "                      sequences (default 100; 0: while any waits, a burst encoded whole first, for\n"
+            "                      offline jobs: with requests arriving all the time steps run once per hold)\n"
             "Sizes take K, M or G suffixes (powers of 1024). Run under mpirun -np N for tensor parallelism.\n");
 }
 
@@ -112,7 +115,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
         {"grace-ms", required_argument, 0, 'g'},     {"workers", required_argument, 0, 'w'},
         {"device", required_argument, 0, 'D'},       {"dtype", required_argument, 0, 'T'},
         {"batch-invariant", no_argument, 0, 'I'},    {"help", no_argument, 0, 'h'},
-        {"hold-for-images", required_argument, 0, 'H'}, {"max-step-tokens", required_argument, 0, 'S'},
+        {"hold-for-images", required_argument, 0, 'H'}, {"hold-share", required_argument, 0, 'P'}, {"max-step-tokens", required_argument, 0, 'S'},
         {0, 0, 0, 0},
     };
     blip2_engine_opts d = blip2_engine_opts_default();
@@ -123,6 +126,7 @@ static int parse_args(int argc, char **argv, args_t *a) {
     a->max_new_limit = d.max_new_tokens_limit;
     a->kv_bytes = d.kv_bytes;
     a->image_cache_bytes = d.image_cache_bytes;
+    a->hold_share = d.hold_share_pct;
     a->max_message_bytes = (size_t)32 << 20;
     a->log_level = BLIP2_LOG_INFO;
     a->grace_ms = 10000;
@@ -178,6 +182,10 @@ static int parse_args(int argc, char **argv, args_t *a) {
         case 'H':
             if (parse_long(optarg, 0, 60000, &v)) return fail_usage("--hold-for-images '%s': expected 0..60000 ms", optarg);
             a->hold_ms = (int)v;
+            break;
+        case 'P':
+            if (parse_long(optarg, 0, 100, &v)) return fail_usage("--hold-share '%s': expected 0..100 %%", optarg);
+            a->hold_share = (int)v;
             break;
         case 'S':
             if (parse_long(optarg, 1, 1 << 16, &v)) return fail_usage("--max-step-tokens '%s': expected 1..65536", optarg);
@@ -417,6 +425,7 @@ int main(int argc, char **argv) {
     eo.max_new_tokens_limit = a.max_new_limit;
     eo.image_cache_bytes = a.image_cache_bytes;
     eo.hold_for_images_ms = a.hold_ms;
+    eo.hold_share_pct = a.hold_share;
     blip2_engine *e = NULL;
     if (!rc) {
         if (rank0) rc = blip2_engine_create(&m, &tp, &in, &eo, &e, &st);

@@ -19,6 +19,7 @@ typedef struct {
     int batches[16], n_batches, images[16], n_images;
     int image_batch; /* --engine: the engine's vision batch (0: min(B, 64)) */
     int hold_ms;     /* --engine: blip2_engine_opts.hold_for_images_ms */
+    int hold_share;  /* --engine: blip2_engine_opts.hold_share_pct */
     int step_tokens; /* --engine: blip2_engine_opts.max_step_tokens (0: the default, at least B·beams) */
     int seed;
 } bench_args;
@@ -49,10 +50,11 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         {"seed", required_argument, 0, 'S'},   {"help", no_argument, 0, 'h'},         {"dtype", required_argument, 0, 't'},
         {"engine", no_argument, 0, 'e'},       {"num-beams", required_argument, 0, 'B'},
         {"image-batch", required_argument, 0, 'I'}, {"hold-for-images", required_argument, 0, 'H'},
-        {"max-step-tokens", required_argument, 0, 'T'}, {0, 0, 0, 0},
+        {"hold-share", required_argument, 0, 'P'}, {"max-step-tokens", required_argument, 0, 'T'}, {0, 0, 0, 0},
     };
     memset(a, 0, sizeof *a);
     a->prompt_len = 45, a->steps = 8, a->device = "cpu", a->seed = 1, a->dtype = NULL, a->beams = 1;
+    a->hold_share = blip2_engine_opts_default().hold_share_pct;
     a->n_batches = parse_list("1,4,16,64", a->batches, 16);
     a->n_images = parse_list("1,8", a->images, 16);
     int c;
@@ -75,6 +77,7 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'B': if (blip2_cli_parse_int(optarg, 1, 16, &a->beams)) return blip2_cli_error("--num-beams: 1..16"); break;
         case 'I': if (blip2_cli_parse_int(optarg, 1, 256, &a->image_batch)) return blip2_cli_error("--image-batch: 1..256"); break;
         case 'H': if (blip2_cli_parse_int(optarg, 0, 60000, &a->hold_ms)) return blip2_cli_error("--hold-for-images: 0..60000 ms"); break;
+        case 'P': if (blip2_cli_parse_int(optarg, 0, 100, &a->hold_share)) return blip2_cli_error("--hold-share: 0..100 %%"); break;
         case 'T': if (blip2_cli_parse_int(optarg, 1, 1 << 16, &a->step_tokens)) return blip2_cli_error("--max-step-tokens: 1..65536"); break;
         case 'd': a->device = optarg; break;
         case 't': a->dtype = optarg; break;
@@ -82,7 +85,7 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
         case 'h':
             printf("usage: blip2 bench (--model DIR | --config CONFIG.json --random-weights) [--batch 1,4,16,64]\n"
                    "                   [--images 1,8|none] [--prompt-len 45] [--steps 8] [--device cpu|cuda] [--dtype f32|f16|bf16]\n"
-                   "                   [--engine [--num-beams N] [--image-batch N] [--hold-for-images MS]\n"
+                   "                   [--engine [--num-beams N] [--image-batch N] [--hold-for-images MS [--hold-share PCT]]\n"
                    "                   [--max-step-tokens N]] [--json]\n"
                    "  --engine: also B whole VQA requests per batch size through the serving engine (image, prompt,\n"
                    "            exactly --steps greedy tokens): requests/s, tokens/s and the decode ms per token a\n"
@@ -92,7 +95,8 @@ static int parse_bench_args(int argc, char **argv, bench_args *a) {
                    "            (B requests of N beams: B·N sequences a step); --image-batch: the engine's vision\n"
                    "            batch (default min(B, 64); B encodes every image at once, as HF's generate);\n"
                    "            --hold-for-images: steps wait (at most MS at a time) while more requests wait for\n"
-                   "            their images than sequences are ready (blip2d --hold-for-images);\n"
+                   "            their images than PCT %% (default 100) of the sequences ready (blip2d\n"
+                   "            --hold-for-images, --hold-share; 0: a burst is encoded whole before it decodes);\n"
                    "            --max-step-tokens: the engine's token budget a step (default 512, at least the\n"
                    "            sequences: prefills beyond it are chunked; blip2d --max-step-tokens)\n");
             exit(0);
@@ -271,8 +275,8 @@ static void tally_done(void *ctx, const blip2_result *res) {
 }
 
 /* B requests of `beams` sequences each (a beam's partly filled last block is its own). */
-static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams, int L, int steps, int image_batch,
-                                         int hold_ms, int step_tokens) {
+static blip2_engine_opts engine_opts_for(const blip2_model *m, const bench_args *a, int B) {
+    const int beams = a->beams, L = a->prompt_len, steps = a->steps, step_tokens = a->step_tokens;
     blip2_engine_opts o = blip2_engine_opts_default();
     int per = blip2_kv_blocks_for(L + steps, o.block_size), seqs = B * beams;
     o.max_batch = seqs > 8 ? seqs : 8;
@@ -280,10 +284,11 @@ static blip2_engine_opts engine_opts_for(const blip2_model *m, int B, int beams,
     if (step_tokens) o.max_step_tokens = step_tokens;
     o.max_step_tokens = o.max_step_tokens > o.max_batch ? o.max_step_tokens : o.max_batch;
     o.kv_bytes = blip2_kv_block_bytes(m, o.block_size) * (size_t)(seqs * (per + 1) + 8);
-    o.max_images_per_step = image_batch ? image_batch : B < 64 ? B : 64;
+    o.max_images_per_step = a->image_batch ? a->image_batch : B < 64 ? B : 64;
     o.image_cache_bytes = 0; /* every image is new, as in HF's generate */
     o.max_new_tokens_limit = steps;
-    o.hold_for_images_ms = hold_ms;
+    o.hold_for_images_ms = a->hold_ms;
+    o.hold_share_pct = a->hold_share;
     return o;
 }
 
@@ -369,7 +374,7 @@ static blip2_code bench_engine_batch(const bench_args *a, blip2_model *m, const 
                                      double *cold_s, engine_tally *t, blip2_status *st) {
     const blip2_config *c = &m->cfg;
     int beams = a->beams, L = a->prompt_len, steps = a->steps;
-    blip2_engine_opts o = engine_opts_for(m, B, beams, L, steps, a->image_batch, a->hold_ms, a->step_tokens);
+    blip2_engine_opts o = engine_opts_for(m, a, B);
     m->cfg.eos_id = -1;
     memset(t, 0, sizeof *t);
     if (tp->rank != 0) return blip2_engine_follow(m, tp, &o, st);

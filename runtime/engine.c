@@ -32,7 +32,8 @@ blip2_engine_opts blip2_engine_opts_default(void) {
                                .kv_bytes = (size_t)2 << 30,
                                .max_new_tokens_limit = 1024,
                                .image_cache_bytes = (size_t)256 << 20,
-                               .max_images_per_step = 8};
+                               .max_images_per_step = 8,
+                               .hold_share_pct = 100};
 }
 
 /* ---------------------------------------------------------------- requests */
@@ -404,8 +405,8 @@ static int wait_for_work(blip2_engine *e) {
 }
 
 /* hold_for_images_ms: whether this turn runs no step, leaving the GPU to the image encoder —
- * while it is busy, more requests wait for images than sequences are ready to step, and the
- * hold has lasted less than the limit (the decoding sequences' longest pause). */
+ * while it is busy, more requests wait for images than hold_share_pct % of the sequences ready
+ * to step, and the hold has lasted less than the limit (the decoding sequences' longest pause). */
 static int hold_for_images(blip2_engine *e, int64_t now) {
     if (e->o.hold_for_images_ms <= 0 || !engine_encoder_busy(e)) return e->hold_since = 0, 0;
     int waiting = 0, ready_seqs = 0;
@@ -414,7 +415,7 @@ static int hold_for_images(blip2_engine *e, int64_t now) {
         if (ready(r)) ready_seqs += r->n_seq;
         else if (!r->projected && !r->finishing) waiting++;
     }
-    if (waiting <= ready_seqs) return e->hold_since = 0, 0;
+    if ((int64_t)waiting * 100 <= (int64_t)e->o.hold_share_pct * ready_seqs) return e->hold_since = 0, 0;
     if (!e->hold_since) e->hold_since = now;
     if (now - e->hold_since < (int64_t)e->o.hold_for_images_ms * 1000000) return 1;
     e->hold_since = 0; /* one step, then hold again */
@@ -521,6 +522,8 @@ static blip2_code check_opts(const blip2_engine_opts *o, blip2_status *st) {
         return blip2_fail(st, BLIP2_EINVAL, "the step token budget %d must be >= the max batch %d", o->max_step_tokens, o->max_batch);
     if (o->block_size < 1 || o->max_queue < 1 || o->max_images_per_step < 1 || o->max_images_per_step > ENC_MAX_IMAGES)
         return blip2_fail(st, BLIP2_EINVAL, "bad engine options");
+    if (o->hold_share_pct < 0 || o->hold_share_pct > 100)
+        return blip2_fail(st, BLIP2_EINVAL, "the hold share %d must be 0..100 %%", o->hold_share_pct);
     return BLIP2_OK;
 }
 

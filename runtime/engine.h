@@ -29,6 +29,11 @@ typedef struct {
      * of small batches decoding beside the encoder; the decoding sequences pause meanwhile).
      * 0: steps never wait for images. */
     int hold_for_images_ms;
+    /* The hold's trigger, in percent: it holds while the requests waiting for their images are more
+     * than this share of the sequences ready to step (default 100: more than them; 0: any request
+     * waiting, so that a burst is encoded whole before it decodes, for offline jobs and
+     * benchmarks: with requests arriving all the time, steps then run once every hold). */
+    int hold_share_pct;
 } blip2_engine_opts;
 
 blip2_engine_opts blip2_engine_opts_default(void);

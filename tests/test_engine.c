@@ -478,16 +478,19 @@ static void *stop_when_done(void *p) {
 /* hold_for_images_ms: three requests queued before the engine runs, one image a batch. While the
  * second image is encoded one request is ready and two wait for theirs, so no step runs: the first
  * request has not decoded past its first token when the second's first token comes (both prefill
- * in the step after the hold). Answers as alone, every block back. (Without the hold the first
- * decodes beside the encoder, as test_encode_overlap wants.) */
-static void test_hold_for_images(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo) {
+ * in the step after the hold). With hold_share_pct 0 the third image holds the steps too (one
+ * waits, two are ready), so the third's first token also comes at the first's first. Answers as
+ * alone, every block back. (Without the hold the first decodes beside the encoder, as
+ * test_encode_overlap wants.) */
+static void test_hold_for_images(env_t *env, const char *name, fcase *cases, int nc, const outcome *solo, int share) {
     enum { N = 3 };
     env_t h = *env;
     h.o.hold_for_images_ms = 60000, h.o.max_images_per_step = 1, h.o.max_step_tokens = 512;
+    h.o.hold_share_pct = share;
     blip2_job jobs[N];
     outcome out[N];
     greedy_jobs(cases, nc, N, jobs, out);
-    out[1].lead = &out[0], out[1].lead_at_first = -1;
+    out[1].lead = out[2].lead = &out[0], out[1].lead_at_first = out[2].lead_at_first = -1;
     blip2_engine *e = make_engine(&h);
     if (!e) return;
     n_done = 0;
@@ -506,6 +509,9 @@ static void test_hold_for_images(env_t *env, const char *name, fcase *cases, int
           s.blocks_in_use);
     CHECK(out[1].lead_at_first == 1, "%s: hold: the first request had %d tokens when the second's first came (want 1)",
           name, out[1].lead_at_first);
+    CHECK(share > 0 || out[2].lead_at_first == 1,
+          "%s: hold share 0: the first request had %d tokens when the third's first came (want 1)", name,
+          out[2].lead_at_first);
 }
 
 /* Stop strings are checked while the next step already runs: a request a stop string ends is in
@@ -599,7 +605,8 @@ int main(int argc, char **argv) {
         test_capacity(&env, names[k], cases, solo);
         test_image_cache(&env, names[k]);
         test_encode_overlap(&env, names[k], cases, nc, solo);
-        test_hold_for_images(&env, names[k], cases, nc, solo);
+        test_hold_for_images(&env, names[k], cases, nc, solo, 100);
+        test_hold_for_images(&env, names[k], cases, nc, solo, 0);
         test_stop_strings(&env, names[k], cases, solo);
         for (int i = 0; i < nc; i++) free(cases[i].ids);
         blip2_inputs_free(&in);
