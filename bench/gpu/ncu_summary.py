@@ -1,11 +1,12 @@
 """Where a step's time goes, kernel by kernel, from `ncu --metrics gpu__time_duration.sum --csv
 --page raw` (bench/gpu/run.sh). The random-weight fills are dropped; the rest is cut into segments
-at each k_argmax_rows (the end of a prefill or decode step). Prints the total of every segment and,
+after each k_argmax_rows (the end of a prefill or decode step), or with --start-at NAME before each
+NAME kernel (k_im2col: the start of an image encoder run). Prints the total of every segment and,
 for the segment picked (default: the last complete one, a decode step), the kernels grouped by
 name and grid, largest first. ncu serialises kernels and flushes caches between them, so its
 times are upper bounds (small kernels most); the proportions are what to read.
 
-    python3 ncu_summary.py FILE.csv [--segment N] [--top K]
+    python3 ncu_summary.py FILE.csv [--segment N] [--top K] [--start-at NAME]
 """
 import argparse
 import collections
@@ -16,6 +17,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("csv")
 ap.add_argument("--segment", type=int, default=None, help="segment to break down (default: the last complete one)")
 ap.add_argument("--top", type=int, default=25)
+ap.add_argument("--start-at", default=None, help="cut before each kernel of this name instead of after each argmax")
 a = ap.parse_args()
 
 with open(a.csv) as f:
@@ -32,8 +34,12 @@ for r in rows:
 
 segments, cur = [], []
 for k in kernels:
+    if a.start_at and k[0] == a.start_at:
+        if cur and cur[0][0] == a.start_at:  # a segment is complete once the next one starts
+            segments.append(cur)
+        cur = []
     cur.append(k)
-    if k[0] == "k_argmax_rows":
+    if not a.start_at and k[0] == "k_argmax_rows":
         segments.append(cur)
         cur = []
 print(f"{len(kernels)} kernels profiled; {len(segments)} complete segments (+{len(cur)} kernels after the last)")

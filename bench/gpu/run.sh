@@ -128,6 +128,12 @@ if [ -x "$NCU" ]; then
   bench_step ncu_vision 60 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 1247 --launch-count 800 \
     "${BENCH[@]}" --batch 1 --images 64 --steps 1
   python3 bench/gpu/ncu_summary.py "$OUT/ncu_vision.out" >"$OUT/ncu_vision.txt" 2>&1
+  # Vision + Q-Former + projection of one image, whole (the < 2.5 ms target; run 8: 4.64 ms where
+  # the GEMM-only floor is 1.96): which of its ~500 kernels hold the rest.
+  # ~500 kernels a run: 1100 take the first whole (the segment between two k_im2col).
+  bench_step ncu_vision1 90 env BLIP2_GRAPHS=0 "$NCU" "${NCU_ARGS[@]}" --launch-skip 1247 --launch-count 1100 \
+    "${BENCH[@]}" --batch 1 --images 1 --steps 1
+  python3 bench/gpu/ncu_summary.py "$OUT/ncu_vision1.out" --start-at k_im2col >"$OUT/ncu_vision1.txt" 2>&1
 else
   echo "ncu: not on this machine"
 fi
