@@ -259,7 +259,7 @@ int main(int argc, char **argv) {
     blip2_comm *comm = blip2_comm_self();
     blip2_tp tp = blip2_tp_from_comm(comm);
 
-    size_t npix = (size_t)c->vision.channels * c->vision.image_size * c->vision.image_size;
+    size_t npix = blip2_image_floats(&c->vision);
     bufs b = {
         .pixels = malloc(sizeof(float) * npix),
         .image = malloc(sizeof(float) * c->vision.T * c->vision.C),

@@ -132,7 +132,7 @@ static blip2_code load_model(const bench_args *a, const blip2_tp *tp, const blip
  * workspace: allocated once, outside the timing. */
 static double bench_images(const blip2_model *m, int B, blip2_status *st) {
     const blip2_config *c = &m->cfg;
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    size_t px = blip2_image_floats(&c->vision);
     float *pix = malloc(sizeof(float) * B * px), *pr = malloc(sizeof(float) * B * c->Q * c->opt.C);
     blip2_encoder_ws enc;
     double t = -1;
@@ -214,7 +214,7 @@ static blip2_code req_bench_init(req_bench *r, const blip2_model *m, const blip2
     memset(r, 0, sizeof *r);
     r->L = L, r->new_tokens = new_tokens;
     int bs = 16, per = blip2_kv_blocks_for(L + new_tokens, bs);
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    size_t px = blip2_image_floats(&c->vision);
     r->pix = malloc(sizeof(float) * px), r->rows = malloc(sizeof(float) * c->Q * c->opt.C);
     r->tab = malloc(sizeof(int32_t) * per), r->ids = malloc(sizeof(int32_t) * L);
     blip2_code rc = r->pix && r->rows && r->tab && r->ids ? BLIP2_OK : blip2_fail(st, BLIP2_ENOMEM, "out of memory");
@@ -328,7 +328,7 @@ static void wave_timed_done(void *ctx, const blip2_result *res) { tally_done(&((
  * the wave is submitted: made between submissions (~0.3 ms a request), they held back the last
  * of 256 requests by tens of ms and handed the encoder its first images a few at a time. */
 static void make_wave_pixels(engine_waves *w, int wave) {
-    size_t px = (size_t)3 * w->c->vision.image_size * w->c->vision.image_size;
+    size_t px = blip2_image_floats(&w->c->vision);
     for (int b = 0; b < w->B; b++) {
         size_t k = (size_t)wave * w->B + b;
         float *p = w->pix + (size_t)b * px;
@@ -338,7 +338,7 @@ static void make_wave_pixels(engine_waves *w, int wave) {
 
 /* The wave's B requests: their pixels (make_wave_pixels), the same prompt. */
 static blip2_code submit_wave(engine_waves *w, blip2_job_callbacks *cb) {
-    size_t px = (size_t)3 * w->c->vision.image_size * w->c->vision.image_size;
+    size_t px = blip2_image_floats(&w->c->vision);
     for (int b = 0; b < w->B; b++) {
         blip2_job job = {.pixels = w->pix + (size_t)b * px, .input_ids = w->ids, .n_input_ids = w->L, .dec = w->dec};
         blip2_code rc = blip2_engine_submit(w->e, &job, cb, &w->st);
@@ -381,7 +381,7 @@ static blip2_code bench_engine_batch(const bench_args *a, blip2_model *m, const 
     engine_waves w = {.c = c, .B = B, .L = L, .dec = blip2_decoding_default()};
     w.dec.max_new_tokens = steps;
     w.dec.num_beams = beams;
-    w.pix = malloc(sizeof(float) * 3 * (size_t)c->vision.image_size * c->vision.image_size * (size_t)B);
+    w.pix = malloc(sizeof(float) * blip2_image_floats(&c->vision) * (size_t)B);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)L);
     w.ids = ids;
     blip2_inputs in = {.cfg = c};

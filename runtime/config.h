@@ -3,6 +3,8 @@
 #ifndef BLIP2_CONFIG_H
 #define BLIP2_CONFIG_H
 
+#include <stddef.h>
+
 #include "status.h"
 
 typedef struct {
@@ -42,6 +44,11 @@ typedef struct {
     int max_new_tokens;  /* generation default: generation_config max_new_tokens, else 20 */
     int max_length;      /* generation_config max_length when set (0: unset) */
 } blip2_config;
+
+/* Floats of one image's pixel values [channels, image_size, image_size]. */
+static inline size_t blip2_image_floats(const blip2_vision_config *v) {
+    return (size_t)v->channels * v->image_size * v->image_size;
+}
 
 /* Loads DIR/config.json (required), DIR/generation_config.json and DIR/processor_config.json
  * (optional). Errors name the file and the key. */

@@ -22,7 +22,7 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
     ws->max_B = (int)B;
     float **bufs[] = {&ws->pixels, &ws->patches, &ws->x,  &ws->ctx, &ws->qkv, &ws->mlp, &ws->scores, &ws->image,
                       &ws->qx,     &ws->qq,      &ws->qctx, &ws->qo, &ws->qk,  &ws->qv,  &ws->qmlp,   &ws->proj};
-    size_t n[] = {B * 3 * c->vision.image_size * c->vision.image_size,
+    size_t n[] = {B * blip2_image_floats(&m->cfg.vision),
                   (size_t)c->vision.P * K,
                   B * T * Cv,
                   B * T * Cv,
@@ -102,15 +102,11 @@ static blip2_code encode_uploaded(const blip2_model *m, blip2_encoder_ws *ws, in
     return blip2_backend_check(o, "image encoder", st);
 }
 
-static size_t image_floats(const blip2_model *m) {
-    return 3 * (size_t)m->cfg.vision.image_size * m->cfg.vision.image_size;
-}
-
 blip2_code blip2_encode_images(const blip2_model *m, blip2_encoder_ws *ws, const float *pixels, int B, float *image,
                                float *qout, float *projected, blip2_status *st) {
     blip2_code rc = check_batch(ws, m, B, st);
     if (rc) return rc;
-    m->ops->upload(ws->pixels, pixels, sizeof(float) * image_floats(m) * B);
+    m->ops->upload(ws->pixels, pixels, sizeof(float) * blip2_image_floats(&m->cfg.vision) * B);
     return encode_uploaded(m, ws, B, image, qout, projected, st);
 }
 
@@ -118,7 +114,7 @@ blip2_code blip2_encode_image_list(const blip2_model *m, blip2_encoder_ws *ws, c
                                    float *image, float *qout, float *projected, blip2_status *st) {
     blip2_code rc = check_batch(ws, m, B, st);
     if (rc) return rc;
-    size_t n = image_floats(m);
+    size_t n = blip2_image_floats(&m->cfg.vision);
     for (int b = 0; b < B; b++) m->ops->upload(ws->pixels + n * b, pixels[b], sizeof(float) * n);
     return encode_uploaded(m, ws, B, image, qout, projected, st);
 }
@@ -135,7 +131,7 @@ static blip2_code run_stage(const blip2_model *m, stage s, const float *in, int 
     size_t img = (size_t)B * c->vision.T * c->vision.C, qo = (size_t)B * c->Q * c->qformer.C;
     const blip2_ops *o = m->ops;
     if (s == STAGE_VISION) {
-        o->upload(ws.pixels, in, sizeof(float) * B * 3 * c->vision.image_size * c->vision.image_size);
+        o->upload(ws.pixels, in, sizeof(float) * B * blip2_image_floats(&m->cfg.vision));
         blip2_vision_run(m, &ws, B);
         o->download(out, ws.image, sizeof(float) * img);
     } else if (s == STAGE_QFORMER) {

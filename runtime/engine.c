@@ -102,7 +102,7 @@ static blip2_code prepare_ids(blip2_engine *e, const blip2_job *job, req_t *r, b
 /* Image: the cache (by content), or pixels now (decode + resize happen here, off the engine). */
 static blip2_code prepare_image(blip2_engine *e, const blip2_job *job, req_t *r, blip2_status *st) {
     const blip2_config *c = &e->m->cfg;
-    size_t emb = (size_t)c->Q * c->opt.C, px = (size_t)3 * c->vision.image_size * c->vision.image_size;
+    size_t emb = (size_t)c->Q * c->opt.C, px = blip2_image_floats(&c->vision);
     if (job->pixels) {
         r->pixels = blip2_malloc(sizeof(float) * px, st);
         if (!r->pixels) return BLIP2_ENOMEM;

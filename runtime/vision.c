@@ -9,7 +9,7 @@ static void vision_embed(const blip2_model *m, int B, blip2_encoder_ws *ws) {
     const blip2_vision_weights *w = &m->vision;
     const blip2_ops *o = m->ops;
     int K = c->channels * c->patch_size * c->patch_size;
-    size_t img = (size_t)c->channels * c->image_size * c->image_size;
+    size_t img = blip2_image_floats(c);
     for (int b = 0; b < B; b++) {
         float *xb = ws->x + (size_t)b * c->T * c->C;
         o->im2col_patches(ws->patches, ws->pixels + b * img, c->channels, c->image_size, c->image_size, c->patch_size);

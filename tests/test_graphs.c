@@ -282,7 +282,7 @@ static blip2_code step(const blip2_model *m, const blip2_tp *tp, run_state *r, c
  * the plain CPU's bit for bit. */
 static void test_encoder(blip2_model *m, const blip2_ops *rops) {
     const blip2_config *c = &m->cfg;
-    size_t px = (size_t)3 * c->vision.image_size * c->vision.image_size, ni = (size_t)c->vision.T * c->vision.C;
+    size_t px = blip2_image_floats(&c->vision), ni = (size_t)c->vision.T * c->vision.C;
     size_t nq = (size_t)c->Q * c->qformer.C, np = (size_t)c->Q * c->opt.C;
     float *pix = malloc(sizeof(float) * 2 * px), *w[3], *g[3];
     size_t n[3] = {2 * ni, 2 * nq, 2 * np};
