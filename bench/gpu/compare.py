@@ -40,14 +40,20 @@ def column_order(c):
     return (["vision", "decode", "request16 ms", "engine"].index(kind), int(rest.split()[0]) if rest else 0)
 
 
-def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else ".gpu/out"
+def bench_steps(root):
+    """{step name: columns} of every bench JSON (*.out) under root."""
     steps = {}
     for name in sorted(os.listdir(root)):
         if name.endswith(".out"):
             d = load(os.path.join(root, name))
             if d:
                 steps[name[:-4]] = columns(d)
+    return steps
+
+
+def main():
+    root = sys.argv[1] if len(sys.argv) > 1 else ".gpu/out"
+    steps = bench_steps(root)
     if not steps:
         print(f"no bench JSON (*.out) under {root}")
         return 1

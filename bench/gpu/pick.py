@@ -61,16 +61,6 @@ def test_results(root):
     return res
 
 
-def bench_columns(root):
-    steps = {}
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".out"):
-            d = compare.load(os.path.join(root, name))
-            if d:
-                steps[name[:-4]] = compare.columns(d)
-    return steps
-
-
 def judge(alt, steps, base, tests):
     """(mean ratio, text): mean None when alt does not qualify."""
     for t in alt.needs:
@@ -95,7 +85,7 @@ def judge(alt, steps, base, tests):
 
 
 def pick(root):
-    steps, tests = bench_columns(root), test_results(root)
+    steps, tests = compare.bench_steps(root), test_results(root)
     base_name = "ours_ab" if "ours_ab" in steps else "ours"
     base = steps.get(base_name, {})
     env, lines = {}, [f"base: {base_name}" + ("" if base else " (missing: nothing picked)")]
