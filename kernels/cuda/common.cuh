@@ -64,6 +64,24 @@ __device__ float block_max(float v, float *sh) {
     return r;
 }
 
+/* A LayerNorm's statistics of a row x of C fp32 values read by the block's threads in stride
+ * (element i by thread i mod blockDim.x), from each thread's partial sum s of its elements: the
+ * mean, then 1/√(var + eps) from a second pass over x, both summed in double as the C reference
+ * does. Every thread of the block calls it; its barriers also order the block's reads of x before
+ * whatever follows. */
+__device__ __forceinline__ void row_norm_stats(const float *x, int C, double s, float eps, double *red, float &mean,
+                                               float &rstd) {
+    s = block_sum(s, red);
+    mean = (float)(s / C);
+    double var = 0;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float d = x[i] - mean;
+        var += (double)d * d;
+    }
+    var = block_sum(var, red);
+    rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+}
+
 
 __device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f)); }
 /* Element i of out of adtype (BLIP2_W_*) = v, rounded to nearest even when 16-bit: the _a ops

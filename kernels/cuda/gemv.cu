@@ -330,15 +330,7 @@ __device__ __forceinline__ void gemv_w_stage(uint4 *xs, const IT *__restrict__ x
             __shared__ double red_d[32];
             double s = 0;
             for (int i = tid; i < C; i += GW_THREADS) s += __ldg(x + i);
-            s = block_sum(s, red_d);
-            mean = (float)(s / C);
-            double var = 0;
-            for (int i = tid; i < C; i += GW_THREADS) {
-                const float d = __ldg(x + i) - mean;
-                var += (double)d * d;
-            }
-            var = block_sum(var, red_d);
-            rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+            row_norm_stats(x, C, s, eps, red_d, mean, rstd);
         }
         for (int k = tid; k < nk; k += GW_THREADS) {
             float v[8];

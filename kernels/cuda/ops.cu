@@ -214,15 +214,8 @@ __global__ void __launch_bounds__(NT) k_layernorm(void *out, int adtype, const f
     size_t y0 = (size_t)blockIdx.x * C;
     double s = 0;
     for (int i = threadIdx.x; i < C; i += blockDim.x) s += x[i];
-    s = block_sum(s, red);
-    float mean = (float)(s / C);
-    double var = 0;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float d = x[i] - mean;
-        var += (double)d * d;
-    }
-    var = block_sum(var, red); /* its barriers also order every read of x before any write of y */
-    float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+    float mean, rstd;
+    row_norm_stats(x, C, s, eps, red, mean, rstd); /* its barriers order every read of x before any write of y */
     for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, y0 + i, (x[i] - mean) * rstd * w[i] + b[i]);
 }
 
@@ -241,15 +234,8 @@ __global__ void __launch_bounds__(NT) k_residual_layernorm(float *res, void *out
         r[i] = v;
         s += v;
     }
-    s = block_sum(s, red);
-    float mean = (float)(s / C);
-    double var = 0;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float d = r[i] - mean;
-        var += (double)d * d;
-    }
-    var = block_sum(var, red);
-    float rstd = (float)(1.0 / sqrt(var / C + (double)eps));
+    float mean, rstd;
+    row_norm_stats(r, C, s, eps, red, mean, rstd);
     __syncthreads(); /* the row of res is complete and y fully read before out (maybe y) is written */
     for (int i = threadIdx.x; i < C; i += blockDim.x) store_act(out, adtype, o0 + i, (r[i] - mean) * rstd * w[i] + b[i]);
 }
