@@ -214,24 +214,30 @@ template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[
  * register, through L2 only; with !full the 16 bytes are zeros and src is not read (it must still
  * be a valid address). Copies complete in commit groups: cp_async_wait<N>() returns once at most N
  * of this thread's groups are still in flight; a __syncthreads() after it makes every thread's
- * copies visible. Emulator: the copy happens at once (the barrier still orders it). */
+ * copies visible. Emulator: dst reads as NaN from the issue until the thread's wait lands the copy
+ * (tests/cudasim/sim.h), so a missing wait or barrier shows. */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full) {
 #if defined(__CUDA_ARCH__)
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(full ? 16 : 0) : "memory");
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::cp_async(dst, full ? src : nullptr);
 #else
-    if (full) memcpy(dst, src, 16);
-    else memset(dst, 0, 16);
+    (void)dst, (void)src, (void)full;
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__)
     asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::cp_async_commit();
 #endif
 }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__)
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::cp_async_wait(N);
 #endif
 }
 

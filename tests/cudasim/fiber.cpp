@@ -55,12 +55,21 @@ namespace {
 
 enum { F_READY, F_AT_BLOCK, F_AT_WARP, F_DONE };
 
+/* One cp.async in flight: group 0 until the thread commits it, then its group's number (from 1). */
+struct copy_in_flight {
+    void *dst;
+    const void *src; /* nullptr: zeros */
+    unsigned group;
+};
+
 struct fiber {
     void *sp;
     int state;
     thread_coords xy;
     uint64_t shfl[2]; /* the values this lane offers at shuffles, alternately (see shuffle_xor) */
     unsigned n_shfl;  /* shuffles done */
+    std::vector<copy_in_flight> copies; /* cp.async issued, not yet waited for */
+    unsigned n_groups;                  /* cp.async groups committed */
 };
 
 constexpr size_t STACK_BYTES = 64 * 1024;
@@ -236,6 +245,36 @@ uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width) {
     return tl->f[(idx & ~(size_t)31) | ((lane ^ (size_t)(lane_mask & 31)) & 31)].shfl[slot];
 }
 
+void cp_async(void *dst, const void *src) {
+    current();
+    memset(dst, 0xff, 16); /* NaN in every 16-bit and 32-bit float type until the copy lands */
+    tl->cur->copies.push_back(copy_in_flight{dst, src, 0});
+}
+
+void cp_async_commit() {
+    current();
+    fiber *f = tl->cur;
+    f->n_groups++;
+    for (copy_in_flight &c : f->copies)
+        if (!c.group) c.group = f->n_groups;
+}
+
+/* Lands every committed copy but those of the newest n groups (cp.async.wait_group n). */
+void cp_async_wait(int n) {
+    current();
+    fiber *f = tl->cur;
+    size_t kept = 0;
+    for (copy_in_flight &c : f->copies) {
+        if (c.group && c.group + (unsigned)n <= f->n_groups) {
+            if (c.src) memcpy(c.dst, c.src, 16);
+            else memset(c.dst, 0, 16);
+        } else {
+            f->copies[kept++] = c;
+        }
+    }
+    f->copies.resize(kept);
+}
+
 void *dynamic_smem() {
     current();
     return tl->smem;
@@ -276,6 +315,10 @@ bool run_block(const std::function<void()> &body, dim3 grid, dim3 block, uint3 b
 extern "C" void blip2_sim_fiber_start(void) {
     using namespace blip2_sim;
     (*tl->body)();
+    if (!tl->cur->copies.empty())
+        fail("thread %u of block (%u,%u,%u) ended with %zu cp.async copies it never waited for",
+             tl->cur->xy.thread_idx.x, tl->cur->xy.block_idx.x, tl->cur->xy.block_idx.y, tl->cur->xy.block_idx.z,
+             tl->cur->copies.size());
     tl->cur->state = F_DONE;
     yield_to_scheduler();
     abort(); /* a finished fiber is never resumed */

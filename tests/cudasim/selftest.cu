@@ -103,6 +103,25 @@ __global__ void k_mma_half_warp(float *c) {
     c[threadIdx.x] = d[0];
 }
 
+/* cp.async in two groups: a thread's first copy is waited for (wait_group 1 leaves only the newer
+ * group in flight), its second only after the neighbour warp's read of it. out[0..NT) gets the
+ * neighbour's first copy (the data), out[NT..2NT) its second (not landed yet: NaN's bits). With
+ * `never` the second is never waited for. */
+__global__ void k_cp_async_groups(int *out, const int *src, bool never) {
+    __shared__ __align__(16) int first[NT * 4], second[NT * 4];
+    const int t = threadIdx.x, other = (t + 32) % NT;
+    blip2_sim::cp_async(&first[t * 4], &src[t * 4]);
+    blip2_sim::cp_async_commit();
+    blip2_sim::cp_async(&second[t * 4], &src[t * 4]);
+    blip2_sim::cp_async_commit();
+    blip2_sim::cp_async_wait(1);
+    __syncthreads();
+    out[t] = first[other * 4];
+    out[NT + t] = second[other * 4];
+    __syncthreads(); /* every read before any thread waits for its second copy */
+    if (!never) blip2_sim::cp_async_wait(0);
+}
+
 static int fail_if(bool bad, const char *what) {
     if (bad) fprintf(stderr, "selftest: %s\n", what);
     return bad ? 1 : 0;
@@ -258,6 +277,28 @@ static int case_mma_half_warp() {
     return fail_if(cudaDeviceSynchronize() == cudaSuccess, "mma by half a warp: not reported");
 }
 
+static int cp_async_launch(int *got, bool never) {
+    int h[NT * 4], *src, *out;
+    for (int i = 0; i < NT * 4; i++) h[i] = i;
+    cudaMalloc((void **)&src, sizeof h), cudaMalloc((void **)&out, 2 * NT * sizeof(int));
+    cudaMemcpy(src, h, sizeof h, cudaMemcpyHostToDevice);
+    k_cp_async_groups<<<1, NT>>>(out, src, never);
+    return cudaMemcpy(got, out, 2 * NT * sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess;
+}
+
+static int case_cp_async() {
+    int got[2 * NT], wrong_first = 0, landed_second = 0;
+    if (fail_if(cp_async_launch(got, false), "cp.async: launch failed")) return 1;
+    for (int t = 0; t < NT; t++) wrong_first += got[t] != (t + 32) % NT * 4, landed_second += got[NT + t] != -1;
+    return fail_if(wrong_first, "cp.async: a waited-for copy did not land") |
+           fail_if(landed_second, "cp.async: a copy still in flight was visible");
+}
+
+static int case_cp_async_never_waited() {
+    int got[2 * NT];
+    return fail_if(!cp_async_launch(got, true), "cp.async never waited for: not reported");
+}
+
 static int run_child(int (*fn)(), const char *name) {
     fflush(stdout);
     pid_t pid = fork();
@@ -284,6 +325,8 @@ int main() {
     bad += run_child(case_mma, "mma.sync m16n8k16 (f16, bf16) gives the exact products in the PTX fragment layout");
     bad += run_child(case_mma_half_warp, "an mma.sync that half the warp skips is reported");
     bad += run_child(case_ldmatrix, "ldmatrix x4 (rows and trans) feeds mma.sync the fragments of the plain product");
-    printf("%d of 10 failed\n", bad);
+    bad += run_child(case_cp_async, "cp.async lands at the wait for its group; before that its bytes read as NaN");
+    bad += run_child(case_cp_async_never_waited, "a thread that ends with cp.async copies in flight is reported");
+    printf("%d of 12 failed\n", bad);
     return bad ? 1 : 0;
 }

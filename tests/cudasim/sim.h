@@ -32,6 +32,13 @@ inline thread_coords *current() {
 void sync_block();
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width);
 void *dynamic_smem();
+/* cp.async (internal.cuh's cp_async16 / cp_async_commit / cp_async_wait): the 16 bytes at dst read
+ * as NaN (0xff bytes) from the issue on, and land (src's bytes, or zeros without src) only when the
+ * issuing thread waits for the copy's group. A read before the issuing thread's wait and a barrier,
+ * or a copy issued over a tile some warp still reads, shows as NaN, as it may on a GPU. */
+void cp_async(void *dst, const void *src);
+void cp_async_commit();
+void cp_async_wait(int n);
 
 /* Whether p may be dereferenced by a kernel: NULL, device memory, or pinned host memory. */
 bool device_accessible(const void *p);
