@@ -6,12 +6,14 @@
 #    and the streaming client gets UNAVAILABLE;
 #  - a client killed mid-stream: its work stops and its KV blocks return;
 #  - a soak of SOAK_REQUESTS (default 2000; 10000 for the recorded run) at concurrency 64 mixed
-#    with cancellations, short deadlines and malformed requests (tests/soak.py).
+#    with cancellations, short deadlines and malformed requests (tests/soak.py); SOAK_SERVER_ARGS
+#    adds blip2d flags to that server (e.g. "--hold-for-images 200 --hold-share 0"), SOAK_ONLY=1
+#    skips the fault cases.
 #   test_reliability.sh BLIP2D BLIP2 SHARED_DIR MPIRUN [SOURCE_DIR]
 set -u
 BLIP2D=$1
 BLIP2=$2
-SHARED=$3
+SHARED=$(cd "$3" && pwd) # absolute: the corrupt-model case links to its files from a temporary folder
 MPIRUN=$4
 SRC=${5:-$(cd "$(dirname "$0")/.." && pwd)}
 PY=/usr/bin/python3
@@ -62,6 +64,8 @@ rank_pid() { # mpirun-pid rank → pid of that rank
   done
 }
 
+# SOAK_ONLY=1: the soak alone (ctest runs it so again under the hold flags, test_reliability_hold).
+if [ -z "${SOAK_ONLY:-}" ]; then
 # ---- the model directory missing or corrupt at start
 for np in 1 2; do
   timeout 60 "$MPIRUN" -np $np "$BLIP2D" --model "$tmp/vanished" --listen 127.0.0.1:0 >"$tmp/o" 2>&1 </dev/null
@@ -109,6 +113,8 @@ PYEOF
   if [ -n "$victim" ] && [ "$ms" -lt 10000 ] && [ "$RC" -ne 124 ]; then ok; else bad "group did not stop within 10 s ($ms ms)"; fi
   if grep -q "STATUS UNAVAILABLE" "$tmp/stream.out"; then ok; else bad "client after the kill: $(cat "$tmp/stream.out")"; fi
   if grep -qiE "signal 9|killed" "$tmp/kill.log"; then ok; else bad "no log line naming the dead rank: $(tail -5 "$tmp/kill.log")"; fi
+else
+  bad "the kill server did not start: $(tail -5 "$tmp/kill.log" 2>/dev/null)"
 fi
 
 # ---- a client killed mid-stream: its work stops, its blocks return
@@ -140,6 +146,8 @@ PYEOF
   if [ "$out" = idle ]; then ok; else bad "after the client died: $out"; fi
   kill -TERM $(pgrep -P "$SRV") 2>/dev/null
   wait_exit "$SRV" 30
+else
+  bad "the client server did not start: $(tail -5 "$tmp/client.log" 2>/dev/null)"
 fi
 
 # ---- safe defaults: loopback unless told otherwise; TLS with a self-signed certificate
@@ -178,9 +186,11 @@ PYEOF
 else
   bad "TLS server did not start: $(cat "$tmp/tls.log")"
 fi
+fi # SOAK_ONLY
 
 # ---- soak
-if start soak --max-queue 4096; then
+# shellcheck disable=SC2086 # SOAK_SERVER_ARGS: flags, split on spaces
+if start soak --max-queue 4096 ${SOAK_SERVER_ARGS:-}; then
   "$BLIP2" generate --model "$MODEL" --image "$FIX/images/chelsea.png" --max-new-tokens 1 --json >/dev/null # warm page cache
   "$PY" - "$BLIP2" "$MODEL" "$FIX" "$tmp" <<'PYEOF' || bad "references"
 import json, subprocess, sys
@@ -201,5 +211,7 @@ PYEOF
   kill -TERM $(pgrep -P "$SRV") 2>/dev/null
   wait_exit "$SRV" 60
   if [ "$RC" -eq 0 ]; then ok; else bad "soak server exit $RC: $(tail -5 "$tmp/soak.log")"; fi
+else
+  bad "the soak server did not start: $(tail -5 "$tmp/soak.log" 2>/dev/null)"
 fi
 summary
