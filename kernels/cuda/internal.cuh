@@ -100,10 +100,13 @@ static inline int blip2_cublas_ck(blip2_cuda_ctx *ctx, cublasStatus_t s, const c
  * predecessor has completed and its writes are visible. Nothing is read or written before that
  * wait except immutable weights (the GEMV prefetches its rows into L2 first). Launches of other
  * libraries (cuBLASLt, NCCL) and copies keep the ordinary full dependency. BLIP2_PDL=0 launches
- * without the attribute (the waits then return at once). Emulator: no-ops (tests/cudasim). */
+ * without the attribute (the waits then return at once). Emulator: the first block of a launch
+ * runs up to this wait before the kernel queued before it, the rest after (tests/cudasim). */
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif defined(BLIP2_CUDASIM)
+    blip2_sim::pdl_wait();
 #endif
 }
 __device__ __forceinline__ void pdl_trigger() {

@@ -27,7 +27,7 @@
 namespace blip2_sim { /* tests/cudasim/runtime.cpp */
 bool device_accessible(const void *p);
 bool device_range(const void *p, size_t bytes);
-cudaError_t stream_enqueue(cudaStream_t stream, const char *what, std::function<void()> work);
+cudaError_t stream_enqueue(cudaStream_t stream, const char *what, std::function<void()> work, bool kernel);
 } /* namespace blip2_sim */
 
 struct cublasContext {
@@ -221,7 +221,7 @@ void run(const job &g) {
 }
 
 cublasStatus_t enqueue(cudaStream_t stream, const char *fn, const job &g) {
-    cudaError_t e = blip2_sim::stream_enqueue(stream, fn, [g] { run(g); });
+    cudaError_t e = blip2_sim::stream_enqueue(stream, fn, [g] { run(g); }, true); /* a kernel: PDL may overlap it */
     return e == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }
 

@@ -53,7 +53,7 @@ __thread thread_coords *tl_coords; /* the emulated thread running now (sim.h's c
 
 namespace {
 
-enum { F_READY, F_AT_BLOCK, F_AT_WARP, F_DONE };
+enum { F_READY, F_AT_BLOCK, F_AT_WARP, F_AT_PDL, F_DONE };
 
 /* One cp.async in flight: group 0 until the thread commits it, then its group's number (from 1). */
 struct copy_in_flight {
@@ -72,13 +72,13 @@ struct fiber {
     unsigned n_groups;                  /* cp.async groups committed */
 };
 
-constexpr size_t STACK_BYTES = 64 * 1024;
 
 /* Per OS thread: the stacks (kept between launches), the block being run, the current fiber. */
 struct runner {
     std::vector<char *> stacks;
     std::vector<fiber> f;
     const std::function<void()> *body = nullptr;
+    const std::function<void()> *pdl_hook = nullptr; /* run_block's at_pdl_wait, until it is called */
     void *sched_sp = nullptr;
     fiber *cur = nullptr;
     void *smem = nullptr;
@@ -88,8 +88,27 @@ struct runner {
 };
 __thread runner *tl; /* a plain pointer: no thread_local init guard on every access */
 
+constexpr size_t STACK_BYTES = 64 * 1024;
+
+/* Unmaps a thread's fiber stacks and frees its runner when the thread ends: the engine's threads
+ * come and go, and the stacks of every thread that ever ran a block would otherwise exhaust the
+ * process's memory maps. */
+struct runner_owner {
+    ~runner_owner() {
+        if (!tl) return;
+        const size_t bytes = STACK_BYTES + (size_t)sysconf(_SC_PAGESIZE);
+        for (char *top : tl->stacks) munmap(top - bytes, bytes);
+        delete tl;
+        tl = nullptr;
+    }
+};
+thread_local runner_owner tl_owner;
+
 runner &runner_get() {
-    if (!tl) tl = new runner; /* one per OS thread that launches; lives as long as the thread's stacks */
+    if (!tl) {
+        tl = new runner; /* one per OS thread that launches, freed with the thread (runner_owner) */
+        (void)&tl_owner; /* odr-use: constructs the owner, whose destructor runs at thread exit */
+    }
     return *tl;
 }
 
@@ -160,7 +179,7 @@ bool release_warp(size_t w0, size_t w1) {
     int at_warp = 0, other = 0, done = 0;
     for (size_t i = w0; i < w1; i++) {
         int s = tl->f[i].state;
-        at_warp += s == F_AT_WARP, done += s == F_DONE, other += s == F_AT_BLOCK;
+        at_warp += s == F_AT_WARP, done += s == F_DONE, other += s == F_AT_BLOCK || s == F_AT_PDL;
     }
     if (!at_warp) return false;
     if (done) {
@@ -197,6 +216,19 @@ int release_block() {
     for (fiber &f : tl->f)
         if (f.state == F_AT_BLOCK) f.state = F_READY;
     return 1;
+}
+
+/* Calls the PDL hook once threads wait at pdl_wait and nothing else can go on, then lets them go. */
+bool release_pdl() {
+    bool any = false;
+    for (fiber &f : tl->f) any |= f.state == F_AT_PDL;
+    if (!any) return false;
+    const std::function<void()> *hook = tl->pdl_hook;
+    tl->pdl_hook = nullptr; /* from now on pdl_wait returns at once: the kernel before has run */
+    (*hook)();
+    for (fiber &f : tl->f)
+        if (f.state == F_AT_PDL) f.state = F_READY;
+    return true;
 }
 
 bool all_done() {
@@ -275,19 +307,27 @@ void cp_async_wait(int n) {
     f->copies.resize(kept);
 }
 
+void pdl_wait() {
+    current();
+    if (!tl->pdl_hook) return;
+    tl->cur->state = F_AT_PDL;
+    yield_to_scheduler();
+}
+
 void *dynamic_smem() {
     current();
     return tl->smem;
 }
 
 bool run_block(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bid, void *smem, char *why,
-               size_t why_n) {
+               size_t why_n, const std::function<void()> *at_pdl_wait) {
     runner &r = runner_get();
     size_t n = (size_t)block.x * block.y * block.z;
     r.f.assign(n, fiber{});
     r.body = &body;
     r.smem = smem;
     r.failed = false;
+    r.pdl_hook = at_pdl_wait;
     for (size_t i = 0; i < n; i++) {
         fiber &f = r.f[i];
         f.state = F_READY;
@@ -301,9 +341,14 @@ bool run_block(const std::function<void()> &body, dim3 grid, dim3 block, uint3 b
     for (;;) {
         run_phase();
         if (r.failed || all_done()) break;
-        if (release_block()) continue;
+        if (release_block() || release_pdl()) continue;
         describe_stuck();
         break;
+    }
+    if (r.pdl_hook) { /* no thread reached pdl_wait (or the block failed first) */
+        const std::function<void()> *hook = r.pdl_hook;
+        r.pdl_hook = nullptr;
+        (*hook)();
     }
     if (r.failed) snprintf(why, why_n, "%s", r.why);
     return !r.failed;

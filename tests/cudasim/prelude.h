@@ -22,12 +22,17 @@
  * this: internal.cuh's mma_16816 calls the emulated instruction here and does nothing there. */
 #define BLIP2_CUDASIM 1
 
-/* cudaLaunchKernelEx (kernels/cuda's launch helper) as a <<<>>> launch: its attribute, programmatic
- * dependent launch, changes nothing where a launch's blocks run after the previous launch's. Defined
- * before the thread-coordinate macros below, which would rewrite cfg's gridDim and blockDim. */
+/* cudaLaunchKernelEx (kernels/cuda's launch helper) as a <<<>>> launch that keeps its attribute,
+ * programmatic dependent launch: such a launch's first block runs up to its griddepcontrol.wait before
+ * the kernel queued before it (runtime.cpp). Defined before the thread-coordinate macros below, which
+ * would rewrite cfg's gridDim and blockDim. */
 template <typename... P, typename... A>
 inline cudaError_t blip2_sim_launch_ex(const cudaLaunchConfig_t *cfg, void (*kernel)(P...), A &&...args) {
-    blip2_sim::config(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream)
+    bool pdl = false;
+    for (unsigned i = 0; i < cfg->numAttrs; i++)
+        pdl |= cfg->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+               cfg->attrs[i].val.programmaticStreamSerializationAllowed;
+    blip2_sim::config(cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream, pdl)
         .launch(kernel, "cudaLaunchKernelEx", std::forward<A>(args)...);
     return cudaSuccess; /* a failed launch is reported by cudaGetLastError, as the library does */
 }

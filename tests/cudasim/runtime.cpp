@@ -9,28 +9,47 @@
  *    are device memory where they must be.
  *  - Graph capture records the stream's work (launch arguments by value) and replays it; calls a
  *    capture forbids (a wait, an allocation, a copy from pageable memory) fail and invalidate it.
- *  - A failing kernel (stuck barrier, bad pointer) is a sticky error, as a fault is on a GPU. */
+ *  - A failing kernel (stuck barrier, bad pointer) is a sticky error, as a fault is on a GPU.
+ *  - Programmatic dependent launch: a kernel launched with it right after another kernel has its
+ *    first block run up to its griddepcontrol.wait before that kernel, on a thread of its own
+ *    (run_overlapped), so what it reads or writes before the wait races as on a GPU. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "fiber.h"
 #include "sim.h"
 
-typedef std::vector<std::function<void()>> blip2_sim_tape;
+/* A grid of ours as queued: what run_grid needs. */
+struct blip2_sim_grid {
+    const char *kernel; /* the string literal of the launch: outlives any replay */
+    const void *fn;     /* the kernel function */
+    dim3 grid, block;
+    size_t smem;
+    std::function<void()> body;
+};
+/* One piece of a stream's work: a copy, a set, a graph, a cuBLAS call or a grid of ours. */
+struct blip2_sim_work {
+    std::function<void()> run;
+    bool kernel = false;                 /* a kernel (ours or cuBLAS's): a PDL launch after it overlaps it */
+    std::shared_ptr<blip2_sim_grid> pdl; /* a grid of ours launched with programmatic dependent launch */
+};
+typedef std::vector<blip2_sim_work> blip2_sim_tape;
 
 struct CUstream_st {
     std::mutex mu; /* held while queueing or running this stream's work */
-    std::deque<std::function<void()>> queue;
+    std::deque<blip2_sim_work> queue;
     bool capturing = false, capture_broken = false;
     std::shared_ptr<blip2_sim_tape> tape;
 };
@@ -159,13 +178,119 @@ bool mem_free(void *p, bool pinned, const char *what) {
 }
 
 /* ---- streams ---- */
+void run_grid(const char *kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()> &body,
+              bool skip_first = false);
+
+/* The thread that runs the early blocks of PDL launches for one flushing thread. Kept for the
+ * thread's life: each thread has its own fiber stacks (fiber.cpp), which a fresh thread per launch
+ * would leave behind. Jobs run one at a time; the flushing thread waits for each. */
+class early_thread {
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::function<void()> job_;
+    bool stop_ = false;
+    std::thread t_;
+
+    void loop() {
+        std::unique_lock<std::mutex> l(mu_);
+        for (;;) {
+            cv_.wait(l, [&] { return stop_ || job_; });
+            if (!job_) return;
+            std::function<void()> j = std::move(job_);
+            job_ = nullptr;
+            l.unlock();
+            j();
+            l.lock();
+        }
+    }
+
+public:
+    early_thread() : t_([this] { loop(); }) {}
+    ~early_thread() {
+        {
+            std::lock_guard<std::mutex> l(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        t_.join();
+    }
+    void start(std::function<void()> j) {
+        {
+            std::lock_guard<std::mutex> l(mu_);
+            job_ = std::move(j);
+        }
+        cv_.notify_all();
+    }
+};
+
+/* prev, then g (a PDL launch queued right after it) as a GPU may run them: g's block (0, 0, 0) on
+ * early_thread up to its pdl_wait, then prev, then the rest of that block, then g's other blocks.
+ * A read before the wait of what prev writes sees the old bytes; a write before it, prev sees. */
+void run_overlapped(const blip2_sim_work &prev, const blip2_sim_grid &g) {
+    static thread_local early_thread early;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool at_wait = false, go = false, done = false, ok = true;
+    const std::function<void()> hook = [&] {
+        std::unique_lock<std::mutex> l(mu);
+        at_wait = true;
+        cv.notify_all();
+        cv.wait(l, [&] { return go; });
+    };
+    std::vector<unsigned char> shared(g.smem ? g.smem : 1, 0xff);
+    char why[256] = "";
+    early.start([&] {
+        const bool r = run_block(g.body, g.grid, g.block, uint3{0, 0, 0}, shared.data(), why, sizeof why, &hook);
+        std::lock_guard<std::mutex> l(mu);
+        ok = r, done = true;
+        cv.notify_all();
+    });
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return at_wait; }); /* run_block calls the hook once, whether a thread waits or not */
+    l.unlock();
+    prev.run();
+    l.lock();
+    go = true;
+    cv.notify_all();
+    cv.wait(l, [&] { return done; });
+    l.unlock();
+    if (!ok) sticky(cudaErrorLaunchFailure, "kernel %s, block (0, 0, 0): %s", g.kernel, why);
+    else run_grid(g.kernel, g.grid, g.block, g.smem, g.body, true);
+}
+
+/* Whether this launch of fn runs overlapped: its first BLIP2_SIM_PDL_EARLY launches (default 100; -1:
+ * all, 0: none). A hand-off to the helper thread costs more than a small grid, and a kernel's
+ * pre-wait code does the same every launch, so the first ones tell. */
+bool overlap_this(const void *fn) {
+    static const long long cap = [] {
+        const char *e = getenv("BLIP2_SIM_PDL_EARLY");
+        return e && *e ? atoll(e) : 100LL;
+    }();
+    static std::mutex mu;
+    static std::map<const void *, long long> runs;
+    if (cap < 0) return true;
+    std::lock_guard<std::mutex> g(mu);
+    return runs[fn]++ < cap;
+}
+
+/* A stream's (or a graph's) work in order, a PDL launch right after a kernel overlapping it. */
+template <typename Seq> void run_ops(const Seq &ops) {
+    for (size_t i = 0; i < ops.size(); i++) {
+        if (ops[i].kernel && i + 1 < ops.size() && ops[i + 1].pdl && g_sticky.load() == cudaSuccess &&
+            overlap_this(ops[i + 1].pdl->fn)) {
+            run_overlapped(ops[i], *ops[i + 1].pdl);
+            i++;
+        } else {
+            ops[i].run();
+        }
+    }
+}
+
 void run_queue(cudaStream_t s) {
-    for (;;) {
-        std::function<void()> op;
-        if (s->queue.empty()) return;
-        op = std::move(s->queue.front());
-        s->queue.pop_front();
-        op();
+    while (!s->queue.empty()) {
+        std::deque<blip2_sim_work> ops;
+        ops.swap(s->queue);
+        run_ops(ops);
     }
 }
 
@@ -228,13 +353,15 @@ bool config_ok(const char *kernel, const void *fn, dim3 grid, dim3 block, size_t
     return true;
 }
 
-void run_grid(const char *kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()> &body) {
+void run_grid(const char *kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()> &body,
+              bool skip_first) {
     if (g_sticky.load() != cudaSuccess) return; /* the context is dead after a fault */
     std::vector<unsigned char> shared(smem ? smem : 1);
     char why[256];
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
+                if (skip_first && !(x | y | z)) continue; /* run early (run_overlapped) */
                 memset(shared.data(), 0xff, shared.size()); /* uninitialised shared memory reads as NaN */
                 if (!run_block(body, grid, block, uint3{x, y, z}, shared.data(), why, sizeof why)) {
                     sticky(cudaErrorLaunchFailure, "kernel %s, block (%u, %u, %u): %s", kernel, x, y, z, why);
@@ -282,26 +409,40 @@ void launch_fail(cudaError_t e, const char *kernel, const char *fmt, ...) {
     tl_last = e;
 }
 
-cudaError_t stream_enqueue(cudaStream_t stream, const char *what, std::function<void()> work) {
+namespace {
+cudaError_t enqueue_work(cudaStream_t stream, const char *what, blip2_sim_work w) {
     cudaStream_t s = resolve(stream);
     if (!s) {
         fprintf(stderr, "cudasim: %s: invalid stream %p\n", what, (void *)stream);
         return ret(cudaErrorInvalidResourceHandle);
     }
     std::lock_guard<std::mutex> g(s->mu);
-    if (s->capturing) s->tape->push_back(std::move(work));
-    else s->queue.push_back(std::move(work));
+    if (s->capturing) s->tape->push_back(std::move(w));
+    else s->queue.push_back(std::move(w));
     return cudaSuccess;
+}
+} /* namespace */
+
+cudaError_t stream_enqueue(cudaStream_t stream, const char *what, std::function<void()> work, bool kernel) {
+    blip2_sim_work w;
+    w.run = std::move(work);
+    w.kernel = kernel;
+    return enqueue_work(stream, what, std::move(w));
 }
 
 void launch_body(const char *kernel, const void *fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                 std::function<void()> body) {
+                 bool pdl, std::function<void()> body) {
     if (!config_ok(kernel, fn, grid, block, smem)) {
         tl_last = cudaErrorInvalidConfiguration;
         return;
     }
     /* kernel is the string literal rewrite.pl wrote into the launch: it outlives any replay. */
-    stream_enqueue(stream, kernel, [kernel, grid, block, smem, body] { run_grid(kernel, grid, block, smem, body); });
+    auto g = std::make_shared<blip2_sim_grid>(blip2_sim_grid{kernel, fn, grid, block, smem, std::move(body)});
+    blip2_sim_work w;
+    w.run = [g] { run_grid(g->kernel, g->grid, g->block, g->smem, g->body); };
+    w.kernel = true;
+    if (pdl) w.pdl = g;
+    enqueue_work(stream, kernel, std::move(w));
 }
 
 } /* namespace blip2_sim */
@@ -424,9 +565,9 @@ extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes,
     if (pageable_src) { /* the driver stages pageable sources before returning: the bytes of now */
         auto copy = std::make_shared<std::vector<unsigned char>>((const unsigned char *)src,
                                                                  (const unsigned char *)src + bytes);
-        stream_enqueue(s, "cudaMemcpyAsync", [dst, copy] { memcpy(dst, copy->data(), copy->size()); });
+        stream_enqueue(s, "cudaMemcpyAsync", [dst, copy] { memcpy(dst, copy->data(), copy->size()); }, false);
     } else {
-        stream_enqueue(s, "cudaMemcpyAsync", [dst, src, bytes] { memcpy(dst, src, bytes); });
+        stream_enqueue(s, "cudaMemcpyAsync", [dst, src, bytes] { memcpy(dst, src, bytes); }, false);
     }
     if (pageable_dst) return wait_stream(s, "cudaMemcpyAsync to pageable memory"); /* returns when copied */
     return cudaSuccess;
@@ -451,7 +592,7 @@ extern "C" cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *s
     }
     return ret(stream_enqueue(stream, "cudaMemcpy2DAsync", [=] {
         for (size_t r = 0; r < height; r++) memmove((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
-    }));
+    }, false));
 }
 extern "C" cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cudaStream_t stream) {
     if (bytes == 0) return cudaSuccess;
@@ -459,7 +600,7 @@ extern "C" cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cudaStr
         fprintf(stderr, "cudasim: cudaMemsetAsync(%p, %zu bytes): not inside a device allocation\n", p, bytes);
         return ret(cudaErrorInvalidValue);
     }
-    return ret(stream_enqueue(stream, "cudaMemsetAsync", [=] { memset(p, value, bytes); }));
+    return ret(stream_enqueue(stream, "cudaMemsetAsync", [=] { memset(p, value, bytes); }, false));
 }
 
 /* ---- streams and events ---- */
@@ -557,9 +698,7 @@ extern "C" cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 extern "C" cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
     if (!exec) return ret(cudaErrorInvalidResourceHandle);
     std::shared_ptr<blip2_sim_tape> tape = exec->tape;
-    return ret(stream_enqueue(stream, "cudaGraphLaunch", [tape] {
-        for (auto &op : *tape) op();
-    }));
+    return ret(stream_enqueue(stream, "cudaGraphLaunch", [tape] { run_ops(*tape); }, false));
 }
 
 /* ---- kernels' attributes ---- */

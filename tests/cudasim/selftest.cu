@@ -122,6 +122,14 @@ __global__ void k_cp_async_groups(int *out, const int *src, bool never) {
     if (!never) blip2_sim::cp_async_wait(0);
 }
 
+/* A kernel launched with programmatic dependent launch that reads x before its griddepcontrol.wait
+ * (into seen[2 block]) and after it (seen[2 block + 1]). */
+__global__ void k_read_around_wait(int *seen, const int *x) {
+    const int before = x[0];
+    blip2_sim::pdl_wait();
+    if (threadIdx.x == 0) seen[2 * blockIdx.x] = before, seen[2 * blockIdx.x + 1] = x[0];
+}
+
 static int fail_if(bool bad, const char *what) {
     if (bad) fprintf(stderr, "selftest: %s\n", what);
     return bad ? 1 : 0;
@@ -299,6 +307,27 @@ static int case_cp_async_never_waited() {
     return fail_if(!cp_async_launch(got, true), "cp.async never waited for: not reported");
 }
 
+/* x = 1; k_fill sets x = 7; a PDL launch reads x around its wait. Its first block starts before
+ * k_fill (so it sees 1 before the wait), its others after; every block sees 7 after the wait. */
+static int case_pdl() {
+    int *x, *seen, got[4], one = 1;
+    cudaStream_t s;
+    cudaStreamCreate(&s);
+    cudaMalloc((void **)&x, sizeof(int)), cudaMalloc((void **)&seen, sizeof got);
+    cudaMemcpy(x, &one, sizeof one, cudaMemcpyHostToDevice);
+    k_fill<<<1, 32, 0, s>>>(x, 1, 7);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {dim3(2), dim3(64), 0, s, attr, 1};
+    cudaLaunchKernelEx(&cfg, k_read_around_wait, seen, (const int *)x);
+    if (fail_if(cudaStreamSynchronize(s) != cudaSuccess, "pdl: error")) return 1;
+    cudaMemcpy(got, seen, sizeof got, cudaMemcpyDeviceToHost);
+    return fail_if(got[0] != 1, "pdl: the first block did not start before the kernel before it") |
+           fail_if(got[1] != 7 || got[3] != 7, "pdl: a read after the wait missed the kernel before") |
+           fail_if(got[2] != 7, "pdl: a later block started early");
+}
+
 static int run_child(int (*fn)(), const char *name) {
     fflush(stdout);
     pid_t pid = fork();
@@ -327,6 +356,7 @@ int main() {
     bad += run_child(case_ldmatrix, "ldmatrix x4 (rows and trans) feeds mma.sync the fragments of the plain product");
     bad += run_child(case_cp_async, "cp.async lands at the wait for its group; before that its bytes read as NaN");
     bad += run_child(case_cp_async_never_waited, "a thread that ends with cp.async copies in flight is reported");
-    printf("%d of 12 failed\n", bad);
+    bad += run_child(case_pdl, "a PDL launch's first block runs up to its wait before the kernel before it");
+    printf("%d of 13 failed\n", bad);
     return bad ? 1 : 0;
 }

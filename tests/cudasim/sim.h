@@ -39,6 +39,10 @@ void *dynamic_smem();
 void cp_async(void *dst, const void *src);
 void cp_async_commit();
 void cp_async_wait(int n);
+/* griddepcontrol.wait (internal.cuh's pdl_wait): where a launch with programmatic dependent launch
+ * runs early (runtime.cpp: its first block, before the kernel queued before it), the block's threads
+ * stop here until that kernel has run; everywhere else it returns at once. */
+void pdl_wait();
 
 /* Whether p may be dereferenced by a kernel: NULL, device memory, or pinned host memory. */
 bool device_accessible(const void *p);
@@ -46,7 +50,7 @@ bool device_accessible(const void *p);
 void launch_fail(cudaError_t e, const char *kernel, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Queues or runs one launch (recorded instead while its stream is being captured). */
 void launch_body(const char *kernel, const void *fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                 std::function<void()> body);
+                 bool pdl, std::function<void()> body);
 
 template <typename T> bool arg_ok(const char *kernel, int i, const T &v) {
     if constexpr (std::is_pointer_v<T>) {
@@ -63,7 +67,9 @@ struct config {
     dim3 grid, block;
     size_t smem;
     cudaStream_t stream;
-    config(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : grid(g), block(b), smem(s), stream(st) {}
+    bool pdl; /* launched with cudaLaunchAttributeProgrammaticStreamSerialization */
+    config(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0, bool p = false)
+        : grid(g), block(b), smem(s), stream(st), pdl(p) {}
 
     template <typename... P, typename... A> void launch(void (*fn)(P...), const char *name, A &&...args) {
         static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
@@ -75,7 +81,7 @@ struct config {
             },
             params);
         if (!ok) return;
-        launch_body(name, (const void *)fn, grid, block, smem, stream, [fn, params] { std::apply(fn, params); });
+        launch_body(name, (const void *)fn, grid, block, smem, stream, pdl, [fn, params] { std::apply(fn, params); });
     }
 };
 
