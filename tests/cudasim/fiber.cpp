@@ -251,6 +251,15 @@ void outside_kernel() {
     abort();
 }
 
+void block_bounds(long long most) {
+    current();
+    const size_t n = tl->f.size();
+    if (n <= (size_t)most) return;
+    fail("a block of %zu threads for a kernel whose __launch_bounds__ allows %lld", n, most);
+    tl->cur->state = F_DONE;
+    yield_to_scheduler();
+}
+
 void sync_block() {
     current();
     tl->cur->state = F_AT_BLOCK;

@@ -130,6 +130,9 @@ __global__ void k_read_around_wait(int *seen, const int *x) {
     if (threadIdx.x == 0) seen[2 * blockIdx.x] = before, seen[2 * blockIdx.x + 1] = x[0];
 }
 
+/* At most 64 threads a block. */
+__global__ void __launch_bounds__(64) k_bounded(int *out) { out[threadIdx.x] = 1; }
+
 static int fail_if(bool bad, const char *what) {
     if (bad) fprintf(stderr, "selftest: %s\n", what);
     return bad ? 1 : 0;
@@ -328,6 +331,15 @@ static int case_pdl() {
            fail_if(got[2] != 7, "pdl: a later block started early");
 }
 
+static int case_launch_bounds() {
+    int *out;
+    cudaMalloc((void **)&out, 128 * sizeof(int));
+    k_bounded<<<1, 64>>>(out);
+    if (fail_if(cudaDeviceSynchronize() != cudaSuccess, "launch bounds: a block within them failed")) return 1;
+    k_bounded<<<1, 128>>>(out);
+    return fail_if(cudaDeviceSynchronize() == cudaSuccess, "launch bounds: a block of twice their threads ran");
+}
+
 static int run_child(int (*fn)(), const char *name) {
     fflush(stdout);
     pid_t pid = fork();
@@ -357,6 +369,7 @@ int main() {
     bad += run_child(case_cp_async, "cp.async lands at the wait for its group; before that its bytes read as NaN");
     bad += run_child(case_cp_async_never_waited, "a thread that ends with cp.async copies in flight is reported");
     bad += run_child(case_pdl, "a PDL launch's first block runs up to its wait before the kernel before it");
-    printf("%d of 13 failed\n", bad);
+    bad += run_child(case_launch_bounds, "a block of more threads than the kernel's __launch_bounds__ is reported");
+    printf("%d of 14 failed\n", bad);
     return bad ? 1 : 0;
 }

@@ -30,6 +30,9 @@ inline thread_coords *current() {
 }
 
 void sync_block();
+/* A kernel's __launch_bounds__ maximum (rewrite.pl calls it first thing in the body): a block of more
+ * threads fails the launch, as it does on a GPU. */
+void block_bounds(long long most);
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width);
 void *dynamic_smem();
 /* cp.async (internal.cuh's cp_async16 / cp_async_commit / cp_async_wait): the 16 bytes at dst read
