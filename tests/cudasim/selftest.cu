@@ -133,6 +133,9 @@ __global__ void k_read_around_wait(int *seen, const int *x) {
 /* At most 64 threads a block. */
 __global__ void __launch_bounds__(64) k_bounded(int *out) { out[threadIdx.x] = 1; }
 
+/* A 16-byte load from p + offset bytes. */
+__global__ void k_load16(uint4 *out, const char *p, int offset) { out[threadIdx.x] = *(const uint4 *)(p + offset); }
+
 static int fail_if(bool bad, const char *what) {
     if (bad) fprintf(stderr, "selftest: %s\n", what);
     return bad ? 1 : 0;
@@ -340,6 +343,28 @@ static int case_launch_bounds() {
     return fail_if(cudaDeviceSynchronize() == cudaSuccess, "launch bounds: a block of twice their threads ran");
 }
 
+/* An aligned 16-byte load runs; a misaligned one (a fault on a GPU) stops the process (UBSan's
+ * alignment check, CMakeLists.txt), so it is made in a grandchild. */
+static int case_misaligned() {
+    char *p;
+    uint4 *out;
+    cudaMalloc((void **)&p, 64), cudaMalloc((void **)&out, 32 * sizeof(uint4));
+    static const char zeros[64] = {0};
+    cudaMemcpy(p, zeros, sizeof zeros, cudaMemcpyHostToDevice);
+    k_load16<<<1, 32>>>(out, p, 16);
+    if (fail_if(cudaDeviceSynchronize() != cudaSuccess, "aligned 16-byte load failed")) return 1;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        k_load16<<<1, 32>>>(out, p, 8);
+        cudaDeviceSynchronize();
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return fail_if(WIFEXITED(status) && WEXITSTATUS(status) == 0, "misaligned 16-byte load: not reported");
+}
+
 static int run_child(int (*fn)(), const char *name) {
     fflush(stdout);
     pid_t pid = fork();
@@ -370,6 +395,7 @@ int main() {
     bad += run_child(case_cp_async_never_waited, "a thread that ends with cp.async copies in flight is reported");
     bad += run_child(case_pdl, "a PDL launch's first block runs up to its wait before the kernel before it");
     bad += run_child(case_launch_bounds, "a block of more threads than the kernel's __launch_bounds__ is reported");
-    printf("%d of 14 failed\n", bad);
+    bad += run_child(case_misaligned, "a misaligned 16-byte load stops the process");
+    printf("%d of 15 failed\n", bad);
     return bad ? 1 : 0;
 }
