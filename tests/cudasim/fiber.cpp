@@ -72,7 +72,6 @@ struct fiber {
     unsigned n_groups;                  /* cp.async groups committed */
 };
 
-
 /* Per OS thread: the stacks (kept between launches), the block being run, the current fiber. */
 struct runner {
     std::vector<char *> stacks;
