@@ -44,8 +44,7 @@ export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$tmp/lsan-mpi.supp"
 export OMPI_MCA_mca_base_component_disable_dlclose=1
 
-# start NAME [flags]: mpirun -np 2 blip2d on a kernel-chosen port → SRV, PORT; SERVING within 60 s,
-# or a failure with the server's log (so a case whose server never came up cannot pass unseen)
+# start NAME [flags]: mpirun -np 2 blip2d on a kernel-chosen port → SRV, PORT; SERVING within 60 s
 start() {
   local name=$1 i
   shift
@@ -55,10 +54,7 @@ start() {
   servers+=("$SRV")
   for ((i = 0; i < 600; i++)); do [ -s "$tmp/$name.port" ] && break; sleep 0.1; done
   PORT=$(cat "$tmp/$name.port" 2>/dev/null)
-  [ -n "$PORT" ] && "$PY" "$SRC/tests/server_client.py" --addr "127.0.0.1:$PORT" --proto-dir "$SRC/proto" wait-serving 60 &&
-    return 0
-  bad "the $name server did not start: $(tail -5 "$tmp/$name.log" 2>/dev/null)"
-  return 1
+  [ -n "$PORT" ] && "$PY" "$SRC/tests/server_client.py" --addr "127.0.0.1:$PORT" --proto-dir "$SRC/proto" wait-serving 60
 }
 
 rank_pid() { # mpirun-pid rank → pid of that rank
@@ -117,6 +113,8 @@ PYEOF
   if [ -n "$victim" ] && [ "$ms" -lt 10000 ] && [ "$RC" -ne 124 ]; then ok; else bad "group did not stop within 10 s ($ms ms)"; fi
   if grep -q "STATUS UNAVAILABLE" "$tmp/stream.out"; then ok; else bad "client after the kill: $(cat "$tmp/stream.out")"; fi
   if grep -qiE "signal 9|killed" "$tmp/kill.log"; then ok; else bad "no log line naming the dead rank: $(tail -5 "$tmp/kill.log")"; fi
+else
+  bad "the kill server did not start: $(tail -5 "$tmp/kill.log" 2>/dev/null)"
 fi
 
 # ---- a client killed mid-stream: its work stops, its blocks return
@@ -148,6 +146,8 @@ PYEOF
   if [ "$out" = idle ]; then ok; else bad "after the client died: $out"; fi
   kill -TERM $(pgrep -P "$SRV") 2>/dev/null
   wait_exit "$SRV" 30
+else
+  bad "the client server did not start: $(tail -5 "$tmp/client.log" 2>/dev/null)"
 fi
 
 # ---- safe defaults: loopback unless told otherwise; TLS with a self-signed certificate
@@ -211,5 +211,7 @@ PYEOF
   kill -TERM $(pgrep -P "$SRV") 2>/dev/null
   wait_exit "$SRV" 60
   if [ "$RC" -eq 0 ]; then ok; else bad "soak server exit $RC: $(tail -5 "$tmp/soak.log")"; fi
+else
+  bad "the soak server did not start: $(tail -5 "$tmp/soak.log" 2>/dev/null)"
 fi
 summary
