@@ -22,7 +22,7 @@ blip2_code blip2_encoder_ws_init(blip2_encoder_ws *ws, const blip2_model *m, int
     ws->max_B = (int)B;
     float **bufs[] = {&ws->pixels, &ws->patches, &ws->x,  &ws->ctx, &ws->qkv, &ws->mlp, &ws->scores, &ws->image,
                       &ws->qx,     &ws->qq,      &ws->qctx, &ws->qo, &ws->qk,  &ws->qv,  &ws->qmlp,   &ws->proj};
-    size_t n[] = {B * blip2_image_floats(&m->cfg.vision),
+    size_t n[] = {B * blip2_image_floats(&c->vision),
                   (size_t)c->vision.P * K,
                   B * T * Cv,
                   B * T * Cv,
@@ -131,7 +131,7 @@ static blip2_code run_stage(const blip2_model *m, stage s, const float *in, int 
     size_t img = (size_t)B * c->vision.T * c->vision.C, qo = (size_t)B * c->Q * c->qformer.C;
     const blip2_ops *o = m->ops;
     if (s == STAGE_VISION) {
-        o->upload(ws.pixels, in, sizeof(float) * B * blip2_image_floats(&m->cfg.vision));
+        o->upload(ws.pixels, in, sizeof(float) * B * blip2_image_floats(&c->vision));
         blip2_vision_run(m, &ws, B);
         o->download(out, ws.image, sizeof(float) * img);
     } else if (s == STAGE_QFORMER) {

@@ -217,14 +217,19 @@ int release_block() {
     return 1;
 }
 
+/* Runs the kernel before (run_block's at_pdl_wait), once; from then on pdl_wait returns at once. */
+void fire_pdl_hook() {
+    const std::function<void()> *hook = tl->pdl_hook;
+    tl->pdl_hook = nullptr;
+    (*hook)();
+}
+
 /* Calls the PDL hook once threads wait at pdl_wait and nothing else can go on, then lets them go. */
 bool release_pdl() {
     bool any = false;
     for (fiber &f : tl->f) any |= f.state == F_AT_PDL;
     if (!any) return false;
-    const std::function<void()> *hook = tl->pdl_hook;
-    tl->pdl_hook = nullptr; /* from now on pdl_wait returns at once: the kernel before has run */
-    (*hook)();
+    fire_pdl_hook();
     for (fiber &f : tl->f)
         if (f.state == F_AT_PDL) f.state = F_READY;
     return true;
@@ -353,11 +358,7 @@ bool run_block(const std::function<void()> &body, dim3 grid, dim3 block, uint3 b
         describe_stuck();
         break;
     }
-    if (r.pdl_hook) { /* no thread reached pdl_wait (or the block failed first) */
-        const std::function<void()> *hook = r.pdl_hook;
-        r.pdl_hook = nullptr;
-        (*hook)();
-    }
+    if (r.pdl_hook) fire_pdl_hook(); /* no thread reached pdl_wait (or the block failed first) */
     if (r.failed) snprintf(why, why_n, "%s", r.why);
     return !r.failed;
 }
